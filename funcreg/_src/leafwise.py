@@ -1,0 +1,190 @@
+"""Math over lists of leaves: ``torch._foreach_*`` where it can run, plain per-tensor ops elsewhere.
+
+``torch._foreach_*`` kernels process every leaf in one call and are what makes ``torch.optim`` fast,
+but they have no vmap batching rule. Each helper here takes lists of tensors and picks the foreach
+path for ordinary tensors and a per-tensor loop for tensors wrapped by ``torch.func`` (vmap, grad).
+Scalars are Python numbers or tensors (0-d, or anything that broadcasts), so hyperparameters can be
+traced by ``torch.compile`` or batched by ``vmap``.
+
+Functions without a trailing underscore return new tensors and never write into their inputs.
+Functions with a trailing underscore write into their first argument and are only applied to tensors
+the caller has just allocated itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+
+from funcreg._src.tree import is_functorch_tensor
+
+Scalar = Union[float, int, torch.Tensor]
+Tensors = Sequence[torch.Tensor]
+
+
+def _is_compiling() -> bool:
+    fn = getattr(torch.compiler, "is_compiling", None)
+    return bool(fn()) if fn is not None else False
+
+
+def can_foreach(xs: Tensors) -> bool:
+    """Whether ``torch._foreach_*`` can run on ``xs``: non-empty and not wrapped by vmap or grad."""
+    return len(xs) > 0 and not any(is_functorch_tensor(x) for x in xs)
+
+
+def _number(s: Scalar) -> bool:
+    return isinstance(s, (int, float)) and not isinstance(s, bool)
+
+
+def concrete(x: Scalar) -> Scalar:
+    """A Python number for an eager 0-d tensor; the tensor itself under vmap or torch.compile.
+
+    Hyperparameters derived from the step count (bias corrections, schedule values) are then Python
+    floats in eager mode, exactly as in ``torch.optim``, and stay tensors where reading them would
+    break a vmap or a compiled graph.
+    """
+    if not isinstance(x, torch.Tensor):
+        return x
+    if x.ndim != 0 or is_functorch_tensor(x) or _is_compiling():
+        return x
+    return x.item()
+
+
+def add(xs: Tensors, ys: Tensors, alpha: Scalar = 1.0) -> list[torch.Tensor]:
+    """``x + alpha * y`` per leaf."""
+    if _number(alpha):
+        if can_foreach(xs):
+            return list(torch._foreach_add(xs, ys, alpha=alpha))
+        return [torch.add(x, y, alpha=alpha) for x, y in zip(xs, ys)]
+    return [x + alpha * y for x, y in zip(xs, ys)]
+
+
+def add_(xs: Tensors, ys: Tensors, alpha: Scalar = 1.0) -> None:
+    """In place ``x += alpha * y`` per leaf (``xs`` must be the caller's own buffers)."""
+    if _number(alpha):
+        if can_foreach(xs):
+            torch._foreach_add_(xs, ys, alpha=alpha)
+        else:
+            for x, y in zip(xs, ys):
+                x.add_(y, alpha=alpha)
+    else:
+        for x, y in zip(xs, ys):
+            x.add_(alpha * y)
+
+
+def add_scalar_(xs: Tensors, s: Scalar) -> None:
+    """In place ``x += s`` per leaf."""
+    if _number(s) and can_foreach(xs):
+        torch._foreach_add_(xs, s)
+    else:
+        for x in xs:
+            x.add_(s)
+
+
+def mul(xs: Tensors, s: Scalar) -> list[torch.Tensor]:
+    """``x * s`` per leaf."""
+    if can_foreach(xs) and (_number(s) or (isinstance(s, torch.Tensor) and s.ndim == 0)):
+        return list(torch._foreach_mul(xs, s))
+    return [x * s for x in xs]
+
+
+def mul_(xs: Tensors, s: Scalar) -> None:
+    """In place ``x *= s`` per leaf."""
+    if can_foreach(xs) and (_number(s) or (isinstance(s, torch.Tensor) and s.ndim == 0)):
+        torch._foreach_mul_(xs, s)
+    else:
+        for x in xs:
+            x.mul_(s)
+
+
+def div(xs: Tensors, ys: Tensors) -> list[torch.Tensor]:
+    """``x / y`` per leaf."""
+    if can_foreach(xs):
+        return list(torch._foreach_div(xs, ys))
+    return [x / y for x, y in zip(xs, ys)]
+
+
+def div_scalar_(xs: Tensors, s: Scalar) -> None:
+    """In place ``x /= s`` per leaf."""
+    if can_foreach(xs) and _number(s):
+        torch._foreach_div_(xs, s)
+    else:
+        for x in xs:
+            x.div_(s)
+
+
+def lerp(xs: Tensors, ys: Tensors, weight: Scalar) -> list[torch.Tensor]:
+    """``x + weight * (y - x)`` per leaf (``torch.lerp``, as torch's Adam uses for the first moment)."""
+    if can_foreach(xs) and _number(weight):
+        return list(torch._foreach_lerp(xs, ys, weight))
+    return [torch.lerp(x, y, weight) for x, y in zip(xs, ys)]
+
+
+def addcmul_(xs: Tensors, ys: Tensors, zs: Tensors, value: Scalar = 1.0) -> None:
+    """In place ``x += value * y * z`` per leaf."""
+    if can_foreach(xs) and _number(value):
+        torch._foreach_addcmul_(xs, ys, zs, value)
+    elif _number(value):
+        for x, y, z in zip(xs, ys, zs):
+            x.addcmul_(y, z, value=value)
+    else:
+        for x, y, z in zip(xs, ys, zs):
+            x.add_(value * y * z)
+
+
+def sqrt(xs: Tensors) -> list[torch.Tensor]:
+    """``sqrt(x)`` per leaf."""
+    if can_foreach(xs):
+        return list(torch._foreach_sqrt(xs))
+    return [torch.sqrt(x) for x in xs]
+
+
+def maximum(xs: Tensors, ys: Tensors) -> list[torch.Tensor]:
+    """Elementwise maximum per leaf."""
+    if can_foreach(xs):
+        return list(torch._foreach_maximum(xs, ys))
+    return [torch.maximum(x, y) for x, y in zip(xs, ys)]
+
+
+def clone(xs: Tensors) -> list[torch.Tensor]:
+    """Copies of the leaves."""
+    return [x.clone() for x in xs]
+
+
+def zeros_like(xs: Tensors) -> list[torch.Tensor]:
+    """Zeros shaped like each leaf."""
+    return [torch.zeros_like(x) for x in xs]
+
+
+def norms(xs: Tensors) -> list[torch.Tensor]:
+    """The 2-norm of each leaf, as 0-d tensors."""
+    if can_foreach(xs):
+        return list(torch._foreach_norm(xs))
+    return [torch.linalg.vector_norm(x) for x in xs]
+
+
+def all_finite(xs: Tensors) -> torch.Tensor:
+    """A 0-d bool tensor: every element of every leaf is finite."""
+    if not xs:
+        return torch.tensor(True)
+    return torch.stack([torch.isfinite(x).all() for x in xs]).all()
+
+
+def where(cond: torch.Tensor, xs: Tensors, ys: Tensors) -> list[torch.Tensor]:
+    """``x if cond else y`` per leaf, for a 0-d bool ``cond`` (no host sync, so it works under vmap)."""
+    return [torch.where(cond, x, y) for x, y in zip(xs, ys)]
+
+
+def scalar_power(base: float, exponent: Scalar) -> Scalar:
+    """``base ** exponent`` for a Python or tensor exponent (bias corrections from the step count)."""
+    if isinstance(exponent, torch.Tensor):
+        return torch.pow(torch.as_tensor(base, dtype=torch.float64, device=exponent.device), exponent)
+    return base**exponent
+
+
+def scalar_sqrt(x: Scalar) -> Scalar:
+    """``sqrt`` for a Python number or a tensor."""
+    return torch.sqrt(x) if isinstance(x, torch.Tensor) else math.sqrt(x)

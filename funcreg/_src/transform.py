@@ -1,0 +1,373 @@
+"""Gradient transformations: one factory per transform, each returning ``GradientTransformation``.
+
+Operation order follows ``torch.optim``'s foreach implementations (``torch/optim/sgd.py``,
+``torch/optim/adam.py``) so that the aliases in :mod:`funcreg._src.alias` reproduce its trajectories.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Union
+
+import torch
+
+from funcreg._src import leafwise
+from funcreg._src.base import (
+    EmptyState,
+    GradientTransformation,
+    Schedule,
+    flat,
+    identity,
+    init_count,
+    per_param_zeros,
+)
+from funcreg._src.tree import PyTree
+from funcreg._src.validation import check_bool, check_number, check_rate, is_zero, schedule_value
+
+ScalarOrSchedule = Union[float, torch.Tensor, Schedule]
+
+
+def scale(step_size: float | torch.Tensor) -> GradientTransformation:
+    """Multiplies every update by ``step_size``: ``u <- step_size * u``.
+
+    Args:
+        step_size: a finite number (any sign), or a tensor of them.
+
+    Example:
+        >>> import torch, funcreg as fr
+        >>> tx = fr.scale(-1.0)
+        >>> tx.update({"w": torch.tensor([1.0, -2.0])}, tx.init(None))[0]["w"]
+        tensor([-1.,  2.])
+    """
+    check_number("step_size", step_size, low=None)
+
+    def init(params: PyTree) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(updates: PyTree, state: EmptyState, params: Optional[PyTree] = None) -> tuple[PyTree, EmptyState]:
+        del params
+        f = flat(updates, None, "scale")
+        return f.tree(leafwise.mul(f.present_updates(), step_size)), state
+
+    return GradientTransformation(init, update)
+
+
+class ScaleByScheduleState(NamedTuple):
+    """State of :func:`scale_by_learning_rate` with a schedule: the number of updates done so far."""
+
+    count: torch.Tensor
+
+
+def scale_by_learning_rate(learning_rate: ScalarOrSchedule, flip_sign: bool = True) -> GradientTransformation:
+    """Scales updates by the learning rate: ``u <- -lr_t * u`` (descent), or ``+lr_t * u``.
+
+    Args:
+        learning_rate: a non-negative finite float, a tensor of them, or a schedule ``count -> lr``
+            called with the number of updates done before this one (0 at the first step).
+        flip_sign: multiply by ``-lr`` (the default, for gradients) rather than ``lr``.
+
+    Example:
+        >>> import torch, funcreg as fr
+        >>> tx = fr.scale_by_learning_rate(lambda count: 0.1 / (1 + count))
+        >>> state = tx.init({"w": torch.zeros(1)})
+        >>> u, state = tx.update({"w": torch.ones(1)}, state)
+        >>> u, state = tx.update({"w": torch.ones(1)}, state)
+        >>> u["w"]
+        tensor([-0.0500])
+    """
+    check_rate("learning_rate", learning_rate)
+    check_bool("flip_sign", flip_sign)
+    sign = -1 if flip_sign else 1
+
+    if not callable(learning_rate) or isinstance(learning_rate, torch.Tensor):
+        return scale(sign * learning_rate)
+
+    def init(params: PyTree) -> ScaleByScheduleState:
+        return ScaleByScheduleState(count=init_count(params))
+
+    def update(
+        updates: PyTree, state: ScaleByScheduleState, params: Optional[PyTree] = None
+    ) -> tuple[PyTree, ScaleByScheduleState]:
+        del params
+        f = flat(updates, None, "scale_by_learning_rate")
+        lr = schedule_value(learning_rate, leafwise.concrete(state.count))
+        new = leafwise.mul(f.present_updates(), sign * lr)
+        return f.tree(new), ScaleByScheduleState(count=state.count + 1)
+
+    return GradientTransformation(init, update)
+
+
+class TraceState(NamedTuple):
+    """State of :func:`trace`: the step count and one momentum buffer per parameter."""
+
+    count: torch.Tensor
+    momentum_buffer: PyTree
+
+
+def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> GradientTransformation:
+    """Momentum with ``torch.optim.SGD``'s semantics.
+
+    The buffer starts as the first gradient (``b_1 = g_1``, no dampening), then
+    ``b_t = momentum * b_{t-1} + (1 - dampening) * g_t``. The update is ``b_t``, or
+    ``g_t + momentum * b_t`` with ``nesterov=True``. This differs from optax's ``trace``, whose buffer
+    starts at zero.
+
+    Args:
+        momentum: momentum factor, finite and ``>= 0`` (as torch accepts).
+        dampening: dampening for momentum, a finite number.
+        nesterov: Nesterov momentum; needs ``momentum > 0`` and ``dampening == 0``.
+
+    Example:
+        >>> import torch, funcreg as fr
+        >>> tx = fr.trace(0.9)
+        >>> state = tx.init({"w": torch.zeros(1)})
+        >>> u, state = tx.update({"w": torch.ones(1)}, state)
+        >>> u, state = tx.update({"w": torch.ones(1)}, state)
+        >>> u["w"]  # 0.9 * 1 + 1
+        tensor([1.9000])
+    """
+    check_number("momentum", momentum, low=0.0)
+    check_number("dampening", dampening, low=None)
+    check_bool("nesterov", nesterov)
+    if nesterov and (is_zero(momentum) or not is_zero(dampening)):
+        raise ValueError(
+            f"Invalid nesterov value: True needs momentum > 0 and dampening == 0 "
+            f"(got momentum={momentum!r}, dampening={dampening!r})"
+        )
+
+    def init(params: PyTree) -> TraceState:
+        return TraceState(count=init_count(params), momentum_buffer=per_param_zeros(params))
+
+    def update(updates: PyTree, state: TraceState, params: Optional[PyTree] = None) -> tuple[PyTree, TraceState]:
+        del params
+        f = flat(updates, None, "trace")
+        buf_leaves = f.state_leaves(state.momentum_buffer, "trace", "momentum_buffer")
+        grads = f.present_updates()
+        bufs = f.present(buf_leaves)
+        count = leafwise.concrete(state.count)
+        if isinstance(count, int):
+            if count == 0:
+                new_bufs = leafwise.clone(grads)
+            else:
+                new_bufs = leafwise.mul(bufs, momentum)
+                leafwise.add_(new_bufs, grads, alpha=1 - dampening)
+        else:  # traced count: the first step keeps no history and applies no dampening
+            first = count == 0
+            keep = torch.where(first, 0.0, momentum)
+            new_bufs = leafwise.mul(bufs, keep)
+            leafwise.add_(new_bufs, grads, alpha=torch.where(first, 1.0, 1 - dampening))
+        out = leafwise.add(grads, new_bufs, alpha=momentum) if nesterov else new_bufs
+        new_state = TraceState(count=state.count + 1, momentum_buffer=f.tree(new_bufs, buf_leaves))
+        return f.tree(out), new_state
+
+    return GradientTransformation(init, update)
+
+
+class ScaleByAdamState(NamedTuple):
+    """State of :func:`scale_by_adam`: step count, first and second moments, and their running max."""
+
+    count: torch.Tensor
+    mu: PyTree
+    nu: PyTree
+    nu_max: Optional[PyTree]
+
+
+def scale_by_adam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, amsgrad: bool = False
+) -> GradientTransformation:
+    """Adam's rescaling, as ``torch.optim.Adam`` computes it (without the learning rate).
+
+    ``m_t = lerp(m_{t-1}, g_t, 1 - b1)``, ``v_t = b2 v_{t-1} + (1 - b2) g_t^2`` and the update is
+    ``m_t / (1 - b1^t) / (sqrt(v_t) / sqrt(1 - b2^t) + eps)``; with ``amsgrad`` the running maximum of
+    ``v_t`` replaces ``v_t`` in the denominator. Note where ``eps`` sits: outside the bias-corrected
+    square root, as in torch and optax.
+
+    Args:
+        b1, b2: decay rates of the first and second moment, in ``[0, 1)``.
+        eps: added to the denominator, ``>= 0``.
+        amsgrad: use the running maximum of the second moment.
+
+    Example:
+        >>> import torch, funcreg as fr
+        >>> tx = fr.scale_by_adam()
+        >>> u, _ = tx.update({"w": torch.tensor([3.0])}, tx.init({"w": torch.zeros(1)}))
+        >>> u["w"]  # the first Adam step is sign(g), up to eps
+        tensor([1.0000])
+    """
+    check_number("b1", b1, low=0.0, high=1.0, high_open=True)
+    check_number("b2", b2, low=0.0, high=1.0, high_open=True)
+    check_number("eps", eps, low=0.0)
+    check_bool("amsgrad", amsgrad)
+
+    def init(params: PyTree) -> ScaleByAdamState:
+        return ScaleByAdamState(
+            count=init_count(params),
+            mu=per_param_zeros(params),
+            nu=per_param_zeros(params),
+            nu_max=per_param_zeros(params) if amsgrad else None,
+        )
+
+    def update(
+        updates: PyTree, state: ScaleByAdamState, params: Optional[PyTree] = None
+    ) -> tuple[PyTree, ScaleByAdamState]:
+        del params
+        f = flat(updates, None, "scale_by_adam")
+        mu_leaves = f.state_leaves(state.mu, "scale_by_adam", "mu")
+        nu_leaves = f.state_leaves(state.nu, "scale_by_adam", "nu")
+        grads = f.present_updates()
+        mu = leafwise.lerp(f.present(mu_leaves), grads, 1 - b1)
+        nu = leafwise.mul(f.present(nu_leaves), b2)
+        leafwise.addcmul_(nu, grads, grads, 1 - b2)
+        nu_max_tree = None
+        if amsgrad:
+            max_leaves = f.state_leaves(state.nu_max, "scale_by_adam", "nu_max")
+            nu_max = leafwise.maximum(f.present(max_leaves), nu)
+            nu_max_tree = f.tree(nu_max, max_leaves)
+            denom = leafwise.sqrt(nu_max)
+        else:
+            denom = leafwise.sqrt(nu)
+        count = state.count + 1
+        t = leafwise.concrete(count)
+        bias_correction1 = 1 - leafwise.scalar_power(b1, t)
+        bias_correction2 = 1 - leafwise.scalar_power(b2, t)
+        leafwise.div_scalar_(denom, leafwise.scalar_sqrt(bias_correction2))
+        leafwise.add_scalar_(denom, eps)
+        out = leafwise.div(mu, denom)
+        leafwise.div_scalar_(out, bias_correction1)
+        new_state = ScaleByAdamState(
+            count=count, mu=f.tree(mu, mu_leaves), nu=f.tree(nu, nu_leaves), nu_max=nu_max_tree
+        )
+        return f.tree(out), new_state
+
+    return GradientTransformation(init, update)
+
+
+def add_decayed_weights(weight_decay: float | torch.Tensor, mask: Any = None) -> GradientTransformation:
+    """Coupled L2: adds ``weight_decay * w`` to the updates, ``u <- u + wd * w``.
+
+    Placed first in a chain this is ``torch.optim``'s ``weight_decay=`` (SGD, Adam): the gradient of
+    the loss term ``wd/2 * ||w||^2``, which then goes through momentum and Adam's scaling. Equal to
+    ``add_penalty_grad(l2(weight_decay))``. ``weight_decay=0`` is an exact identity.
+
+    Args:
+        weight_decay: finite, ``>= 0``.
+        mask: which parameters to decay (a bool tree, a prefix of one, a selection, or a callable
+            ``params -> mask``); the others pass through bit-identical.
+
+    Example:
+        >>> import torch, funcreg as fr
+        >>> tx = fr.add_decayed_weights(0.1)
+        >>> params = {"w": torch.tensor([2.0])}
+        >>> tx.update({"w": torch.tensor([1.0])}, tx.init(params), params)[0]["w"]
+        tensor([1.2000])
+    """
+    check_number("weight_decay", weight_decay, low=0.0)
+    if is_zero(weight_decay):
+        return identity()
+
+    def init(params: PyTree) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(updates: PyTree, state: EmptyState, params: Optional[PyTree] = None) -> tuple[PyTree, EmptyState]:
+        f = flat(updates, params, "add_decayed_weights", needs_params=True)
+        return f.tree(leafwise.add(f.present_updates(), f.present_params(), alpha=weight_decay)), state
+
+    return _maybe_masked(GradientTransformation(init, update), mask)
+
+
+class DecoupledWeightDecayState(NamedTuple):
+    """State of :func:`decoupled_weight_decay` with a schedule: the number of updates done so far."""
+
+    count: torch.Tensor
+
+
+def decoupled_weight_decay(
+    weight_decay: float | torch.Tensor,
+    learning_rate: Optional[ScalarOrSchedule] = None,
+    mask: Any = None,
+) -> GradientTransformation:
+    """Decoupled decay, placed after the learning-rate scaling: ``u <- u - s_t * wd * w``.
+
+    ``s_t`` is the learning rate at this step when one is given (torch's ``AdamW``: decay
+    ``lr * wd * w``), the schedule's value (the AdamW paper's variant, where a schedule multiplier and
+    not the base rate scales the decay), or 1 when ``learning_rate`` is ``None`` (lr-independent decay,
+    ``w <- (1 - wd) w`` per step). Always proportional to ``w``: a constant shift ``lr * wd`` is a bug
+    that :func:`funcreg.probe` detects in third-party optimizers.
+
+    Args:
+        weight_decay: finite, ``>= 0``.
+        learning_rate: ``None``, a non-negative float or tensor, or a schedule ``count -> s``.
+        mask: which parameters to decay; the others pass through bit-identical.
+
+    Example:
+        >>> import torch, funcreg as fr
+        >>> tx = fr.decoupled_weight_decay(0.1, learning_rate=0.5)
+        >>> params = {"w": torch.tensor([2.0])}
+        >>> tx.update({"w": torch.tensor([0.0])}, tx.init(params), params)[0]["w"]  # -0.5 * 0.1 * 2
+        tensor([-0.1000])
+    """
+    check_number("weight_decay", weight_decay, low=0.0)
+    if learning_rate is not None:
+        check_rate("learning_rate", learning_rate)
+    if is_zero(weight_decay):
+        return identity()
+    scheduled = callable(learning_rate) and not isinstance(learning_rate, torch.Tensor)
+
+    def init(params: PyTree) -> Any:
+        return DecoupledWeightDecayState(count=init_count(params)) if scheduled else EmptyState()
+
+    def update(updates: PyTree, state: Any, params: Optional[PyTree] = None) -> tuple[PyTree, Any]:
+        f = flat(updates, params, "decoupled_weight_decay", needs_params=True)
+        if scheduled:
+            s = schedule_value(learning_rate, leafwise.concrete(state.count))
+            state = DecoupledWeightDecayState(count=state.count + 1)
+        else:
+            s = 1.0 if learning_rate is None else learning_rate
+        new = leafwise.add(f.present_updates(), f.present_params(), alpha=-(s * weight_decay))
+        return f.tree(new), state
+
+    return _maybe_masked(GradientTransformation(init, update), mask)
+
+
+def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+    """Rescales all updates together so that their global 2-norm is at most about ``max_norm``.
+
+    Same formula as ``torch.nn.utils.clip_grad_norm_``: the updates are multiplied by
+    ``min(1, max_norm / (total_norm + 1e-6))``.
+
+    Args:
+        max_norm: finite, ``> 0``.
+
+    Example:
+        >>> import torch, funcreg as fr
+        >>> tx = fr.clip_by_global_norm(1.0)
+        >>> u, _ = tx.update({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}, tx.init(None))
+        >>> round(float(torch.sqrt(u["a"] ** 2 + u["b"] ** 2)), 4)
+        1.0
+    """
+    check_number("max_norm", max_norm, low=0.0, low_open=True)
+
+    def init(params: PyTree) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(updates: PyTree, state: EmptyState, params: Optional[PyTree] = None) -> tuple[PyTree, EmptyState]:
+        del params
+        f = flat(updates, None, "clip_by_global_norm")
+        grads = f.present_updates()
+        if not grads:
+            return updates, state
+        total = torch.linalg.vector_norm(torch.stack(leafwise.norms(grads)))
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        return f.tree(leafwise.mul(grads, coef)), state
+
+    return GradientTransformation(init, update)
+
+
+def _maybe_masked(tx: GradientTransformation, mask: Any) -> GradientTransformation:
+    if mask is None:
+        return tx
+    from funcreg._src.wrappers import masked
+
+    return masked(tx, mask)

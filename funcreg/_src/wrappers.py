@@ -1,0 +1,133 @@
+"""Wrappers that change where or when an inner transform applies: ``masked`` and ``apply_if_finite``."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import torch
+
+from funcreg._src import leafwise
+from funcreg._src.base import GradientTransformation
+from funcreg._src.selection import MaskLike, resolve_mask
+from funcreg._src.tree import PyTree, check_same_spec, flatten, unflatten
+from funcreg._src.validation import check_int
+
+
+class MaskedState(NamedTuple):
+    """State of :func:`masked`: the inner transform's state over the selected leaves only."""
+
+    inner_state: Any
+
+
+def _hide(leaves: list[Any], keep: list[bool]) -> list[Any]:
+    return [x if k else None for x, k in zip(leaves, keep)]
+
+
+def masked(inner: GradientTransformation, mask: MaskLike) -> GradientTransformation:
+    """Applies ``inner`` to the selected leaves only; the others pass through bit-identical.
+
+    The inner transform sees ``None`` in place of every unselected leaf, so it holds no state for
+    them. ``mask`` is a bool tree (the structure of the parameters or a prefix of it), a
+    :class:`funcreg.Selection`, or a callable ``params -> mask`` (evaluated on the params, or on the
+    updates when ``update`` is called without params). A mask that does not fit the tree raises
+    ``ValueError`` naming the key.
+
+    Example:
+        >>> import torch, funcreg as fr
+        >>> tx = fr.masked(fr.scale(0.0), {"w": True, "b": False})
+        >>> params = {"w": torch.ones(1), "b": torch.ones(1)}
+        >>> tx.update({"w": torch.ones(1), "b": torch.ones(1)}, tx.init(params))[0]
+        {'w': tensor([0.]), 'b': tensor([1.])}
+    """
+    if not isinstance(inner, GradientTransformation):
+        raise TypeError(f"masked expects a GradientTransformation, got {type(inner).__name__}")
+
+    def init(params: PyTree) -> MaskedState:
+        keep = resolve_mask(mask, params)
+        leaves, spec = flatten(params)
+        return MaskedState(inner_state=inner.init(unflatten(_hide(leaves, keep), spec)))
+
+    def update(updates: PyTree, state: MaskedState, params: Optional[PyTree] = None) -> tuple[PyTree, MaskedState]:
+        u_leaves, spec = flatten(updates)
+        keep = resolve_mask(mask, params if params is not None else updates)
+        inner_params = None
+        if params is not None:
+            p_leaves, p_spec = flatten(params)
+            check_same_spec(p_spec, spec, "params", "updates")
+            inner_params = unflatten(_hide(p_leaves, keep), spec)
+        new_inner, inner_state = inner.update(unflatten(_hide(u_leaves, keep), spec), state.inner_state, inner_params)
+        new_leaves, new_spec = flatten(new_inner)
+        check_same_spec(spec, new_spec, "updates", "masked inner transform's updates")
+        out = [n if k else u for n, u, k in zip(new_leaves, u_leaves, keep)]
+        return unflatten(out, spec), MaskedState(inner_state=inner_state)
+
+    return GradientTransformation(init, update)
+
+
+class ApplyIfFiniteState(NamedTuple):
+    """State of :func:`apply_if_finite`.
+
+    ``notfinite_count``: consecutive non-finite updates so far; ``last_finite``: whether the last update
+    was finite; ``total_notfinite``: all non-finite updates seen; ``inner_state``: the wrapped state.
+    """
+
+    notfinite_count: torch.Tensor
+    last_finite: torch.Tensor
+    total_notfinite: torch.Tensor
+    inner_state: Any
+
+
+def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) -> GradientTransformation:
+    """Skips updates that contain NaN or infinity: they become zeros and the inner state is kept.
+
+    After more than ``max_consecutive_errors`` non-finite updates in a row, updates are passed to the
+    inner transform whatever they hold (as in optax), so a run that has truly diverged shows it.
+
+    Example:
+        >>> import torch, funcreg as fr
+        >>> tx = fr.apply_if_finite(fr.sgd(0.1), max_consecutive_errors=3)
+        >>> params = {"w": torch.ones(1)}
+        >>> u, state = tx.update({"w": torch.tensor([float("nan")])}, tx.init(params), params)
+        >>> u["w"], int(state.total_notfinite)
+        (tensor([0.]), 1)
+    """
+    if not isinstance(inner, GradientTransformation):
+        raise TypeError(f"apply_if_finite expects a GradientTransformation, got {type(inner).__name__}")
+    check_int("max_consecutive_errors", max_consecutive_errors, low=0)
+
+    def init(params: PyTree) -> ApplyIfFiniteState:
+        leaves, _ = flatten(params)
+        device = next((p.device for p in leaves if isinstance(p, torch.Tensor)), None)
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        return ApplyIfFiniteState(zero, torch.ones((), dtype=torch.bool, device=device), zero.clone(), inner.init(params))
+
+    def update(
+        updates: PyTree, state: ApplyIfFiniteState, params: Optional[PyTree] = None
+    ) -> tuple[PyTree, ApplyIfFiniteState]:
+        leaves, spec = flatten(updates)
+        present = [u for u in leaves if u is not None]
+        finite = leafwise.all_finite(present).to(state.last_finite.device)
+        notfinite_count = torch.where(finite, 0, state.notfinite_count + 1)
+        total = state.total_notfinite + (~finite).to(torch.int64)
+        apply = finite | (notfinite_count > max_consecutive_errors)
+        decided = leafwise.concrete(apply)
+        if isinstance(decided, bool):  # eager: run the inner transform only when its result is used
+            if decided:
+                new_updates, inner_state = inner.update(updates, state.inner_state, params)
+            else:
+                new_updates = unflatten([None if u is None else torch.zeros_like(u) for u in leaves], spec)
+                inner_state = state.inner_state
+        else:  # traced (vmap, compile): compute both and select without a host sync
+            tried, tried_state = inner.update(updates, state.inner_state, params)
+            t_leaves, _ = flatten(tried)
+            new_updates = unflatten(
+                [None if t is None else torch.where(apply, t, torch.zeros_like(t)) for t in t_leaves], spec
+            )
+            s_new, s_spec = flatten(tried_state)
+            s_old, _ = flatten(state.inner_state)
+            inner_state = unflatten(
+                [n if n is None else torch.where(apply, n, o) for n, o in zip(s_new, s_old)], s_spec
+            )
+        return new_updates, ApplyIfFiniteState(notfinite_count, finite, total, inner_state)
+
+    return GradientTransformation(init, update)

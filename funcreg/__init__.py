@@ -13,6 +13,31 @@ from funcreg._src.combine import PartitionState
 from funcreg._src.combine import chain
 from funcreg._src.combine import named_chain
 from funcreg._src.combine import partition
+from funcreg._src.diagnostics import NormReport
+from funcreg._src.diagnostics import SparsityReport
+from funcreg._src.diagnostics import norms
+from funcreg._src.diagnostics import sparsity
+from funcreg._src.forms import PenaltyState
+from funcreg._src.forms import add_penalty_grad
+from funcreg._src.forms import decoupled
+from funcreg._src.forms import penalized
+from funcreg._src.forms import penalty_metrics
+from funcreg._src.forms import penalty_states
+from funcreg._src.forms import proximal
+from funcreg._src.penalties import Penalty
+from funcreg._src.penalties import anchor
+from funcreg._src.penalties import elastic_net
+from funcreg._src.penalties import group_lasso
+from funcreg._src.penalties import l1
+from funcreg._src.penalties import l2
+from funcreg._src.penalties import lp
+from funcreg._src.penalties import max_norm
+from funcreg._src.penalties import non_negative
+from funcreg._src.penalties import orthogonal
+from funcreg._src.penalties import penalty
+from funcreg._src.probe import DecayKind
+from funcreg._src.probe import ProbeResult
+from funcreg._src.probe import probe
 from funcreg._src.schedules import constant_schedule
 from funcreg._src.schedules import cosine_decay_schedule
 from funcreg._src.schedules import join_schedules
@@ -48,19 +73,27 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ApplyIfFiniteState",
+    "DecayKind",
     "DecoupledWeightDecayState",
     "EmptyState",
     "GradientTransformation",
     "MaskedState",
+    "NormReport",
     "PartitionState",
+    "Penalty",
+    "PenaltyState",
+    "ProbeResult",
     "ScaleByAdamState",
     "ScaleByScheduleState",
     "Selection",
     "Selector",
+    "SparsityReport",
     "TraceState",
     "adam",
     "adamw",
     "add_decayed_weights",
+    "add_penalty_grad",
+    "anchor",
     "apply_if_finite",
     "apply_updates",
     "buffers_of",
@@ -71,19 +104,36 @@ __all__ = [
     "constant_schedule",
     "cosine_decay_schedule",
     "decay_mask",
+    "decoupled",
     "decoupled_weight_decay",
+    "elastic_net",
+    "group_lasso",
     "identity",
     "join_schedules",
+    "l1",
+    "l2",
     "linear_schedule",
     "linear_warmup",
+    "lp",
     "masked",
+    "max_norm",
     "named_chain",
+    "non_negative",
+    "norms",
+    "orthogonal",
     "params_of",
     "partition",
+    "penalized",
+    "penalty",
+    "penalty_metrics",
+    "penalty_states",
+    "probe",
+    "proximal",
     "scale",
     "scale_by_adam",
     "scale_by_learning_rate",
     "sgd",
+    "sparsity",
     "trace",
     "tree_names",
     "warmup_cosine_decay_schedule",

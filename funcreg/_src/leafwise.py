@@ -31,7 +31,13 @@ def _is_compiling() -> bool:
 
 
 def can_foreach(xs: Tensors) -> bool:
-    """Whether ``torch._foreach_*`` can run on ``xs``: non-empty and not wrapped by vmap or grad."""
+    """Whether to use ``torch._foreach_*`` on ``xs``: eager, non-empty, not wrapped by vmap or grad.
+
+    Under ``torch.compile`` the per-tensor ops are used: inductor fuses them into fewer loops than the
+    foreach kernels make.
+    """
+    if _is_compiling():
+        return False
     return len(xs) > 0 and not any(is_functorch_tensor(x) for x in xs)
 
 
@@ -48,7 +54,7 @@ def concrete(x: Scalar) -> Scalar:
     """
     if not isinstance(x, torch.Tensor):
         return x
-    if x.ndim != 0 or is_functorch_tensor(x) or _is_compiling():
+    if _is_compiling() or x.ndim != 0 or is_functorch_tensor(x):
         return x
     return x.item()
 
@@ -188,3 +194,15 @@ def scalar_power(base: float, exponent: Scalar) -> Scalar:
 def scalar_sqrt(x: Scalar) -> Scalar:
     """``sqrt`` for a Python number or a tensor."""
     return torch.sqrt(x) if isinstance(x, torch.Tensor) else math.sqrt(x)
+
+
+def addcdiv_(xs: Tensors, ys: Tensors, zs: Tensors, value: Scalar = 1.0) -> None:
+    """In place ``x += value * y / z`` per leaf."""
+    if can_foreach(xs) and _number(value):
+        torch._foreach_addcdiv_(xs, ys, zs, value)
+    elif _number(value):
+        for x, y, z in zip(xs, ys, zs):
+            x.addcdiv_(y, z, value=value)
+    else:
+        for x, y, z in zip(xs, ys, zs):
+            x.add_(value * (y / z))

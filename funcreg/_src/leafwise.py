@@ -129,16 +129,17 @@ def lerp(xs: Tensors, ys: Tensors, weight: Scalar) -> list[torch.Tensor]:
     return [torch.lerp(x, y, weight) for x, y in zip(xs, ys)]
 
 
-def addcmul_(xs: Tensors, ys: Tensors, zs: Tensors, value: Scalar = 1.0) -> None:
-    """In place ``x += value * y * z`` per leaf."""
+def addcmul_(xs: list[torch.Tensor], ys: Tensors, zs: Tensors, value: Scalar = 1.0) -> None:
+    """``x += value * y * z`` per leaf, in place (or by replacing the list entries: ``addcmul_`` has
+    no vmap batching rule, so under vmap the out-of-place ``torch.addcmul`` result takes its slot)."""
     if can_foreach(xs) and _number(value):
         torch._foreach_addcmul_(xs, ys, zs, value)
     elif _number(value):
-        for x, y, z in zip(xs, ys, zs):
-            x.addcmul_(y, z, value=value)
+        for i, (x, y, z) in enumerate(zip(xs, ys, zs)):
+            xs[i] = torch.addcmul(x, y, z, value=value)
     else:
-        for x, y, z in zip(xs, ys, zs):
-            x.add_(value * y * z)
+        for i, (x, y, z) in enumerate(zip(xs, ys, zs)):
+            xs[i] = x + value * y * z
 
 
 def sqrt(xs: Tensors) -> list[torch.Tensor]:
@@ -196,13 +197,13 @@ def scalar_sqrt(x: Scalar) -> Scalar:
     return torch.sqrt(x) if isinstance(x, torch.Tensor) else math.sqrt(x)
 
 
-def addcdiv_(xs: Tensors, ys: Tensors, zs: Tensors, value: Scalar = 1.0) -> None:
-    """In place ``x += value * y / z`` per leaf."""
+def addcdiv_(xs: list[torch.Tensor], ys: Tensors, zs: Tensors, value: Scalar = 1.0) -> None:
+    """``x += value * y / z`` per leaf, in place (replacing list entries where in place has no vmap rule)."""
     if can_foreach(xs) and _number(value):
         torch._foreach_addcdiv_(xs, ys, zs, value)
     elif _number(value):
-        for x, y, z in zip(xs, ys, zs):
-            x.addcdiv_(y, z, value=value)
+        for i, (x, y, z) in enumerate(zip(xs, ys, zs)):
+            xs[i] = torch.addcdiv(x, y, z, value=value)
     else:
-        for x, y, z in zip(xs, ys, zs):
-            x.add_(value * (y / z))
+        for i, (x, y, z) in enumerate(zip(xs, ys, zs)):
+            xs[i] = x + value * (y / z)

@@ -42,8 +42,9 @@ def check_number(
     if isinstance(value, torch.Tensor):
         if value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"Invalid {name} value: {_describe_value(value)} (expected a real tensor)")
-        if value.device.type == "meta":
-            return
+        compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+        if compiling or value.device.type == "meta" or torch._C._functorch.is_functorch_wrapped_tensor(value):
+            return  # values under vmap/grad cannot be read; they were checked before the transform
         values = value.detach().double().flatten().tolist()
     else:
         values = [float(value)]

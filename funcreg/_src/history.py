@@ -1,0 +1,73 @@
+"""Collecting metrics over steps; a pandas DataFrame when pandas is installed (it stays optional)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import torch
+
+
+class History:
+    """Metrics of many steps: ``history.append(metrics)`` after each step, then read them back.
+
+    Values are 0-d tensors (one member) or 1-D tensors (one value per ensemble member); they are
+    detached and moved to the CPU when appended. Non-tensor entries (``"aux"``) are skipped.
+
+    Example:
+        >>> import torch, funcreg as fr
+        >>> h = fr.History()
+        >>> for t in range(3):
+        ...     h.append({"data_loss": torch.tensor(1.0 / (t + 1)), "penalty": torch.tensor(0.5)})
+        >>> h["data_loss"]
+        tensor([1.0000, 0.5000, 0.3333])
+        >>> h.to_dataframe().shape  # needs pandas: columns step, data_loss, penalty
+        (3, 3)
+    """
+
+    def __init__(self) -> None:
+        self._rows: list[dict[str, torch.Tensor]] = []
+        self._steps: list[int] = []
+
+    def append(self, metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
+        """Records one step's metrics (``step`` defaults to the number of records so far)."""
+        if not isinstance(metrics, Mapping):
+            raise TypeError(f"History.append expects a dict of metrics, got {type(metrics).__name__}")
+        row = {k: v.detach().to("cpu") for k, v in metrics.items() if isinstance(v, torch.Tensor)}
+        if self._rows and set(row) != set(self._rows[0]):
+            raise ValueError(f"metrics keys changed: {sorted(self._rows[0])} before, {sorted(row)} now")
+        self._rows.append(row)
+        self._steps.append(len(self._steps) if step is None else int(step))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def keys(self) -> list[str]:
+        """The metric names."""
+        return list(self._rows[0]) if self._rows else []
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        """One metric over steps: shape ``(steps,)``, or ``(steps, members)`` for an ensemble."""
+        if key not in self.keys():
+            raise KeyError(f"no metric {key!r}; metrics are {self.keys()}")
+        return torch.stack([row[key] for row in self._rows])
+
+    def to_dataframe(self) -> Any:
+        """A pandas DataFrame: one row per step (and per member for ensembles, in long format)."""
+        try:
+            import pandas as pd
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError("History.to_dataframe needs pandas: pip install pandas (or the 'examples' extra)") from err
+        records = []
+        for step, row in zip(self._steps, self._rows):
+            sizes = {v.numel() for v in row.values()}
+            members = max(sizes) if sizes else 1
+            ensemble = any(v.ndim == 1 for v in row.values())
+            for m in range(members):
+                rec: dict[str, Any] = {"step": step}
+                if ensemble:
+                    rec["member"] = m
+                for k, v in row.items():
+                    rec[k] = float(v.reshape(-1)[m if v.numel() > 1 else 0])
+                records.append(rec)
+        return pd.DataFrame.from_records(records)

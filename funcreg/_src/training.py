@@ -1,0 +1,247 @@
+"""Functional training steps: ``step(train_state, *batch) -> (train_state, metrics)``.
+
+A step is a pure function of a :class:`TrainState` (parameters, optimizer state, buffers and
+hyperparameters), built once from a loss function, a transform and optionally a penalty applied in
+one of the four forms. Because it is pure, ``torch.func.vmap`` turns it into a step for an ensemble
+(:mod:`funcreg._src.ensemble`) and ``torch.compile`` compiles it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Optional, Union
+
+import torch
+from torch import nn
+
+from funcreg._src.base import GradientTransformation
+from funcreg._src.combine import chain
+from funcreg._src.forms import add_penalty_grad, decoupled, penalty_metrics, penalty_states, proximal
+from funcreg._src.penalties import Penalty
+from funcreg._src.transform import ScalarOrSchedule
+from funcreg._src.tree import PyTree, is_functorch_tensor
+from funcreg._src.update import apply_updates
+from funcreg._src.validation import check_bool
+
+FORMS = ("loss", "coupled", "decoupled", "proximal")
+
+Hyperparams = Mapping[str, Any]
+TransformLike = Union[GradientTransformation, Callable[[Hyperparams], GradientTransformation]]
+PenaltyLike = Union[None, Penalty, Callable[[Hyperparams], Penalty]]
+
+
+class TrainState(NamedTuple):
+    """Everything a training step carries: a NamedTuple of trees of tensors (vmap-, save- and compile-able).
+
+    ``params``: the parameter tree; ``opt_state``: the transform's state; ``buffers``: module buffers
+    such as BatchNorm running statistics (``{}`` when unused); ``hparams``: hyperparameters handed to
+    transform/penalty factories, as tensors (``{}`` when unused; one value per member in a sweep).
+    """
+
+    params: PyTree
+    opt_state: Any
+    buffers: PyTree
+    hparams: dict[str, torch.Tensor]
+
+
+def functional_model(model: nn.Module) -> Callable[..., tuple[Any, dict[str, torch.Tensor]]]:
+    """A pure function ``apply(params, buffers, *args, **kwargs) -> (output, new_buffers)`` of ``model``.
+
+    ``torch.func.functional_call`` writes updated buffers (BatchNorm running statistics in training
+    mode) *into the tensors of the dict you pass*; ``apply`` passes copies and returns them, so the
+    caller's buffers never change. Works under ``torch.func.grad`` and ``vmap`` (one set of running
+    statistics per member when the buffers are batched).
+
+    Example:
+        >>> import torch, funcreg as fr
+        >>> model = torch.nn.BatchNorm1d(2)
+        >>> apply = fr.functional_model(model)
+        >>> buffers = fr.buffers_of(model)
+        >>> _, new = apply(fr.params_of(model), buffers, torch.tensor([[0.0, 2.0], [2.0, 4.0]]))
+        >>> buffers["running_mean"], new["running_mean"]  # the caller's dict is untouched
+        (tensor([0., 0.]), tensor([0.1000, 0.3000]))
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"functional_model expects a torch.nn.Module, got {type(model).__name__}")
+
+    def apply(params: PyTree, buffers: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+        own = {name: b.clone() for name, b in buffers.items()}
+        out = torch.func.functional_call(model, (params, own), args, kwargs)
+        return out, own
+
+    return apply
+
+
+def _resolve(thing: Any, hparams: Hyperparams) -> Any:
+    if isinstance(thing, (GradientTransformation, Penalty)) or thing is None:
+        return thing
+    return thing(hparams)
+
+
+class Step:
+    """A pure training step; see :func:`make_step`."""
+
+    def __init__(
+        self,
+        loss_fn: Callable[..., Any],
+        tx: TransformLike,
+        penalty: PenaltyLike,
+        form: str,
+        learning_rate: Optional[ScalarOrSchedule],
+        has_aux: bool,
+        buffers: bool,
+    ) -> None:
+        self.loss_fn = loss_fn
+        self.tx = tx
+        self.penalty = penalty
+        self.form = form
+        self.learning_rate = learning_rate
+        self.has_aux = has_aux
+        self.buffers = buffers
+
+    def transform(self, hparams: Hyperparams) -> GradientTransformation:
+        """The full transform for these hyperparameters: ``tx`` with the penalty's form wired in."""
+        tx = _resolve(self.tx, hparams)
+        if not isinstance(tx, GradientTransformation):
+            raise TypeError(f"tx (or tx(hparams)) must be a GradientTransformation, got {type(tx).__name__}")
+        penalty = _resolve(self.penalty, hparams)
+        if penalty is not None and not isinstance(penalty, Penalty):
+            raise TypeError(f"penalty (or penalty(hparams)) must be a funcreg penalty, got {type(penalty).__name__}")
+        if penalty is None or self.form == "loss":
+            return tx
+        if self.form == "coupled":
+            return chain(add_penalty_grad(penalty), tx)
+        if self.form == "decoupled":
+            return chain(tx, decoupled(penalty, self.learning_rate))
+        return chain(tx, proximal(penalty, self.learning_rate))
+
+    def init(self, params: PyTree, buffers: Optional[PyTree] = None, hparams: Optional[Hyperparams] = None) -> TrainState:
+        """The initial :class:`TrainState` for ``params`` (and ``buffers``, ``hparams``)."""
+        if self.buffers and buffers is None:
+            raise ValueError("this step was built with buffers=True: pass init(params, buffers)")
+        if not self.buffers and buffers:
+            raise ValueError("buffers given, but the step was built with buffers=False")
+        hp = _hparams(hparams)
+        return TrainState(params, self.transform(hp).init(params), {} if buffers is None else dict(buffers), hp)
+
+    def _objective(self, params: PyTree, buffers: PyTree, hparams: Hyperparams, batch: tuple[Any, ...]) -> tuple[torch.Tensor, Any]:
+        if self.buffers:
+            out = self.loss_fn(params, buffers, *batch)
+            n = 3 if self.has_aux else 2
+            if not (isinstance(out, tuple) and len(out) == n):
+                want = "(loss, new_buffers, aux)" if self.has_aux else "(loss, new_buffers)"
+                raise TypeError(f"with buffers=True, loss_fn must return {want}")
+            loss, new_buffers, aux = out if self.has_aux else (*out, None)
+        else:
+            out = self.loss_fn(params, *batch)
+            if self.has_aux:
+                if not (isinstance(out, tuple) and len(out) == 2):
+                    raise TypeError("with has_aux=True, loss_fn must return (loss, aux)")
+                loss, aux = out
+            else:
+                loss, aux = out, None
+            new_buffers = buffers
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            raise TypeError(f"loss_fn must return a 0-d tensor loss, got {loss!r}")
+        metrics: dict[str, Any] = {"data_loss": loss.detach()}
+        total = loss
+        penalty = _resolve(self.penalty, hparams)
+        if penalty is not None and self.form == "loss":
+            pen = penalty_metrics(penalty.terms(params))
+            total = loss + pen["penalty"]
+            metrics.update({k: v.detach() for k, v in pen.items()})
+        # torch.func.grad's aux may hold only tensors: aux is left out when there is none
+        return total, ((metrics, new_buffers, aux) if self.has_aux else (metrics, new_buffers))
+
+    def __call__(self, train_state: TrainState, *batch: Any) -> tuple[TrainState, dict[str, Any]]:
+        """One step: gradients by ``torch.func.grad``, the transform, ``apply_updates``."""
+        if not isinstance(train_state, TrainState):
+            raise TypeError(f"step expects a TrainState (from step.init), got {type(train_state).__name__}")
+        params, opt_state, buffers, hparams = train_state
+        grads, extra = torch.func.grad(self._objective, has_aux=True)(params, buffers, hparams, batch)
+        metrics, new_buffers = extra[0], extra[1]
+        tx = self.transform(hparams)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = apply_updates(params, updates)
+        if self.penalty is not None and self.form != "loss":
+            report = penalty_states(new_opt_state)[0]
+            metrics.update(penalty_metrics(report.terms))
+        if "penalty" in metrics:
+            metrics["total"] = metrics["data_loss"] + metrics["penalty"]
+        if self.has_aux:
+            metrics["aux"] = extra[2]
+        return TrainState(new_params, new_opt_state, new_buffers, hparams), metrics
+
+
+def _hparams(hparams: Optional[Hyperparams]) -> dict[str, torch.Tensor]:
+    if hparams is None:
+        return {}
+    if not isinstance(hparams, Mapping):
+        raise TypeError(f"hparams must be a dict {{name: value}}, got {type(hparams).__name__}")
+    out = {}
+    for k, v in hparams.items():
+        if not isinstance(k, str):
+            raise TypeError(f"hparams keys must be strings, got {k!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float, torch.Tensor)):
+            raise TypeError(f"hparams[{k!r}] must be a number or a tensor, got {v!r}")
+        t = torch.as_tensor(v)
+        if not is_functorch_tensor(t) and not torch.isfinite(t).all():
+            raise ValueError(f"Invalid hparams[{k!r}] value: {v!r} (must be finite)")
+        out[k] = t if t.is_floating_point() else t.to(torch.get_default_dtype())
+    return out
+
+
+def make_step(
+    loss_fn: Callable[..., Any],
+    tx: TransformLike,
+    penalty: PenaltyLike = None,
+    form: str = "loss",
+    learning_rate: Optional[ScalarOrSchedule] = None,
+    has_aux: bool = False,
+    buffers: bool = False,
+) -> Step:
+    """Builds a pure training step ``step(train_state, *batch) -> (train_state, metrics)``.
+
+    Args:
+        loss_fn: ``loss_fn(params, *batch) -> loss`` (``(loss, aux)`` with ``has_aux``); with
+            ``buffers=True``, ``loss_fn(params, buffers, *batch) -> (loss, new_buffers)`` (see
+            :func:`functional_model`).
+        tx: a transform, or a factory ``hparams -> transform`` (for sweeps: hyperparameters then live
+            in the :class:`TrainState`, one value per ensemble member).
+        penalty: ``None``, a penalty, or a factory ``hparams -> penalty``.
+        form: how the penalty is applied: ``"loss"`` (added to the loss, differentiated by
+            autograd), ``"coupled"`` (``add_penalty_grad`` before ``tx``), ``"decoupled"``
+            (``decoupled(P, learning_rate)`` after ``tx``) or ``"proximal"``
+            (``proximal(P, learning_rate)`` after ``tx``).
+        learning_rate: ``s_t`` for the decoupled and proximal forms (required for ``"proximal"``).
+        has_aux: ``loss_fn`` also returns auxiliary output, reported as ``metrics["aux"]``.
+        buffers: the model has buffers carried in the state.
+
+    ``metrics`` always holds ``"data_loss"`` and, with a penalty in any form, ``"penalty"``,
+    ``"penalty/<term>"`` and ``"total"`` (for the gradient-edit forms computed without autograd, at the
+    parameters the step starts from).
+
+    Example:
+        >>> import torch, funcreg as fr
+        >>> loss = lambda p, x: ((p["w"] * x).sum() - 1.0) ** 2
+        >>> step = fr.make_step(loss, fr.sgd(0.1), penalty=fr.l1(0.01), form="proximal", learning_rate=0.1)
+        >>> state = step.init({"w": torch.ones(2)})
+        >>> state, metrics = step(state, torch.tensor([0.5, 0.5]))
+        >>> sorted(metrics)
+        ['data_loss', 'penalty', 'penalty/l1', 'total']
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"make_step expects a callable loss_fn, got {loss_fn!r}")
+    if not (isinstance(tx, GradientTransformation) or callable(tx)):
+        raise TypeError(f"tx must be a GradientTransformation or a factory hparams -> transform, got {tx!r}")
+    if penalty is not None and not (isinstance(penalty, Penalty) or callable(penalty)):
+        raise TypeError(f"penalty must be a funcreg penalty or a factory hparams -> penalty, got {penalty!r}")
+    if form not in FORMS:
+        raise ValueError(f"Invalid form value: {form!r} (expected one of {FORMS})")
+    if form == "proximal" and learning_rate is None:
+        raise ValueError("form='proximal' needs learning_rate (the step size s_t of the prox)")
+    if penalty is None and form != "loss":
+        raise ValueError(f"form={form!r} needs a penalty")
+    check_bool("has_aux", has_aux)
+    check_bool("buffers", buffers)
+    return Step(loss_fn, tx, penalty, form, learning_rate, has_aux, buffers)

@@ -9,6 +9,8 @@ from funcreg._src.alias import sgd
 from funcreg._src.base import EmptyState
 from funcreg._src.base import GradientTransformation
 from funcreg._src.base import identity
+from funcreg._src.checkpoint import load_state_dict
+from funcreg._src.checkpoint import state_dict
 from funcreg._src.combine import PartitionState
 from funcreg._src.combine import chain
 from funcreg._src.combine import named_chain
@@ -17,6 +19,12 @@ from funcreg._src.diagnostics import NormReport
 from funcreg._src.diagnostics import SparsityReport
 from funcreg._src.diagnostics import norms
 from funcreg._src.diagnostics import sparsity
+from funcreg._src.ensemble import EnsembleStep
+from funcreg._src.ensemble import ensemble_step
+from funcreg._src.ensemble import init_members
+from funcreg._src.ensemble import num_members
+from funcreg._src.ensemble import stack
+from funcreg._src.ensemble import unstack
 from funcreg._src.forms import PenaltyState
 from funcreg._src.forms import add_penalty_grad
 from funcreg._src.forms import decoupled
@@ -24,6 +32,7 @@ from funcreg._src.forms import penalized
 from funcreg._src.forms import penalty_metrics
 from funcreg._src.forms import penalty_states
 from funcreg._src.forms import proximal
+from funcreg._src.history import History
 from funcreg._src.penalties import Penalty
 from funcreg._src.penalties import anchor
 from funcreg._src.penalties import elastic_net
@@ -62,6 +71,11 @@ from funcreg._src.transform import scale
 from funcreg._src.transform import scale_by_adam
 from funcreg._src.transform import scale_by_learning_rate
 from funcreg._src.transform import trace
+from funcreg._src.torch_optimizer import TorchOptimizer
+from funcreg._src.training import Step
+from funcreg._src.training import TrainState
+from funcreg._src.training import functional_model
+from funcreg._src.training import make_step
 from funcreg._src.tree import leaf_names as tree_names
 from funcreg._src.update import apply_updates
 from funcreg._src.wrappers import ApplyIfFiniteState
@@ -76,7 +90,9 @@ __all__ = [
     "DecayKind",
     "DecoupledWeightDecayState",
     "EmptyState",
+    "EnsembleStep",
     "GradientTransformation",
+    "History",
     "MaskedState",
     "NormReport",
     "PartitionState",
@@ -88,7 +104,10 @@ __all__ = [
     "Selection",
     "Selector",
     "SparsityReport",
+    "Step",
+    "TorchOptimizer",
     "TraceState",
+    "TrainState",
     "adam",
     "adamw",
     "add_decayed_weights",
@@ -107,19 +126,25 @@ __all__ = [
     "decoupled",
     "decoupled_weight_decay",
     "elastic_net",
+    "ensemble_step",
+    "functional_model",
     "group_lasso",
     "identity",
+    "init_members",
     "join_schedules",
     "l1",
     "l2",
     "linear_schedule",
     "linear_warmup",
+    "load_state_dict",
     "lp",
+    "make_step",
     "masked",
     "max_norm",
     "named_chain",
     "non_negative",
     "norms",
+    "num_members",
     "orthogonal",
     "params_of",
     "partition",
@@ -134,7 +159,10 @@ __all__ = [
     "scale_by_learning_rate",
     "sgd",
     "sparsity",
+    "stack",
+    "state_dict",
     "trace",
     "tree_names",
+    "unstack",
     "warmup_cosine_decay_schedule",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +20,14 @@ from funcreg._src.selection import params_of
 from funcreg._src.tree import PyTree, flatten, leaf_names
 from funcreg._src.validation import check_number
 
-__all__ = ["LeafNorm", "LeafSparsity", "NormReport", "SparsityReport", "norms", "sparsity"]
+__all__ = [
+    "LeafNorm",
+    "LeafSparsity",
+    "NormReport",
+    "SparsityReport",
+    "norms",
+    "sparsity",
+]
 
 
 def _named_tensors(params: PyTree, fn: str) -> list[tuple[str, torch.Tensor]]:
@@ -113,7 +120,15 @@ class SparsityReport(Mapping[str, float]):
         """The report as a text table: name, shape, zeros, numel, fraction, and a total row."""
         rows = [("name", "shape", "zeros", "numel", "fraction")]
         for leaf in self.leaves:
-            rows.append((leaf.name, _shape_text(leaf.shape), str(leaf.zeros), str(leaf.numel), f"{leaf.fraction:.4f}"))
+            rows.append(
+                (
+                    leaf.name,
+                    _shape_text(leaf.shape),
+                    str(leaf.zeros),
+                    str(leaf.numel),
+                    f"{leaf.fraction:.4f}",
+                )
+            )
         rows.append(("total", "", str(self.zeros), str(self.numel), f"{self.overall:.4f}"))
         return f"sparsity ({self.criterion})\n" + _render(rows, right={2, 3, 4})
 
@@ -127,7 +142,7 @@ def sparsity(
     params: PyTree | nn.Module,
     threshold: float = 0.0,
     *,
-    relative_threshold: Optional[float] = None,
+    relative_threshold: float | None = None,
 ) -> SparsityReport:
     """Counts the (near-)zero entries of each leaf of a parameter tree.
 
@@ -139,6 +154,7 @@ def sparsity(
     counts when ``|w| < r * max|w|``, the maximum taken over its own tensor, or when it is exactly zero
     (so an all-zero tensor is fully sparse). ``threshold`` must then be left at 0.
 
+    Comparisons use the exact values of the entries (float64), so ``float32(0.1) <= 0.1`` is false.
     NaN entries never count. The overall fraction is ``sum(zeros) / sum(numel)``, i.e. the per-leaf
     fractions weighted by element count.
 
@@ -167,7 +183,13 @@ def sparsity(
     """
     check_number("threshold", threshold, low=0.0, allow_tensor=False)
     if relative_threshold is not None:
-        check_number("relative_threshold", relative_threshold, low=0.0, high=1.0, allow_tensor=False)
+        check_number(
+            "relative_threshold",
+            relative_threshold,
+            low=0.0,
+            high=1.0,
+            allow_tensor=False,
+        )
         if threshold != 0:
             raise ValueError("give either threshold or relative_threshold, not both")
         criterion = f"|w| < {relative_threshold:g} * max|w| per tensor, or w == 0"
@@ -176,11 +198,13 @@ def sparsity(
     leaves = []
     for name, x in _named_tensors(params, "sparsity"):
         a = x.abs()
+        if a.is_floating_point() and a.dtype != torch.float64:
+            a = a.to(torch.float64)  # compare exact values: float32(0.1) > 0.1
         if x.numel() == 0:
             count = 0
         elif relative_threshold is not None:
             cutoff = a.max() * relative_threshold
-            count = int(((a < cutoff) | (x == 0)).sum())
+            count = int(((a < cutoff) | (a == 0)).sum())
         else:
             count = int((a <= threshold).sum())
         leaves.append(LeafSparsity(name, tuple(x.shape), count, x.numel()))
@@ -227,8 +251,22 @@ class NormReport(Mapping[str, float]):
         """The report as a text table: name, shape, numel, norm, and a total row."""
         rows = [("name", "shape", "numel", "norm")]
         for leaf in self.leaves:
-            rows.append((leaf.name, _shape_text(leaf.shape), str(leaf.numel), f"{leaf.norm:.6g}"))
-        rows.append(("total", "", str(sum(leaf.numel for leaf in self.leaves)), f"{self.total:.6g}"))
+            rows.append(
+                (
+                    leaf.name,
+                    _shape_text(leaf.shape),
+                    str(leaf.numel),
+                    f"{leaf.norm:.6g}",
+                )
+            )
+        rows.append(
+            (
+                "total",
+                "",
+                str(sum(leaf.numel for leaf in self.leaves)),
+                f"{self.total:.6g}",
+            )
+        )
         return f"norms (ord={self.ord:g})\n" + _render(rows, right={2, 3})
 
     __str__ = table

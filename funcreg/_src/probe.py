@@ -32,7 +32,7 @@ import enum
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -91,8 +91,8 @@ class ProbeResult:
     """
 
     kind: DecayKind
-    coefficient: Optional[float]
-    lr_scaled: Optional[bool]
+    coefficient: float | None
+    lr_scaled: bool | None
     table: str
     explanation: str
     equivalent: tuple[DecayKind, ...] = ()
@@ -162,8 +162,8 @@ def _zeros(w: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(w)
 
 
-def _proportional_gradient(a: float) -> GradFn:
-    return lambda w: a * w.clone()
+def _proportional_gradient(a: float, c: float = 0.0) -> GradFn:
+    return lambda w: a * w.clone() + c
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -179,21 +179,33 @@ def _fit(d: torch.Tensor, basis: torch.Tensor) -> tuple[float, float]:
     return k, float((d + k * basis).abs().max())
 
 
-def _step_shape(w_old: torch.Tensor, d: torch.Tensor, atol: float) -> tuple[Optional[str], float]:
-    """Which of proportional / sign / shift fits the step ``d`` taken from ``w_old``, and its amount."""
-    tol = _SHAPE_RTOL * float(d.abs().max()) + atol
-    for shape, basis in (
-        ("proportional", w_old),
-        ("sign", torch.sign(w_old)),
-        ("shift", torch.ones_like(w_old)),
-    ):
-        k, residual = _fit(d, basis)
-        if residual <= tol:
+_SHAPES = ("proportional", "sign", "shift")
+
+
+def _fits(w_old: torch.Tensor, d: torch.Tensor, shape: str, atol: float) -> tuple[bool, float]:
+    """Whether the step ``d`` taken from ``w_old`` has ``shape`` (``d = -k * basis``), and ``k``."""
+    basis = {
+        "proportional": w_old,
+        "sign": torch.sign(w_old),
+        "shift": torch.ones_like(w_old),
+    }[shape]
+    k, residual = _fit(d, basis)
+    return residual <= _SHAPE_RTOL * float(d.abs().max()) + atol, k
+
+
+def _step_shape(w_old: torch.Tensor, d: torch.Tensor, atol: float) -> tuple[str | None, float]:
+    """Which of proportional / sign / shift fits the step ``d`` taken from ``w_old``, and its amount.
+
+    The probe weights have both signs and several magnitudes, so at most one shape fits a first step.
+    """
+    for shape in _SHAPES:
+        ok, k = _fits(w_old, d, shape, atol)
+        if ok:
             return shape, k
     return None, math.nan
 
 
-def _trajectory_shape(traj: torch.Tensor, atol: float) -> tuple[Optional[str], list[float]]:
+def _trajectory_shape(traj: torch.Tensor, atol: float) -> tuple[str | None, list[float]]:
     """The shape every step of ``traj`` has (``None`` if they disagree), and each step's amount.
 
     For the sign shape, weights that reach or cross zero during the run are left out after the first
@@ -214,8 +226,10 @@ def _trajectory_shape(traj: torch.Tensor, atol: float) -> tuple[Optional[str], l
             break  # everything decayed to zero
         if first == "sign" and int(keep.sum()) < 2:
             break
-        shape, k = _step_shape(w_old, d, atol)
-        if shape != first:
+        # Later steps are checked against the first step's shape only: once every weight has one
+        # sign (a shift can get there), a shift also fits the sign shape.
+        ok, k = _fits(w_old, d, first, atol)
+        if not ok:
             return None, []
         amounts.append(k)
     return first, amounts
@@ -225,7 +239,7 @@ def _same(x: float, y: float, atol: float) -> bool:
     return abs(x - y) <= _RATE_RTOL * max(abs(x), abs(y)) + atol
 
 
-def _lr_scaling(k_a: float, k_b: float, lr_a: float, lr_b: float, atol: float) -> Optional[bool]:
+def _lr_scaling(k_a: float, k_b: float, lr_a: float, lr_b: float, atol: float) -> bool | None:
     """True if the amounts scale like the learning rates, False if they do not depend on them."""
     if _same(k_a * lr_b, k_b * lr_a, atol * max(lr_a, lr_b)):
         return True
@@ -252,7 +266,7 @@ def _shrink(runner: _Runner, lr: float, a: float) -> float:
     return float(((traj[1] - traj[0]) * torch.sign(traj[0])).sum())
 
 
-def _find_cancelling(runner: _Runner, lr: float, f0: float) -> Optional[float]:
+def _find_cancelling(runner: _Runner, lr: float, f0: float) -> float | None:
     """The ``a`` at which the first step with data gradient ``a * w`` does not move the weights."""
     w0 = runner.w0
     direction = -1.0 if f0 < 0 else 1.0  # a decay (f0 < 0) is cancelled by a negative a
@@ -291,8 +305,20 @@ def _find_cancelling(runner: _Runner, lr: float, f0: float) -> Optional[float]:
 
 
 def _cancels(runner: _Runner, lr: float, steps: int, a: float, movement: float, atol: float) -> bool:
+    """Whether the data gradient ``a * w`` cancels the decay, alone and under a common extra gradient.
+
+    Alone, nothing may move. With the extra data gradient ``1`` on every weight, a coupled decay
+    cancelled by ``a * w`` leaves the optimizer seeing the same gradient ``1`` on every weight, so
+    every weight must move by the same amount. The second run rules out cancellations that only hold
+    for tiny gradients (Adam's step ``lr * g / (|g| + eps)`` is linear in ``g`` when ``|g| << eps``).
+    """
     traj = runner.run(lr, steps, _proportional_gradient(a))
-    return float((traj - traj[0]).abs().max()) <= _CANCEL_RTOL * movement + atol
+    if float((traj - traj[0]).abs().max()) > _CANCEL_RTOL * movement + atol:
+        return False
+    shifted = runner.run(lr, steps, _proportional_gradient(a, 1.0))
+    delta = shifted - shifted[0]
+    spread = float((delta - delta.mean(dim=1, keepdim=True)).abs().max())
+    return spread <= _CANCEL_RTOL * movement + atol + _ULPS * float(shifted.abs().max())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -395,7 +421,7 @@ def probe(
     for i, lr in enumerate(learning_rates):
         check_number(f"learning_rates[{i}]", lr, low=0.0, low_open=True, allow_tensor=False)
     lr_a, lr_b = float(learning_rates[0]), float(learning_rates[1])
-    if not (max(lr_a, lr_b) >= 1.5 * min(lr_a, lr_b)):
+    if not (max(lr_a, lr_b) >= (1.5 - 1e-9) * min(lr_a, lr_b)):
         raise ValueError(f"learning_rates must differ by a factor of at least 1.5, got {learning_rates!r}")
     values = _check_weights(weights)
 
@@ -406,9 +432,24 @@ def probe(
     movement = [float((t - t[0]).abs().max()) for t in trajs]
     table = _table(trajs, (lr_a, lr_b), values)
 
-    def result(kind: DecayKind, coef: Optional[float], scaled: Optional[bool], text: str, equiv=()) -> ProbeResult:
+    def result(
+        kind: DecayKind,
+        coef: float | None,
+        scaled: bool | None,
+        text: str,
+        equiv: tuple[DecayKind, ...] = (),
+    ) -> ProbeResult:
         return ProbeResult(
-            kind, coef, scaled, table, text, tuple(equiv), runner.name, (lr_a, lr_b), values, trajs
+            kind,
+            coef,
+            scaled,
+            table,
+            text,
+            tuple(equiv),
+            runner.name,
+            (lr_a, lr_b),
+            values,
+            trajs,
         )
 
     if max(movement) <= atol:
@@ -511,7 +552,7 @@ def probe(
             coef,
             scaled,
             f"L1-like: every weight moves {scale_text}{coef:.6g} towards zero per step whatever its size, "
-            "w <- w - lr * lam * sign(w), the (sub)gradient step of lam * |w|. It does not stop at zero: "
+            f"w <- w - {scale_text}lam * sign(w), the (sub)gradient step of lam * |w|. It does not stop at zero: "
             "small weights oscillate around it instead of becoming exact zeros (a proximal step, "
             "soft-thresholding, would give them).",
         )

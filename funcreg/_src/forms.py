@@ -208,7 +208,11 @@ def proximal(penalty: Penalty, learning_rate: ScalarOrSchedule) -> GradientTrans
         raise NotImplementedError(f"penalty {penalty.name!r} has no closed-form proximal map; use another form")
 
     def init(params: PyTree) -> PenaltyState:
-        return _report(penalty, FlatParams.of(params), init_count(params))
+        fp = FlatParams.of(params)
+        # a sum of penalties has a prox only where its terms select different parameters: find out now,
+        # not at the first update
+        penalty._prox_flat(fp, 0.0)
+        return _report(penalty, fp, init_count(params))
 
     def update(updates: PyTree, state: PenaltyState, params: Optional[PyTree] = None) -> tuple[PyTree, PenaltyState]:
         f = flat(updates, params, "proximal", needs_params=True)

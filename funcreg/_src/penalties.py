@@ -160,6 +160,16 @@ class Penalty:
         return f"<penalty {self.name}>"
 
 
+def _like(coeff: Any, w: torch.Tensor) -> Any:
+    """A tensor coefficient in the leaf's dtype and device, so a float64 coefficient keeps a float32
+    parameter's gradient and prox float32 (0-d tensors would otherwise promote 0-d leaves)."""
+    if isinstance(coeff, torch.Tensor):
+        return coeff.to(dtype=w.dtype, device=w.device)
+    if isinstance(coeff, _Pair):
+        return _Pair(_like(coeff.first, w), _like(coeff.second, w))
+    return coeff
+
+
 class LeafPenalty(Penalty):
     """A penalty that is a sum over selected leaves of ``value(w, c, **aux)``.
 
@@ -224,13 +234,15 @@ class LeafPenalty(Penalty):
         for aux_name, tree in self._aux.items():
             if tree is None:
                 continue
-            leaves, spec = flatten(tree)
-            check_same_spec(fp.spec, spec, "params", f"{self.name} {aux_name}")
+            # matched to the params by key (dict order does not matter), like masks and coefficients
+            leaves = broadcast_prefix(tree, fp.tree, what=f"{self.name} {aux_name}")
             for i, (leaf, a, k) in enumerate(zip(fp.leaves, leaves, keep)):
                 if not k:
                     continue
                 if a is None:
                     raise ValueError(f"{self.name} {aux_name} is None for selected parameter {fp.names[i]!r}")
+                if not isinstance(a, torch.Tensor):
+                    raise TypeError(f"{self.name} {aux_name} for {fp.names[i]!r} must be a tensor, got {type(a).__name__}")
                 if a.shape != leaf.shape:
                     raise ValueError(
                         f"{self.name} {aux_name} for {fp.names[i]!r} has shape {tuple(a.shape)}, "
@@ -243,7 +255,7 @@ class LeafPenalty(Penalty):
         keep = self._selected_flat(fp)
         coeffs = self._coefficients(fp)
         aux = self._aux_leaves(fp, keep)
-        return [(i, fp.leaves[i], coeffs[i], aux[i]) for i in range(len(fp.leaves)) if keep[i]]
+        return [(i, fp.leaves[i], _like(coeffs[i], fp.leaves[i]), aux[i]) for i in range(len(fp.leaves)) if keep[i]]
 
     def _terms_flat(self, fp: FlatParams) -> list[tuple[str, torch.Tensor]]:
         items = self._prepare(fp)
@@ -539,7 +551,8 @@ def group_lasso(coeff: Coefficient, axis: int = 0, mask: Optional[MaskLike] = No
     def prox(v: torch.Tensor, t: Any) -> torch.Tensor:
         norms = _group_norms(v, axis)
         safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-        factor = torch.clamp(1 - t * weight(v) / safe, min=0)
+        # a group whose norm underflows to 0 is within any threshold: it goes to exact zero
+        factor = torch.where(norms > 0, torch.clamp(1 - t * weight(v) / safe, min=0), torch.zeros_like(norms))
         return v * factor
 
     return LeafPenalty(name, coeff, mask, value, grad, prox, leaf_check=check, default_select=lambda w: w.ndim >= 2)
@@ -668,7 +681,7 @@ def max_norm(max_value: float, axis: int = 0, mask: Optional[MaskLike] = None, n
         del t  # a projection does not depend on the step
         norms = _group_norms(v, axis)
         safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-        return v * torch.clamp(max_value / safe, max=1.0)
+        return v * torch.where(norms > 0, torch.clamp(max_value / safe, max=1.0), torch.ones_like(norms))
 
     return LeafPenalty(
         name, 1.0, mask, value, None, prox, leaf_check=check, default_select=lambda w: w.ndim >= 2, differentiable=False

@@ -1,0 +1,132 @@
+"""Shared test helpers: tree comparison, running funcreg and torch.optim side by side, finding states.
+
+Trees are flattened here with ``torch.utils._pytree`` directly (``None`` kept as a leaf), not with
+funcreg's own helpers, so a bug in funcreg's flattening cannot hide itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from hypothesis import HealthCheck
+
+import funcreg as fr
+
+F64_ATOL = 1e-12
+F32_ATOL, F32_RTOL = 1e-6, 1e-5
+
+# Drawing a tree and ten gradient trees is slow for Hypothesis's taste on a loaded 2-core machine.
+SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
+
+
+def leaves(tree: Any) -> list[Any]:
+    """The leaves of ``tree`` in flattening order, ``None`` included."""
+    return pytree.tree_leaves(tree, is_leaf=lambda x: x is None)
+
+
+def assert_tensors_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "", equal_nan: bool = False) -> None:
+    """float64: max abs diff <= 1e-12; float32: ``assert_close(atol=1e-6, rtol=1e-5)``; others: equal.
+
+    With ``equal_nan``, NaN must sit at the same places in both (and is then not compared).
+    """
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    if not actual.is_floating_point():
+        assert torch.equal(actual, expected), f"{what}: {actual} != {expected}"
+    elif actual.dtype == torch.float64:
+        if equal_nan:
+            nan = torch.isnan(actual)
+            assert torch.equal(nan, torch.isnan(expected)), f"{what}: NaN at different places"
+            actual, expected = actual[~nan], expected[~nan]
+        diff = (actual - expected).abs().max().item() if actual.numel() else 0.0
+        assert diff <= F64_ATOL, f"{what}: max abs diff {diff:.3e} > {F64_ATOL}"
+    else:
+        torch.testing.assert_close(
+            actual, expected, atol=F32_ATOL, rtol=F32_RTOL, equal_nan=equal_nan, msg=lambda m: f"{what}: {m}"
+        )
+
+
+def paired_leaves(actual: Any, expected: Any, what: str) -> list[tuple[int, Any, Any]]:
+    """The tensor leaves of two trees side by side, after checking the trees have one structure."""
+    a, spec_a = pytree.tree_flatten(actual, is_leaf=lambda x: x is None)
+    e, spec_e = pytree.tree_flatten(expected, is_leaf=lambda x: x is None)
+    assert spec_a == spec_e, f"{what}: structure {spec_a} != {spec_e}"
+    for i, (x, y) in enumerate(zip(a, e)):
+        assert (x is None) == (y is None), f"{what}: leaf {i} is {x!r} vs {y!r}"
+    return [(i, x, y) for i, (x, y) in enumerate(zip(a, e)) if x is not None]
+
+
+def assert_trees_close(actual: Any, expected: Any, what: str = "tree", equal_nan: bool = False) -> None:
+    """Same structure (``None`` in the same places) and each tensor close (see above)."""
+    for i, x, y in paired_leaves(actual, expected, what):
+        assert_tensors_close(x, y, f"{what} leaf {i}", equal_nan)
+
+
+def assert_lists_close(actual: list[Any], expected: list[Any], what: str) -> None:
+    assert len(actual) == len(expected), f"{what}: {len(actual)} leaves vs {len(expected)}"
+    for i, (x, y) in enumerate(zip(actual, expected)):
+        assert_tensors_close(x, y, f"{what} leaf {i}")
+
+
+def assert_trees_equal(actual: Any, expected: Any, what: str = "tree", equal_nan: bool = False) -> None:
+    """Bitwise: same structure, dtypes and values (NaN where NaN with ``equal_nan``)."""
+    for i, x, y in paired_leaves(actual, expected, what):
+        assert x.dtype == y.dtype, f"{what}: leaf {i} dtype {x.dtype} != {y.dtype}"
+        where = f"{what} leaf {i}"
+        torch.testing.assert_close(x, y, atol=0, rtol=0, equal_nan=equal_nan, msg=lambda m, where=where: f"{where}: {m}")
+
+
+def find_states(state: Any, cls: type) -> list[Any]:
+    """Every instance of the NamedTuple ``cls`` inside a (chain, named_chain, masked, ...) state."""
+    if isinstance(state, cls):
+        return [state]
+    if isinstance(state, dict):
+        return [s for v in state.values() for s in find_states(v, cls)]
+    if isinstance(state, (tuple, list)):
+        return [s for v in state for s in find_states(v, cls)]
+    return []
+
+
+def find_state(state: Any, cls: type) -> Any:
+    found = find_states(state, cls)
+    assert len(found) == 1, f"expected one {cls.__name__} in the state, found {len(found)}"
+    return found[0]
+
+
+def run_funcreg(tx: fr.GradientTransformation, params: Any, grads_seq: list[Any]) -> tuple[Any, Any]:
+    """``len(grads_seq)`` steps of ``tx`` from ``params``; returns the final params and state."""
+    state = tx.init(params)
+    for grads in grads_seq:
+        updates, state = tx.update(grads, state, params)
+        params = fr.apply_updates(params, updates)
+    return params, state
+
+
+def run_torch(make_optimizer: Any, params: Any, grads_seq: list[Any], schedulers: Any = None) -> tuple[list[Any], Any]:
+    """The same steps with ``torch.optim``: ``make_optimizer(list_of_parameters)`` builds the optimizer.
+
+    A ``None`` gradient becomes ``p.grad = None`` (torch skips that parameter). ``schedulers(opt)``
+    optionally builds lr schedulers, stepped after every optimizer step. Returns the
+    ``nn.Parameter`` objects in flattening order and the optimizer.
+    """
+    ps = [torch.nn.Parameter(p.detach().clone()) for p in leaves(params)]
+    opt = make_optimizer(ps)
+    scheds = schedulers(opt) if schedulers is not None else []
+    for grads in grads_seq:
+        for p, g in zip(ps, leaves(grads)):
+            p.grad = None if g is None else g.detach().clone()
+        opt.step()
+        for s in scheds:
+            s.step()
+    return ps, opt
+
+
+def torch_state(opt: torch.optim.Optimizer, ps: list[torch.nn.Parameter], key: str) -> list[Any]:
+    """``opt.state[p][key]`` for each parameter (``None`` where absent)."""
+    return [opt.state[p].get(key) for p in ps]
+
+
+def detached(ps: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    return [p.detach() for p in ps]

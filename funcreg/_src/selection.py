@@ -187,7 +187,9 @@ def _check_patterns(patterns: Iterable[str], names: Sequence[str], what: str) ->
         if not isinstance(pat, str):
             raise TypeError(f"{what} patterns must be strings, got {pat!r}")
         if not any(_matches(pat, n) for n in names):
-            raise ValueError(f"{what} pattern {pat!r} matches no parameter{_suggest(pat, names)}")
+            # suggest module prefixes too: a typo'd "haed" should point at "head", not only at "head.weight"
+            prefixes = sorted({".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 1)})
+            raise ValueError(f"{what} pattern {pat!r} matches no parameter{_suggest(pat, prefixes + list(names))}")
     return patterns
 
 

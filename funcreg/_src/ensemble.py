@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from funcreg._src.selection import buffers_of, params_of
-from funcreg._src.training import Step, TrainState, _hparams
+from funcreg._src.training import Step, TrainState, _float_dtype, _hparams
 from funcreg._src.tree import PyTree, check_same_spec, flatten, leaf_names, unflatten
 
 
@@ -183,9 +183,13 @@ class EnsembleStep:
         n = num_members(params)
         if buffers:
             _check_members("buffers", buffers, n)
-        hp = _hparams(hparams)
+        hp = _hparams(hparams, _float_dtype(params))
         hp = {k: _per_member(k, v, n) for k, v in hp.items()}
-        return _vmap(self.step.init, (0, 0, 0))(params, buffers if buffers else None, hp)
+        state = _vmap(self.step.init, (0, 0, 0))(params, buffers if buffers else None, hp)
+        # entries that do not depend on the member (step counts) come out of vmap expanded, with
+        # stride 0: give every member its own memory
+        leaves, spec = flatten(state)
+        return unflatten([None if x is None else x.contiguous() for x in leaves], spec)
 
     def __call__(self, train_state: TrainState, *batch: Any) -> tuple[TrainState, dict[str, Any]]:
         """One step for every member: ``(train_state, metrics)`` with a leading member axis."""

@@ -11,8 +11,9 @@ import torch
 class History:
     """Metrics of many steps: ``history.append(metrics)`` after each step, then read them back.
 
-    Values are 0-d tensors (one member) or 1-D tensors (one value per ensemble member); they are
-    detached and moved to the CPU when appended. Non-tensor entries (``"aux"``) are skipped.
+    A history keeps scalar metrics: 0-d tensors for one run, or 1-D tensors with one value per member
+    for an ensemble (the shape of ``"data_loss"`` decides which, when present). They are detached and
+    moved to the CPU when appended. Other entries (non-tensors, ``"aux"`` of other shapes) are skipped.
 
     Example:
         >>> import torch, funcreg as fr
@@ -33,7 +34,10 @@ class History:
         """Records one step's metrics (``step`` defaults to the number of records so far)."""
         if not isinstance(metrics, Mapping):
             raise TypeError(f"History.append expects a dict of metrics, got {type(metrics).__name__}")
-        row = {k: v.detach().to("cpu") for k, v in metrics.items() if isinstance(v, torch.Tensor)}
+        tensors = {k: v for k, v in metrics.items() if isinstance(v, torch.Tensor)}
+        reference = tensors.get("data_loss", next((v for v in tensors.values() if v.ndim <= 1), None))
+        shape = () if reference is None or reference.ndim == 0 else tuple(reference.shape)
+        row = {k: v.detach().to("cpu") for k, v in tensors.items() if tuple(v.shape) == shape}
         if self._rows and set(row) != set(self._rows[0]):
             raise ValueError(f"metrics keys changed: {sorted(self._rows[0])} before, {sorted(row)} now")
         self._rows.append(row)
@@ -60,9 +64,8 @@ class History:
             raise ImportError("History.to_dataframe needs pandas: pip install pandas (or the 'examples' extra)") from err
         records = []
         for step, row in zip(self._steps, self._rows):
-            sizes = {v.numel() for v in row.values()}
-            members = max(sizes) if sizes else 1
             ensemble = any(v.ndim == 1 for v in row.values())
+            members = next(iter(row.values())).numel() if ensemble else 1
             for m in range(members):
                 rec: dict[str, Any] = {"step": step}
                 if ensemble:

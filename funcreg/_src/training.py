@@ -16,10 +16,10 @@ from torch import nn
 
 from funcreg._src.base import GradientTransformation
 from funcreg._src.combine import chain
-from funcreg._src.forms import add_penalty_grad, decoupled, penalty_metrics, penalty_states, proximal
+from funcreg._src.forms import add_penalty_grad, decoupled, penalty_metrics, proximal
 from funcreg._src.penalties import Penalty
 from funcreg._src.transform import ScalarOrSchedule
-from funcreg._src.tree import PyTree, is_functorch_tensor
+from funcreg._src.tree import PyTree, flatten, is_functorch_tensor
 from funcreg._src.update import apply_updates
 from funcreg._src.validation import check_bool
 
@@ -121,7 +121,7 @@ class Step:
             raise ValueError("this step was built with buffers=True: pass init(params, buffers)")
         if not self.buffers and buffers:
             raise ValueError("buffers given, but the step was built with buffers=False")
-        hp = _hparams(hparams)
+        hp = _hparams(hparams, _float_dtype(params))
         return TrainState(params, self.transform(hp).init(params), {} if buffers is None else dict(buffers), hp)
 
     def _objective(self, params: PyTree, buffers: PyTree, hparams: Hyperparams, batch: tuple[Any, ...]) -> tuple[torch.Tensor, Any]:
@@ -164,7 +164,9 @@ class Step:
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = apply_updates(params, updates)
         if self.penalty is not None and self.form != "loss":
-            report = penalty_states(new_opt_state)[0]
+            # the step's own penalty form is the first link of the chain (coupled) or the last
+            # (decoupled, proximal); tx itself may hold other penalty forms
+            report = new_opt_state[0] if self.form == "coupled" else new_opt_state[-1]
             metrics.update(penalty_metrics(report.terms))
         if "penalty" in metrics:
             metrics["total"] = metrics["data_loss"] + metrics["penalty"]
@@ -173,7 +175,13 @@ class Step:
         return TrainState(new_params, new_opt_state, new_buffers, hparams), metrics
 
 
-def _hparams(hparams: Optional[Hyperparams]) -> dict[str, torch.Tensor]:
+def _float_dtype(params: PyTree) -> torch.dtype:
+    """The dtype of the first floating-point parameter (hyperparameters given as floats take it)."""
+    leaves, _ = flatten(params)
+    return next((x.dtype for x in leaves if isinstance(x, torch.Tensor) and x.is_floating_point()), torch.get_default_dtype())
+
+
+def _hparams(hparams: Optional[Hyperparams], dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
     if hparams is None:
         return {}
     if not isinstance(hparams, Mapping):
@@ -184,10 +192,11 @@ def _hparams(hparams: Optional[Hyperparams]) -> dict[str, torch.Tensor]:
             raise TypeError(f"hparams keys must be strings, got {k!r}")
         if isinstance(v, bool) or not isinstance(v, (int, float, torch.Tensor)):
             raise TypeError(f"hparams[{k!r}] must be a number or a tensor, got {v!r}")
-        t = torch.as_tensor(v)
+        # a Python number takes the parameters' dtype: float64 runs must not see 0.01 rounded to float32
+        t = v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=dtype or torch.get_default_dtype())
         if not is_functorch_tensor(t) and not torch.isfinite(t).all():
             raise ValueError(f"Invalid hparams[{k!r}] value: {v!r} (must be finite)")
-        out[k] = t if t.is_floating_point() else t.to(torch.get_default_dtype())
+        out[k] = t if t.is_floating_point() else t.to(dtype or torch.get_default_dtype())
     return out
 
 

@@ -151,11 +151,11 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
             else:
                 new_bufs = leafwise.mul(bufs, momentum)
                 leafwise.add_(new_bufs, grads, alpha=1 - dampening)
-        else:  # traced count: the first step keeps no history and applies no dampening
+        else:  # traced count (vmap, compile): select per leaf, keeping each buffer's dtype
             first = count == 0
-            keep = torch.where(first, 0.0, momentum)
-            new_bufs = leafwise.mul(bufs, keep)
-            leafwise.add_(new_bufs, grads, alpha=torch.where(first, 1.0, 1 - dampening))
+            new_bufs = [
+                torch.where(first, g, torch.add(b * momentum, g, alpha=1 - dampening)) for b, g in zip(bufs, grads)
+            ]
         out = leafwise.add(grads, new_bufs, alpha=momentum) if nesterov else new_bufs
         new_state = TraceState(count=state.count + 1, momentum_buffer=f.tree(new_bufs, buf_leaves))
         return f.tree(out), new_state

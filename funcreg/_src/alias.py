@@ -44,7 +44,7 @@ def sgd(
     ``weight_decay`` is coupled L2 (the gradient of ``wd/2 * ||w||^2``) applied to every parameter, as
     torch does; use :func:`add_decayed_weights` with a mask, or a penalty, to be selective.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> tx = fr.sgd(0.1, momentum=0.9, weight_decay=1e-2)
         >>> params = {"w": torch.ones(2)}
@@ -90,7 +90,7 @@ def adam(
     ``weight_decay`` is *coupled* L2 as in torch's Adam: it is added to the gradient and then divided
     by ``sqrt(v)`` with it, so it is not the decay AdamW applies (see :func:`adamw`).
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> tx = fr.adam(0.1)
         >>> params = {"w": torch.zeros(1)}
@@ -124,7 +124,7 @@ def adamw(
     ``mask`` restricts the decay (e.g. ``fr.decay_mask(model)``); the Adam step applies to every
     parameter. The default ``weight_decay=1e-2`` is torch's (optax's is ``1e-4``).
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> tx = fr.adamw(0.1, weight_decay=0.5)
         >>> params = {"w": torch.ones(1)}
@@ -188,10 +188,11 @@ def _adam_family(
         count = state.count + 1
         t = leafwise.concrete(count)
         bias_correction1 = 1 - leafwise.scalar_power(b1, t)
-        bias_correction2 = 1 - leafwise.scalar_power(b2, t)
-        leafwise.div_scalar_(denom, leafwise.scalar_sqrt(bias_correction2))
-        leafwise.add_scalar_(denom, eps)
-        step_size = -lr / bias_correction1
+        bias_correction2_sqrt = leafwise.scalar_sqrt(1 - leafwise.scalar_power(b2, t))
+        # m / (sqrt(v) / c + eps) == c * m / (sqrt(v) + eps * c) with c = sqrt(1 - b2^t): one pass
+        # over the moments fewer than torch's sqrt-div-add, equal up to rounding
+        leafwise.add_scalar_(denom, eps * bias_correction2_sqrt)
+        step_size = -lr * bias_correction2_sqrt / bias_correction1
         if has_decay and decoupled:
             keep = resolve_mask(mask, params) if mask is not None else None
             present_keep = [True] * len(f.index) if keep is None else f.present(keep)

@@ -33,7 +33,7 @@ class GradientTransformation(NamedTuple):
     Leaves that are ``None`` in ``updates`` (frozen or unused parameters) pass through as ``None`` and
     their state is left as it was.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> tx = fr.chain(fr.scale(2.0), fr.scale_by_learning_rate(0.1))
         >>> params = {"w": torch.ones(2)}
@@ -54,7 +54,7 @@ class EmptyState(NamedTuple):
 def identity() -> GradientTransformation:
     """The transform that returns its updates unchanged and holds no state.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> tx = fr.identity()
         >>> tx.update({"w": torch.ones(1)}, tx.init({"w": torch.ones(1)}))[0]

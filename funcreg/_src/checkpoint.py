@@ -26,7 +26,7 @@ def _structure(tree: PyTree) -> str:
 def state_dict(state: PyTree) -> dict[str, Any]:
     """A plain, ``weights_only``-loadable dict for a state (any tree of tensors and ``None``).
 
-    Example:
+    Examples:
         >>> import io, torch, funcreg as fr
         >>> tx = fr.adamw(0.1)
         >>> state = tx.init({"w": torch.ones(2)})

@@ -17,7 +17,7 @@ def _check_transform(tx: Any, where: str) -> None:
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Applies transforms one after another; the state is the tuple of their states.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> tx = fr.chain(fr.add_decayed_weights(0.1), fr.sgd(0.5))  # == torch.optim.SGD(lr=0.5, weight_decay=0.1)
         >>> params = {"w": torch.tensor([2.0])}
@@ -46,7 +46,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 def named_chain(*named_transforms: tuple[str, GradientTransformation]) -> GradientTransformation:
     """Like :func:`chain`, with the state a dict keyed by the given names (readable checkpoints).
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> tx = fr.named_chain(("decay", fr.add_decayed_weights(0.1)), ("adam", fr.scale_by_adam()))
         >>> list(tx.init({"w": torch.zeros(1)}))
@@ -94,7 +94,7 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labels) 
 
     This is how different layers get different coefficients, as torch.optim parameter groups do.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> params = {"w": torch.ones(1), "b": torch.ones(1)}
         >>> tx = fr.partition({"decay": fr.sgd(0.1, weight_decay=0.5), "plain": fr.sgd(0.1)},

@@ -166,7 +166,7 @@ def sparsity(
     Returns:
         A :class:`SparsityReport`: ``report[name]`` is a leaf's fraction, ``report.overall`` the total.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> params = {"w": torch.tensor([[0.0, 1.0], [0.0, -2.0]]), "b": torch.tensor([1e-4, 3.0])}
         >>> report = fr.sparsity(params)
@@ -314,7 +314,7 @@ def norms(params: PyTree | nn.Module, ord: float = 2) -> NormReport:
     Returns:
         A :class:`NormReport`: ``report[name]`` is a leaf's norm, ``report.total`` the norm of all.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> report = fr.norms({"w": torch.tensor([[3.0, 4.0]]), "b": torch.tensor([12.0]), "frozen": None})
         >>> dict(report), report.total

@@ -24,7 +24,7 @@ def stack(trees: Sequence[PyTree]) -> PyTree:
 
     Raises ``ValueError`` naming the first key whose structure, shape or dtype differs.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> fr.stack([{"w": torch.zeros(2)}, {"w": torch.ones(2)}])["w"].shape
         torch.Size([2, 2])
@@ -54,7 +54,7 @@ def stack(trees: Sequence[PyTree]) -> PyTree:
 def unstack(tree: PyTree) -> list[PyTree]:
     """Splits a stacked tree into its members (the inverse of :func:`stack`).
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> [m["w"].tolist() for m in fr.unstack({"w": torch.tensor([[1.0], [2.0]])})]
         [[1.0], [2.0]]
@@ -94,7 +94,7 @@ def init_members(make_model: Callable[[], nn.Module], seeds: Iterable[int]) -> t
     state is restored afterwards. Returns ``(params, buffers, model)`` where ``model`` is the first
     member's module, to use with ``functional_call`` / :func:`funcreg.functional_model`.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> params, buffers, model = fr.init_members(lambda: torch.nn.Linear(3, 2), seeds=[0, 1, 2])
         >>> params["weight"].shape, bool((params["weight"][0] != params["weight"][1]).any())
@@ -233,7 +233,7 @@ def ensemble_step(step: Step, batch: str = "shared") -> EnsembleStep:
     A sweep is an ensemble whose ``hparams`` differ per member: build ``tx``/``penalty`` of
     :func:`funcreg.make_step` as factories of ``hparams``.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> loss = lambda p, x: ((p["w"] * x).sum() - 1.0) ** 2
         >>> step = fr.make_step(loss, lambda h: fr.sgd(0.1, weight_decay=h["wd"]))

@@ -75,7 +75,7 @@ def penalized(
     ``"penalty/<name>"`` for each term and ``"total"`` (detached), plus ``"aux"`` when ``loss_fn``
     returns ``(loss, aux)`` and ``has_aux=True``.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> from torch.func import grad_and_value
         >>> f = fr.penalized(lambda p, x: (p["w"] * x).sum(), fr.l2(0.1))
@@ -117,7 +117,7 @@ def add_penalty_grad(penalty: Penalty) -> GradientTransformation:
     ``add_decayed_weights(wd)`` is ``add_penalty_grad(l2(wd))``. Parameters whose update is ``None``
     are left alone. The state (:class:`PenaltyState`) holds the penalty's value at the params.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> tx = fr.chain(fr.add_penalty_grad(fr.l1(0.1)), fr.sgd(1.0))
         >>> params = {"w": torch.tensor([2.0, -3.0])}
@@ -156,7 +156,7 @@ def decoupled(penalty: Penalty, learning_rate: Optional[ScalarOrSchedule] = None
     ``s_t`` follows :func:`funcreg.decoupled_weight_decay`: the learning rate (or schedule value) at
     this step when given, else 1. ``decoupled_weight_decay(wd, lr)`` is ``decoupled(l2(wd), lr)``.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> tx = fr.chain(fr.adam(0.1), fr.decoupled(fr.l2(0.5), learning_rate=0.1))  # AdamW
         >>> params = {"w": torch.tensor([2.0])}
@@ -194,7 +194,7 @@ def proximal(penalty: Penalty, learning_rate: ScalarOrSchedule) -> GradientTrans
     ``s_t`` is the learning rate (or schedule value) at this step. With L1 this is ISTA/proximal SGD
     and produces exact zeros; constraints (``max_norm``, ``non_negative``) become projections.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> tx = fr.chain(fr.sgd(0.1), fr.proximal(fr.l1(1.0), learning_rate=0.1))
         >>> params = {"w": torch.tensor([0.05, 1.0])}
@@ -234,7 +234,7 @@ def proximal(penalty: Penalty, learning_rate: ScalarOrSchedule) -> GradientTrans
 def penalty_states(state: Any) -> list[PenaltyState]:
     """Every :class:`PenaltyState` inside a (chained, masked, named) transform state, in order.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> tx = fr.chain(fr.add_penalty_grad(fr.l2(0.1)), fr.sgd(0.1))
         >>> [s.value for s in fr.penalty_states(tx.init({"w": torch.ones(2)}))]

@@ -15,7 +15,7 @@ class History:
     for an ensemble (the shape of ``"data_loss"`` decides which, when present). They are detached and
     moved to the CPU when appended. Other entries (non-tensors, ``"aux"`` of other shapes) are skipped.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> h = fr.History()
         >>> for t in range(3):

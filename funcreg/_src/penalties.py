@@ -386,7 +386,7 @@ def l2(coeff: Coefficient, mask: Optional[MaskLike] = None, name: str = "l2") ->
         mask: which parameters to penalize (default: all).
         name: the term's name in ``terms`` and metrics.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> P = fr.l2(0.1)
         >>> P({"w": torch.tensor([3.0, 4.0])})  # 0.1/2 * 25
@@ -411,7 +411,7 @@ def l1(coeff: Coefficient, mask: Optional[MaskLike] = None, name: str = "l1") ->
     The prox ``sign(v) * max(|v| - step*coeff, 0)`` produces exact zeros; the subgradient form
     oscillates around zero and does not.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> P = fr.l1(0.5)
         >>> P.prox({"w": torch.tensor([-2.0, 0.3, 1.0])}, step=1.0)["w"]
@@ -431,7 +431,7 @@ def l1(coeff: Coefficient, mask: Optional[MaskLike] = None, name: str = "l1") ->
 def elastic_net(l1: Coefficient, l2: Coefficient, mask: Optional[MaskLike] = None, name: str = "elastic_net") -> Penalty:
     """Elastic net: ``l1 * sum |w| + l2/2 * sum ||w||^2``; prox ``softthreshold(v, s*l1) / (1 + s*l2)``.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> P = fr.elastic_net(l1=0.5, l2=1.0)
         >>> P.prox({"w": torch.tensor([-2.0, 0.3, 1.5])}, step=1.0)["w"]
@@ -477,7 +477,7 @@ def lp(coeff: Coefficient, p: float, mask: Optional[MaskLike] = None, name: Opti
     proxes); other ``p`` have no closed-form prox. To write the common ``wd * sum |w|^p``, use
     ``lp(p * wd, p)``.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> P = fr.lp(0.3, p=3)
         >>> P({"w": torch.tensor([-1.0, 2.0])})  # 0.3/3 * (1 + 8)
@@ -522,7 +522,7 @@ def group_lasso(coeff: Coefficient, axis: int = 0, mask: Optional[MaskLike] = No
     zero group. By default only tensors with ``ndim >= 2`` are selected; a selected tensor without
     ``axis`` raises ``ValueError``.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> w = torch.tensor([[3.0, 4.0], [0.06, 0.08]])
         >>> # row norms 5 and 0.1, threshold 0.1 * sqrt(2): the first row shrinks by 1 - 0.1414/5, the second is zeroed
@@ -572,7 +572,7 @@ def anchor(
     ``(v + t*F*ref) / (1 + t*F)`` with ``t = step * coeff``. ``reference`` and ``precision`` must have the
     structure and shapes of the parameters (``ValueError`` naming the key otherwise).
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> ref = {"w": torch.tensor([1.0, 1.0])}
         >>> fr.anchor(2.0, ref)({"w": torch.tensor([1.0, 3.0])})  # 2/2 * 4
@@ -621,7 +621,7 @@ def orthogonal(coeff: Coefficient, mask: Optional[MaskLike] = None, name: str = 
     smaller Gram matrix (the one that can equal the identity). Gradient ``4 W (W^T W - I)``. By default
     only tensors with ``ndim >= 2`` are selected; selecting a 1-D tensor raises ``ValueError``. No prox.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> fr.orthogonal(1.0)({"w": torch.eye(3)})
         tensor(0.)
@@ -661,7 +661,7 @@ def max_norm(max_value: float, axis: int = 0, mask: Optional[MaskLike] = None, n
     it has no gradient, so use it with :func:`funcreg.proximal`, whose step projects each group:
     ``w_g * min(1, max_value / ||w_g||)``. ``axis`` as in :func:`group_lasso`.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> fr.max_norm(1.0).prox({"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}, step=0.1)["w"]
         tensor([[0.6000, 0.8000],
@@ -691,7 +691,7 @@ def max_norm(max_value: float, axis: int = 0, mask: Optional[MaskLike] = None, n
 def non_negative(mask: Optional[MaskLike] = None, name: str = "non_negative") -> Penalty:
     """Constraint ``w >= 0`` (a projection only): value 0 or ``inf``; prox ``max(v, 0)``.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> fr.non_negative().prox({"w": torch.tensor([-1.0, 2.0])}, step=1.0)["w"]
         tensor([0., 2.])
@@ -801,7 +801,7 @@ def penalty(
     closed forms: ``grad(params) -> tree`` and ``prox(params, step) -> tree`` over the same view.
     Check them with :func:`funcreg.testing.check_penalty`.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> P = fr.penalty(lambda p: sum((w ** 4).sum() for w in p.values()), name="quartic")
         >>> P.grad({"w": torch.tensor([1.0, -2.0])})["w"]

@@ -397,7 +397,7 @@ def probe(
         ValueError: invalid ``steps``, ``learning_rates`` or ``weights``, or an optimizer without
             ``lr`` in its param groups.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> r = fr.probe(lambda ps: torch.optim.AdamW(ps, weight_decay=0.1))
         >>> print(r.kind, round(r.coefficient, 9), r.lr_scaled)

@@ -32,7 +32,7 @@ def _cos(x: Any) -> Any:
 def constant_schedule(value: float) -> Schedule:
     """``count -> value``.
 
-    Example:
+    Examples:
         >>> import funcreg as fr
         >>> fr.constant_schedule(0.1)(100)
         0.1
@@ -50,7 +50,7 @@ def constant_schedule(value: float) -> Schedule:
 def linear_schedule(init_value: float, end_value: float, transition_steps: int) -> Schedule:
     """Linear from ``init_value`` at count 0 to ``end_value`` at ``transition_steps``, then constant.
 
-    Example:
+    Examples:
         >>> import funcreg as fr
         >>> fr.linear_schedule(0.0, 1.0, 4)(1)
         0.25
@@ -69,7 +69,7 @@ def linear_schedule(init_value: float, end_value: float, transition_steps: int) 
 def linear_warmup(peak_value: float, warmup_steps: int, init_value: float = 0.0) -> Schedule:
     """Linear warm-up from ``init_value`` to ``peak_value`` over ``warmup_steps``, then ``peak_value``.
 
-    Example:
+    Examples:
         >>> import funcreg as fr
         >>> [fr.linear_warmup(1.0, 2)(c) for c in range(4)]
         [0.0, 0.5, 1.0, 1.0]
@@ -84,7 +84,7 @@ def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.
     the same values as ``torch.optim.lr_scheduler.CosineAnnealingLR(T_max=decay_steps,
     eta_min=alpha * init_value)`` over its first half-period.
 
-    Example:
+    Examples:
         >>> import funcreg as fr
         >>> round(fr.cosine_decay_schedule(1.0, 10)(5), 6)
         0.5
@@ -104,7 +104,7 @@ def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.
 def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
     """Runs ``schedules[0]`` until ``boundaries[0]``, then ``schedules[1]`` restarted at 0, and so on.
 
-    Example:
+    Examples:
         >>> import funcreg as fr
         >>> sched = fr.join_schedules([fr.linear_warmup(1.0, 2), fr.cosine_decay_schedule(1.0, 4)], [2])
         >>> [round(sched(c), 3) for c in range(7)]
@@ -145,7 +145,7 @@ def warmup_cosine_decay_schedule(
 
     ``decay_steps`` counts from 0, warm-up included (as in optax).
 
-    Example:
+    Examples:
         >>> import funcreg as fr
         >>> sched = fr.warmup_cosine_decay_schedule(1.0, warmup_steps=2, decay_steps=6)
         >>> [round(sched(c), 3) for c in (0, 1, 2, 4, 6)]

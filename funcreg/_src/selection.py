@@ -26,7 +26,7 @@ def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
     module keeps its weights until you load new ones (``module.load_state_dict(params, strict=False)``).
     The dict is what ``torch.func.functional_call(module, params, args)`` expects.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> params = fr.params_of(torch.nn.Linear(3, 2))
         >>> {k: tuple(v.shape) for k, v in params.items()}
@@ -40,7 +40,7 @@ def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
 def buffers_of(module: nn.Module) -> dict[str, torch.Tensor]:
     """The buffers of ``module`` (BatchNorm running statistics, ...) as a flat dict of detached tensors.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> sorted(fr.buffers_of(torch.nn.BatchNorm1d(3)))
         ['num_batches_tracked', 'running_mean', 'running_var']
@@ -62,7 +62,7 @@ class Selection(Mapping[str, bool]):
     selection is a table of names, shapes, decisions and reasons. Selections combine with ``~``, ``&``
     and ``|``.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.LayerNorm(3))
         >>> sel = fr.decay_mask(model)
@@ -252,7 +252,7 @@ def decay_mask(model: nn.Module | PyTree, exclude: Iterable[str] = ()) -> Select
     Returns:
         A :class:`Selection` over the names of ``params_of(model)``.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> model = torch.nn.Sequential(torch.nn.Embedding(5, 2), torch.nn.Linear(2, 2))
         >>> fr.decay_mask(model, exclude=["0"]).selected
@@ -310,7 +310,7 @@ def by_name(*patterns: str, exclude: Iterable[str] = ()) -> Selector:
     ``"encoder.0.weight"``). Any pattern that matches no parameter raises ``ValueError`` when the rule
     is applied, as does a rule that selects nothing.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
         >>> fr.by_name("*.weight", exclude=["1.*"])(model).selected
@@ -341,7 +341,7 @@ def by_predicate(predicate: Callable[[str, torch.Tensor], bool], description: st
 
     A predicate that selects nothing raises ``ValueError`` when applied.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
         >>> fr.by_predicate(lambda name, w: w.ndim >= 2)(model).selected

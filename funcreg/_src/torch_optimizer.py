@@ -52,7 +52,7 @@ class TorchOptimizer(torch.optim.Optimizer):
     ``state_dict()`` holds the funcreg state as plain tensors (``torch.load(weights_only=True)`` reads
     it); ``load_state_dict`` refuses a state of another structure.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> model = torch.nn.Linear(2, 1)
         >>> opt = fr.TorchOptimizer(model.named_parameters(), lambda lr: fr.adamw(lr, weight_decay=0.1), lr=0.01)

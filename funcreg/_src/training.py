@@ -52,7 +52,7 @@ def functional_model(model: nn.Module) -> Callable[..., tuple[Any, dict[str, tor
     caller's buffers never change. Works under ``torch.func.grad`` and ``vmap`` (one set of running
     statistics per member when the buffers are batched).
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> model = torch.nn.BatchNorm1d(2)
         >>> apply = fr.functional_model(model)
@@ -230,7 +230,7 @@ def make_step(
     ``"penalty/<term>"`` and ``"total"`` (for the gradient-edit forms computed without autograd, at the
     parameters the step starts from).
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> loss = lambda p, x: ((p["w"] * x).sum() - 1.0) ** 2
         >>> step = fr.make_step(loss, fr.sgd(0.1), penalty=fr.l1(0.01), form="proximal", learning_rate=0.1)

@@ -32,7 +32,7 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
     Args:
         step_size: a finite number (any sign), or a tensor of them.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> tx = fr.scale(-1.0)
         >>> tx.update({"w": torch.tensor([1.0, -2.0])}, tx.init(None))[0]["w"]
@@ -66,7 +66,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, flip_sign: bool = Tr
             called with the number of updates done before this one (0 at the first step).
         flip_sign: multiply by ``-lr`` (the default, for gradients) rather than ``lr``.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> tx = fr.scale_by_learning_rate(lambda count: 0.1 / (1 + count))
         >>> state = tx.init({"w": torch.zeros(1)})
@@ -117,7 +117,7 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
         dampening: dampening for momentum, a finite number.
         nesterov: Nesterov momentum; needs ``momentum > 0`` and ``dampening == 0``.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> tx = fr.trace(0.9)
         >>> state = tx.init({"w": torch.zeros(1)})
@@ -183,11 +183,12 @@ def scale_by_adam(
     square root, as in torch and optax.
 
     Args:
-        b1, b2: decay rates of the first and second moment, in ``[0, 1)``.
+        b1: decay rate of the first moment, in ``[0, 1)``.
+        b2: decay rate of the second moment, in ``[0, 1)``.
         eps: added to the denominator, ``>= 0``.
         amsgrad: use the running maximum of the second moment.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> tx = fr.scale_by_adam()
         >>> u, _ = tx.update({"w": torch.tensor([3.0])}, tx.init({"w": torch.zeros(1)}))
@@ -254,7 +255,7 @@ def add_decayed_weights(weight_decay: float | torch.Tensor, mask: Any = None) ->
         mask: which parameters to decay (a bool tree, a prefix of one, a selection, or a callable
             ``params -> mask``); the others pass through bit-identical.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> tx = fr.add_decayed_weights(0.1)
         >>> params = {"w": torch.tensor([2.0])}
@@ -300,7 +301,7 @@ def decoupled_weight_decay(
         learning_rate: ``None``, a non-negative float or tensor, or a schedule ``count -> s``.
         mask: which parameters to decay; the others pass through bit-identical.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> tx = fr.decoupled_weight_decay(0.1, learning_rate=0.5)
         >>> params = {"w": torch.tensor([2.0])}
@@ -339,7 +340,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     Args:
         max_norm: finite, ``> 0``.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> tx = fr.clip_by_global_norm(1.0)
         >>> u, _ = tx.update({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}, tx.init(None))

@@ -12,7 +12,7 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     A ``None`` update leaves its parameter as it is (the same tensor). Structures must match
     (``ValueError`` naming the first differing key).
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> fr.apply_updates({"w": torch.ones(2)}, {"w": torch.tensor([0.5, -0.5])})
         {'w': tensor([1.5000, 0.5000])}

@@ -32,7 +32,7 @@ def masked(inner: GradientTransformation, mask: MaskLike) -> GradientTransformat
     updates when ``update`` is called without params). A mask that does not fit the tree raises
     ``ValueError`` naming the key.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> tx = fr.masked(fr.scale(0.0), {"w": True, "b": False})
         >>> params = {"w": torch.ones(1), "b": torch.ones(1)}
@@ -83,7 +83,7 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
     After more than ``max_consecutive_errors`` non-finite updates in a row, updates are passed to the
     inner transform whatever they hold (as in optax), so a run that has truly diverged shows it.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> tx = fr.apply_if_finite(fr.sgd(0.1), max_consecutive_errors=3)
         >>> params = {"w": torch.ones(1)}

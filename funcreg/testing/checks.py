@@ -90,12 +90,13 @@ def check_penalty(
             strategy of trees, or ``None`` for generic small trees.
         dtype: dtype of drawn trees when ``params`` is ``None``.
         max_examples: Hypothesis examples to try.
-        atol, rtol: tolerances of the gradient comparison.
+        atol: absolute tolerance of the gradient comparison.
+        rtol: relative tolerance of the gradient comparison.
 
     Raises:
         AssertionError: with the shrunk counterexample, when a property fails.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> from funcreg.testing import check_penalty
         >>> check_penalty(fr.l1(0.3), max_examples=10)
@@ -202,7 +203,7 @@ def check_forms_agree(
     Raises:
         AssertionError: with the shrunk counterexample, when a property fails.
 
-    Example:
+    Examples:
         >>> import torch, funcreg as fr
         >>> from funcreg.testing import check_forms_agree
         >>> check_forms_agree(fr.l2(0.1), fr.sgd(0.05), learning_rate=0.05, max_examples=5)

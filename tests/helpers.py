@@ -11,14 +11,24 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from hypothesis import HealthCheck
+from hypothesis import strategies as st
 
 import funcreg as fr
+from funcreg.testing import gradient_sequences, param_trees
 
 F64_ATOL = 1e-12
 F32_ATOL, F32_RTOL = 1e-6, 1e-5
 
 # Drawing a tree and ten gradient trees is slow for Hypothesis's taste on a loaded 2-core machine.
 SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
+
+
+@st.composite
+def problems(draw: Any, steps: Any = None, dtype: Any = None, nested: Any = None, min_leaves: int = 1) -> Any:
+    """A parameter tree (flat or nested, float32 or float64) and 1 to 10 (or ``steps``) gradient trees for it."""
+    nested = draw(st.booleans()) if nested is None else nested
+    params = draw(param_trees(dtype=dtype, nested=nested, min_leaves=min_leaves))
+    return params, draw(gradient_sequences(params, st.integers(1, 10) if steps is None else steps))
 
 
 def leaves(tree: Any) -> list[Any]:
@@ -130,3 +140,72 @@ def torch_state(opt: torch.optim.Optimizer, ps: list[torch.nn.Parameter], key: s
 
 def detached(ps: list[torch.nn.Parameter]) -> list[torch.Tensor]:
     return [p.detach() for p in ps]
+
+
+# torch.optim's state keys for the fields of funcreg's per-parameter states
+TORCH_KEYS = {
+    fr.TraceState: {"momentum_buffer": "momentum_buffer"},
+    fr.ScaleByAdamState: {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},
+}
+
+
+def replace_field(state: Any, cls: type, field: str, values: list[Any]) -> Any:
+    """``state`` with the per-parameter tree ``field`` of every ``cls`` inside it set to ``values``.
+
+    A leaf stays as it is where it is ``None`` (no state for that parameter) or the value is ``None``.
+    """
+
+    def fill(tree: Any) -> Any:
+        old, spec = pytree.tree_flatten(tree, is_leaf=lambda x: x is None)
+        new = [o if (o is None or v is None) else v.detach().clone() for o, v in zip(old, values)]
+        return pytree.tree_unflatten(new, spec)
+
+    def walk(s: Any) -> Any:
+        if isinstance(s, cls):
+            tree = getattr(s, field)
+            return s if tree is None else s._replace(**{field: fill(tree)})
+        if isinstance(s, dict):
+            return {k: walk(v) for k, v in s.items()}
+        if isinstance(s, tuple) and hasattr(s, "_fields"):
+            return type(s)(*[walk(v) for v in s])
+        if isinstance(s, (tuple, list)):
+            return type(s)(walk(v) for v in s)
+        return s
+
+    return walk(state)
+
+
+def lockstep(
+    tx: fr.GradientTransformation,
+    params: Any,
+    grads_seq: list[Any],
+    make_optimizer: Any,
+    check: Any,
+    schedulers: Any = None,
+) -> None:
+    """Steps funcreg and ``torch.optim`` side by side, calling ``check(params, state, opt, ps, step)`` after each.
+
+    After every check, funcreg's params and moment buffers are set to torch's, so each step is
+    compared from identical inputs: the one-step maps must agree to rounding, and rounding differences
+    cannot compound. (They would: Adam with coupled decay is sign-like near w = 0, where one ulp in w
+    can change the next step by lr; an absolute tolerance over a whole trajectory then tests chaos,
+    not the implementation.) Step counts are not synced: they are compared by ``check``.
+    """
+    ps = [torch.nn.Parameter(p.detach().clone()) for p in leaves(params)]
+    opt = make_optimizer(ps)
+    scheds = schedulers(opt) if schedulers is not None else []
+    spec = pytree.tree_structure(params, is_leaf=lambda x: x is None)
+    state = tx.init(params)
+    for step, grads in enumerate(grads_seq, start=1):
+        updates, state = tx.update(grads, state, params)
+        params = fr.apply_updates(params, updates)
+        for p, g in zip(ps, leaves(grads)):
+            p.grad = None if g is None else g.detach().clone()
+        opt.step()
+        for s in scheds:
+            s.step()
+        check(params, state, opt, ps, step)
+        params = pytree.tree_unflatten([p.detach().clone() for p in ps], spec)
+        for cls, fields in TORCH_KEYS.items():
+            for field, key in fields.items():
+                state = replace_field(state, cls, field, torch_state(opt, ps, key))

@@ -108,7 +108,7 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labels) 
     for label, tx in transforms.items():
         _check_transform(tx, f"partition transform {label!r}")
 
-    def resolve(tree: PyTree) -> list[Any]:
+    def resolve(tree: PyTree, check_unused: bool = True) -> list[Any]:
         given = labels(tree) if callable(labels) else labels
         values = broadcast_prefix(given, tree, what="labels")
         names = leaf_names(tree)
@@ -121,7 +121,7 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labels) 
                 )
         used = {v for v, leaf in zip(values, leaves) if leaf is not None}
         unused = [label for label in transforms if label not in used]
-        if unused:
+        if check_unused and unused:
             raise ValueError(f"partition transform {unused[0]!r} is given no parameter by labels")
         return values
 
@@ -137,7 +137,9 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labels) 
 
     def update(updates: PyTree, state: PartitionState, params: Optional[PyTree] = None) -> tuple[PyTree, PartitionState]:
         u_leaves, spec = flatten(updates)
-        values = resolve(params if params is not None else updates)
+        # a group whose gradients are all None at this step (frozen, unused) is fine here: the
+        # "transform without parameters" check belongs to init
+        values = resolve(params if params is not None else updates, check_unused=False)
         p_leaves = None
         if params is not None:
             p_leaves, p_spec = flatten(params)

@@ -212,10 +212,12 @@ _NORM_TYPES: tuple[type, ...] = tuple(
     )
     if t is not None
 )
-_NORM_NAME = re.compile(r"^(ln|bn|gn)(\d+|_\w*)?$|norm", re.IGNORECASE)
+_NORM_NAME = re.compile(r"^(ln|bn|gn)(\d+|_\w*)?$|^norm|norm\d*$", re.IGNORECASE)
 
 
 def _norm_reason(module_path: str, module: nn.Module | None) -> str | None:
+    if not module_path:
+        return None  # the model itself: its class name (NormalizingFlow) says nothing about its own weights
     if module is not None:
         if isinstance(module, _NORM_TYPES):
             return f"normalization layer ({type(module).__name__})"
@@ -235,9 +237,10 @@ def decay_mask(model: nn.Module | PyTree, exclude: Iterable[str] = ()) -> Select
     1. a name matched by an ``exclude`` glob (``"head.*"``, ``"*.pos_embed"``, or a module prefix such
        as ``"embed"``) is not decayed; a pattern that matches no parameter raises ``ValueError``;
     2. every parameter of a normalization layer is not decayed: BatchNorm, InstanceNorm, LayerNorm,
-       GroupNorm, RMSNorm by type; any module whose class name contains ``Norm``; any module whose
-       name contains ``norm`` or is ``bn``/``ln``/``gn`` optionally followed by digits or ``_...``
-       (``bn1``, ``ln_f``);
+       GroupNorm, RMSNorm by type; any submodule whose class name contains ``Norm``; any submodule
+       whose name starts with ``norm``, ends with ``norm`` (optionally followed by digits:
+       ``layernorm``, ``norm1``), or is ``bn``/``ln``/``gn`` optionally followed by digits or ``_...``
+       (``bn1``, ``ln_f``). The model's own class name is not looked at;
     3. biases (names ending in ``bias``) are not decayed;
     4. tensors with ``ndim < 2`` are not decayed (timm's rule);
     5. everything else (ndim >= 2: weight matrices, conv kernels, embeddings) is decayed.

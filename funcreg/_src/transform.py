@@ -110,7 +110,9 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
     The buffer starts as the first gradient (``b_1 = g_1``, no dampening), then
     ``b_t = momentum * b_{t-1} + (1 - dampening) * g_t``. The update is ``b_t``, or
     ``g_t + momentum * b_t`` with ``nesterov=True``. This differs from optax's ``trace``, whose buffer
-    starts at zero.
+    starts at zero. "First" means the first update of the transform (one count for the whole tree):
+    a parameter whose gradient is ``None`` at the first update and present later gets dampening on
+    its first buffer, where ``torch.optim`` (which counts per parameter) would not.
 
     Args:
         momentum: momentum factor, finite and ``>= 0`` (as torch accepts).
@@ -181,6 +183,10 @@ def scale_by_adam(
     ``m_t / (1 - b1^t) / (sqrt(v_t) / sqrt(1 - b2^t) + eps)``; with ``amsgrad`` the running maximum of
     ``v_t`` replaces ``v_t`` in the denominator. Note where ``eps`` sits: outside the bias-corrected
     square root, as in torch and optax.
+
+    The step count ``t`` is one for the whole tree (as in optax). ``torch.optim`` counts steps per
+    parameter; the two differ only for a parameter whose gradient is ``None`` at some steps and not
+    at others (its bias corrections then use the global ``t``). Frozen parameters are not affected.
 
     Args:
         b1: decay rate of the first moment, in ``[0, 1)``.

@@ -67,10 +67,14 @@ def _check_max_abs(max_abs: float) -> None:
 
 
 def _elements(dtype: torch.dtype, max_abs: float) -> st.SearchStrategy[float]:
-    width = 32 if dtype == torch.float32 else 64
-    return st.floats(
-        -max_abs, max_abs, allow_nan=False, allow_infinity=False, allow_subnormal=False, width=width
-    )
+    if dtype == torch.float32:  # the largest float32 that is <= max_abs
+        bound = np.float32(max_abs)
+        if float(bound) > max_abs:
+            bound = np.nextafter(bound, np.float32(0))
+        return st.floats(
+            -float(bound), float(bound), allow_nan=False, allow_infinity=False, allow_subnormal=False, width=32
+        )
+    return st.floats(-max_abs, max_abs, allow_nan=False, allow_infinity=False, allow_subnormal=False)
 
 
 def tensors(
@@ -85,7 +89,7 @@ def tensors(
         dtype: ``torch.float32`` or ``torch.float64``.
         max_abs: bound on the magnitude of every element, finite and ``> 0``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from hypothesis import given, settings
         >>> from funcreg.testing import tensors
@@ -112,8 +116,8 @@ def _dtypes(dtype: DTypeLike) -> st.SearchStrategy[torch.dtype]:
     return st.just(dtype)
 
 
-def _shapes(max_ndim: int, max_side: int, min_side: int) -> st.SearchStrategy[tuple[int, ...]]:
-    return st.integers(0, max_ndim).flatmap(
+def _shapes(min_ndim: int, max_ndim: int, max_side: int, min_side: int) -> st.SearchStrategy[tuple[int, ...]]:
+    return st.integers(min_ndim, max_ndim).flatmap(
         lambda nd: st.tuples(*[st.integers(min_side, max_side)] * nd)
     )
 
@@ -139,9 +143,7 @@ def _nest(draw: Any, leaves: list[Any], depth: int, kind: str) -> Any:
     return dict(zip(keys, children))
 
 
-@st.composite
 def param_trees(
-    draw: Any,
     dtype: DTypeLike = None,
     min_leaves: int = 1,
     max_leaves: int = 4,
@@ -150,7 +152,8 @@ def param_trees(
     nested: bool = False,
     max_abs: float = 10.0,
     min_side: int = 1,
-) -> PyTree:
+    min_ndim: int = 0,
+) -> st.SearchStrategy[PyTree]:
     """Parameter trees: a dict of tensors, or with ``nested=True`` nested dicts, lists and tuples.
 
     All leaves of one tree share a dtype. Flat trees are dicts ``{name: tensor}`` whose names look
@@ -161,13 +164,14 @@ def param_trees(
         dtype: ``torch.float32``, ``torch.float64``, a strategy of either, or ``None`` to draw one of
             :data:`DTYPES` per tree.
         min_leaves, max_leaves: bounds on the number of tensors, ``1 <= min_leaves <= max_leaves``.
-        max_ndim: tensors have ``0`` to ``max_ndim`` dimensions.
+        max_ndim: tensors have ``min_ndim`` to ``max_ndim`` dimensions.
         max_side: each dimension has ``min_side`` to ``max_side`` entries.
         nested: draw nested containers rather than a flat dict.
         max_abs: bound on the magnitude of every element.
         min_side: the smallest dimension (``0`` allows empty tensors).
+        min_ndim: the fewest dimensions (``2`` for trees of matrices and kernels only).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from hypothesis import given, settings
         >>> from funcreg.testing import param_trees
@@ -183,16 +187,34 @@ def param_trees(
             f"Invalid min_leaves/max_leaves values: {min_leaves!r}, {max_leaves!r} "
             "(need 1 <= min_leaves <= max_leaves)"
         )
-    if not (isinstance(max_ndim, int) and max_ndim >= 0):
-        raise ValueError(f"Invalid max_ndim value: {max_ndim!r} (must be an int >= 0)")
+    if not (isinstance(min_ndim, int) and isinstance(max_ndim, int) and 0 <= min_ndim <= max_ndim):
+        raise ValueError(
+            f"Invalid min_ndim/max_ndim values: {min_ndim!r}, {max_ndim!r} (need 0 <= min_ndim <= max_ndim)"
+        )
     if not (isinstance(min_side, int) and isinstance(max_side, int) and 0 <= min_side <= max_side):
         raise ValueError(
             f"Invalid min_side/max_side values: {min_side!r}, {max_side!r} (need 0 <= min_side <= max_side)"
         )
     _check_max_abs(max_abs)
-    leaf_dtype = draw(_dtypes(dtype))
+    return _param_trees(_dtypes(dtype), min_leaves, max_leaves, min_ndim, max_ndim, min_side, max_side, nested, max_abs)
+
+
+@st.composite
+def _param_trees(
+    draw: Any,
+    dtypes: st.SearchStrategy[torch.dtype],
+    min_leaves: int,
+    max_leaves: int,
+    min_ndim: int,
+    max_ndim: int,
+    min_side: int,
+    max_side: int,
+    nested: bool,
+    max_abs: float,
+) -> PyTree:
+    leaf_dtype = draw(dtypes)
     n = draw(st.integers(min_leaves, max_leaves))
-    shapes = draw(st.lists(_shapes(max_ndim, max_side, min_side), min_size=n, max_size=n))
+    shapes = draw(st.lists(_shapes(min_ndim, max_ndim, max_side, min_side), min_size=n, max_size=n))
     leaves = [draw(tensors(shape, leaf_dtype, max_abs)) for shape in shapes]
     if not nested:
         names = draw(st.lists(_NAMES, min_size=n, max_size=n, unique=True))
@@ -200,8 +222,7 @@ def param_trees(
     return _nest(draw, leaves, depth=2, kind="dict")
 
 
-@st.composite
-def like(draw: Any, tree: PyTree, max_abs: float = 10.0, allow_none: bool = False) -> PyTree:
+def like(tree: PyTree, max_abs: float = 10.0, allow_none: bool = False) -> st.SearchStrategy[PyTree]:
     """Trees with the structure of ``tree`` and fresh tensors of the same shapes, dtypes and devices.
 
     ``None`` leaves of ``tree`` stay ``None``. With ``allow_none=True`` each tensor may also be
@@ -212,7 +233,7 @@ def like(draw: Any, tree: PyTree, max_abs: float = 10.0, allow_none: bool = Fals
         max_abs: bound on the magnitude of every element.
         allow_none: whether tensor leaves may come out as ``None``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from hypothesis import given, settings
         >>> from funcreg.testing import like
@@ -224,19 +245,21 @@ def like(draw: Any, tree: PyTree, max_abs: float = 10.0, allow_none: bool = Fals
         ...     assert tree["b"][0].shape == () and tree["b"][0].dtype == torch.float64
         >>> check()
     """
+    _check_max_abs(max_abs)
     leaves, spec = flatten(tree)
-    out = []
     for leaf in leaves:
-        if leaf is None:
-            out.append(None)
-            continue
-        if not isinstance(leaf, torch.Tensor):
+        if leaf is not None and not isinstance(leaf, torch.Tensor):
             raise TypeError(f"like expects a tree of tensors and None, got a leaf of type {type(leaf).__name__}")
-        if allow_none and draw(st.booleans()):
-            out.append(None)
-            continue
-        out.append(draw(tensors(tuple(leaf.shape), leaf.dtype, max_abs)).to(leaf.device))
-    return unflatten(out, spec)
+        if leaf is not None:
+            _numpy_dtype(leaf.dtype)
+
+    def draw_leaf(leaf: Optional[torch.Tensor]) -> st.SearchStrategy[Optional[torch.Tensor]]:
+        if leaf is None:
+            return st.none()
+        drawn = tensors(tuple(leaf.shape), leaf.dtype, max_abs).map(lambda x: x.to(leaf.device))
+        return st.one_of(drawn, st.none()) if allow_none else drawn
+
+    return st.tuples(*[draw_leaf(leaf) for leaf in leaves]).map(lambda xs: unflatten(list(xs), spec))
 
 
 def gradients_like(params: PyTree, max_abs: float = 10.0, allow_none: bool = False) -> st.SearchStrategy[PyTree]:
@@ -245,7 +268,7 @@ def gradients_like(params: PyTree, max_abs: float = 10.0, allow_none: bool = Fal
     The same as :func:`like`; the name says what the tree is for. With ``allow_none=True`` some
     gradients are ``None``, as ``torch.func.grad`` never gives but frozen parameters do.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from hypothesis import given, settings
         >>> import funcreg as fr
@@ -276,7 +299,7 @@ def gradient_sequences(
         max_abs: bound on the magnitude of every element.
         allow_none: whether gradients may be ``None`` (drawn independently at every step).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from hypothesis import given, settings, strategies as st
         >>> from funcreg.testing import gradient_sequences

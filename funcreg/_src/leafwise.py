@@ -45,6 +45,15 @@ def _number(s: Scalar) -> bool:
     return isinstance(s, (int, float)) and not isinstance(s, bool)
 
 
+def _like(s: Scalar, x: torch.Tensor) -> Scalar:
+    """A tensor scalar in ``x``'s dtype: a float64 scalar (a bias correction traced from the step
+    count) must not make a float32 update run in float64 and copy back; Python floats are already
+    applied in the tensor's precision by torch's kernels."""
+    if isinstance(s, torch.Tensor) and s.dtype != x.dtype and x.is_floating_point():
+        return s.to(x.dtype)
+    return s
+
+
 def concrete(x: Scalar) -> Scalar:
     """A Python number for an eager 0-d tensor; the tensor itself under vmap or torch.compile.
 
@@ -65,7 +74,7 @@ def add(xs: Tensors, ys: Tensors, alpha: Scalar = 1.0) -> list[torch.Tensor]:
         if can_foreach(xs):
             return list(torch._foreach_add(xs, ys, alpha=alpha))
         return [torch.add(x, y, alpha=alpha) for x, y in zip(xs, ys)]
-    return [x + alpha * y for x, y in zip(xs, ys)]
+    return [x + _like(alpha, x) * y for x, y in zip(xs, ys)]
 
 
 def add_(xs: Tensors, ys: Tensors, alpha: Scalar = 1.0) -> None:
@@ -78,7 +87,7 @@ def add_(xs: Tensors, ys: Tensors, alpha: Scalar = 1.0) -> None:
                 x.add_(y, alpha=alpha)
     else:
         for x, y in zip(xs, ys):
-            x.add_(alpha * y)
+            x.add_(_like(alpha, x) * y)
 
 
 def add_scalar_(xs: Tensors, s: Scalar) -> None:
@@ -87,14 +96,14 @@ def add_scalar_(xs: Tensors, s: Scalar) -> None:
         torch._foreach_add_(xs, s)
     else:
         for x in xs:
-            x.add_(s)
+            x.add_(_like(s, x))
 
 
 def mul(xs: Tensors, s: Scalar) -> list[torch.Tensor]:
     """``x * s`` per leaf."""
     if can_foreach(xs) and (_number(s) or (isinstance(s, torch.Tensor) and s.ndim == 0)):
         return list(torch._foreach_mul(xs, s))
-    return [x * s for x in xs]
+    return [x * _like(s, x) for x in xs]
 
 
 def mul_(xs: Tensors, s: Scalar) -> None:
@@ -103,7 +112,7 @@ def mul_(xs: Tensors, s: Scalar) -> None:
         torch._foreach_mul_(xs, s)
     else:
         for x in xs:
-            x.mul_(s)
+            x.mul_(_like(s, x))
 
 
 def div(xs: Tensors, ys: Tensors) -> list[torch.Tensor]:
@@ -119,14 +128,14 @@ def div_scalar_(xs: Tensors, s: Scalar) -> None:
         torch._foreach_div_(xs, s)
     else:
         for x in xs:
-            x.div_(s)
+            x.div_(_like(s, x))
 
 
 def lerp(xs: Tensors, ys: Tensors, weight: Scalar) -> list[torch.Tensor]:
     """``x + weight * (y - x)`` per leaf (``torch.lerp``, as torch's Adam uses for the first moment)."""
     if can_foreach(xs) and _number(weight):
         return list(torch._foreach_lerp(xs, ys, weight))
-    return [torch.lerp(x, y, weight) for x, y in zip(xs, ys)]
+    return [torch.lerp(x, y, _like(weight, x)) for x, y in zip(xs, ys)]
 
 
 def addcmul_(xs: list[torch.Tensor], ys: Tensors, zs: Tensors, value: Scalar = 1.0) -> None:
@@ -139,7 +148,7 @@ def addcmul_(xs: list[torch.Tensor], ys: Tensors, zs: Tensors, value: Scalar = 1
             xs[i] = torch.addcmul(x, y, z, value=value)
     else:
         for i, (x, y, z) in enumerate(zip(xs, ys, zs)):
-            xs[i] = x + value * y * z
+            xs[i] = x + _like(value, x) * y * z
 
 
 def sqrt(xs: Tensors) -> list[torch.Tensor]:
@@ -206,4 +215,4 @@ def addcdiv_(xs: list[torch.Tensor], ys: Tensors, zs: Tensors, value: Scalar = 1
             xs[i] = torch.addcdiv(x, y, z, value=value)
     else:
         for i, (x, y, z) in enumerate(zip(xs, ys, zs)):
-            xs[i] = x + value * (y / z)
+            xs[i] = x + (y / z) * _like(value, x)

@@ -675,7 +675,9 @@ def max_norm(max_value: float, axis: int = 0, mask: Optional[MaskLike] = None, n
         _group_dims(name_, w, axis)
 
     def value(w: torch.Tensor, c: Any) -> torch.Tensor:
-        return _indicator((_group_norms(w, axis) > max_value * (1 + 1e-6)).any(), w)
+        # feasible up to the rounding of the projection itself, in the parameter's precision
+        slack = 16 * torch.finfo(w.dtype).eps
+        return _indicator((_group_norms(w, axis) > max_value * (1 + slack)).any(), w)
 
     def prox(v: torch.Tensor, t: Any) -> torch.Tensor:
         del t  # a projection does not depend on the step

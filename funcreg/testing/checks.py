@@ -18,16 +18,26 @@ from funcreg._src.forms import add_penalty_grad, decoupled, penalized
 from funcreg._src.penalties import Penalty, SumPenalty
 from funcreg._src.tree import PyTree, flatten, leaf_names, unflatten
 from funcreg._src.update import apply_updates
-from funcreg.testing.strategies import like, param_trees
+from funcreg.testing.strategies import like, param_trees, tensors
 
 __all__ = ["check_forms_agree", "check_penalty"]
 
 ParamsLike = Union[None, PyTree, st.SearchStrategy]
 
 
+@st.composite
+def _generic_trees(draw: Any, dtype: torch.dtype) -> PyTree:
+    """Small flat trees that always hold a matrix (penalties such as group_lasso select only those)."""
+    tree = draw(param_trees(dtype=dtype, max_leaves=3, max_ndim=2, max_side=4, max_abs=5.0))
+    if not any(x.ndim >= 2 for x in tree.values()):
+        rows, cols = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+        tree["matrix"] = draw(tensors((rows, cols), dtype=dtype, max_abs=5.0))
+    return tree
+
+
 def _params_strategy(params: ParamsLike, dtype: torch.dtype) -> st.SearchStrategy:
     if params is None:
-        return param_trees(dtype=dtype, max_leaves=3, max_ndim=2, max_side=4, max_abs=5.0)
+        return _generic_trees(dtype)
     if isinstance(params, st.SearchStrategy):
         return params
     return like(params)
@@ -57,13 +67,14 @@ def _assert_trees_close(actual: PyTree, expected: PyTree, atol: float, rtol: flo
             raise AssertionError(f"{what}: leaf {name!r} differs\n{err}") from None
 
 
-def _objective(penalty: Penalty, z: PyTree, v: PyTree, step: float) -> float:
-    """``1/2 ||z - v||^2 + step * P(z)`` in float64."""
+def _objective(penalty: Penalty, z: PyTree, v: PyTree, step: float, native: bool = False) -> float:
+    """``1/2 ||z - v||^2 + step * P(z)``, the quadratic in float64; ``P`` in float64 too, or with
+    ``native`` in ``z``'s own dtype (a prox output is feasible to its own precision, not float64's)."""
     z_leaves, spec = flatten(z)
     v_leaves, _ = flatten(v)
-    z64 = unflatten([None if x is None else x.double() for x in z_leaves], spec)
+    z_eval = z if native else unflatten([None if x is None else x.double() for x in z_leaves], spec)
     quad = sum(float(((a.double() - b.double()) ** 2).sum()) for a, b in zip(z_leaves, v_leaves) if a is not None)
-    return 0.5 * quad + step * float(penalty(z64))
+    return 0.5 * quad + step * float(penalty(z_eval))
 
 
 def check_penalty(
@@ -135,7 +146,7 @@ def check_penalty(
                 if isinstance(penalty, SumPenalty):
                     return  # terms that select the same parameters: the sum has no closed-form prox
                 raise
-            best = _objective(penalty, z, p, step)
+            best = _objective(penalty, z, p, step, native=True)
             assert best < float("inf"), "prox returned a point where the penalty is infinite (infeasible)"
             z_leaves, spec = flatten(z)
             v_leaves, _ = flatten(p)

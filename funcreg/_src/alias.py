@@ -98,13 +98,7 @@ def adam(
         >>> u["w"]  # the first step is lr * sign(-g)
         tensor([0.1000])
     """
-    b1, b2 = _betas(betas)
-    check_rate("learning_rate", learning_rate)
-    check_number("eps", eps, low=0.0, allow_tensor=False)
-    check_number("weight_decay", weight_decay, low=0.0)
-    check_bool("amsgrad", amsgrad)
-    check_bool("maximize", maximize)
-    return _adam_family("adam", learning_rate, b1, b2, eps, weight_decay, False, amsgrad, maximize, None)
+    return _adam_family("adam", learning_rate, betas, eps, weight_decay, False, amsgrad, maximize, None)
 
 
 def adamw(
@@ -132,20 +126,13 @@ def adamw(
         >>> u["w"]  # zero gradient: only the decay, -0.1 * 0.5 * 1
         tensor([-0.0500])
     """
-    b1, b2 = _betas(betas)
-    check_rate("learning_rate", learning_rate)
-    check_number("eps", eps, low=0.0, allow_tensor=False)
-    check_number("weight_decay", weight_decay, low=0.0)
-    check_bool("amsgrad", amsgrad)
-    check_bool("maximize", maximize)
-    return _adam_family("adamw", learning_rate, b1, b2, eps, weight_decay, True, amsgrad, maximize, mask)
+    return _adam_family("adamw", learning_rate, betas, eps, weight_decay, True, amsgrad, maximize, mask)
 
 
 def _adam_family(
     who: str,
     learning_rate: ScalarOrSchedule,
-    b1: float,
-    b2: float,
+    betas: Any,
     eps: float,
     weight_decay: Any,
     decoupled: bool,
@@ -161,6 +148,12 @@ def _adam_family(
     (``addcdiv(-lr*wd*w, m, denom, -lr/bc1)``). The state is the :class:`ScaleByAdamState` of
     ``scale_by_adam``; the schedule, if any, is called with its count.
     """
+    b1, b2 = _betas(betas)
+    check_rate("learning_rate", learning_rate)
+    check_number("eps", eps, low=0.0, allow_tensor=False)
+    check_number("weight_decay", weight_decay, low=0.0)
+    check_bool("amsgrad", amsgrad)
+    check_bool("maximize", maximize)
     adam_state = scale_by_adam(b1, b2, eps, amsgrad)
     has_decay = not is_zero(weight_decay)
 

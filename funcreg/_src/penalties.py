@@ -170,6 +170,20 @@ def _like(coeff: Any, w: torch.Tensor) -> Any:
     return coeff
 
 
+def _selection(
+    name: str, mask: Optional[MaskLike], fp: FlatParams, default: Optional[Callable[[torch.Tensor], bool]] = None
+) -> list[bool]:
+    """Which leaves a penalty touches: its mask, or ``default`` (all tensors when ``None``); never none."""
+    if mask is None:
+        keep = [leaf is not None and (default is None or default(leaf)) for leaf in fp.leaves]
+    else:
+        resolved = resolve_mask(mask, fp.tree, what=f"{name} mask")
+        keep = [k and leaf is not None for k, leaf in zip(resolved, fp.leaves)]
+    if not any(keep):
+        raise ValueError(f"penalty {name!r} selects no parameter")
+    return keep
+
+
 class LeafPenalty(Penalty):
     """A penalty that is a sum over selected leaves of ``value(w, c, **aux)``.
 
@@ -212,12 +226,7 @@ class LeafPenalty(Penalty):
         return self._differentiable
 
     def _selected_flat(self, fp: FlatParams) -> list[bool]:
-        if self.mask is None:
-            keep = [leaf is not None and (self._default_select is None or self._default_select(leaf)) for leaf in fp.leaves]
-        else:
-            keep = [k and leaf is not None for k, leaf in zip(resolve_mask(self.mask, fp.tree, what=f"{self.name} mask"), fp.leaves)]
-        if not any(keep):
-            raise ValueError(f"penalty {self.name!r} selects no parameter")
+        keep = _selection(self.name, self.mask, fp, self._default_select)
         if self._leaf_check is not None:
             for name, leaf, k in zip(fp.names, fp.leaves, keep):
                 if k:
@@ -731,13 +740,7 @@ class CustomPenalty(Penalty):
         return self._prox is not None
 
     def _selected_flat(self, fp: FlatParams) -> list[bool]:
-        if self.mask is None:
-            keep = [leaf is not None for leaf in fp.leaves]
-        else:
-            keep = [k and leaf is not None for k, leaf in zip(resolve_mask(self.mask, fp.tree, what=f"{self.name} mask"), fp.leaves)]
-        if not any(keep):
-            raise ValueError(f"penalty {self.name!r} selects no parameter")
-        return keep
+        return _selection(self.name, self.mask, fp)
 
     def _view(self, fp: FlatParams, leaves: list[Any], keep: list[bool]) -> PyTree:
         """The selected tree handed to the user's functions."""

@@ -67,14 +67,22 @@ def _assert_trees_close(actual: PyTree, expected: PyTree, atol: float, rtol: flo
             raise AssertionError(f"{what}: leaf {name!r} differs\n{err}") from None
 
 
-def _objective(penalty: Penalty, z: PyTree, v: PyTree, step: float, native: bool = False) -> float:
-    """``1/2 ||z - v||^2 + step * P(z)``, the quadratic in float64; ``P`` in float64 too, or with
-    ``native`` in ``z``'s own dtype (a prox output is feasible to its own precision, not float64's)."""
+def _objective(penalty: Penalty, z: PyTree, v: PyTree, step: float) -> float:
+    """``1/2 ||z - v||^2 + step * P(z)`` in float64."""
     z_leaves, spec = flatten(z)
     v_leaves, _ = flatten(v)
-    z_eval = z if native else unflatten([None if x is None else x.double() for x in z_leaves], spec)
+    z64 = unflatten([None if x is None else x.double() for x in z_leaves], spec)
     quad = sum(float(((a.double() - b.double()) ** 2).sum()) for a, b in zip(z_leaves, v_leaves) if a is not None)
-    return 0.5 * quad + step * float(penalty(z_eval))
+    return 0.5 * quad + step * float(penalty(z64))
+
+
+def _prox_objective(penalty: Penalty, z: PyTree, v: PyTree, step: float) -> float:
+    """The objective at the prox output, in float64; a constraint's value at ``z`` is read in ``z``'s own
+    dtype (a float32 projection is feasible to float32's precision, not to float64's)."""
+    value = _objective(penalty, z, v, step)
+    if value == float("inf") and float(penalty(z)) < float("inf"):
+        return _objective(penalty, z, v, 0.0) + step * float(penalty(z))
+    return value
 
 
 def check_penalty(
@@ -146,7 +154,7 @@ def check_penalty(
                 if isinstance(penalty, SumPenalty):
                     return  # terms that select the same parameters: the sum has no closed-form prox
                 raise
-            best = _objective(penalty, z, p, step, native=True)
+            best = _prox_objective(penalty, z, p, step)
             assert best < float("inf"), "prox returned a point where the penalty is infinite (infeasible)"
             z_leaves, spec = flatten(z)
             v_leaves, _ = flatten(p)

@@ -25,6 +25,7 @@ from funcreg._src.ensemble import init_members
 from funcreg._src.ensemble import num_members
 from funcreg._src.ensemble import stack
 from funcreg._src.ensemble import unstack
+from funcreg._src.ensemble import vmap
 from funcreg._src.forms import PenaltyState
 from funcreg._src.forms import add_penalty_grad
 from funcreg._src.forms import decoupled
@@ -164,5 +165,6 @@ __all__ = [
     "trace",
     "tree_names",
     "unstack",
+    "vmap",
     "warmup_cosine_decay_schedule",
 ]

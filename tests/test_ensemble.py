@@ -502,3 +502,25 @@ def test_history_of_an_ensemble():
         assert row.total == seen[row.step]["total"][row.member].item()
     wide = df.pivot(index="step", columns="member", values="data_loss")
     np.testing.assert_array_equal(wide.to_numpy(), history["data_loss"].numpy())
+
+
+def test_fr_vmap_maps_states_with_none_leaves_like_separate_calls():
+    """fr.vmap over init/update of a masked AdamW (None state for masked leaves, nu_max None) equals
+    three separate calls bit for bit on the selected leaves, and keeps the None leaves."""
+    g = torch.Generator().manual_seed(3)
+    members = [{"w": torch.randn(2, 3, generator=g, dtype=torch.float64), "b": torch.randn(3, generator=g, dtype=torch.float64)} for _ in range(3)]
+    grads = [{"w": torch.randn(2, 3, generator=g, dtype=torch.float64), "b": None} for _ in range(3)]
+    tx = fr.masked(fr.adamw(0.1, weight_decay=0.5), {"w": True, "b": False})
+    with pytest.raises(ValueError):  # what fr.vmap exists for
+        torch.func.vmap(tx.init)(fr.stack(members))
+    state = fr.vmap(tx.init)(fr.stack(members))
+    assert state.inner_state.mu["b"] is None and state.inner_state.nu_max is None
+    stacked_grads = {"w": torch.stack([x["w"] for x in grads]), "b": None}
+    updates, state = fr.vmap(tx.update)(stacked_grads, state, fr.stack(members))
+    for i, (p, gr) in enumerate(zip(members, grads)):
+        u, s = tx.update(gr, tx.init(p), p)
+        torch.testing.assert_close(updates["w"][i], u["w"], atol=1e-12, rtol=0)
+        torch.testing.assert_close(state.inner_state.mu["w"][i], s.inner_state.mu["w"], atol=1e-12, rtol=0)
+        assert updates["b"] is None and u["b"] is None
+    with pytest.raises(ValueError, match="in_dims"):
+        fr.vmap(tx.init, in_dims=1)(fr.stack(members))

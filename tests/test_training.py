@@ -335,3 +335,4 @@ def test_history_skips_metrics_that_are_not_one_value_per_run_or_member():
     df = history.to_dataframe()
     assert len(df) == 2 and list(df.columns) == ["step", "data_loss"], df
     assert len(ensemble.to_dataframe()) == 3
+

@@ -25,8 +25,11 @@ class TransformUpdateFn(Protocol):
 class GradientTransformation(NamedTuple):
     """A pair of pure functions ``(init, update)`` over parameter trees, as in optax.
 
-    ``init(params)`` returns the transform's state, a NamedTuple of tensors (so it can be vmapped and
-    saved). ``update(updates, state, params=None)`` returns the transformed updates and the new state;
+    ``init(params)`` returns the transform's state, a NamedTuple of tensors, with ``None`` for
+    parameters that have no state (masked out, frozen). Map it over ensemble members with
+    :func:`funcreg.vmap` (``torch.func.vmap`` itself refuses ``None`` leaves) and save it with
+    :func:`funcreg.state_dict` (``torch.save`` works too, but ``torch.load(weights_only=True)``
+    refuses NamedTuples). ``update(updates, state, params=None)`` returns the transformed updates and the new state;
     it never writes into its arguments. Updates are *added* to the parameters
     (:func:`funcreg.apply_updates`), so a descent step has updates ``-lr * g``.
 

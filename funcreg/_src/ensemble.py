@@ -9,7 +9,7 @@ with one batch shared by all members or one batch per member, and per-member ran
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -120,21 +120,42 @@ def init_members(make_model: Callable[[], nn.Module], seeds: Iterable[int]) -> t
     return params, buffers, models[0]
 
 
-def _vmap(fn: Callable[..., Any], in_dims: Sequence[Optional[int]]) -> Callable[..., Any]:
+def vmap(fn: Callable[..., Any], in_dims: Union[int, None, Sequence[Optional[int]]] = 0) -> Callable[..., Any]:
     """``torch.func.vmap`` for functions whose argument and result trees hold ``None`` leaves.
 
-    vmap accepts only tensors as leaves, but transform states have ``None`` for masked-out
-    parameters (and ``nu_max`` without amsgrad). The ``None`` leaves are set aside, the tensors are
-    vmapped (``randomness="different"``: each member its own dropout mask), and the trees rebuilt.
+    ``torch.func.vmap`` accepts only tensors as leaves, but funcreg states hold ``None`` for
+    parameters without state (masked-out leaves, ``nu_max`` without amsgrad) and gradient trees hold
+    ``None`` for frozen parameters. This wrapper sets the ``None`` leaves aside, vmaps the tensors
+    (with ``randomness="different"``: each member its own dropout mask) and rebuilds the trees.
+
+    Args:
+        fn: the function to map over a leading member axis.
+        in_dims: one entry per positional argument (``0``: batched along axis 0, ``None``: shared),
+            or a single ``0``/``None`` for all of them.
+
+    Examples:
+        >>> import torch, funcreg as fr
+        >>> tx = fr.adamw(0.1, mask={"w": True, "b": False})  # masked: no decay state for "b"
+        >>> params = fr.stack([{"w": torch.ones(2), "b": torch.zeros(1)}] * 3)
+        >>> state = fr.vmap(tx.init)(params)
+        >>> updates, state = fr.vmap(tx.update)(fr.stack([{"w": torch.ones(2), "b": torch.ones(1)}] * 3), state, params)
+        >>> updates["w"].shape, state.nu_max
+        (torch.Size([3, 2]), None)
     """
+    if not callable(fn):
+        raise TypeError(f"vmap expects a callable, got {fn!r}")
 
     def call(*args: Any) -> Any:
-        if len(args) != len(in_dims):
-            raise TypeError(f"expected {len(in_dims)} arguments, got {len(args)}")
+        dims_given = in_dims if isinstance(in_dims, (list, tuple)) else (in_dims,) * len(args)
+        if len(args) != len(dims_given):
+            raise TypeError(f"in_dims has {len(dims_given)} entries for {len(args)} arguments")
+        for d in dims_given:
+            if d not in (0, None):
+                raise ValueError(f"Invalid in_dims entry: {d!r} (funcreg's vmap maps over axis 0 or shares: 0 or None)")
         leaves: list[Any] = []
         dims: list[Optional[int]] = []
         specs = []
-        for arg, dim in zip(args, in_dims):
+        for arg, dim in zip(args, dims_given):
             arg_leaves, arg_spec = flatten(arg)
             specs.append((len(arg_leaves), arg_spec))
             leaves.extend(arg_leaves)
@@ -185,7 +206,7 @@ class EnsembleStep:
             _check_members("buffers", buffers, n)
         hp = _hparams(hparams, _float_dtype(params))
         hp = {k: _per_member(k, v, n) for k, v in hp.items()}
-        state = _vmap(self.step.init, (0, 0, 0))(params, buffers if buffers else None, hp)
+        state = vmap(self.step.init, (0, 0, 0))(params, buffers if buffers else None, hp)
         # entries that do not depend on the member (step counts) come out of vmap expanded, with
         # stride 0: give every member its own memory
         leaves, spec = flatten(state)
@@ -198,7 +219,7 @@ class EnsembleStep:
             for i, b in enumerate(batch):
                 _check_members(f"batch argument {i}", b, n)
         in_dims = (0,) + ((0 if self.batch == "per_member" else None),) * len(batch)
-        return _vmap(self.step, in_dims)(train_state, *batch)
+        return vmap(self.step, in_dims)(train_state, *batch)
 
 
 def _check_members(what: str, tree: PyTree, n: int) -> None:

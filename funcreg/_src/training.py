@@ -222,7 +222,8 @@ def make_step(
             autograd), ``"coupled"`` (``add_penalty_grad`` before ``tx``), ``"decoupled"``
             (``decoupled(P, learning_rate)`` after ``tx``) or ``"proximal"``
             (``proximal(P, learning_rate)`` after ``tx``).
-        learning_rate: ``s_t`` for the decoupled and proximal forms (required for ``"proximal"``).
+        learning_rate: ``s_t`` for the decoupled and proximal forms (required for ``"proximal"``);
+            the loss and coupled forms do not use it, so one call can loop over all four forms.
         has_aux: ``loss_fn`` also returns auxiliary output, reported as ``metrics["aux"]``.
         buffers: the model has buffers carried in the state.
 

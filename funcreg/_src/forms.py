@@ -126,18 +126,23 @@ def add_penalty_grad(penalty: Penalty) -> GradientTransformation:
         (tensor([-0.1000,  0.1000]), tensor(0.5000))
     """
     _check_penalty(penalty, "add_penalty_grad")
+    return _gradient_edit(penalty, "add_penalty_grad", lambda count: 1.0)
+
+
+def _gradient_edit(penalty: Penalty, who: str, alpha: Callable[[torch.Tensor], Any]) -> GradientTransformation:
+    """``u <- u + alpha(count) * grad P(w)``: the coupled form (alpha 1) and the decoupled one (-s_t)."""
 
     def init(params: PyTree) -> PenaltyState:
         return _report(penalty, FlatParams.of(params), init_count(params))
 
     def update(updates: PyTree, state: PenaltyState, params: Optional[PyTree] = None) -> tuple[PyTree, PenaltyState]:
-        f = flat(updates, params, "add_penalty_grad", needs_params=True)
+        f = flat(updates, params, who, needs_params=True)
         fp = FlatParams.of(params)
         grads = penalty._grad_flat(fp)
+        # leaves the penalty does not select (grad None) and frozen ones (update None) pass through
         idx = [i for i in f.index if grads[i] is not None]
-        new = leafwise.add([f.updates[i] for i in idx], [grads[i] for i in idx])
         out = list(f.updates)
-        for i, n in zip(idx, new):
+        for i, n in zip(idx, leafwise.add([f.updates[i] for i in idx], [grads[i] for i in idx], alpha=alpha(state.count))):
             out[i] = n
         return f.tree([out[i] for i in f.index]), _report(penalty, fp, state.count + 1)
 
@@ -167,23 +172,7 @@ def decoupled(penalty: Penalty, learning_rate: Optional[ScalarOrSchedule] = None
     _check_penalty(penalty, "decoupled")
     if learning_rate is not None:
         check_rate("learning_rate", learning_rate)
-
-    def init(params: PyTree) -> PenaltyState:
-        return _report(penalty, FlatParams.of(params), init_count(params))
-
-    def update(updates: PyTree, state: PenaltyState, params: Optional[PyTree] = None) -> tuple[PyTree, PenaltyState]:
-        f = flat(updates, params, "decoupled", needs_params=True)
-        fp = FlatParams.of(params)
-        s = _step_size(learning_rate, state.count)
-        grads = penalty._grad_flat(fp)
-        idx = [i for i in f.index if grads[i] is not None]
-        new = leafwise.add([f.updates[i] for i in idx], [grads[i] for i in idx], alpha=-s)
-        out = list(f.updates)
-        for i, n in zip(idx, new):
-            out[i] = n
-        return f.tree([out[i] for i in f.index]), _report(penalty, fp, state.count + 1)
-
-    return GradientTransformation(init, update)
+    return _gradient_edit(penalty, "decoupled", lambda count: -_step_size(learning_rate, count))
 
 
 def proximal(penalty: Penalty, learning_rate: ScalarOrSchedule) -> GradientTransformation:

@@ -193,12 +193,7 @@ def test_adamw_mask_matches_torch_param_groups(foreach, data, hp):
     lockstep(fr_adam(fr.adamw, hp, mask=mask), params, grads, make, adam_check(hp["amsgrad"]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="documented deviation (see fr.scale_by_adam / fr.trace): one step count for the whole tree, as "
-    "in optax, so a leaf whose gradient was None at earlier steps gets Adam bias corrections for the "
-    "global step and SGD dampening on its first real step; torch.optim keeps one step per parameter",
-)
+# regression test: funcreg once kept one step count for the whole tree
 def test_intermittent_none_gradient_matches_torch_per_parameter_step():
     """A parameter with no gradient at some steps: torch.optim keeps a step count per parameter."""
     params = {"a": torch.tensor([1.0, 2.0], dtype=torch.float64), "b": torch.tensor([3.0], dtype=torch.float64)}
@@ -505,3 +500,23 @@ def test_convention_decoupled_decay_lr_independent_and_schedule_multiplier():
     paper, _ = run_funcreg(fr.decoupled_weight_decay(wd, learning_rate=lambda c: eta[c]), params, zeros)
     expected = params["w"] * math.prod(1 - e * wd for e in eta)
     assert_tensors_close(paper["w"], expected, "schedule multiplier")
+
+
+@settings(deadline=None, max_examples=25, suppress_health_check=SLOW_OK)
+@given(problem=problems(steps=st.integers(2, 5), dtype=torch.float64), data=st.data())
+def test_intermittent_none_gradients_match_torch_per_parameter_steps(problem, data):
+    """Gradients that are None at random steps: torch.optim skips those parameters and counts steps per
+    parameter (Adam's bias corrections, SGD's first momentum step); funcreg must do the same."""
+    params, grads = problem
+    spec = pytree.tree_structure(params)
+    holes = [data.draw(st.lists(st.booleans(), min_size=len(leaves(g)), max_size=len(leaves(g)))) for g in grads]
+    grads = [pytree.tree_unflatten([None if h else x for x, h in zip(leaves(g), hs)], spec) for g, hs in zip(grads, holes)]
+    cases = [
+        (fr.adamw(0.01, weight_decay=0.1), lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1)),
+        (fr.sgd(0.1, momentum=0.9, dampening=0.3), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.3)),
+    ]
+    for tx, make in cases:
+        new_params, _ = run_funcreg(tx, params, grads)
+        ps, _ = run_torch(make, params, grads)
+        for name, a, b in zip(fr.tree_names(params), leaves(new_params), ps):
+            torch.testing.assert_close(a, b.detach(), atol=1e-12, rtol=0, msg=lambda m: f"{name}: {m}")

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 
 from funcreg._src import leafwise
-from funcreg._src.base import GradientTransformation, flat
+from funcreg._src.base import GradientTransformation, advance_steps, flat
 from funcreg._src.combine import chain
 from funcreg._src.transform import (
     ScalarOrSchedule,
@@ -178,14 +178,16 @@ def _adam_family(
         else:
             denom = leafwise.sqrt(nu)
         lr = schedule_value(learning_rate, leafwise.concrete(state.count))
-        count = state.count + 1
-        t = leafwise.concrete(count)
-        bias_correction1 = 1 - leafwise.scalar_power(b1, t)
-        bias_correction2_sqrt = leafwise.scalar_sqrt(1 - leafwise.scalar_power(b2, t))
+        step_leaves, new_steps, t = advance_steps(f, state.steps, who)
+        bias_correction1 = leafwise.per_value(lambda x: 1 - leafwise.scalar_power(b1, x), t)
+        bias_correction2_sqrt = leafwise.per_value(lambda x: leafwise.scalar_sqrt(1 - leafwise.scalar_power(b2, x)), t)
         # m / (sqrt(v) / c + eps) == c * m / (sqrt(v) + eps * c) with c = sqrt(1 - b2^t): one pass
         # over the moments fewer than torch's sqrt-div-add, equal up to rounding
-        leafwise.add_scalar_(denom, eps * bias_correction2_sqrt)
-        step_size = -lr * bias_correction2_sqrt / bias_correction1
+        leafwise.add_scalar_(denom, leafwise.per_value(lambda c: eps * c, bias_correction2_sqrt))
+        if isinstance(t, list):
+            step_size = [-lr * c / b for c, b in zip(bias_correction2_sqrt, bias_correction1)]
+        else:
+            step_size = -lr * bias_correction2_sqrt / bias_correction1
         if has_decay and decoupled:
             keep = resolve_mask(mask, params) if mask is not None else None
             present_keep = [True] * len(f.index) if keep is None else f.present(keep)
@@ -202,7 +204,11 @@ def _adam_family(
             out = leafwise.div(mu, denom)
             leafwise.mul_(out, step_size)
         new_state = ScaleByAdamState(
-            count=count, mu=f.tree(mu, mu_leaves), nu=f.tree(nu, nu_leaves), nu_max=nu_max_tree
+            count=state.count + 1,
+            mu=f.tree(mu, mu_leaves),
+            nu=f.tree(nu, nu_leaves),
+            nu_max=nu_max_tree,
+            steps=f.tree(new_steps, step_leaves),
         )
         return f.tree(out), new_state
 

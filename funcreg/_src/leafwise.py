@@ -14,7 +14,7 @@ the caller has just allocated itself.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Union
 
 import torch
@@ -90,8 +90,26 @@ def add_(xs: Tensors, ys: Tensors, alpha: Scalar = 1.0) -> None:
             x.add_(_like(alpha, x) * y)
 
 
-def add_scalar_(xs: Tensors, s: Scalar) -> None:
-    """In place ``x += s`` per leaf."""
+ScalarOrList = Union[Scalar, list]
+
+
+def _each(s: ScalarOrList, n: int) -> list:
+    return s if isinstance(s, list) else [s] * n
+
+
+def _numbers(s: ScalarOrList) -> bool:
+    return all(_number(v) for v in s) if isinstance(s, list) else _number(s)
+
+
+def add_scalar_(xs: Tensors, s: ScalarOrList) -> None:
+    """In place ``x += s`` per leaf (``s`` one scalar, or a list with one per leaf)."""
+    if isinstance(s, list):
+        if _numbers(s) and can_foreach(xs):
+            torch._foreach_add_(xs, s)
+        else:
+            for x, v in zip(xs, s):
+                x.add_(_like(v, x))
+        return
     if _number(s) and can_foreach(xs):
         torch._foreach_add_(xs, s)
     else:
@@ -106,8 +124,15 @@ def mul(xs: Tensors, s: Scalar) -> list[torch.Tensor]:
     return [x * _like(s, x) for x in xs]
 
 
-def mul_(xs: Tensors, s: Scalar) -> None:
-    """In place ``x *= s`` per leaf."""
+def mul_(xs: Tensors, s: ScalarOrList) -> None:
+    """In place ``x *= s`` per leaf (``s`` one scalar, or a list with one per leaf)."""
+    if isinstance(s, list):
+        if _numbers(s) and can_foreach(xs):
+            torch._foreach_mul_(xs, s)
+        else:
+            for x, v in zip(xs, s):
+                x.mul_(_like(v, x))
+        return
     if can_foreach(xs) and (_number(s) or (isinstance(s, torch.Tensor) and s.ndim == 0)):
         torch._foreach_mul_(xs, s)
     else:
@@ -122,8 +147,15 @@ def div(xs: Tensors, ys: Tensors) -> list[torch.Tensor]:
     return [x / y for x, y in zip(xs, ys)]
 
 
-def div_scalar_(xs: Tensors, s: Scalar) -> None:
-    """In place ``x /= s`` per leaf."""
+def div_scalar_(xs: Tensors, s: ScalarOrList) -> None:
+    """In place ``x /= s`` per leaf (``s`` one scalar, or a list with one per leaf)."""
+    if isinstance(s, list):
+        if _numbers(s) and can_foreach(xs):
+            torch._foreach_div_(xs, s)
+        else:
+            for x, v in zip(xs, s):
+                x.div_(_like(v, x))
+        return
     if can_foreach(xs) and _number(s):
         torch._foreach_div_(xs, s)
     else:
@@ -206,13 +238,19 @@ def scalar_sqrt(x: Scalar) -> Scalar:
     return torch.sqrt(x) if isinstance(x, torch.Tensor) else math.sqrt(x)
 
 
-def addcdiv_(xs: list[torch.Tensor], ys: Tensors, zs: Tensors, value: Scalar = 1.0) -> None:
-    """``x += value * y / z`` per leaf, in place (replacing list entries where in place has no vmap rule)."""
-    if can_foreach(xs) and _number(value):
+def addcdiv_(xs: list[torch.Tensor], ys: Tensors, zs: Tensors, value: ScalarOrList = 1.0) -> None:
+    """``x += value * y / z`` per leaf, in place (replacing list entries where in place has no vmap rule);
+    ``value`` is one scalar or a list with one per leaf."""
+    if can_foreach(xs) and _numbers(value):
         torch._foreach_addcdiv_(xs, ys, zs, value)
-    elif _number(value):
-        for i, (x, y, z) in enumerate(zip(xs, ys, zs)):
-            xs[i] = torch.addcdiv(x, y, z, value=value)
-    else:
-        for i, (x, y, z) in enumerate(zip(xs, ys, zs)):
-            xs[i] = x + (y / z) * _like(value, x)
+        return
+    for i, (x, y, z, v) in enumerate(zip(xs, ys, zs, _each(value, len(xs)))):
+        if _number(v):
+            xs[i] = torch.addcdiv(x, y, z, value=v)
+        else:
+            xs[i] = x + (y / z) * _like(v, x)
+
+
+def per_value(fn: Callable[[Scalar], Scalar], value: ScalarOrList) -> ScalarOrList:
+    """``fn`` of one scalar, or of each entry of a per-leaf list."""
+    return [fn(v) for v in value] if isinstance(value, list) else fn(value)

@@ -13,6 +13,8 @@ import torch
 from funcreg._src import leafwise
 from funcreg._src.base import (
     EmptyState,
+    advance_steps,
+    per_param_counts,
     GradientTransformation,
     Schedule,
     flat,
@@ -98,10 +100,11 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, flip_sign: bool = Tr
 
 
 class TraceState(NamedTuple):
-    """State of :func:`trace`: the step count and one momentum buffer per parameter."""
+    """State of :func:`trace`: updates done, one momentum buffer and one step count per parameter."""
 
     count: torch.Tensor
     momentum_buffer: PyTree
+    steps: PyTree
 
 
 def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> GradientTransformation:
@@ -110,9 +113,8 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
     The buffer starts as the first gradient (``b_1 = g_1``, no dampening), then
     ``b_t = momentum * b_{t-1} + (1 - dampening) * g_t``. The update is ``b_t``, or
     ``g_t + momentum * b_t`` with ``nesterov=True``. This differs from optax's ``trace``, whose buffer
-    starts at zero. "First" means the first update of the transform (one count for the whole tree):
-    a parameter whose gradient is ``None`` at the first update and present later gets dampening on
-    its first buffer, where ``torch.optim`` (which counts per parameter) would not.
+    starts at zero. "First" is counted per parameter, as in ``torch.optim``: a parameter whose
+    gradient is ``None`` at some updates starts its buffer at its own first gradient.
 
     Args:
         momentum: momentum factor, finite and ``>= 0`` (as torch accepts).
@@ -138,28 +140,33 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
         )
 
     def init(params: PyTree) -> TraceState:
-        return TraceState(count=init_count(params), momentum_buffer=per_param_zeros(params))
+        return TraceState(
+            count=init_count(params), momentum_buffer=per_param_zeros(params), steps=per_param_counts(params)
+        )
 
     def update(updates: PyTree, state: TraceState, params: Optional[PyTree] = None) -> tuple[PyTree, TraceState]:
         del params
         f = flat(updates, None, "trace")
         buf_leaves = f.state_leaves(state.momentum_buffer, "trace", "momentum_buffer")
+        step_leaves, new_steps, t = advance_steps(f, state.steps, "trace")
         grads = f.present_updates()
         bufs = f.present(buf_leaves)
-        count = leafwise.concrete(state.count)
-        if isinstance(count, int):
-            if count == 0:
-                new_bufs = leafwise.clone(grads)
-            else:
-                new_bufs = leafwise.mul(bufs, momentum)
-                leafwise.add_(new_bufs, grads, alpha=1 - dampening)
-        else:  # traced count (vmap, compile): select per leaf, keeping each buffer's dtype
-            first = count == 0
+        if t == 1:  # every present parameter's first step: the buffer starts as the gradient
+            new_bufs = leafwise.clone(grads)
+        elif isinstance(t, int):
+            new_bufs = leafwise.mul(bufs, momentum)
+            leafwise.add_(new_bufs, grads, alpha=1 - dampening)
+        else:  # steps differ between parameters, or are traced (vmap, compile): select per leaf
             new_bufs = [
-                torch.where(first, g, torch.add(b * momentum, g, alpha=1 - dampening)) for b, g in zip(bufs, grads)
+                (g.clone() if ti == 1 else torch.add(b * momentum, g, alpha=1 - dampening))
+                if isinstance(ti, int)
+                else torch.where(ti == 1, g, torch.add(b * momentum, g, alpha=1 - dampening))
+                for b, g, ti in zip(bufs, grads, t)
             ]
         out = leafwise.add(grads, new_bufs, alpha=momentum) if nesterov else new_bufs
-        new_state = TraceState(count=state.count + 1, momentum_buffer=f.tree(new_bufs, buf_leaves))
+        new_state = TraceState(
+            count=state.count + 1, momentum_buffer=f.tree(new_bufs, buf_leaves), steps=f.tree(new_steps, step_leaves)
+        )
         return f.tree(out), new_state
 
     return GradientTransformation(init, update)
@@ -172,6 +179,7 @@ class ScaleByAdamState(NamedTuple):
     mu: PyTree
     nu: PyTree
     nu_max: Optional[PyTree]
+    steps: PyTree
 
 
 def scale_by_adam(
@@ -184,9 +192,9 @@ def scale_by_adam(
     ``v_t`` replaces ``v_t`` in the denominator. Note where ``eps`` sits: outside the bias-corrected
     square root, as in torch and optax.
 
-    The step count ``t`` is one for the whole tree (as in optax). ``torch.optim`` counts steps per
-    parameter; the two differ only for a parameter whose gradient is ``None`` at some steps and not
-    at others (its bias corrections then use the global ``t``). Frozen parameters are not affected.
+    The step ``t`` of the bias corrections is counted per parameter (``state.steps``), as in
+    ``torch.optim``: a parameter whose gradient is ``None`` at an update is not stepped.
+    ``state.count`` counts the updates of the transform.
 
     Args:
         b1: decay rate of the first moment, in ``[0, 1)``.
@@ -212,6 +220,7 @@ def scale_by_adam(
             mu=per_param_zeros(params),
             nu=per_param_zeros(params),
             nu_max=per_param_zeros(params) if amsgrad else None,
+            steps=per_param_counts(params),
         )
 
     def update(
@@ -233,16 +242,19 @@ def scale_by_adam(
             denom = leafwise.sqrt(nu_max)
         else:
             denom = leafwise.sqrt(nu)
-        count = state.count + 1
-        t = leafwise.concrete(count)
-        bias_correction1 = 1 - leafwise.scalar_power(b1, t)
-        bias_correction2 = 1 - leafwise.scalar_power(b2, t)
-        leafwise.div_scalar_(denom, leafwise.scalar_sqrt(bias_correction2))
+        step_leaves, new_steps, t = advance_steps(f, state.steps, "scale_by_adam")
+        bias_correction1 = leafwise.per_value(lambda x: 1 - leafwise.scalar_power(b1, x), t)
+        bias_correction2 = leafwise.per_value(lambda x: 1 - leafwise.scalar_power(b2, x), t)
+        leafwise.div_scalar_(denom, leafwise.per_value(leafwise.scalar_sqrt, bias_correction2))
         leafwise.add_scalar_(denom, eps)
         out = leafwise.div(mu, denom)
         leafwise.div_scalar_(out, bias_correction1)
         new_state = ScaleByAdamState(
-            count=count, mu=f.tree(mu, mu_leaves), nu=f.tree(nu, nu_leaves), nu_max=nu_max_tree
+            count=state.count + 1,
+            mu=f.tree(mu, mu_leaves),
+            nu=f.tree(nu, nu_leaves),
+            nu_max=nu_max_tree,
+            steps=f.tree(new_steps, step_leaves),
         )
         return f.tree(out), new_state
 

@@ -162,3 +162,9 @@ def test_check_forms_agree_rejects_bad_arguments():
         check_forms_agree(0.1, fr.sgd(0.1))
     with pytest.raises(TypeError, match="GradientTransformation"):
         check_forms_agree(fr.l2(0.1), torch.optim.SGD)
+
+
+def test_check_penalty_without_shrinking_still_catches_a_wrong_gradient():
+    wrong = fr.penalty(lambda p: (p["w"] ** 2).sum(), grad=lambda p: {"w": p["w"]})  # the gradient is 2w
+    with pytest.raises(AssertionError, match="P.grad"):
+        check_penalty(wrong, {"w": torch.ones(3, dtype=torch.float64)}, max_examples=20, shrink=False)

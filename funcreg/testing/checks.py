@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 import torch
-from hypothesis import HealthCheck, given, reject, settings
+from hypothesis import HealthCheck, Phase, given, reject, settings
 from hypothesis import strategies as st
 
 from funcreg._src.base import GradientTransformation
@@ -43,11 +43,13 @@ def _params_strategy(params: ParamsLike, dtype: torch.dtype) -> st.SearchStrateg
     return like(params)
 
 
-def _settings(max_examples: int) -> settings:
+def _settings(max_examples: int, shrink: bool) -> settings:
+    phases = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target] + ([Phase.shrink] if shrink else [])
     return settings(
         deadline=None,
         max_examples=max_examples,
         database=None,
+        phases=phases,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
     )
 
@@ -93,6 +95,7 @@ def check_penalty(
     max_examples: int = 50,
     atol: float = 1e-6,
     rtol: float = 1e-5,
+    shrink: bool = True,
 ) -> None:
     """Checks a penalty's value, gradient and prox against each other on drawn parameters.
 
@@ -111,6 +114,8 @@ def check_penalty(
         max_examples: Hypothesis examples to try.
         atol: absolute tolerance of the gradient comparison.
         rtol: relative tolerance of the gradient comparison.
+        shrink: let Hypothesis shrink a failing example to a minimal one (seconds); ``False`` reports
+            the first failure found at once.
 
     Raises:
         AssertionError: with the shrunk counterexample, when a property fails.
@@ -130,7 +135,7 @@ def check_penalty(
         raise TypeError(f"check_penalty expects a funcreg penalty, got {type(penalty).__name__}")
     strategy = _params_strategy(params, dtype)
 
-    @_settings(max_examples)
+    @_settings(max_examples, shrink)
     @given(data=st.data())
     def run(data: Any) -> None:
         p = data.draw(strategy, label="params")
@@ -206,6 +211,7 @@ def check_forms_agree(
     max_examples: int = 25,
     atol: float = 1e-10,
     rtol: float = 1e-8,
+    shrink: bool = True,
 ) -> None:
     """Checks that the forms of a penalty that must agree do, over several optimizer steps.
 
@@ -217,7 +223,8 @@ def check_forms_agree(
       coincide): the decoupled form ``fr.chain(optimizer, fr.decoupled(P, learning_rate))``;
 
     and checks that the parameter trajectories agree at every step. Parameters the penalty does not
-    select must follow the optimizer without the penalty exactly (bit for bit).
+    select must follow the optimizer without the penalty exactly (bit for bit). ``shrink=False``
+    reports the first failing example without minimising it.
 
     Raises:
         AssertionError: with the shrunk counterexample, when a property fails.
@@ -237,7 +244,7 @@ def check_forms_agree(
     coupled = chain(add_penalty_grad(penalty), optimizer)
     decoupled_form = None if learning_rate is None else chain(optimizer, decoupled(penalty, learning_rate))
 
-    @_settings(max_examples)
+    @_settings(max_examples, shrink)
     @given(data=st.data())
     def run(data: Any) -> None:
         p0 = data.draw(strategy, label="params")

@@ -27,10 +27,19 @@ _SECTION = re.compile(r"^(\s*)(\w[\w ]*):\s*$")
 _MULTI_ARG = re.compile(r"^(\s+)(\w+(?:,\s*\w+)+):(.*)$")
 
 
+_TESTING_ENTRY = re.compile(r"^::: funcreg\.testing\.(\w+)\s*$", re.MULTILINE)
+
+
 def _public_names() -> list[str]:
     import funcreg
 
     return list(funcreg.__all__)
+
+
+def _testing_names() -> list[str]:
+    import funcreg.testing
+
+    return list(funcreg.testing.__all__)
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
@@ -51,6 +60,10 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         problems.append(f"entries for names not in funcreg.__all__: {unknown}")
     if repeated:
         problems.append(f"names documented twice: {repeated}")
+    testing_documented = _TESTING_ENTRY.findall(markdown)
+    testing_missing = [n for n in _testing_names() if n not in testing_documented]
+    if testing_missing:
+        problems.append(f"names in funcreg.testing.__all__ with no '::: funcreg.testing.NAME' entry: {testing_missing}")
     if problems:
         raise PluginError(
             f"docs/{_API_PAGE} does not match funcreg.__all__: " + "; ".join(problems)

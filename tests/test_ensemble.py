@@ -524,3 +524,31 @@ def test_fr_vmap_maps_states_with_none_leaves_like_separate_calls():
         assert updates["b"] is None and u["b"] is None
     with pytest.raises(ValueError, match="in_dims"):
         fr.vmap(tx.init, in_dims=1)(fr.stack(members))
+
+
+def test_learning_rate_sweep_scales_each_members_proximal_step():
+    """make_step(learning_rate="lr"): the proximal step size is each member's hparams["lr"]; the vmapped
+    sweep equals separate runs with that learning rate as a float (float64, 1e-12)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(6, generator=g, dtype=torch.float64)
+    p0 = {"w": torch.randn(3, generator=g, dtype=torch.float64)}
+
+    def loss(p, x, y):
+        return ((x @ p["w"] - y) ** 2).mean()
+
+    lrs = torch.tensor([0.01, 0.1, 0.3], dtype=torch.float64)
+    step = fr.make_step(loss, lambda h: fr.sgd(h["lr"]), penalty=fr.l1(0.2), form="proximal", learning_rate="lr")
+    ens = fr.ensemble_step(step)
+    state = ens.init(fr.stack([p0] * 3), hparams={"lr": lrs})
+    for _ in range(4):
+        state, _ = ens(state, x, y)
+    for i, lr in enumerate(lrs.tolist()):
+        single = fr.make_step(loss, fr.sgd(lr), penalty=fr.l1(0.2), form="proximal", learning_rate=lr)
+        s = single.init(p0)
+        for _ in range(4):
+            s, _ = single(s, x, y)
+        torch.testing.assert_close(state.params["w"][i], s.params["w"], atol=1e-12, rtol=0)
+    named = fr.make_step(loss, fr.sgd(0.1), penalty=fr.l1(0.2), form="proximal", learning_rate="lr")
+    with pytest.raises(ValueError, match="hparams\\['lr'\\]"):
+        named.init(p0)  # no hparams["lr"] given

@@ -21,7 +21,7 @@ from funcreg._src.penalties import Penalty
 from funcreg._src.transform import ScalarOrSchedule
 from funcreg._src.tree import PyTree, flatten, is_functorch_tensor
 from funcreg._src.update import apply_updates
-from funcreg._src.validation import check_bool
+from funcreg._src.validation import check_bool, check_rate
 
 FORMS = ("loss", "coupled", "decoupled", "proximal")
 
@@ -87,7 +87,7 @@ class Step:
         tx: TransformLike,
         penalty: PenaltyLike,
         form: str,
-        learning_rate: Optional[ScalarOrSchedule],
+        learning_rate: Union[None, str, ScalarOrSchedule],
         has_aux: bool,
         buffers: bool,
     ) -> None:
@@ -112,8 +112,19 @@ class Step:
         if self.form == "coupled":
             return chain(add_penalty_grad(penalty), tx)
         if self.form == "decoupled":
-            return chain(tx, decoupled(penalty, self.learning_rate))
-        return chain(tx, proximal(penalty, self.learning_rate))
+            return chain(tx, decoupled(penalty, self._rate(hparams)))
+        return chain(tx, proximal(penalty, self._rate(hparams)))
+
+    def _rate(self, hparams: Hyperparams) -> Any:
+        """``learning_rate``, or the hyperparameter it names (one value per member in a sweep)."""
+        if not isinstance(self.learning_rate, str):
+            return self.learning_rate
+        if self.learning_rate not in hparams:
+            raise ValueError(
+                f"learning_rate names hparams[{self.learning_rate!r}], which is not given "
+                f"(hparams: {sorted(hparams)})"
+            )
+        return hparams[self.learning_rate]
 
     def init(self, params: PyTree, buffers: Optional[PyTree] = None, hparams: Optional[Hyperparams] = None) -> TrainState:
         """The initial :class:`TrainState` for ``params`` (and ``buffers``, ``hparams``)."""
@@ -205,7 +216,7 @@ def make_step(
     tx: TransformLike,
     penalty: PenaltyLike = None,
     form: str = "loss",
-    learning_rate: Optional[ScalarOrSchedule] = None,
+    learning_rate: Union[None, str, ScalarOrSchedule] = None,
     has_aux: bool = False,
     buffers: bool = False,
 ) -> Step:
@@ -222,8 +233,10 @@ def make_step(
             autograd), ``"coupled"`` (``add_penalty_grad`` before ``tx``), ``"decoupled"``
             (``decoupled(P, learning_rate)`` after ``tx``) or ``"proximal"``
             (``proximal(P, learning_rate)`` after ``tx``).
-        learning_rate: ``s_t`` for the decoupled and proximal forms (required for ``"proximal"``);
-            the loss and coupled forms do not use it, so one call can loop over all four forms.
+        learning_rate: ``s_t`` for the decoupled and proximal forms (required for ``"proximal"``): a
+            float, a schedule, or the name of a hyperparameter (``"lr"`` for ``hparams["lr"]``, so a
+            learning-rate sweep also scales each member's penalty step). The loss and coupled forms
+            do not use it, so one call can loop over all four forms.
         has_aux: ``loss_fn`` also returns auxiliary output, reported as ``metrics["aux"]``.
         buffers: the model has buffers carried in the state.
 
@@ -252,6 +265,8 @@ def make_step(
         raise ValueError("form='proximal' needs learning_rate (the step size s_t of the prox)")
     if penalty is None and form != "loss":
         raise ValueError(f"form={form!r} needs a penalty")
+    if learning_rate is not None and not isinstance(learning_rate, str):
+        check_rate("learning_rate", learning_rate)
     check_bool("has_aux", has_aux)
     check_bool("buffers", buffers)
     return Step(loss_fn, tx, penalty, form, learning_rate, has_aux, buffers)

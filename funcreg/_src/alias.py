@@ -7,11 +7,12 @@ from typing import Any, Optional
 import torch
 
 from funcreg._src import leafwise
-from funcreg._src.base import GradientTransformation, advance_steps, flat
+from funcreg._src.base import GradientTransformation, flat
 from funcreg._src.combine import chain
 from funcreg._src.transform import (
     ScalarOrSchedule,
     ScaleByAdamState,
+    adam_moments,
     add_decayed_weights,
     scale,
     scale_by_adam,
@@ -154,31 +155,18 @@ def _adam_family(
     check_number("weight_decay", weight_decay, low=0.0)
     check_bool("amsgrad", amsgrad)
     check_bool("maximize", maximize)
-    adam_state = scale_by_adam(b1, b2, eps, amsgrad)
+    moments = scale_by_adam(b1, b2, eps, amsgrad)  # its init is the state this transform keeps
     has_decay = not is_zero(weight_decay)
 
     def update(updates: PyTree, state: ScaleByAdamState, params: Optional[PyTree] = None) -> tuple[PyTree, ScaleByAdamState]:
         f = flat(updates, params, who, needs_params=has_decay)
-        mu_leaves = f.state_leaves(state.mu, who, "mu")
-        nu_leaves = f.state_leaves(state.nu, who, "nu")
         grads = f.present_updates()
         if maximize:
             grads = leafwise.mul(grads, -1.0)
         if has_decay and not decoupled:
             grads = leafwise.add(grads, f.present_params(), alpha=weight_decay)
-        mu = leafwise.lerp(f.present(mu_leaves), grads, 1 - b1)
-        nu = leafwise.mul(f.present(nu_leaves), b2)
-        leafwise.addcmul_(nu, grads, grads, 1 - b2)
-        nu_max_tree = None
-        if amsgrad:
-            max_leaves = f.state_leaves(state.nu_max, who, "nu_max")
-            nu_max = leafwise.maximum(f.present(max_leaves), nu)
-            nu_max_tree = f.tree(nu_max, max_leaves)
-            denom = leafwise.sqrt(nu_max)
-        else:
-            denom = leafwise.sqrt(nu)
+        mu, denom, t, new_state = adam_moments(f, state, grads, b1, b2, amsgrad, who)
         lr = schedule_value(learning_rate, leafwise.concrete(state.count))
-        step_leaves, new_steps, t = advance_steps(f, state.steps, who)
         bias_correction1 = leafwise.per_value(lambda x: 1 - leafwise.scalar_power(b1, x), t)
         bias_correction2_sqrt = leafwise.per_value(lambda x: leafwise.scalar_sqrt(1 - leafwise.scalar_power(b2, x)), t)
         # m / (sqrt(v) / c + eps) == c * m / (sqrt(v) + eps * c) with c = sqrt(1 - b2^t): one pass
@@ -203,13 +191,6 @@ def _adam_family(
         else:
             out = leafwise.div(mu, denom)
             leafwise.mul_(out, step_size)
-        new_state = ScaleByAdamState(
-            count=state.count + 1,
-            mu=f.tree(mu, mu_leaves),
-            nu=f.tree(nu, nu_leaves),
-            nu_max=nu_max_tree,
-            steps=f.tree(new_steps, step_leaves),
-        )
         return f.tree(out), new_state
 
-    return GradientTransformation(adam_state.init, update)
+    return GradientTransformation(moments.init, update)

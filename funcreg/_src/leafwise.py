@@ -103,18 +103,11 @@ def _numbers(s: ScalarOrList) -> bool:
 
 def add_scalar_(xs: Tensors, s: ScalarOrList) -> None:
     """In place ``x += s`` per leaf (``s`` one scalar, or a list with one per leaf)."""
-    if isinstance(s, list):
-        if _numbers(s) and can_foreach(xs):
-            torch._foreach_add_(xs, s)
-        else:
-            for x, v in zip(xs, s):
-                x.add_(_like(v, x))
-        return
-    if _number(s) and can_foreach(xs):
+    if can_foreach(xs) and _numbers(s):
         torch._foreach_add_(xs, s)
     else:
-        for x in xs:
-            x.add_(_like(s, x))
+        for x, v in zip(xs, _each(s, len(xs))):
+            x.add_(_like(v, x))
 
 
 def mul(xs: Tensors, s: Scalar) -> list[torch.Tensor]:
@@ -126,18 +119,11 @@ def mul(xs: Tensors, s: Scalar) -> list[torch.Tensor]:
 
 def mul_(xs: Tensors, s: ScalarOrList) -> None:
     """In place ``x *= s`` per leaf (``s`` one scalar, or a list with one per leaf)."""
-    if isinstance(s, list):
-        if _numbers(s) and can_foreach(xs):
-            torch._foreach_mul_(xs, s)
-        else:
-            for x, v in zip(xs, s):
-                x.mul_(_like(v, x))
-        return
-    if can_foreach(xs) and (_number(s) or (isinstance(s, torch.Tensor) and s.ndim == 0)):
+    if can_foreach(xs) and (_numbers(s) or (isinstance(s, torch.Tensor) and s.ndim == 0)):
         torch._foreach_mul_(xs, s)
     else:
-        for x in xs:
-            x.mul_(_like(s, x))
+        for x, v in zip(xs, _each(s, len(xs))):
+            x.mul_(_like(v, x))
 
 
 def div(xs: Tensors, ys: Tensors) -> list[torch.Tensor]:
@@ -149,18 +135,11 @@ def div(xs: Tensors, ys: Tensors) -> list[torch.Tensor]:
 
 def div_scalar_(xs: Tensors, s: ScalarOrList) -> None:
     """In place ``x /= s`` per leaf (``s`` one scalar, or a list with one per leaf)."""
-    if isinstance(s, list):
-        if _numbers(s) and can_foreach(xs):
-            torch._foreach_div_(xs, s)
-        else:
-            for x, v in zip(xs, s):
-                x.div_(_like(v, x))
-        return
-    if can_foreach(xs) and _number(s):
+    if can_foreach(xs) and _numbers(s):
         torch._foreach_div_(xs, s)
     else:
-        for x in xs:
-            x.div_(_like(s, x))
+        for x, v in zip(xs, _each(s, len(xs))):
+            x.div_(_like(v, x))
 
 
 def lerp(xs: Tensors, ys: Tensors, weight: Scalar) -> list[torch.Tensor]:

@@ -13,6 +13,7 @@ import torch
 from funcreg._src import leafwise
 from funcreg._src.base import (
     EmptyState,
+    Flat,
     advance_steps,
     per_param_counts,
     GradientTransformation,
@@ -228,37 +229,49 @@ def scale_by_adam(
     ) -> tuple[PyTree, ScaleByAdamState]:
         del params
         f = flat(updates, None, "scale_by_adam")
-        mu_leaves = f.state_leaves(state.mu, "scale_by_adam", "mu")
-        nu_leaves = f.state_leaves(state.nu, "scale_by_adam", "nu")
-        grads = f.present_updates()
-        mu = leafwise.lerp(f.present(mu_leaves), grads, 1 - b1)
-        nu = leafwise.mul(f.present(nu_leaves), b2)
-        leafwise.addcmul_(nu, grads, grads, 1 - b2)
-        nu_max_tree = None
-        if amsgrad:
-            max_leaves = f.state_leaves(state.nu_max, "scale_by_adam", "nu_max")
-            nu_max = leafwise.maximum(f.present(max_leaves), nu)
-            nu_max_tree = f.tree(nu_max, max_leaves)
-            denom = leafwise.sqrt(nu_max)
-        else:
-            denom = leafwise.sqrt(nu)
-        step_leaves, new_steps, t = advance_steps(f, state.steps, "scale_by_adam")
+        mu, denom, t, new_state = adam_moments(f, state, f.present_updates(), b1, b2, amsgrad, "scale_by_adam")
         bias_correction1 = leafwise.per_value(lambda x: 1 - leafwise.scalar_power(b1, x), t)
         bias_correction2 = leafwise.per_value(lambda x: 1 - leafwise.scalar_power(b2, x), t)
         leafwise.div_scalar_(denom, leafwise.per_value(leafwise.scalar_sqrt, bias_correction2))
         leafwise.add_scalar_(denom, eps)
         out = leafwise.div(mu, denom)
         leafwise.div_scalar_(out, bias_correction1)
-        new_state = ScaleByAdamState(
-            count=state.count + 1,
-            mu=f.tree(mu, mu_leaves),
-            nu=f.tree(nu, nu_leaves),
-            nu_max=nu_max_tree,
-            steps=f.tree(new_steps, step_leaves),
-        )
         return f.tree(out), new_state
 
     return GradientTransformation(init, update)
+
+
+def adam_moments(
+    f: Flat, state: ScaleByAdamState, grads: list[torch.Tensor], b1: float, b2: float, amsgrad: bool, who: str
+) -> tuple[list[torch.Tensor], list[torch.Tensor], Any, ScaleByAdamState]:
+    """Adam's moment updates, shared by :func:`scale_by_adam` and the fused ``adam``/``adamw``.
+
+    Returns the new first moments, ``sqrt`` of the (running max of the) second moments as a fresh
+    buffer for the caller to finish the denominator in, the per-parameter step ``t`` (see
+    :func:`funcreg._src.base.advance_steps`), and the new state.
+    """
+    mu_leaves = f.state_leaves(state.mu, who, "mu")
+    nu_leaves = f.state_leaves(state.nu, who, "nu")
+    mu = leafwise.lerp(f.present(mu_leaves), grads, 1 - b1)
+    nu = leafwise.mul(f.present(nu_leaves), b2)
+    leafwise.addcmul_(nu, grads, grads, 1 - b2)
+    nu_max_tree = None
+    if amsgrad:
+        max_leaves = f.state_leaves(state.nu_max, who, "nu_max")
+        nu_max = leafwise.maximum(f.present(max_leaves), nu)
+        nu_max_tree = f.tree(nu_max, max_leaves)
+        denom = leafwise.sqrt(nu_max)
+    else:
+        denom = leafwise.sqrt(nu)
+    step_leaves, new_steps, t = advance_steps(f, state.steps, who)
+    new_state = ScaleByAdamState(
+        count=state.count + 1,
+        mu=f.tree(mu, mu_leaves),
+        nu=f.tree(nu, nu_leaves),
+        nu_max=nu_max_tree,
+        steps=f.tree(new_steps, step_leaves),
+    )
+    return mu, denom, t, new_state
 
 
 def add_decayed_weights(weight_decay: float | torch.Tensor, mask: Any = None) -> GradientTransformation:

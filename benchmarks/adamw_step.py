@@ -36,20 +36,10 @@ from collections.abc import Callable
 import torch
 
 import funcreg as fr
+from _machine import cpu_model
 
 LR, WD, BETAS, EPS = 1e-3, 1e-2, (0.9, 0.999), 1e-8
 REFERENCE = "torch foreach"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_model(seed: int) -> torch.nn.Module:

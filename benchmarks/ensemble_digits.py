@@ -83,6 +83,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import funcreg as fr  # noqa: E402
+from _machine import cpu_model  # noqa: E402
 
 LR, WD, BETAS, EPS = 1e-3, 1e-2, (0.9, 0.999), 1e-8
 BATCH = 128
@@ -92,17 +93,6 @@ VARIANTS = ("torch sequential", "funcreg eager", "funcreg compiled", "jax")
 
 
 # --- machine and data ---------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def peak_rss_mb() -> float:

@@ -209,3 +209,38 @@ def lockstep(
         for cls, fields in TORCH_KEYS.items():
             for field, key in fields.items():
                 state = replace_field(state, cls, field, torch_state(opt, ps, key))
+
+
+# Tolerances of the training tests: a vmapped or compiled run against separate eager runs.
+STEP_TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+def assert_step_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Same shape and dtype; integers (step counts, num_batches_tracked) equal; floats within ``STEP_TOL``."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    if not actual.is_floating_point():
+        assert torch.equal(actual, expected), f"{what}: {actual} != {expected}"
+        return
+    diff = (actual - expected).abs().max().item() if actual.numel() else 0.0
+    assert diff <= STEP_TOL[actual.dtype], f"{what}: max abs diff {diff:.3e} > {STEP_TOL[actual.dtype]}"
+
+
+def check_compiled_matches_eager(step: Any, eager_state: Any, compiled_state: Any, batches: Any) -> None:
+    """``torch.compile(step)`` equals ``step`` at every batch (metrics and state), as one graph that is
+    never recompiled (``error_on_recompile``)."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = torch.compile(step)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a recompilation raises RecompileError
+        for t, batch in enumerate(batches):
+            eager_state, eager_metrics = step(eager_state, *batch)
+            compiled_state, compiled_metrics = compiled(compiled_state, *batch)
+            for k in eager_metrics:
+                assert_step_close(compiled_metrics[k], eager_metrics[k], f"step {t} metrics[{k!r}]")
+            for i, (a, b) in enumerate(zip(leaves(compiled_state), leaves(eager_state))):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    assert_step_close(a, b, f"step {t} state leaf {i}")
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["graph_break"])

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import funcreg as fr
-from helpers import leaves
+from helpers import assert_step_close as assert_close
+from helpers import check_compiled_matches_eager, leaves
 
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 # No shrinking: a failure here is a numeric difference, reported with the drawn data as it is;
 # shrinking it costs ~20 s of test time for no better diagnosis.
@@ -49,16 +49,6 @@ def mse_loss_of(model: torch.nn.Module):
         return torch.nn.functional.mse_loss(torch.func.functional_call(model, params, (x,)), y)
 
     return loss
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    if not actual.is_floating_point():  # step counts, num_batches_tracked
-        assert torch.equal(actual, expected), f"{what}: {actual} != {expected}"
-        return
-    diff = (actual - expected).abs().max().item() if actual.numel() else 0.0
-    assert diff <= TOL[actual.dtype], f"{what}: max abs diff {diff:.3e} > {TOL[actual.dtype]}"
 
 
 def assert_member_of(stacked: Any, member: Any, i: int, what: str) -> None:
@@ -448,31 +438,17 @@ def test_ensemble_init_state_holds_no_expanded_tensors():
 
 # Not skipped or marked slow: the CI's plain `pytest` runs it (~15 s, most of it inductor's C++ build).
 def test_compiled_ensemble_step_equals_eager_and_compiles_once():
-    from torch._dynamo.utils import counters
-
     torch._dynamo.reset()
-    counters.clear()
     params, _, model = members(mlp, torch.float64)
     step = fr.make_step(
         mse_loss_of(model), lambda h: fr.adamw(LR, weight_decay=h["wd"]), penalty=lambda h: fr.l1(h["l1"]),
         form="decoupled", learning_rate=LR,
     )
     ens = fr.ensemble_step(step)
-    compiled = torch.compile(ens)
     hparams = {"wd": torch.tensor([0.0, 0.1, 0.2], dtype=torch.float64), "l1": torch.tensor([0.0, 0.01, 0.02], dtype=torch.float64)}
     eager_state = ens.init(params, hparams=hparams)
     compiled_state = ens.init(params, hparams=hparams)  # straight from init: no recompilation at step 2
-    with torch._dynamo.config.patch(error_on_recompile=True):  # a recompilation raises RecompileError
-        for t, (x, y) in enumerate(fixed_batches(torch.float64, steps=4)):
-            eager_state, eager_metrics = ens(eager_state, x, y)
-            compiled_state, compiled_metrics = compiled(compiled_state, x, y)
-            for k in eager_metrics:
-                assert_close(compiled_metrics[k], eager_metrics[k], f"step {t} metrics[{k!r}]")
-            for i, (a, b) in enumerate(zip(leaves(compiled_state), leaves(eager_state))):
-                assert (a is None) == (b is None)
-                if a is not None:
-                    assert_close(a, b, f"step {t} state leaf {i}")
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["graph_break"])
+    check_compiled_matches_eager(ens, eager_state, compiled_state, fixed_batches(torch.float64, steps=4))
 
 
 # --- History ----------------------------------------------------------------------------------------

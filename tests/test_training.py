@@ -17,12 +17,12 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import funcreg as fr
-from helpers import leaves
+from helpers import assert_step_close as assert_close
+from helpers import check_compiled_matches_eager, leaves
 
 FORMS = ("loss", "coupled", "decoupled", "proximal")
 FEW = settings(deadline=None, max_examples=6, database=None, suppress_health_check=[HealthCheck.too_slow])
 L2, L1, LR = 0.1, 0.01, 0.05
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 
 def mlp(dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.nn.Module:
@@ -48,16 +48,6 @@ def the_penalty(model: torch.nn.Module) -> fr.Penalty:
     # disjoint selections: the prox of a sum is only known term by term (the proximal form needs it)
     decay = fr.decay_mask(model)
     return fr.l2(L2, mask=decay) + fr.l1(L1, mask=~decay)
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    if not actual.is_floating_point():  # step counts
-        assert torch.equal(actual, expected), f"{what}: {actual} != {expected}"
-        return
-    diff = (actual - expected).abs().max().item() if actual.numel() else 0.0
-    assert diff <= TOL[actual.dtype], f"{what}: max abs diff {diff:.3e} > {TOL[actual.dtype]}"
 
 
 @st.composite
@@ -268,27 +258,13 @@ def test_step_rejects_bad_calls():
 
 # Not skipped or marked slow: the CI's plain `pytest` runs it (~15 s, most of it inductor's C++ build).
 def test_compiled_step_equals_eager_and_compiles_once():
-    from torch._dynamo.utils import counters
-
     torch._dynamo.reset()
-    counters.clear()
     model = mlp(torch.float32)
     tx = fr.adamw(1e-2, weight_decay=1e-2, mask=fr.decay_mask(model))
     step = fr.make_step(mse_loss_of(model), tx, penalty=fr.l1(1e-3), form="proximal", learning_rate=1e-2)
-    compiled = torch.compile(step)
     eager_state = step.init(fr.params_of(model))
     compiled_state = step.init(fr.params_of(model))
-    with torch._dynamo.config.patch(error_on_recompile=True):  # a recompilation raises RecompileError
-        for t, (x, y) in enumerate(fixed_batches(4, torch.float32)):
-            eager_state, eager_metrics = step(eager_state, x, y)
-            compiled_state, compiled_metrics = compiled(compiled_state, x, y)
-            for k in eager_metrics:
-                assert_close(compiled_metrics[k], eager_metrics[k], f"step {t} metrics[{k!r}]")
-            for i, (a, b) in enumerate(zip(leaves(compiled_state), leaves(eager_state))):
-                assert (a is None) == (b is None)
-                if a is not None:
-                    assert_close(a, b, f"step {t} state leaf {i}")
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["graph_break"])
+    check_compiled_matches_eager(step, eager_state, compiled_state, fixed_batches(4, torch.float32))
 
 
 # --- History ----------------------------------------------------------------------------------------

@@ -19,6 +19,10 @@ from funcreg._src.diagnostics import NormReport
 from funcreg._src.diagnostics import SparsityReport
 from funcreg._src.diagnostics import norms
 from funcreg._src.diagnostics import sparsity
+from funcreg._src.errors import ContractError
+from funcreg._src.errors import LeafTypeError
+from funcreg._src.errors import SelectionError
+from funcreg._src.errors import StructureError
 from funcreg._src.ensemble import EnsembleStep
 from funcreg._src.ensemble import ensemble_step
 from funcreg._src.ensemble import init_members
@@ -88,12 +92,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ApplyIfFiniteState",
+    "ContractError",
     "DecayKind",
     "DecoupledWeightDecayState",
     "EmptyState",
     "EnsembleStep",
     "GradientTransformation",
     "History",
+    "LeafTypeError",
     "MaskedState",
     "NormReport",
     "PartitionState",
@@ -103,9 +109,11 @@ __all__ = [
     "ScaleByAdamState",
     "ScaleByScheduleState",
     "Selection",
+    "SelectionError",
     "Selector",
     "SparsityReport",
     "Step",
+    "StructureError",
     "TorchOptimizer",
     "TraceState",
     "TrainState",

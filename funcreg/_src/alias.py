@@ -7,7 +7,9 @@ from typing import Any, Optional
 import torch
 
 from funcreg._src import leafwise
-from funcreg._src.base import GradientTransformation, flat
+from funcreg._src.base import GradientTransformation, expect_state, flat
+from funcreg._src.complex_params import as_real
+from funcreg._src.describe import configured
 from funcreg._src.combine import chain
 from funcreg._src.transform import (
     ScalarOrSchedule,
@@ -72,7 +74,16 @@ def sgd(
     if momentum != 0:
         parts.append(trace(momentum, dampening, nesterov))
     parts.append(scale_by_learning_rate(learning_rate))
-    return chain(*parts)
+    return configured(
+        chain(*parts),
+        "sgd",
+        learning_rate,
+        momentum=momentum or None,
+        dampening=dampening or None,
+        nesterov=nesterov or None,
+        weight_decay=weight_decay if not is_zero(weight_decay) else None,
+        maximize=maximize or None,
+    )
 
 
 def adam(
@@ -99,7 +110,11 @@ def adam(
         >>> u["w"]  # the first step is lr * sign(-g)
         tensor([0.1000])
     """
-    return _adam_family("adam", learning_rate, betas, eps, weight_decay, False, amsgrad, maximize, None)
+    tx = _adam_family("adam", learning_rate, betas, eps, weight_decay, False, amsgrad, maximize, None)
+    return configured(
+        tx, "adam", learning_rate, betas=betas, eps=eps, weight_decay=weight_decay,
+        amsgrad=amsgrad or None, maximize=maximize or None,
+    )
 
 
 def adamw(
@@ -127,7 +142,11 @@ def adamw(
         >>> u["w"]  # zero gradient: only the decay, -0.1 * 0.5 * 1
         tensor([-0.0500])
     """
-    return _adam_family("adamw", learning_rate, betas, eps, weight_decay, True, amsgrad, maximize, mask)
+    tx = _adam_family("adamw", learning_rate, betas, eps, weight_decay, True, amsgrad, maximize, mask)
+    return configured(
+        tx, "adamw", learning_rate, betas=betas, eps=eps, weight_decay=weight_decay,
+        amsgrad=amsgrad or None, maximize=maximize or None, mask=mask,
+    )
 
 
 def _adam_family(
@@ -159,6 +178,7 @@ def _adam_family(
     has_decay = not is_zero(weight_decay)
 
     def update(updates: PyTree, state: ScaleByAdamState, params: Optional[PyTree] = None) -> tuple[PyTree, ScaleByAdamState]:
+        expect_state(state, ScaleByAdamState, who)
         f = flat(updates, params, who, needs_params=has_decay)
         grads = f.present_updates()
         if maximize:
@@ -193,4 +213,5 @@ def _adam_family(
             leafwise.mul_(out, step_size)
         return f.tree(out), new_state
 
-    return GradientTransformation(moments.init, update)
+    # moments.init is already complex-aware; the update views complex leaves as real, as torch does
+    return as_real(GradientTransformation(moments.init, update))

@@ -7,6 +7,8 @@ from typing import Any, NamedTuple, Optional, Protocol
 
 import torch
 
+from funcreg._src.describe import configured, describe
+from funcreg._src.errors import ContractError, LeafTypeError
 from funcreg._src.tree import PyTree, TreeSpec, check_same_spec, flatten, leaf_names, unflatten
 
 
@@ -49,6 +51,10 @@ class GradientTransformation(NamedTuple):
     init: TransformInitFn
     update: TransformUpdateFn
 
+    def __repr__(self) -> str:
+        """The factory call that built this transform, e.g. ``chain(clip_by_global_norm(1), adamw(0.001))``."""
+        return describe(self)
+
 
 class EmptyState(NamedTuple):
     """The state of a stateless transform."""
@@ -72,20 +78,36 @@ def identity() -> GradientTransformation:
         del params
         return updates, state
 
-    return GradientTransformation(init, update)
+    return configured(GradientTransformation(init, update), "identity")
+
+
+def _name_at(spec: TreeSpec, n: int, i: int) -> str:
+    """The name of leaf ``i`` of a tree with ``spec`` (computed only for error messages)."""
+    return leaf_names(unflatten([None] * n, spec))[i]
+
+
+def _kind(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return f"a {type(x).__name__}"
 
 
 class Flat(NamedTuple):
     """A tree of updates flattened together with its params: the leaves a transform works on.
 
     ``index`` lists the positions whose update is not ``None``; ``updates`` and ``params`` hold the full
-    leaf lists (``params`` is ``None`` when the caller passed none).
+    leaf lists (``params`` is ``None`` when the caller passed none). Built by :func:`flat`, which
+    enforces the per-parameter contract on the way in.
     """
 
     updates: list[Any]
     params: Optional[list[Any]]
     spec: TreeSpec
     index: list[int]
+
+    def name(self, i: int) -> str:
+        """The name of leaf ``i`` (its key path)."""
+        return _name_at(self.spec, len(self.updates), i)
 
     def present(self, leaves: list[Any]) -> list[Any]:
         """The entries of a full leaf list at the present positions."""
@@ -109,37 +131,125 @@ class Flat(NamedTuple):
         """A tree with ``values`` at the present positions and ``base`` (default: the updates) elsewhere."""
         return unflatten(self.replace(self.updates if base is None else base, values), self.spec)
 
-    def state_leaves(self, tree: PyTree, who: str, field: str) -> list[Any]:
-        """Flattens a per-parameter state tree, checking it matches and has state where updates are present."""
+    def restrict(self, leaves: Optional[list[Any]], keep: list[bool]) -> PyTree:
+        """The tree of ``leaves`` with ``None`` wherever ``keep`` is false (``None`` for no leaves)."""
+        if leaves is None:
+            return None
+        return unflatten([x if k else None for x, k in zip(leaves, keep)], self.spec)
+
+    def merge(self, inner: PyTree, keep: list[bool], who: str) -> list[Any]:
+        """The full update leaves: ``inner``'s where ``keep``, this tree's own elsewhere."""
+        leaves, spec = flatten(inner)
+        check_same_spec(self.spec, spec, "updates", who)
+        return [n if k else u for n, u, k in zip(leaves, self.updates, keep)]
+
+    def state_leaves(self, tree: PyTree, who: str, field: str, per_element: bool = True) -> list[Any]:
+        """Flattens a per-parameter state tree and checks it against the present updates.
+
+        ``per_element`` state (moments, momentum buffers) has exactly the update's shape, dtype and
+        device; counters (``per_element=False``) are 0-d. Anything else raises, naming the key.
+        """
         leaves, spec = flatten(tree)
         check_same_spec(self.spec, spec, "updates", f"{who} state {field!r}")
         for i in self.index:
-            if leaves[i] is None:
-                name = leaf_names(unflatten(self.updates, self.spec))[i]
-                raise ValueError(
-                    f"{who}: no state for {name!r} (its parameter was None or masked out at init, "
+            s = leaves[i]
+            if s is None:
+                raise ContractError(
+                    f"{who}: no state for {self.name(i)!r} (its parameter was None or masked out at init, "
                     "but it now has an update)"
+                )
+            if not isinstance(s, torch.Tensor):
+                raise LeafTypeError(f"{who} state {field!r} for {self.name(i)!r} is {_kind(s)}, expected a tensor")
+            if not per_element:
+                if s.ndim != 0:
+                    raise ContractError(
+                        f"{who} state {field!r} for {self.name(i)!r} has shape {tuple(s.shape)}, expected a 0-d counter"
+                    )
+                continue
+            u = self.updates[i]
+            if s.shape != u.shape:
+                raise ContractError(
+                    f"{who} state {field!r} for {self.name(i)!r} has shape {tuple(s.shape)}, expected "
+                    f"{tuple(u.shape)} (the parameter's shape)"
+                )
+            if s.dtype != u.dtype or s.device != u.device:
+                raise LeafTypeError(
+                    f"{who} state {field!r} for {self.name(i)!r} is {s.dtype} on {s.device}, its update "
+                    f"{u.dtype} on {u.device}: state keeps its parameter's dtype and device"
                 )
         return leaves
 
 
+def _check_update(u: Any, spec: TreeSpec, n: int, i: int, who: str) -> None:
+    if not isinstance(u, torch.Tensor):
+        raise LeafTypeError(f"{who}: the update for {_name_at(spec, n, i)!r} is {_kind(u)}, expected a tensor or None")
+    if not (u.is_floating_point() or u.is_complex()):
+        raise LeafTypeError(
+            f"{who}: the update for {_name_at(spec, n, i)!r} has dtype {u.dtype}, expected a floating-point "
+            "(or complex) tensor"
+        )
+
+
+def _check_param(p: Any, u: torch.Tensor, spec: TreeSpec, n: int, i: int, who: str) -> None:
+    if p is None:
+        raise ContractError(f"{who}: parameter {_name_at(spec, n, i)!r} is None but its update is not")
+    if not isinstance(p, torch.Tensor):
+        raise LeafTypeError(f"{who}: parameter {_name_at(spec, n, i)!r} is {_kind(p)}, expected a tensor")
+    if not (p.is_floating_point() or p.is_complex()):
+        raise LeafTypeError(
+            f"{who}: parameter {_name_at(spec, n, i)!r} has dtype {p.dtype}; only floating-point (or complex) "
+            "parameters are optimized: pass None as its gradient to leave it alone"
+        )
+    if u.shape != p.shape:
+        raise ContractError(
+            f"{who}: the update for {_name_at(spec, n, i)!r} has shape {tuple(u.shape)}, its parameter "
+            f"{tuple(p.shape)}: gradients and updates have exactly their parameter's shape"
+        )
+    if u.dtype != p.dtype or u.device != p.device:
+        raise LeafTypeError(
+            f"{who}: the update for {_name_at(spec, n, i)!r} is {u.dtype} on {u.device}, its parameter "
+            f"{p.dtype} on {p.device}: cast the gradient to the parameter's dtype and device first"
+        )
+
+
 def flat(updates: PyTree, params: Optional[PyTree], who: str, needs_params: bool = False) -> Flat:
-    """Flattens ``updates`` (and ``params``), checks they match, and finds the non-``None`` updates."""
+    """Flattens ``updates`` (and ``params``) and enforces the per-parameter contract.
+
+    The one piece of tree plumbing every transform, combinator, form and :func:`funcreg.apply_updates`
+    goes through. The trees have one structure (``StructureError`` naming the first differing key);
+    every present (non-``None``) update is a floating-point tensor; with ``params``, its parameter is a
+    floating-point tensor of the same shape (``ContractError``), dtype and device (``LeafTypeError``).
+    The checks read only tensor metadata, so they cost no device work and are static under tracing.
+    """
     u_leaves, spec = flatten(updates)
+    n = len(u_leaves)
+    index = []
+    for i, u in enumerate(u_leaves):
+        if u is not None:
+            _check_update(u, spec, n, i, who)
+            index.append(i)
     p_leaves = None
     if params is not None:
         p_leaves, p_spec = flatten(params)
         check_same_spec(p_spec, spec, "params", "updates")
+        for i in index:
+            _check_param(p_leaves[i], u_leaves[i], spec, n, i, who)
     elif needs_params:
         raise ValueError(f"{who} needs the parameters: call update(updates, state, params)")
-    index = [i for i, u in enumerate(u_leaves) if u is not None]
-    if needs_params:
-        assert p_leaves is not None
-        for i in index:
-            if p_leaves[i] is None:
-                name = leaf_names(updates)[i]
-                raise ValueError(f"{who}: parameter {name!r} is None but its update is not")
     return Flat(u_leaves, p_leaves, spec, index)
+
+
+def expect_state(state: Any, cls: type, who: str) -> None:
+    """Raises ``LeafTypeError`` unless ``state`` is the ``cls`` that ``who``'s ``init`` returns."""
+    if isinstance(state, cls):
+        return
+    if state is None:
+        got = "None (call tx.init(params) first and pass its result)"
+    elif isinstance(state, tuple) and not hasattr(state, "_fields"):
+        got = f"a tuple of {len(state)} entries (the state of a chain?)"
+    else:
+        got = f"a {type(state).__name__}"
+    raise LeafTypeError(f"{who} expects its state to be a {cls.__name__} (from its init), got {got}")
 
 
 def per_param_zeros(params: PyTree) -> PyTree:
@@ -167,7 +277,7 @@ def advance_steps(f: Flat, steps: PyTree, who: str) -> tuple[list[Any], list[tor
     """
     from funcreg._src import leafwise
 
-    leaves = f.state_leaves(steps, who, "steps")
+    leaves = f.state_leaves(steps, who, "steps", per_element=False)
     new = [s + 1 for s in f.present(leaves)]
     values = [leafwise.concrete(s) for s in new]
     if values and all(isinstance(v, int) for v in values) and len(set(values)) == 1:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Optional, Union
 
-from funcreg._src.base import GradientTransformation
-from funcreg._src.tree import PyTree, broadcast_prefix, check_same_spec, flatten, leaf_names, unflatten
+from funcreg._src.base import GradientTransformation, expect_state, flat
+from funcreg._src.describe import configured
+from funcreg._src.errors import LeafTypeError
+from funcreg._src.tree import PyTree, broadcast_prefix, flatten, leaf_names, unflatten
 
 
 def _check_transform(tx: Any, where: str) -> None:
@@ -32,6 +34,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return tuple(tx.init(params) for tx in transforms)
 
     def update(updates: PyTree, state: tuple[Any, ...], params: Optional[PyTree] = None) -> tuple[PyTree, tuple[Any, ...]]:
+        if not isinstance(state, tuple) or hasattr(state, "_fields"):
+            got = "None (call tx.init(params) first)" if state is None else f"a {type(state).__name__}"
+            raise LeafTypeError(f"chain of {len(transforms)} transforms expects a tuple of their states, got {got}")
         if len(state) != len(transforms):
             raise ValueError(f"chain of {len(transforms)} transforms got a state with {len(state)} entries")
         new_states = []
@@ -40,7 +45,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_states.append(s)
         return updates, tuple(new_states)
 
-    return GradientTransformation(init, update)
+    return configured(GradientTransformation(init, update), "chain", *transforms)
 
 
 def named_chain(*named_transforms: tuple[str, GradientTransformation]) -> GradientTransformation:
@@ -65,6 +70,9 @@ def named_chain(*named_transforms: tuple[str, GradientTransformation]) -> Gradie
         return {name: tx.init(params) for name, tx in named_transforms}
 
     def update(updates: PyTree, state: dict[str, Any], params: Optional[PyTree] = None) -> tuple[PyTree, dict[str, Any]]:
+        if not isinstance(state, dict):
+            got = "None (call tx.init(params) first)" if state is None else f"a {type(state).__name__}"
+            raise LeafTypeError(f"named_chain expects a dict of its transforms' states, got {got}")
         if list(state) != names:
             raise ValueError(f"named_chain expects state keys {names}, got {list(state)}")
         new_state = {}
@@ -72,7 +80,7 @@ def named_chain(*named_transforms: tuple[str, GradientTransformation]) -> Gradie
             updates, new_state[name] = tx.update(updates, state[name], params)
         return updates, new_state
 
-    return GradientTransformation(init, update)
+    return configured(GradientTransformation(init, update), "named_chain", *named_transforms)
 
 
 class PartitionState(NamedTuple):
@@ -136,25 +144,19 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labels) 
         )
 
     def update(updates: PyTree, state: PartitionState, params: Optional[PyTree] = None) -> tuple[PyTree, PartitionState]:
-        u_leaves, spec = flatten(updates)
+        expect_state(state, PartitionState, "partition")
+        f = flat(updates, params, "partition")
         # a group whose gradients are all None at this step (frozen, unused) is fine here: the
         # "transform without parameters" check belongs to init
         values = resolve(params if params is not None else updates, check_unused=False)
-        p_leaves = None
-        if params is not None:
-            p_leaves, p_spec = flatten(params)
-            check_same_spec(p_spec, spec, "params", "updates")
-        out = list(u_leaves)
+        out = list(f.updates)
         new_states = {}
         for label, tx in transforms.items():
-            sub_params = None if p_leaves is None else unflatten(restrict(p_leaves, values, label), spec)
-            sub, new_states[label] = tx.update(
-                unflatten(restrict(u_leaves, values, label), spec), state.inner_states[label], sub_params
-            )
-            sub_leaves, _ = flatten(sub)
-            for i, v in enumerate(values):
-                if v == label:
-                    out[i] = sub_leaves[i]
-        return unflatten(out, spec), PartitionState(new_states)
+            keep = [v == label for v in values]
+            sub, new_states[label] = tx.update(f.restrict(f.updates, keep), state.inner_states[label], f.restrict(f.params, keep))
+            for i, n in enumerate(f.merge(sub, keep, f"partition transform {label!r}'s updates")):
+                if keep[i]:
+                    out[i] = n
+        return unflatten(out, f.spec), PartitionState(new_states)
 
-    return GradientTransformation(init, update)
+    return configured(GradientTransformation(init, update), "partition", dict(transforms), labels)

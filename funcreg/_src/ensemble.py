@@ -206,20 +206,47 @@ class EnsembleStep:
             _check_members("buffers", buffers, n)
         hp = _hparams(hparams, _float_dtype(params))
         hp = {k: _per_member(k, v, n) for k, v in hp.items()}
+        self._check_hparams(hp, n)
         state = vmap(self.step.init, (0, 0, 0))(params, buffers if buffers else None, hp)
         # entries that do not depend on the member (step counts) come out of vmap expanded, with
         # stride 0: give every member its own memory
         leaves, spec = flatten(state)
         return unflatten([None if x is None else x.contiguous() for x in leaves], spec)
 
+    def _check_hparams(self, hparams: dict[str, torch.Tensor], n: int) -> None:
+        """Builds each member's transform and penalty once, eagerly, with that member's values.
+
+        Inside vmap a factory's validation cannot read the values (``weight_decay=-5`` for one member
+        would run unnoticed), so each member's hyperparameters are checked here, before vmapping,
+        and an error names the member. Re-checked only when the hparams tensors change.
+        """
+        key = tuple((k, id(v), v._version) for k, v in sorted(hparams.items()))
+        if not hparams or key == getattr(self, "_checked", None):
+            return
+        for m in range(n):
+            member = {k: v[m] for k, v in hparams.items()}
+            try:
+                self.step.transform(member)
+            except (ValueError, TypeError) as err:
+                values = {k: float(v) for k, v in member.items()}
+                raise type(err)(f"member {m} (hparams {values}): {err}") from None
+        self._checked = key
+
     def __call__(self, train_state: TrainState, *batch: Any) -> tuple[TrainState, dict[str, Any]]:
         """One step for every member: ``(train_state, metrics)`` with a leading member axis."""
         n = num_members(train_state.params)
+        if not _is_traced(train_state.hparams):
+            self._check_hparams(train_state.hparams, n)
         if self.batch == "per_member":
             for i, b in enumerate(batch):
                 _check_members(f"batch argument {i}", b, n)
         in_dims = (0,) + ((0 if self.batch == "per_member" else None),) * len(batch)
         return vmap(self.step, in_dims)(train_state, *batch)
+
+
+def _is_traced(hparams: dict[str, torch.Tensor]) -> bool:
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+    return compiling or any(torch._C._functorch.is_functorch_wrapped_tensor(v) for v in hparams.values())
 
 
 def _check_members(what: str, tree: PyTree, n: int) -> None:

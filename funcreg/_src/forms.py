@@ -23,7 +23,8 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from funcreg._src import leafwise
-from funcreg._src.base import GradientTransformation, flat, init_count
+from funcreg._src.base import GradientTransformation, expect_state, flat, init_count
+from funcreg._src.describe import configured
 from funcreg._src.penalties import FlatParams, Penalty
 from funcreg._src.transform import ScalarOrSchedule
 from funcreg._src.tree import PyTree, unflatten
@@ -126,7 +127,7 @@ def add_penalty_grad(penalty: Penalty) -> GradientTransformation:
         (tensor([-0.1000,  0.1000]), tensor(0.5000))
     """
     _check_penalty(penalty, "add_penalty_grad")
-    return _gradient_edit(penalty, "add_penalty_grad", lambda count: 1.0)
+    return configured(_gradient_edit(penalty, "add_penalty_grad", lambda count: 1.0), "add_penalty_grad", penalty)
 
 
 def _gradient_edit(penalty: Penalty, who: str, alpha: Callable[[torch.Tensor], Any]) -> GradientTransformation:
@@ -136,6 +137,7 @@ def _gradient_edit(penalty: Penalty, who: str, alpha: Callable[[torch.Tensor], A
         return _report(penalty, FlatParams.of(params), init_count(params))
 
     def update(updates: PyTree, state: PenaltyState, params: Optional[PyTree] = None) -> tuple[PyTree, PenaltyState]:
+        expect_state(state, PenaltyState, who)
         f = flat(updates, params, who, needs_params=True)
         fp = FlatParams.of(params)
         grads = penalty._grad_flat(fp)
@@ -172,7 +174,8 @@ def decoupled(penalty: Penalty, learning_rate: Optional[ScalarOrSchedule] = None
     _check_penalty(penalty, "decoupled")
     if learning_rate is not None:
         check_rate("learning_rate", learning_rate)
-    return _gradient_edit(penalty, "decoupled", lambda count: -_step_size(learning_rate, count))
+    tx = _gradient_edit(penalty, "decoupled", lambda count: -_step_size(learning_rate, count))
+    return configured(tx, "decoupled", penalty, learning_rate=learning_rate)
 
 
 def proximal(penalty: Penalty, learning_rate: ScalarOrSchedule) -> GradientTransformation:
@@ -204,6 +207,7 @@ def proximal(penalty: Penalty, learning_rate: ScalarOrSchedule) -> GradientTrans
         return _report(penalty, fp, init_count(params))
 
     def update(updates: PyTree, state: PenaltyState, params: Optional[PyTree] = None) -> tuple[PyTree, PenaltyState]:
+        expect_state(state, PenaltyState, "proximal")
         f = flat(updates, params, "proximal", needs_params=True)
         fp = FlatParams.of(params)
         report = _report(penalty, fp, state.count + 1)
@@ -217,7 +221,7 @@ def proximal(penalty: Penalty, learning_rate: ScalarOrSchedule) -> GradientTrans
             out.append(f.updates[i] if proxed[i] is None else proxed[i] - f.params[i])
         return f.tree(out), report
 
-    return GradientTransformation(init, update)
+    return configured(GradientTransformation(init, update), "proximal", penalty, learning_rate=learning_rate)
 
 
 def penalty_states(state: Any) -> list[PenaltyState]:

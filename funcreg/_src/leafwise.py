@@ -7,8 +7,10 @@ Scalars are Python numbers or tensors (0-d, or anything that broadcasts), so hyp
 traced by ``torch.compile`` or batched by ``vmap``.
 
 Functions without a trailing underscore return new tensors and never write into their inputs.
-Functions with a trailing underscore write into their first argument and are only applied to tensors
-the caller has just allocated itself.
+Functions with a trailing underscore update their first argument, a list of tensors the caller has
+just allocated itself: in place where that is safe (:func:`writable`), otherwise by replacing the
+list's entries with new tensors, so that autograd (differentiating through an optimizer step with
+respect to a learning rate or a coefficient) and vmap always see out-of-place operations.
 """
 
 from __future__ import annotations
@@ -30,15 +32,42 @@ def _is_compiling() -> bool:
     return bool(fn()) if fn is not None else False
 
 
-def can_foreach(xs: Tensors) -> bool:
-    """Whether to use ``torch._foreach_*`` on ``xs``: eager, non-empty, not wrapped by vmap or grad.
+def can_foreach(xs: Tensors, *others: Union[Tensors, Scalar]) -> bool:
+    """Whether to use ``torch._foreach_*`` on ``xs``: eager, non-empty, not wrapped by vmap or grad,
+    and not recorded by autograd (``others``: the other operands, tensors or scalars).
 
     Under ``torch.compile`` the per-tensor ops are used: inductor fuses them into fewer loops than the
     foreach kernels make.
     """
     if _is_compiling():
         return False
-    return len(xs) > 0 and not any(is_functorch_tensor(x) for x in xs)
+    return len(xs) > 0 and not any(is_functorch_tensor(x) for x in xs) and not _recorded(xs, *others)
+
+
+def writable(*groups: Union[Tensors, Scalar]) -> bool:
+    """Whether the ``_`` helpers may write in place: no tensor is wrapped by vmap or grad, and no
+    autograd history would be overwritten (grad mode on and some tensor requires grad; an in-place
+    write into a tensor whose old value the backward pass needs fails at ``backward``)."""
+    grad_on = torch.is_grad_enabled()
+    # under torch.compile writes are functionalized (and functorch's query cannot be traced)
+    wrapped = (lambda x: False) if _is_compiling() else is_functorch_tensor
+    for g in groups:
+        for x in g if isinstance(g, (list, tuple)) else (g,):
+            if isinstance(x, torch.Tensor) and (wrapped(x) or (grad_on and x.requires_grad)):
+                return False
+    return True
+
+
+def _recorded(*groups: Union[Tensors, Scalar]) -> bool:
+    """Whether autograd records these operations (grad mode on and some tensor requires grad): the
+    foreach kernels are then avoided, as their backward does not support every scalar-tensor form."""
+    if not torch.is_grad_enabled():
+        return False
+    for g in groups:
+        for x in g if isinstance(g, (list, tuple)) else (g,):
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                return True
+    return False
 
 
 def _number(s: Scalar) -> bool:
@@ -71,16 +100,18 @@ def concrete(x: Scalar) -> Scalar:
 def add(xs: Tensors, ys: Tensors, alpha: Scalar = 1.0) -> list[torch.Tensor]:
     """``x + alpha * y`` per leaf."""
     if _number(alpha):
-        if can_foreach(xs):
+        if can_foreach(xs, ys):
             return list(torch._foreach_add(xs, ys, alpha=alpha))
         return [torch.add(x, y, alpha=alpha) for x, y in zip(xs, ys)]
     return [x + _like(alpha, x) * y for x, y in zip(xs, ys)]
 
 
-def add_(xs: Tensors, ys: Tensors, alpha: Scalar = 1.0) -> None:
-    """In place ``x += alpha * y`` per leaf (``xs`` must be the caller's own buffers)."""
-    if _number(alpha):
-        if can_foreach(xs):
+def add_(xs: list[torch.Tensor], ys: Tensors, alpha: Scalar = 1.0) -> None:
+    """``x += alpha * y`` per leaf (``xs`` must be the caller's own buffers)."""
+    if not writable(xs, ys, alpha):
+        xs[:] = add(xs, ys, alpha)
+    elif _number(alpha):
+        if can_foreach(xs, ys):
             torch._foreach_add_(xs, ys, alpha=alpha)
         else:
             for x, y in zip(xs, ys):
@@ -101,9 +132,11 @@ def _numbers(s: ScalarOrList) -> bool:
     return all(_number(v) for v in s) if isinstance(s, list) else _number(s)
 
 
-def add_scalar_(xs: Tensors, s: ScalarOrList) -> None:
-    """In place ``x += s`` per leaf (``s`` one scalar, or a list with one per leaf)."""
-    if can_foreach(xs) and _numbers(s):
+def add_scalar_(xs: list[torch.Tensor], s: ScalarOrList) -> None:
+    """``x += s`` per leaf (``s`` one scalar, or a list with one per leaf)."""
+    if not writable(xs, s if isinstance(s, list) else [s]):
+        xs[:] = [x + _like(v, x) for x, v in zip(xs, _each(s, len(xs)))]
+    elif can_foreach(xs) and _numbers(s):
         torch._foreach_add_(xs, s)
     else:
         for x, v in zip(xs, _each(s, len(xs))):
@@ -112,14 +145,16 @@ def add_scalar_(xs: Tensors, s: ScalarOrList) -> None:
 
 def mul(xs: Tensors, s: Scalar) -> list[torch.Tensor]:
     """``x * s`` per leaf."""
-    if can_foreach(xs) and (_number(s) or (isinstance(s, torch.Tensor) and s.ndim == 0)):
+    if can_foreach(xs, s) and (_number(s) or (isinstance(s, torch.Tensor) and s.ndim == 0)):
         return list(torch._foreach_mul(xs, s))
     return [x * _like(s, x) for x in xs]
 
 
-def mul_(xs: Tensors, s: ScalarOrList) -> None:
-    """In place ``x *= s`` per leaf (``s`` one scalar, or a list with one per leaf)."""
-    if can_foreach(xs) and (_numbers(s) or (isinstance(s, torch.Tensor) and s.ndim == 0)):
+def mul_(xs: list[torch.Tensor], s: ScalarOrList) -> None:
+    """``x *= s`` per leaf (``s`` one scalar, or a list with one per leaf)."""
+    if not writable(xs, s if isinstance(s, list) else [s]):
+        xs[:] = [x * _like(v, x) for x, v in zip(xs, _each(s, len(xs)))]
+    elif can_foreach(xs) and (_numbers(s) or (isinstance(s, torch.Tensor) and s.ndim == 0)):
         torch._foreach_mul_(xs, s)
     else:
         for x, v in zip(xs, _each(s, len(xs))):
@@ -128,14 +163,16 @@ def mul_(xs: Tensors, s: ScalarOrList) -> None:
 
 def div(xs: Tensors, ys: Tensors) -> list[torch.Tensor]:
     """``x / y`` per leaf."""
-    if can_foreach(xs):
+    if can_foreach(xs, ys):
         return list(torch._foreach_div(xs, ys))
     return [x / y for x, y in zip(xs, ys)]
 
 
-def div_scalar_(xs: Tensors, s: ScalarOrList) -> None:
-    """In place ``x /= s`` per leaf (``s`` one scalar, or a list with one per leaf)."""
-    if can_foreach(xs) and _numbers(s):
+def div_scalar_(xs: list[torch.Tensor], s: ScalarOrList) -> None:
+    """``x /= s`` per leaf (``s`` one scalar, or a list with one per leaf)."""
+    if not writable(xs, s if isinstance(s, list) else [s]):
+        xs[:] = [x / _like(v, x) for x, v in zip(xs, _each(s, len(xs)))]
+    elif can_foreach(xs) and _numbers(s):
         torch._foreach_div_(xs, s)
     else:
         for x, v in zip(xs, _each(s, len(xs))):
@@ -144,7 +181,7 @@ def div_scalar_(xs: Tensors, s: ScalarOrList) -> None:
 
 def lerp(xs: Tensors, ys: Tensors, weight: Scalar) -> list[torch.Tensor]:
     """``x + weight * (y - x)`` per leaf (``torch.lerp``, as torch's Adam uses for the first moment)."""
-    if can_foreach(xs) and _number(weight):
+    if can_foreach(xs, ys) and _number(weight):
         return list(torch._foreach_lerp(xs, ys, weight))
     return [torch.lerp(x, y, _like(weight, x)) for x, y in zip(xs, ys)]
 
@@ -152,7 +189,7 @@ def lerp(xs: Tensors, ys: Tensors, weight: Scalar) -> list[torch.Tensor]:
 def addcmul_(xs: list[torch.Tensor], ys: Tensors, zs: Tensors, value: Scalar = 1.0) -> None:
     """``x += value * y * z`` per leaf, in place (or by replacing the list entries: ``addcmul_`` has
     no vmap batching rule, so under vmap the out-of-place ``torch.addcmul`` result takes its slot)."""
-    if can_foreach(xs) and _number(value):
+    if can_foreach(xs, ys, zs) and _number(value) and writable(xs, ys, zs):
         torch._foreach_addcmul_(xs, ys, zs, value)
     elif _number(value):
         for i, (x, y, z) in enumerate(zip(xs, ys, zs)):
@@ -171,7 +208,7 @@ def sqrt(xs: Tensors) -> list[torch.Tensor]:
 
 def maximum(xs: Tensors, ys: Tensors) -> list[torch.Tensor]:
     """Elementwise maximum per leaf."""
-    if can_foreach(xs):
+    if can_foreach(xs, ys):
         return list(torch._foreach_maximum(xs, ys))
     return [torch.maximum(x, y) for x, y in zip(xs, ys)]
 
@@ -220,7 +257,7 @@ def scalar_sqrt(x: Scalar) -> Scalar:
 def addcdiv_(xs: list[torch.Tensor], ys: Tensors, zs: Tensors, value: ScalarOrList = 1.0) -> None:
     """``x += value * y / z`` per leaf, in place (replacing list entries where in place has no vmap rule);
     ``value`` is one scalar or a list with one per leaf."""
-    if can_foreach(xs) and _numbers(value):
+    if can_foreach(xs, ys, zs) and _numbers(value) and writable(xs, ys, zs):
         torch._foreach_addcdiv_(xs, ys, zs, value)
         return
     for i, (x, y, z, v) in enumerate(zip(xs, ys, zs, _each(value, len(xs)))):

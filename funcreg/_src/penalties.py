@@ -23,9 +23,13 @@ from typing import Any, Optional, Union
 
 import torch
 
+import functools
+
+from funcreg._src.describe import call_text, fmt
+from funcreg._src.errors import LeafTypeError, SelectionError
 from funcreg._src.selection import MaskLike, resolve_mask
 from funcreg._src.tree import PyTree, TreeSpec, broadcast_prefix, check_same_spec, flatten, leaf_names, unflatten
-from funcreg._src.validation import check_number
+from funcreg._src.validation import check_number, is_traced
 
 Coefficient = Union[float, torch.Tensor, PyTree]
 
@@ -43,6 +47,18 @@ class FlatParams:
     def of(cls, tree: PyTree) -> FlatParams:
         leaves, spec = flatten(tree)
         return cls(tree, leaves, spec, leaf_names(tree))
+
+
+def _records_call(factory: Callable[..., Penalty]) -> Callable[..., Penalty]:
+    """Makes ``repr`` of the penalty a factory returns the call that built it."""
+
+    @functools.wraps(factory)
+    def build(*args: Any, **kwargs: Any) -> Penalty:
+        out = factory(*args, **kwargs)
+        out.config = call_text(factory.__name__, *args, **kwargs)
+        return out
+
+    return build
 
 
 def _is_scalar(x: Any) -> bool:
@@ -156,15 +172,32 @@ class Penalty:
 
     __rmul__ = __mul__
 
+    config: Optional[str] = None
+
     def __repr__(self) -> str:
-        return f"<penalty {self.name}>"
+        """The factory call that built the penalty, e.g. ``l1(0.001, mask=by_name('*.weight'))``."""
+        return self.config if self.config is not None else f"<penalty {self.name}>"
+
+    def describe(self, params: PyTree) -> str:
+        """The configuration with what it selects in ``params``: ``l1(0.001) on 2 tensors``.
+
+        Examples:
+            >>> import torch, funcreg as fr
+            >>> P = fr.l1(0.001, mask={"w": True, "b": False}) + fr.l2(0.01)
+            >>> P.describe({"w": torch.ones(2, 2), "b": torch.ones(2)})
+            "l1(0.001, mask={'w': True, 'b': False}) on 1 tensor + l2(0.01) on 2 tensors"
+        """
+        n = sum(self.selection(params).values())
+        return f"{self!r} on {n} tensor{'s' if n != 1 else ''}"
 
 
 def _like(coeff: Any, w: torch.Tensor) -> Any:
     """A tensor coefficient in the leaf's dtype and device, so a float64 coefficient keeps a float32
     parameter's gradient and prox float32 (0-d tensors would otherwise promote 0-d leaves)."""
     if isinstance(coeff, torch.Tensor):
-        return coeff.to(dtype=w.dtype, device=w.device)
+        # a complex parameter's coefficient is real (its dtype's real counterpart)
+        dtype = w.real.dtype if w.is_complex() else w.dtype
+        return coeff.to(dtype=dtype, device=w.device)
     if isinstance(coeff, _Pair):
         return _Pair(_like(coeff.first, w), _like(coeff.second, w))
     return coeff
@@ -180,7 +213,7 @@ def _selection(
         resolved = resolve_mask(mask, fp.tree, what=f"{name} mask")
         keep = [k and leaf is not None for k, leaf in zip(resolved, fp.leaves)]
     if not any(keep):
-        raise ValueError(f"penalty {name!r} selects no parameter")
+        raise SelectionError(f"penalty {name!r} selects no parameter")
     return keep
 
 
@@ -203,6 +236,7 @@ class LeafPenalty(Penalty):
         leaf_check: Optional[Callable[[str, torch.Tensor], None]] = None,
         default_select: Optional[Callable[[torch.Tensor], bool]] = None,
         differentiable: bool = True,
+        complex_ok: bool = True,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise TypeError(f"penalty name must be a non-empty string, got {name!r}")
@@ -216,6 +250,7 @@ class LeafPenalty(Penalty):
         self._leaf_check = leaf_check
         self._default_select = default_select
         self._differentiable = differentiable
+        self._complex_ok = complex_ok
 
     @property
     def has_prox(self) -> bool:
@@ -227,10 +262,19 @@ class LeafPenalty(Penalty):
 
     def _selected_flat(self, fp: FlatParams) -> list[bool]:
         keep = _selection(self.name, self.mask, fp, self._default_select)
-        if self._leaf_check is not None:
-            for name, leaf, k in zip(fp.names, fp.leaves, keep):
-                if k:
-                    self._leaf_check(name, leaf)
+        for name, leaf, k in zip(fp.names, fp.leaves, keep):
+            if not k:
+                continue
+            if not isinstance(leaf, torch.Tensor) or not (leaf.is_floating_point() or leaf.is_complex()):
+                what = type(leaf).__name__ if not isinstance(leaf, torch.Tensor) else f"a {leaf.dtype} tensor"
+                raise LeafTypeError(f"penalty {self.name!r}: parameter {name!r} is {what}, expected a floating-point tensor")
+            if leaf.is_complex() and not self._complex_ok:
+                raise LeafTypeError(
+                    f"penalty {self.name!r} is not defined for complex parameters ({name!r} is {leaf.dtype}); "
+                    "select real parameters only"
+                )
+            if self._leaf_check is not None:
+                self._leaf_check(name, leaf)
         return keep
 
     def _coefficients(self, fp: FlatParams) -> list[Any]:
@@ -324,6 +368,15 @@ class SumPenalty(Penalty):
     def _is_one(scale: Any) -> bool:
         return not isinstance(scale, torch.Tensor) and scale == 1
 
+    def _scaled(self, scale: Any, text: str) -> str:
+        return text if self._is_one(scale) else f"{fmt(scale)} * {text}"
+
+    def __repr__(self) -> str:
+        return " + ".join(self._scaled(scale, repr(p)) for scale, p in self.parts)
+
+    def describe(self, params: PyTree) -> str:
+        return " + ".join(self._scaled(scale, p.describe(params)) for scale, p in self.parts)
+
     @property
     def has_prox(self) -> bool:
         return all(p.has_prox for _, p in self.parts)
@@ -380,9 +433,19 @@ class SumPenalty(Penalty):
 
 
 def _soft_threshold(v: torch.Tensor, t: Any) -> torch.Tensor:
-    return torch.sign(v) * torch.clamp(torch.abs(v) - t, min=0)
+    """``sgn(v) * max(|v| - t, 0)``: for complex ``v`` this shrinks the modulus (``sgn = v / |v|``)."""
+    return torch.sgn(v) * torch.clamp(torch.abs(v) - t, min=0)
 
 
+def _abs2(w: torch.Tensor) -> torch.Tensor:
+    """``|w|^2`` elementwise: ``w * w`` for real tensors, ``re^2 + im^2`` for complex ones (``w * w``
+    of ``1j`` is ``-1``)."""
+    if w.is_complex():
+        return torch.real(w) ** 2 + torch.imag(w) ** 2
+    return w * w
+
+
+@_records_call
 def l2(coeff: Coefficient, mask: Optional[MaskLike] = None, name: str = "l2") -> Penalty:
     """Squared L2: ``coeff/2 * sum ||w||^2``; gradient ``coeff * w``; prox ``v / (1 + step*coeff)``.
 
@@ -408,12 +471,13 @@ def l2(coeff: Coefficient, mask: Optional[MaskLike] = None, name: str = "l2") ->
         name,
         coeff,
         mask,
-        value=lambda w, c: 0.5 * c * torch.sum(w * w),
+        value=lambda w, c: 0.5 * c * torch.sum(_abs2(w)),
         grad=lambda w, c: c * w,
         prox=lambda v, t: v / (1 + t),
     )
 
 
+@_records_call
 def l1(coeff: Coefficient, mask: Optional[MaskLike] = None, name: str = "l1") -> Penalty:
     """L1: ``coeff * sum |w|``; subgradient ``coeff * sign(w)`` (0 at 0); prox soft-thresholding.
 
@@ -432,11 +496,12 @@ def l1(coeff: Coefficient, mask: Optional[MaskLike] = None, name: str = "l1") ->
         coeff,
         mask,
         value=lambda w, c: c * torch.sum(torch.abs(w)),
-        grad=lambda w, c: c * torch.sign(w),
+        grad=lambda w, c: c * torch.sgn(w),
         prox=_soft_threshold,
     )
 
 
+@_records_call
 def elastic_net(l1: Coefficient, l2: Coefficient, mask: Optional[MaskLike] = None, name: str = "elastic_net") -> Penalty:
     """Elastic net: ``l1 * sum |w| + l2/2 * sum ||w||^2``; prox ``softthreshold(v, s*l1) / (1 + s*l2)``.
 
@@ -453,14 +518,17 @@ def elastic_net(l1: Coefficient, l2: Coefficient, mask: Optional[MaskLike] = Non
         name,
         coeffs,
         mask,
-        value=lambda w, c: c.first * torch.sum(torch.abs(w)) + 0.5 * c.second * torch.sum(w * w),
-        grad=lambda w, c: c.first * torch.sign(w) + c.second * w,
+        value=lambda w, c: c.first * torch.sum(torch.abs(w)) + 0.5 * c.second * torch.sum(_abs2(w)),
+        grad=lambda w, c: c.first * torch.sgn(w) + c.second * w,
         prox=lambda v, t: _soft_threshold(v, t.first) / (1 + t.second),
     )
 
 
 class _Pair:
     """Two coefficients carried together through ``step * c`` (scales both)."""
+
+    def __repr__(self) -> str:
+        return f"({fmt(self.first)}, {fmt(self.second)})"
 
     __slots__ = ("first", "second")
 
@@ -479,6 +547,7 @@ def _pair_coefficients(a: Coefficient, b: Coefficient) -> Any:
     raise TypeError("elastic_net takes scalar (float or tensor) coefficients; use l1(...) + l2(...) for per-leaf trees")
 
 
+@_records_call
 def lp(coeff: Coefficient, p: float, mask: Optional[MaskLike] = None, name: Optional[str] = None) -> Penalty:
     """``coeff/p * sum |w|^p`` for ``p >= 1``; gradient ``coeff * |w|^(p-1) * sign(w)``.
 
@@ -504,7 +573,7 @@ def lp(coeff: Coefficient, p: float, mask: Optional[MaskLike] = None, name: Opti
         coeff,
         mask,
         value=lambda w, c: (c / p) * torch.sum(torch.abs(w) ** p),
-        grad=lambda w, c: c * torch.abs(w) ** (p - 1) * torch.sign(w),
+        grad=lambda w, c: c * torch.abs(w) ** (p - 1) * torch.sgn(w),
     )
 
 
@@ -516,12 +585,20 @@ def _group_dims(name: str, w: torch.Tensor, axis: int) -> tuple[int, ...]:
 
 
 def _group_norms(w: torch.Tensor, axis: int) -> torch.Tensor:
+    """The 2-norm of each slice along ``axis``, scaled so that it neither overflows nor underflows.
+
+    ``||w_g|| = m * ||w_g / m||`` with ``m = max |w_g|``: in float32 the squares of ``4e19`` overflow and
+    those of ``5e-24`` underflow to 0, where the scaled norm is exact to rounding.
+    """
     dims = tuple(d for d in range(w.ndim) if d != axis % w.ndim)
     if not dims:
         return torch.abs(w)
-    return torch.linalg.vector_norm(w, dim=dims, keepdim=True)
+    scale = torch.amax(torch.abs(w), dim=dims, keepdim=True)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return safe * torch.linalg.vector_norm(w / safe, dim=dims, keepdim=True)
 
 
+@_records_call
 def group_lasso(coeff: Coefficient, axis: int = 0, mask: Optional[MaskLike] = None, name: str = "group_lasso") -> Penalty:
     """Group lasso: ``coeff * sum_g sqrt(|g|) * ||w_g||_2`` over the slices of each tensor along ``axis``.
 
@@ -567,6 +644,7 @@ def group_lasso(coeff: Coefficient, axis: int = 0, mask: Optional[MaskLike] = No
     return LeafPenalty(name, coeff, mask, value, grad, prox, leaf_check=check, default_select=lambda w: w.ndim >= 2)
 
 
+@_records_call
 def anchor(
     coeff: Coefficient,
     reference: PyTree,
@@ -590,26 +668,24 @@ def anchor(
     _check_coefficient("coeff", coeff)
     if reference is None:
         raise TypeError("anchor needs a reference tree")
+    # the penalty owns copies: a reference taken from fr.params_of(model) shares storage with the
+    # module, and training in place would move it with the weights (the penalty would stay 0)
+    reference = _owned_tree("reference", reference)
     if precision is not None:
-        for leaf in flatten(precision)[0]:
-            if leaf is not None and (not torch.isfinite(leaf).all() or (leaf < 0).any()):
-                raise ValueError("Invalid precision value: every precision entry must be finite and >= 0")
-    ref_leaves, ref_spec = flatten(reference)
-    # the reference is a constant of the penalty: no gradient flows into it
-    reference = unflatten([x.detach() if isinstance(x, torch.Tensor) else x for x in ref_leaves], ref_spec)
+        precision = _owned_tree("precision", precision, non_negative=True)
 
     def value(w: torch.Tensor, c: Any, reference: torch.Tensor, precision: Any = None) -> torch.Tensor:
-        d = w - reference
-        sq = d * d if precision is None else precision * d * d
+        d = w - _same_as(reference, w)
+        sq = _abs2(d) if precision is None else _same_as(precision, w) * _abs2(d)
         return 0.5 * c * torch.sum(sq)
 
     def grad(w: torch.Tensor, c: Any, reference: torch.Tensor, precision: Any = None) -> torch.Tensor:
-        d = w - reference
-        return c * d if precision is None else c * precision * d
+        d = w - _same_as(reference, w)
+        return c * d if precision is None else c * _same_as(precision, w) * d
 
     def prox(v: torch.Tensor, t: Any, reference: torch.Tensor, precision: Any = None) -> torch.Tensor:
-        tf = t if precision is None else t * precision
-        return (v + tf * reference) / (1 + tf)
+        tf = t if precision is None else t * _same_as(precision, v)
+        return (v + tf * _same_as(reference, v)) / (1 + tf)
 
     aux = {"reference": reference}
     if precision is not None:
@@ -617,11 +693,40 @@ def anchor(
     return LeafPenalty(name, coeff, mask, value, grad, prox, aux=aux)
 
 
+def _same_as(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x`` in ``w``'s dtype and device: a float64 reference must not promote a float32 parameter."""
+    return x if x.dtype == w.dtype and x.device == w.device else x.to(dtype=w.dtype, device=w.device)
+
+
+def _owned_tree(argument: str, tree: PyTree, non_negative: bool = False) -> PyTree:
+    """A detached copy of ``tree`` (tensors or ``None``), every entry finite (and ``>= 0``)."""
+    leaves, spec = flatten(tree)
+    names = leaf_names(tree)
+    out = []
+    for name, leaf in zip(names, leaves):
+        if leaf is None:
+            out.append(None)
+            continue
+        if not isinstance(leaf, torch.Tensor) or not (leaf.is_floating_point() or leaf.is_complex()):
+            what = type(leaf).__name__ if not isinstance(leaf, torch.Tensor) else f"a {leaf.dtype} tensor"
+            raise LeafTypeError(f"Invalid {argument} value for {name!r}: {what} (expected a floating-point tensor)")
+        if not is_traced(leaf):
+            bad = ~torch.isfinite(leaf)
+            if non_negative:
+                bad = bad | (leaf < 0)
+            if bool(bad.any()):
+                rule = "finite and >= 0" if non_negative else "finite"
+                raise ValueError(f"Invalid {argument} value for {name!r}: every entry must be {rule}")
+        out.append(leaf.detach().clone())
+    return unflatten(out, spec)
+
+
 def _as_matrix(w: torch.Tensor) -> torch.Tensor:
     m = w.reshape(w.shape[0], -1)
     return m.T if m.shape[0] < m.shape[1] else m
 
 
+@_records_call
 def orthogonal(coeff: Coefficient, mask: Optional[MaskLike] = None, name: str = "orthogonal") -> Penalty:
     """Soft orthogonality: ``coeff * ||W^T W - I||_F^2`` for each selected matrix.
 
@@ -656,13 +761,16 @@ def orthogonal(coeff: Coefficient, mask: Optional[MaskLike] = None, name: str = 
             g = 4 * c * (m @ gram)
         return g.reshape(w.shape)
 
-    return LeafPenalty(name, coeff, mask, value, grad, leaf_check=check, default_select=lambda w: w.ndim >= 2)
+    return LeafPenalty(
+        name, coeff, mask, value, grad, leaf_check=check, default_select=lambda w: w.ndim >= 2, complex_ok=False
+    )
 
 
 def _indicator(violated: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.where(violated, torch.tensor(math.inf, dtype=like.dtype, device=like.device), torch.zeros((), dtype=like.dtype, device=like.device))
 
 
+@_records_call
 def max_norm(max_value: float, axis: int = 0, mask: Optional[MaskLike] = None, name: str = "max_norm") -> Penalty:
     """Constraint ``||w_g||_2 <= max_value`` for each slice ``g`` along ``axis`` (a projection only).
 
@@ -699,6 +807,7 @@ def max_norm(max_value: float, axis: int = 0, mask: Optional[MaskLike] = None, n
     )
 
 
+@_records_call
 def non_negative(mask: Optional[MaskLike] = None, name: str = "non_negative") -> Penalty:
     """Constraint ``w >= 0`` (a projection only): value 0 or ``inf``; prox ``max(v, 0)``.
 
@@ -715,7 +824,7 @@ def non_negative(mask: Optional[MaskLike] = None, name: str = "non_negative") ->
         del t
         return torch.clamp(v, min=0)
 
-    return LeafPenalty(name, 1.0, mask, value, None, prox, differentiable=False)
+    return LeafPenalty(name, 1.0, mask, value, None, prox, differentiable=False, complex_ok=False)
 
 
 class CustomPenalty(Penalty):
@@ -792,6 +901,7 @@ class CustomPenalty(Penalty):
         return self._unview(fp, self._prox(self._view(fp, fp.leaves, keep), step), keep, "prox")
 
 
+@_records_call
 def penalty(
     fn: Callable[[PyTree], torch.Tensor],
     name: str = "penalty",

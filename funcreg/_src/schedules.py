@@ -152,10 +152,19 @@ def warmup_cosine_decay_schedule(
         [0.0, 0.5, 1.0, 0.5, 0.0]
     """
     check_number("peak_value", peak_value, low=None, allow_tensor=False)
+    check_number("init_value", init_value, low=None, allow_tensor=False)
+    check_number("end_value", end_value, low=None, allow_tensor=False)
     check_int("warmup_steps", warmup_steps, low=1)
     check_int("decay_steps", decay_steps, low=warmup_steps + 1)
-    alpha = end_value / peak_value if peak_value else 0.0
+    cosine_steps = decay_steps - warmup_steps
+
+    def cosine(count: Any) -> Any:
+        # written from the end points, not as alpha * peak: any end_value (above the peak, or with a
+        # peak of 0) is a plain cosine interpolation
+        frac = _clip(_as_float(count), 0.0, float(cosine_steps)) / cosine_steps
+        return end_value + (peak_value - end_value) * (1 + _cos(math.pi * frac)) / 2
+
     return join_schedules(
-        [linear_warmup(peak_value, warmup_steps, init_value), cosine_decay_schedule(peak_value, decay_steps - warmup_steps, alpha)],
+        [linear_warmup(peak_value, warmup_steps, init_value), cosine],
         [warmup_steps],
     )

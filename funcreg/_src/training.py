@@ -8,6 +8,8 @@ one of the four forms. Because it is pure, ``torch.func.vmap`` turns it into a s
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Optional, Union
 
@@ -44,6 +46,26 @@ class TrainState(NamedTuple):
     hparams: dict[str, torch.Tensor]
 
 
+_MODULE_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_MODULE_LOCKS_GUARD = threading.Lock()
+
+
+def _module_lock(model: nn.Module) -> threading.RLock:
+    """One lock per module: ``functional_call`` swaps the module's attributes for the duration of a
+    call, so two threads calling it on one module at once would run with each other's parameters
+    and leave the module holding the wrong tensors."""
+    with _MODULE_LOCKS_GUARD:
+        lock = _MODULE_LOCKS.get(model)
+        if lock is None:
+            lock = _MODULE_LOCKS[model] = threading.RLock()
+        return lock
+
+
+def _is_compiling() -> bool:
+    fn = getattr(torch.compiler, "is_compiling", None)
+    return bool(fn()) if fn is not None else False
+
+
 def functional_model(model: nn.Module) -> Callable[..., tuple[Any, dict[str, torch.Tensor]]]:
     """A pure function ``apply(params, buffers, *args, **kwargs) -> (output, new_buffers)`` of ``model``.
 
@@ -51,6 +73,10 @@ def functional_model(model: nn.Module) -> Callable[..., tuple[Any, dict[str, tor
     mode) *into the tensors of the dict you pass*; ``apply`` passes copies and returns them, so the
     caller's buffers never change. Works under ``torch.func.grad`` and ``vmap`` (one set of running
     statistics per member when the buffers are batched).
+
+    Thread-safe: ``functional_call`` swaps the module's attributes while it runs, so calls on one
+    module from several threads are serialized by a per-module lock, and the module always ends up
+    holding its own parameters. (Under ``torch.compile`` the graph is traced once; no lock is taken.)
 
     Examples:
         >>> import torch, funcreg as fr
@@ -66,7 +92,10 @@ def functional_model(model: nn.Module) -> Callable[..., tuple[Any, dict[str, tor
 
     def apply(params: PyTree, buffers: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
         own = {name: b.clone() for name, b in buffers.items()}
-        out = torch.func.functional_call(model, (params, own), args, kwargs)
+        if _is_compiling():
+            return torch.func.functional_call(model, (params, own), args, kwargs), own
+        with _module_lock(model):
+            out = torch.func.functional_call(model, (params, own), args, kwargs)
         return out, own
 
     return apply

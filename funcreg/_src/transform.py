@@ -14,15 +14,18 @@ from funcreg._src import leafwise
 from funcreg._src.base import (
     EmptyState,
     Flat,
-    advance_steps,
-    per_param_counts,
     GradientTransformation,
     Schedule,
+    advance_steps,
+    expect_state,
     flat,
     identity,
     init_count,
+    per_param_counts,
     per_param_zeros,
 )
+from funcreg._src.complex_params import as_real
+from funcreg._src.describe import configured
 from funcreg._src.tree import PyTree
 from funcreg._src.validation import check_bool, check_number, check_rate, is_zero, schedule_value
 
@@ -48,11 +51,10 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
         return EmptyState()
 
     def update(updates: PyTree, state: EmptyState, params: Optional[PyTree] = None) -> tuple[PyTree, EmptyState]:
-        del params
-        f = flat(updates, None, "scale")
+        f = flat(updates, params, "scale")
         return f.tree(leafwise.mul(f.present_updates(), step_size)), state
 
-    return GradientTransformation(init, update)
+    return configured(GradientTransformation(init, update), "scale", step_size)
 
 
 class ScaleByScheduleState(NamedTuple):
@@ -83,7 +85,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, flip_sign: bool = Tr
     sign = -1 if flip_sign else 1
 
     if not callable(learning_rate) or isinstance(learning_rate, torch.Tensor):
-        return scale(sign * learning_rate)
+        return configured(scale(sign * learning_rate), "scale_by_learning_rate", learning_rate, flip_sign=None if flip_sign else False)
 
     def init(params: PyTree) -> ScaleByScheduleState:
         return ScaleByScheduleState(count=init_count(params))
@@ -91,13 +93,15 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, flip_sign: bool = Tr
     def update(
         updates: PyTree, state: ScaleByScheduleState, params: Optional[PyTree] = None
     ) -> tuple[PyTree, ScaleByScheduleState]:
-        del params
-        f = flat(updates, None, "scale_by_learning_rate")
+        expect_state(state, ScaleByScheduleState, "scale_by_learning_rate")
+        f = flat(updates, params, "scale_by_learning_rate")
         lr = schedule_value(learning_rate, leafwise.concrete(state.count))
         new = leafwise.mul(f.present_updates(), sign * lr)
         return f.tree(new), ScaleByScheduleState(count=state.count + 1)
 
-    return GradientTransformation(init, update)
+    return configured(
+        GradientTransformation(init, update), "scale_by_learning_rate", learning_rate, flip_sign=None if flip_sign else False
+    )
 
 
 class TraceState(NamedTuple):
@@ -146,8 +150,8 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
         )
 
     def update(updates: PyTree, state: TraceState, params: Optional[PyTree] = None) -> tuple[PyTree, TraceState]:
-        del params
-        f = flat(updates, None, "trace")
+        expect_state(state, TraceState, "trace")
+        f = flat(updates, params, "trace")
         buf_leaves = f.state_leaves(state.momentum_buffer, "trace", "momentum_buffer")
         step_leaves, new_steps, t = advance_steps(f, state.steps, "trace")
         grads = f.present_updates()
@@ -164,13 +168,17 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
                 else torch.where(ti == 1, g, torch.add(b * momentum, g, alpha=1 - dampening))
                 for b, g, ti in zip(bufs, grads, t)
             ]
-        out = leafwise.add(grads, new_bufs, alpha=momentum) if nesterov else new_bufs
+        # the update must not be the state's own buffer: a caller editing its updates in place would
+        # rewrite the momentum
+        out = leafwise.add(grads, new_bufs, alpha=momentum) if nesterov else leafwise.clone(new_bufs)
         new_state = TraceState(
             count=state.count + 1, momentum_buffer=f.tree(new_bufs, buf_leaves), steps=f.tree(new_steps, step_leaves)
         )
         return f.tree(out), new_state
 
-    return GradientTransformation(init, update)
+    return configured(
+        GradientTransformation(init, update), "trace", momentum, dampening=dampening or None, nesterov=nesterov or None
+    )
 
 
 class ScaleByAdamState(NamedTuple):
@@ -227,8 +235,8 @@ def scale_by_adam(
     def update(
         updates: PyTree, state: ScaleByAdamState, params: Optional[PyTree] = None
     ) -> tuple[PyTree, ScaleByAdamState]:
-        del params
-        f = flat(updates, None, "scale_by_adam")
+        expect_state(state, ScaleByAdamState, "scale_by_adam")
+        f = flat(updates, params, "scale_by_adam")
         mu, denom, t, new_state = adam_moments(f, state, f.present_updates(), b1, b2, amsgrad, "scale_by_adam")
         bias_correction1 = leafwise.per_value(lambda x: 1 - leafwise.scalar_power(b1, x), t)
         bias_correction2 = leafwise.per_value(lambda x: 1 - leafwise.scalar_power(b2, x), t)
@@ -238,7 +246,10 @@ def scale_by_adam(
         leafwise.div_scalar_(out, bias_correction1)
         return f.tree(out), new_state
 
-    return GradientTransformation(init, update)
+    # complex parameters: Adam's g * g and sqrt(v) act on the real and imaginary parts, as in torch
+    return configured(
+        as_real(GradientTransformation(init, update)), "scale_by_adam", b1=b1, b2=b2, eps=eps, amsgrad=amsgrad or None
+    )
 
 
 def adam_moments(
@@ -305,7 +316,9 @@ def add_decayed_weights(weight_decay: float | torch.Tensor, mask: Any = None) ->
         f = flat(updates, params, "add_decayed_weights", needs_params=True)
         return f.tree(leafwise.add(f.present_updates(), f.present_params(), alpha=weight_decay)), state
 
-    return _maybe_masked(GradientTransformation(init, update), mask)
+    return configured(
+        _maybe_masked(GradientTransformation(init, update), mask), "add_decayed_weights", weight_decay, mask=mask
+    )
 
 
 class DecoupledWeightDecayState(NamedTuple):
@@ -385,8 +398,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         return EmptyState()
 
     def update(updates: PyTree, state: EmptyState, params: Optional[PyTree] = None) -> tuple[PyTree, EmptyState]:
-        del params
-        f = flat(updates, None, "clip_by_global_norm")
+        f = flat(updates, params, "clip_by_global_norm")
         grads = f.present_updates()
         if not grads:
             return updates, state
@@ -394,7 +406,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         return f.tree(leafwise.mul(grads, coef)), state
 
-    return GradientTransformation(init, update)
+    return configured(GradientTransformation(init, update), "clip_by_global_norm", max_norm)
 
 
 def _maybe_masked(tx: GradientTransformation, mask: Any) -> GradientTransformation:

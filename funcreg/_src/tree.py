@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from funcreg._src.errors import StructureError
+
 PyTree = Any
 TreeSpec = pytree.TreeSpec
 
@@ -137,10 +139,10 @@ def check_same_spec(spec_ref: TreeSpec, spec_other: TreeSpec, reference_name: st
         return
     found = _first_difference(spec_ref, spec_other, [])
     if found is None:  # pragma: no cover - specs differ in a way the walk does not see
-        raise ValueError(f"{other_name} does not have the structure of {reference_name}")
+        raise StructureError(f"{other_name} does not have the structure of {reference_name}")
     path, why = found
     why = why.format(a=reference_name, b=other_name)
-    raise ValueError(
+    raise StructureError(
         f"{other_name} does not match the structure of {reference_name} at key "
         f"{_path_name([str(k) for k in path])!r}: {why}"
     )
@@ -190,12 +192,12 @@ def broadcast_prefix(prefix: PyTree, tree: PyTree, what: str = "mask", tree_name
             return
         where = _path_name([str(k) for k in path])
         if node_spec.is_leaf():
-            raise ValueError(
+            raise StructureError(
                 f"{what} has a subtree ({type(node).__name__}) at {where!r} where {tree_name} has a leaf"
             )
         node_type = pytree._get_node_type(node)
         if node_type != node_spec.type:
-            raise ValueError(
+            raise StructureError(
                 f"{what} has a {type(node).__name__} at {where!r} where {tree_name} has "
                 f"{_describe(node_spec)}"
             )
@@ -206,19 +208,19 @@ def broadcast_prefix(prefix: PyTree, tree: PyTree, what: str = "mask", tree_name
             lookup = dict(zip(node.keys(), children))
             extra = [k for k in lookup if k not in keys]
             if extra:
-                raise ValueError(
+                raise StructureError(
                     f"{what} has key {_path_name([str(k) for k in path + [extra[0]]])!r}, "
                     f"which {tree_name} does not have"
                 )
             missing = [k for k in keys if k not in lookup]
             if missing:
-                raise ValueError(
+                raise StructureError(
                     f"{what} has no entry for {_path_name([str(k) for k in path + [missing[0]]])!r} "
                     f"of {tree_name}"
                 )
             children = [lookup[k] for k in keys]
         elif len(children) != len(child_specs) or context != node_spec.context:
-            raise ValueError(
+            raise StructureError(
                 f"{what} has {len(children)} entries at {where!r} where {tree_name} has "
                 f"{_describe(node_spec)}"
             )

@@ -42,8 +42,14 @@ def check_number(
     if isinstance(value, torch.Tensor):
         if value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"Invalid {name} value: {_describe_value(value)} (expected a real tensor)")
-        compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
-        if compiling or value.device.type == "meta" or torch._C._functorch.is_functorch_wrapped_tensor(value):
+        if value.ndim != 0:
+            # a (3,)-tensor learning rate would silently become a per-column rate: hyperparameters are
+            # scalars (a sweep gives one per member through vmap, where each member sees a 0-d value)
+            raise ValueError(
+                f"Invalid {name} value: {_describe_value(value)} (expected a number or a 0-d tensor, "
+                f"got shape {tuple(value.shape)})"
+            )
+        if is_traced(value):
             return  # values under vmap/grad cannot be read; they were checked before the transform
         values = value.detach().double().flatten().tolist()
     else:
@@ -66,6 +72,12 @@ def _range_text(low: float | None, high: float | None, low_open: bool, high_open
     if high is not None:
         parts.append(f"{'<' if high_open else '<='} {high}")
     return " and ".join(parts) if parts else "real"
+
+
+def is_traced(x: torch.Tensor) -> bool:
+    """True where a tensor's values cannot be read: under torch.compile, vmap or grad, or on meta."""
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+    return compiling or x.device.type == "meta" or torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
 def check_rate(name: str, value: Any) -> None:
@@ -94,8 +106,20 @@ def is_zero(value: Any) -> bool:
     return not isinstance(value, torch.Tensor) and not callable(value) and value == 0
 
 
-def schedule_value(learning_rate: float | torch.Tensor | Callable[[Any], Any], count: Any) -> Any:
-    """The learning rate at ``count``: a constant, or a schedule called with the step count."""
-    if callable(learning_rate) and not isinstance(learning_rate, torch.Tensor):
-        return learning_rate(count)
-    return learning_rate
+def schedule_value(
+    learning_rate: float | torch.Tensor | Callable[[Any], Any], count: Any, name: str = "learning_rate"
+) -> Any:
+    """The learning rate at ``count``: a constant, or a schedule called with the step count.
+
+    A schedule's value is checked as it comes out: a number or a 0-d tensor (``ValueError`` for any
+    other shape, which would otherwise broadcast into a per-column rate), finite and ``>= 0`` (read
+    eagerly; under vmap or torch.compile only its shape is checked, as values cannot be read there).
+    """
+    if not (callable(learning_rate) and not isinstance(learning_rate, torch.Tensor)):
+        return learning_rate
+    value = learning_rate(count)
+    where = f"{name} schedule (at count {count!r})" if not isinstance(count, torch.Tensor) else f"{name} schedule"
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(f"Invalid {where} value: {value!r} (a schedule returns a number or a 0-d tensor)")
+    check_number(where, value, low=0.0)
+    return value

@@ -7,9 +7,10 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from funcreg._src import leafwise
-from funcreg._src.base import GradientTransformation
+from funcreg._src.base import GradientTransformation, expect_state, flat
+from funcreg._src.describe import configured
 from funcreg._src.selection import MaskLike, resolve_mask
-from funcreg._src.tree import PyTree, check_same_spec, flatten, unflatten
+from funcreg._src.tree import PyTree, flatten, unflatten
 from funcreg._src.validation import check_int
 
 
@@ -48,20 +49,14 @@ def masked(inner: GradientTransformation, mask: MaskLike) -> GradientTransformat
         return MaskedState(inner_state=inner.init(unflatten(_hide(leaves, keep), spec)))
 
     def update(updates: PyTree, state: MaskedState, params: Optional[PyTree] = None) -> tuple[PyTree, MaskedState]:
-        u_leaves, spec = flatten(updates)
+        expect_state(state, MaskedState, "masked")
+        f = flat(updates, params, "masked")
         keep = resolve_mask(mask, params if params is not None else updates)
-        inner_params = None
-        if params is not None:
-            p_leaves, p_spec = flatten(params)
-            check_same_spec(p_spec, spec, "params", "updates")
-            inner_params = unflatten(_hide(p_leaves, keep), spec)
-        new_inner, inner_state = inner.update(unflatten(_hide(u_leaves, keep), spec), state.inner_state, inner_params)
-        new_leaves, new_spec = flatten(new_inner)
-        check_same_spec(spec, new_spec, "updates", "masked inner transform's updates")
-        out = [n if k else u for n, u, k in zip(new_leaves, u_leaves, keep)]
-        return unflatten(out, spec), MaskedState(inner_state=inner_state)
+        new_inner, inner_state = inner.update(f.restrict(f.updates, keep), state.inner_state, f.restrict(f.params, keep))
+        out = f.merge(new_inner, keep, "masked inner transform's updates")
+        return unflatten(out, f.spec), MaskedState(inner_state=inner_state)
 
-    return GradientTransformation(init, update)
+    return configured(GradientTransformation(init, update), "masked", inner, mask)
 
 
 class ApplyIfFiniteState(NamedTuple):
@@ -79,6 +74,10 @@ class ApplyIfFiniteState(NamedTuple):
 
 def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) -> GradientTransformation:
     """Skips updates that contain NaN or infinity: they become zeros and the inner state is kept.
+
+    Both the incoming updates and what ``inner`` makes of them are checked: finite gradients that the
+    inner transform turns into a non-finite update (an overflowing moment, a diverged state) are
+    skipped as well.
 
     After more than ``max_consecutive_errors`` non-finite updates in a row, updates are passed to the
     inner transform whatever they hold (as in optax), so a run that has truly diverged shows it.
@@ -104,30 +103,38 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
     def update(
         updates: PyTree, state: ApplyIfFiniteState, params: Optional[PyTree] = None
     ) -> tuple[PyTree, ApplyIfFiniteState]:
-        leaves, spec = flatten(updates)
-        present = [u for u in leaves if u is not None]
-        finite = leafwise.all_finite(present).to(state.last_finite.device)
-        notfinite_count = torch.where(finite, 0, state.notfinite_count + 1)
-        total = state.total_notfinite + (~finite).to(torch.int64)
-        apply = finite | (notfinite_count > max_consecutive_errors)
-        decided = leafwise.concrete(apply)
-        if isinstance(decided, bool):  # eager: run the inner transform only when its result is used
+        expect_state(state, ApplyIfFiniteState, "apply_if_finite")
+        f = flat(updates, params, "apply_if_finite")
+        device = state.last_finite.device
+        zeros = f.tree([torch.zeros_like(u) for u in f.present_updates()])
+        finite_in = leafwise.all_finite(f.present_updates()).to(device)
+        decided = leafwise.concrete(finite_in)
+        if isinstance(decided, bool):  # eager: run the inner transform only when its result can be used
+            tried = None
+            finite = finite_in
             if decided:
-                new_updates, inner_state = inner.update(updates, state.inner_state, params)
+                tried = inner.update(updates, state.inner_state, params)
+                # what the inner transform produced counts too (a schedule or state gone non-finite)
+                finite = leafwise.all_finite(flat(tried[0], None, "apply_if_finite inner").present_updates()).to(device)
+            notfinite_count = torch.where(finite, 0, state.notfinite_count + 1)
+            apply = bool(finite) or int(notfinite_count) > max_consecutive_errors
+            if apply:
+                new_updates, inner_state = tried if tried is not None else inner.update(updates, state.inner_state, params)
             else:
-                new_updates = unflatten([None if u is None else torch.zeros_like(u) for u in leaves], spec)
-                inner_state = state.inner_state
+                new_updates, inner_state = zeros, state.inner_state
         else:  # traced (vmap, compile): compute both and select without a host sync
             tried, tried_state = inner.update(updates, state.inner_state, params)
-            t_leaves, _ = flatten(tried)
-            new_updates = unflatten(
-                [None if t is None else torch.where(apply, t, torch.zeros_like(t)) for t in t_leaves], spec
-            )
+            t = flat(tried, None, "apply_if_finite inner")
+            finite = finite_in & leafwise.all_finite(t.present_updates()).to(device)
+            notfinite_count = torch.where(finite, 0, state.notfinite_count + 1)
+            apply = finite | (notfinite_count > max_consecutive_errors)
+            new_updates = t.tree([torch.where(apply, u, torch.zeros_like(u)) for u in t.present_updates()])
             s_new, s_spec = flatten(tried_state)
             s_old, _ = flatten(state.inner_state)
             inner_state = unflatten(
                 [n if n is None else torch.where(apply, n, o) for n, o in zip(s_new, s_old)], s_spec
             )
+        total = state.total_notfinite + (~finite).to(torch.int64)
         return new_updates, ApplyIfFiniteState(notfinite_count, finite, total, inner_state)
 
-    return GradientTransformation(init, update)
+    return configured(GradientTransformation(init, update), "apply_if_finite", inner, max_consecutive_errors)

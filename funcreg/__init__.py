@@ -38,6 +38,8 @@ from funcreg._src.forms import penalty_metrics
 from funcreg._src.forms import penalty_states
 from funcreg._src.forms import proximal
 from funcreg._src.history import History
+from funcreg._src.penalties import FlatParams
+from funcreg._src.penalties import LeafRule
 from funcreg._src.penalties import Penalty
 from funcreg._src.penalties import anchor
 from funcreg._src.penalties import elastic_net
@@ -88,6 +90,8 @@ from funcreg._src.wrappers import MaskedState
 from funcreg._src.wrappers import apply_if_finite
 from funcreg._src.wrappers import masked
 
+from funcreg import proxes  # noqa: E402  (a module of plain functions: fr.proxes.soft_threshold)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -97,8 +101,10 @@ __all__ = [
     "DecoupledWeightDecayState",
     "EmptyState",
     "EnsembleStep",
+    "FlatParams",
     "GradientTransformation",
     "History",
+    "LeafRule",
     "LeafTypeError",
     "MaskedState",
     "NormReport",
@@ -162,6 +168,7 @@ __all__ = [
     "penalty_metrics",
     "penalty_states",
     "probe",
+    "proxes",
     "proximal",
     "scale",
     "scale_by_adam",

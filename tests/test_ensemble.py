@@ -430,7 +430,7 @@ def test_ensemble_init_state_holds_no_expanded_tensors():
     paths, _ = pytree.tree_flatten_with_path(state)
     expanded = [pytree.keystr(p) for p, x in paths if isinstance(x, torch.Tensor) and x.ndim and 0 in x.stride()]
     assert expanded == [], f"stride-0 (expanded) tensors in the initial state: {expanded}"
-    state.opt_state[0].count.add_(1)  # each member owns its count
+    state.opt_state["optimizer"].count.add_(1)  # each member owns its count
 
 
 # --- torch.compile ----------------------------------------------------------------------------------

@@ -550,3 +550,26 @@ def test_group_penalties_are_scale_covariant(w, exponent):
     norms = torch.linalg.vector_norm(w.double() * k, dim=1, keepdim=True)
     expected = (w.double() * k) * torch.clamp(1.0 / norms, max=1.0)
     torch.testing.assert_close(proj[nonzero], expected[nonzero], atol=1e-6, rtol=1e-5)
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+
+def test_damaged_checkpoint_is_refused_with_a_reason():
+    tx = fr.adam(0.1)
+    state = tx.init({"w": torch.ones(2), "b": torch.ones(1)})
+    ck = fr.state_dict(state)
+    short = dict(ck, leaves=ck["leaves"][:-1])
+    with pytest.raises(ValueError, match="names 8 entries but holds 7 values"):
+        fr.load_state_dict(state, short)
+    with pytest.raises(ValueError, match="no 'leaves' entry"):
+        fr.load_state_dict(state, {k: v for k, v in ck.items() if k != "leaves"})
+
+
+def test_checkpoint_of_a_dict_in_another_key_order_says_so():
+    tx = fr.adam(0.1)
+    ck = fr.state_dict(tx.init({"w": torch.ones(2), "b": torch.ones(1)}))
+    with pytest.raises(ValueError, match="another order.*key order"):
+        fr.load_state_dict(tx.init({"b": torch.ones(1), "w": torch.ones(2)}), ck)
+    restored = fr.load_state_dict(tx.init({"w": torch.ones(2), "b": torch.ones(1)}), ck)
+    assert torch.equal(restored.nu["w"], torch.zeros(2))

@@ -57,16 +57,32 @@ def load_state_dict(template: PyTree, checkpoint: dict[str, Any]) -> PyTree:
     """
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise ValueError(f"not a funcreg state checkpoint (expected a dict with format {FORMAT!r})")
+    for key in ("structure", "names", "leaves"):
+        if key not in checkpoint:
+            raise ValueError(f"funcreg state checkpoint has no {key!r} entry")
     t_leaves, spec = flatten(template)
     t_names = leaf_names(template)
     names = list(checkpoint["names"])
     leaves = list(checkpoint["leaves"])
+    if len(names) != len(leaves):
+        raise ValueError(
+            f"checkpoint is damaged: it names {len(names)} entries but holds {len(leaves)} values"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError("checkpoint is damaged: an entry name repeats")
     missing = [n for n in t_names if n not in names]
     if missing:
         raise ValueError(f"checkpoint has no entry {missing[0]!r}, which this transform's state has")
     extra = [n for n in names if n not in t_names]
     if extra:
         raise ValueError(f"checkpoint has entry {extra[0]!r}, which this transform's state does not have")
+    if names != t_names and sorted(names) == sorted(t_names):
+        first = next(a for a, b in zip(names, t_names) if a != b)
+        raise ValueError(
+            f"checkpoint has the same entries as this state in another order (first out of place: {first!r}): "
+            "the parameter dict was built in another key order; build it in the order it was saved in "
+            f"(saved order: {names[:4]}{' ...' if len(names) > 4 else ''})"
+        )
     if checkpoint["structure"] != _structure(template):
         raise ValueError(
             "checkpoint was saved from a state of another structure (same names, different node types):\n"

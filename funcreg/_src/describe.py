@@ -15,6 +15,11 @@ import torch
 CONFIG_ATTR = "__funcreg_config__"
 
 
+def compiling() -> bool:
+    fn = getattr(torch.compiler, "is_compiling", None)
+    return bool(fn()) if fn is not None else False
+
+
 def fmt(value: Any) -> str:
     """A short, readable rendering of one argument."""
     if value is None or isinstance(value, (bool, int, str)):
@@ -53,8 +58,13 @@ def call_text(__name: str, *args: Any, **kwargs: Any) -> str:
 
 
 def configured(__tx: Any, __name: str, *args: Any, **kwargs: Any) -> Any:
-    """Attaches ``name(args...)`` to a transform's ``update`` (what its ``repr`` prints); returns it."""
-    setattr(__tx.update, CONFIG_ATTR, call_text(__name, *args, **kwargs))
+    """Attaches ``name(args...)`` to a transform's ``update`` (what its ``repr`` prints); returns it.
+
+    Skipped under ``torch.compile`` (a step that builds its transform inside the compiled region
+    must not trace string formatting; nobody prints a transform there).
+    """
+    if not compiling():
+        setattr(__tx.update, CONFIG_ATTR, call_text(__name, *args, **kwargs))
     return __tx
 
 

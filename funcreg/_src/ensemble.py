@@ -9,15 +9,18 @@ with one batch shared by all members or one batch per member, and per-member ran
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from torch import nn
 
 from funcreg._src.selection import buffers_of, params_of
-from funcreg._src.training import Step, TrainState, _float_dtype, _hparams
+from funcreg._src.hparams import as_hparams, float_dtype
+from funcreg._src.training import Step, TrainState
 from funcreg._src.tree import PyTree, check_same_spec, flatten, leaf_names, unflatten
 
+
+Batch = Literal["shared", "per_member"]
 
 def stack(trees: Sequence[PyTree]) -> PyTree:
     """Stacks trees of the same structure and shapes along a new leading axis.
@@ -191,7 +194,7 @@ def vmap(fn: Callable[..., Any], in_dims: Union[int, None, Sequence[Optional[int
 class EnsembleStep:
     """A :class:`funcreg.Step` vmapped over members; see :func:`ensemble_step`."""
 
-    def __init__(self, step: Step, batch: str) -> None:
+    def __init__(self, step: Step, batch: Batch) -> None:
         self.step = step
         self.batch = batch
 
@@ -204,7 +207,7 @@ class EnsembleStep:
         n = num_members(params)
         if buffers:
             _check_members("buffers", buffers, n)
-        hp = _hparams(hparams, _float_dtype(params))
+        hp = as_hparams(hparams, float_dtype(params))
         hp = {k: _per_member(k, v, n) for k, v in hp.items()}
         self._check_hparams(hp, n)
         state = vmap(self.step.init, (0, 0, 0))(params, buffers if buffers else None, hp)
@@ -269,7 +272,7 @@ def _per_member(name: str, value: torch.Tensor, n: int) -> torch.Tensor:
     return value
 
 
-def ensemble_step(step: Step, batch: str = "shared") -> EnsembleStep:
+def ensemble_step(step: Step, batch: Batch = "shared") -> EnsembleStep:
     """Vmaps a training step over ensemble members (seeds, coefficients, or both).
 
     Args:

@@ -61,7 +61,7 @@ def _check_penalty(penalty: Any, who: str) -> None:
 
 def _report(penalty: Penalty, fp: FlatParams, count: torch.Tensor) -> PenaltyState:
     with torch.no_grad():
-        terms = dict(penalty._terms_flat(fp))
+        terms = dict(penalty.terms_flat(fp))
         value = penalty_metrics(terms)["penalty"]
     return PenaltyState(count=count, value=value, terms=terms)
 
@@ -140,7 +140,7 @@ def _gradient_edit(penalty: Penalty, who: str, alpha: Callable[[torch.Tensor], A
         expect_state(state, PenaltyState, who)
         f = flat(updates, params, who, needs_params=True)
         fp = FlatParams.of(params)
-        grads = penalty._grad_flat(fp)
+        grads = penalty.grad_flat(fp)
         # leaves the penalty does not select (grad None) and frozen ones (update None) pass through
         idx = [i for i in f.index if grads[i] is not None]
         out = list(f.updates)
@@ -203,7 +203,9 @@ def proximal(penalty: Penalty, learning_rate: ScalarOrSchedule) -> GradientTrans
         fp = FlatParams.of(params)
         # a sum of penalties has a prox only where its terms select different parameters: find out now,
         # not at the first update
-        penalty._prox_flat(fp, 0.0)
+        reason = penalty.why_no_prox(fp)
+        if reason is not None:
+            raise NotImplementedError(reason)
         return _report(penalty, fp, init_count(params))
 
     def update(updates: PyTree, state: PenaltyState, params: Optional[PyTree] = None) -> tuple[PyTree, PenaltyState]:
@@ -215,7 +217,7 @@ def proximal(penalty: Penalty, learning_rate: ScalarOrSchedule) -> GradientTrans
         moved = list(f.params)
         for i, w in zip(f.index, leafwise.add(f.present_updates(), f.present_params())):
             moved[i] = w
-        proxed = penalty._prox_flat(FlatParams(unflatten(moved, fp.spec), moved, fp.spec, fp.names), s)
+        proxed = penalty.prox_flat(fp.with_leaves(moved), s)
         out = []
         for i in f.index:
             out.append(f.updates[i] if proxed[i] is None else proxed[i] - f.params[i])

@@ -11,23 +11,24 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Literal, NamedTuple, Optional, Union, get_args
 
 import torch
 from torch import nn
 
 from funcreg._src.base import GradientTransformation
-from funcreg._src.combine import chain
-from funcreg._src.forms import add_penalty_grad, decoupled, penalty_metrics, proximal
+from funcreg._src.combine import named_chain
+from funcreg._src.hparams import Hyperparams, as_hparams, float_dtype
+from funcreg._src.forms import PenaltyState, add_penalty_grad, decoupled, penalized, penalty_metrics, proximal
 from funcreg._src.penalties import Penalty
 from funcreg._src.transform import ScalarOrSchedule
 from funcreg._src.tree import PyTree, flatten, is_functorch_tensor
 from funcreg._src.update import apply_updates
 from funcreg._src.validation import check_bool, check_rate
 
-FORMS = ("loss", "coupled", "decoupled", "proximal")
+Form = Literal["loss", "coupled", "decoupled", "proximal"]
+FORMS: tuple[str, ...] = get_args(Form)
 
-Hyperparams = Mapping[str, Any]
 TransformLike = Union[GradientTransformation, Callable[[Hyperparams], GradientTransformation]]
 PenaltyLike = Union[None, Penalty, Callable[[Hyperparams], Penalty]]
 
@@ -115,7 +116,7 @@ class Step:
         loss_fn: Callable[..., Any],
         tx: TransformLike,
         penalty: PenaltyLike,
-        form: str,
+        form: Form,
         learning_rate: Union[None, str, ScalarOrSchedule],
         has_aux: bool,
         buffers: bool,
@@ -129,7 +130,12 @@ class Step:
         self.buffers = buffers
 
     def transform(self, hparams: Hyperparams) -> GradientTransformation:
-        """The full transform for these hyperparameters: ``tx`` with the penalty's form wired in."""
+        """The full transform for these hyperparameters: ``tx`` with the penalty's form wired in.
+
+        With a gradient-edit or proximal form this is a :func:`funcreg.named_chain` whose entries are
+        ``"penalty"`` (the form, first for ``"coupled"``, last otherwise) and ``"optimizer"`` (``tx``),
+        so the state reads ``opt_state["penalty"]`` and ``opt_state["optimizer"]``.
+        """
         tx = _resolve(self.tx, hparams)
         if not isinstance(tx, GradientTransformation):
             raise TypeError(f"tx (or tx(hparams)) must be a GradientTransformation, got {type(tx).__name__}")
@@ -139,10 +145,9 @@ class Step:
         if penalty is None or self.form == "loss":
             return tx
         if self.form == "coupled":
-            return chain(add_penalty_grad(penalty), tx)
-        if self.form == "decoupled":
-            return chain(tx, decoupled(penalty, self._rate(hparams)))
-        return chain(tx, proximal(penalty, self._rate(hparams)))
+            return named_chain(("penalty", add_penalty_grad(penalty)), ("optimizer", tx))
+        form = decoupled if self.form == "decoupled" else proximal
+        return named_chain(("optimizer", tx), ("penalty", form(penalty, self._rate(hparams))))
 
     def _rate(self, hparams: Hyperparams) -> Any:
         """``learning_rate``, or the hyperparameter it names (one value per member in a sweep)."""
@@ -161,10 +166,11 @@ class Step:
             raise ValueError("this step was built with buffers=True: pass init(params, buffers)")
         if not self.buffers and buffers:
             raise ValueError("buffers given, but the step was built with buffers=False")
-        hp = _hparams(hparams, _float_dtype(params))
+        hp = as_hparams(hparams, float_dtype(params))
         return TrainState(params, self.transform(hp).init(params), {} if buffers is None else dict(buffers), hp)
 
-    def _objective(self, params: PyTree, buffers: PyTree, hparams: Hyperparams, batch: tuple[Any, ...]) -> tuple[torch.Tensor, Any]:
+    def _data_loss(self, params: PyTree, buffers: PyTree, batch: tuple[Any, ...]) -> tuple[torch.Tensor, tuple[Any, Any]]:
+        """``loss_fn`` in one shape: ``(loss, (new_buffers, aux))``."""
         if self.buffers:
             out = self.loss_fn(params, buffers, *batch)
             n = 3 if self.has_aux else 2
@@ -183,13 +189,18 @@ class Step:
             new_buffers = buffers
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
             raise TypeError(f"loss_fn must return a 0-d tensor loss, got {loss!r}")
-        metrics: dict[str, Any] = {"data_loss": loss.detach()}
-        total = loss
+        return loss, (new_buffers, aux)
+
+    def _objective(self, params: PyTree, buffers: PyTree, hparams: Hyperparams, batch: tuple[Any, ...]) -> tuple[torch.Tensor, Any]:
         penalty = _resolve(self.penalty, hparams)
         if penalty is not None and self.form == "loss":
-            pen = penalty_metrics(penalty.terms(params))
-            total = loss + pen["penalty"]
-            metrics.update({k: v.detach() for k, v in pen.items()})
+            # the loss-term form is fr.penalized itself
+            total, metrics = penalized(lambda p: self._data_loss(p, buffers, batch), penalty, has_aux=True)(params)
+            new_buffers, aux = metrics.pop("aux")
+            del metrics["total"]  # recomputed in __call__ for every form alike
+        else:
+            total, (new_buffers, aux) = self._data_loss(params, buffers, batch)
+            metrics = {"data_loss": total.detach()}
         # torch.func.grad's aux may hold only tensors: aux is left out when there is none
         return total, ((metrics, new_buffers, aux) if self.has_aux else (metrics, new_buffers))
 
@@ -204,9 +215,8 @@ class Step:
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = apply_updates(params, updates)
         if self.penalty is not None and self.form != "loss":
-            # the step's own penalty form is the first link of the chain (coupled) or the last
-            # (decoupled, proximal); tx itself may hold other penalty forms
-            report = new_opt_state[0] if self.form == "coupled" else new_opt_state[-1]
+            report = new_opt_state["penalty"]  # the step's own form (tx itself may hold other forms)
+            assert isinstance(report, PenaltyState)
             metrics.update(penalty_metrics(report.terms))
         if "penalty" in metrics:
             metrics["total"] = metrics["data_loss"] + metrics["penalty"]
@@ -215,36 +225,11 @@ class Step:
         return TrainState(new_params, new_opt_state, new_buffers, hparams), metrics
 
 
-def _float_dtype(params: PyTree) -> torch.dtype:
-    """The dtype of the first floating-point parameter (hyperparameters given as floats take it)."""
-    leaves, _ = flatten(params)
-    return next((x.dtype for x in leaves if isinstance(x, torch.Tensor) and x.is_floating_point()), torch.get_default_dtype())
-
-
-def _hparams(hparams: Optional[Hyperparams], dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
-    if hparams is None:
-        return {}
-    if not isinstance(hparams, Mapping):
-        raise TypeError(f"hparams must be a dict {{name: value}}, got {type(hparams).__name__}")
-    out = {}
-    for k, v in hparams.items():
-        if not isinstance(k, str):
-            raise TypeError(f"hparams keys must be strings, got {k!r}")
-        if isinstance(v, bool) or not isinstance(v, (int, float, torch.Tensor)):
-            raise TypeError(f"hparams[{k!r}] must be a number or a tensor, got {v!r}")
-        # a Python number takes the parameters' dtype: float64 runs must not see 0.01 rounded to float32
-        t = v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=dtype or torch.get_default_dtype())
-        if not is_functorch_tensor(t) and not torch.isfinite(t).all():
-            raise ValueError(f"Invalid hparams[{k!r}] value: {v!r} (must be finite)")
-        out[k] = t if t.is_floating_point() else t.to(dtype or torch.get_default_dtype())
-    return out
-
-
 def make_step(
     loss_fn: Callable[..., Any],
     tx: TransformLike,
     penalty: PenaltyLike = None,
-    form: str = "loss",
+    form: Form = "loss",
     learning_rate: Union[None, str, ScalarOrSchedule] = None,
     has_aux: bool = False,
     buffers: bool = False,

@@ -1,0 +1,60 @@
+"""Penalties: one object per regularizer, from which every form of applying it is derived.
+
+A penalty ``P`` is a pure function of a parameter tree with
+
+* ``P(params)``: the value, a 0-d tensor that ``torch.func.grad`` can differentiate (the loss term);
+* ``P.grad(params)``: its gradient (closed form where known, autodiff otherwise; zeros for parameters
+  the penalty does not select), used by the coupled and decoupled forms;
+* ``P.prox(params, step)``: the proximal map ``argmin_z 1/2 ||z - v||^2 + step * P(z)`` where a closed
+  form exists (exact zeros for L1-type penalties), used by the proximal form;
+* ``P.terms(params)``: the value of each named term, so a sum of penalties stays readable.
+
+Modules: ``base`` (the protocol, :class:`FlatParams`, sums), ``proxes`` (the proximal operators as
+plain tensor functions), ``leaf`` (leafwise penalties described by a :class:`LeafRule`),
+``elementwise`` (L2, L1, elastic net, Lp, anchor), ``structural`` (group lasso, orthogonality,
+max-norm, non-negativity) and ``custom`` (:func:`penalty`).
+"""
+
+from funcreg._src.penalties.base import Coefficient
+from funcreg._src.penalties.base import FlatParams
+from funcreg._src.penalties.base import Penalty
+from funcreg._src.penalties.base import SumPenalty
+from funcreg._src.penalties.base import check_coefficient
+from funcreg._src.penalties.base import records_call
+from funcreg._src.penalties.base import selection
+from funcreg._src.penalties.custom import CustomPenalty
+from funcreg._src.penalties.custom import penalty
+from funcreg._src.penalties.elementwise import anchor
+from funcreg._src.penalties.elementwise import elastic_net
+from funcreg._src.penalties.elementwise import l1
+from funcreg._src.penalties.elementwise import l2
+from funcreg._src.penalties.elementwise import lp
+from funcreg._src.penalties.leaf import LeafPenalty
+from funcreg._src.penalties.leaf import LeafRule
+from funcreg._src.penalties.structural import group_lasso
+from funcreg._src.penalties.structural import max_norm
+from funcreg._src.penalties.structural import non_negative
+from funcreg._src.penalties.structural import orthogonal
+
+__all__ = [
+    "Coefficient",
+    "CustomPenalty",
+    "FlatParams",
+    "LeafPenalty",
+    "LeafRule",
+    "Penalty",
+    "SumPenalty",
+    "anchor",
+    "check_coefficient",
+    "elastic_net",
+    "group_lasso",
+    "l1",
+    "l2",
+    "lp",
+    "max_norm",
+    "non_negative",
+    "orthogonal",
+    "penalty",
+    "records_call",
+    "selection",
+]

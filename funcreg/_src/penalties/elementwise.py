@@ -1,0 +1,205 @@
+"""Elementwise penalties: L2, L1, elastic net, Lp, and decay toward reference weights (L2-SP, EWC).
+
+Conventions (``docs/conventions.md``): ``l2(c)`` is ``c/2 ||w||^2``, whose gradient ``c w`` is what
+``torch.optim``'s ``weight_decay=c`` adds; ``lp(c, p)`` is ``c/p sum |w|^p`` so that ``lp(c, 2) == l2(c)``
+and ``lp(c, 1) == l1(c)``; subgradients at kinks are 0 (``sgn(0) = 0``). Complex parameters use the
+modulus: ``|w|^2`` and ``|w|``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from funcreg._src.errors import LeafTypeError
+from funcreg._src.penalties import proxes
+from funcreg._src.penalties.base import Coefficient, Penalty, check_coefficient, records_call
+from funcreg._src.penalties.leaf import LeafPenalty, LeafRule
+from funcreg._src.selection import MaskLike
+from funcreg._src.tree import PyTree, flatten, leaf_names, unflatten
+from funcreg._src.validation import check_number, is_traced
+
+
+def abs2(w: torch.Tensor) -> torch.Tensor:
+    """``|w|^2`` elementwise: ``w * w`` for real tensors, ``re^2 + im^2`` for complex ones (``w * w``
+    of ``1j`` is ``-1``)."""
+    if w.is_complex():
+        return torch.real(w) ** 2 + torch.imag(w) ** 2
+    return w * w
+
+
+L2 = LeafRule(
+    value=lambda w, c: 0.5 * c * torch.sum(abs2(w)),
+    grad=lambda w, c: c * w,
+    prox=proxes.shrink,
+)
+L1 = LeafRule(
+    value=lambda w, c: c * torch.sum(torch.abs(w)),
+    grad=lambda w, c: c * torch.sgn(w),
+    prox=proxes.soft_threshold,
+)
+ELASTIC_NET = LeafRule(
+    value=lambda w, a, b: a * torch.sum(torch.abs(w)) + 0.5 * b * torch.sum(abs2(w)),
+    grad=lambda w, a, b: a * torch.sgn(w) + b * w,
+    prox=proxes.elastic_net_prox,
+)
+
+
+@records_call
+def l2(coeff: Coefficient, mask: Optional[MaskLike] = None, name: str = "l2") -> Penalty:
+    """Squared L2: ``coeff/2 * sum ||w||^2``; gradient ``coeff * w``; prox ``v / (1 + step*coeff)``.
+
+    The 1/2 makes ``coeff`` mean what torch's ``weight_decay=coeff`` means: adding this to the loss
+    gives the same gradient as ``torch.optim.SGD(weight_decay=coeff)``. Keras' ``L2(l2)`` has no 1/2:
+    Keras ``l2`` is ``coeff / 2``. Not ``torch.norm(w)``, whose gradient is ``w / ||w||``.
+
+    Args:
+        coeff: ``>= 0``: a float, a 0-d tensor (vmap over it for sweeps), or a tree of per-leaf values.
+        mask: which parameters to penalize (default: all).
+        name: the term's name in ``terms`` and metrics.
+
+    Examples:
+        >>> import torch, funcreg as fr
+        >>> P = fr.l2(0.1)
+        >>> P({"w": torch.tensor([3.0, 4.0])})  # 0.1/2 * 25
+        tensor(1.2500)
+        >>> P.grad({"w": torch.tensor([3.0, 4.0])})["w"]
+        tensor([0.3000, 0.4000])
+    """
+    check_coefficient("coeff", coeff)
+    return LeafPenalty(name, (coeff,), mask, L2)
+
+
+@records_call
+def l1(coeff: Coefficient, mask: Optional[MaskLike] = None, name: str = "l1") -> Penalty:
+    """L1: ``coeff * sum |w|``; subgradient ``coeff * sign(w)`` (0 at 0); prox soft-thresholding.
+
+    The prox ``sign(v) * max(|v| - step*coeff, 0)`` (:func:`funcreg.proxes.soft_threshold`) produces
+    exact zeros; the subgradient form oscillates around zero and does not.
+
+    Examples:
+        >>> import torch, funcreg as fr
+        >>> P = fr.l1(0.5)
+        >>> P.prox({"w": torch.tensor([-2.0, 0.3, 1.0])}, step=1.0)["w"]
+        tensor([-1.5000,  0.0000,  0.5000])
+    """
+    check_coefficient("coeff", coeff)
+    return LeafPenalty(name, (coeff,), mask, L1)
+
+
+@records_call
+def elastic_net(l1: Coefficient, l2: Coefficient, mask: Optional[MaskLike] = None, name: str = "elastic_net") -> Penalty:
+    """Elastic net: ``l1 * sum |w| + l2/2 * sum ||w||^2``; prox ``softthreshold(v, s*l1) / (1 + s*l2)``.
+
+    Each coefficient is a float, a 0-d tensor or a tree of per-leaf values.
+
+    Examples:
+        >>> import torch, funcreg as fr
+        >>> P = fr.elastic_net(l1=0.5, l2=1.0)
+        >>> P.prox({"w": torch.tensor([-2.0, 0.3, 1.5])}, step=1.0)["w"]
+        tensor([-0.7500,  0.0000,  0.5000])
+    """
+    check_coefficient("l1", l1)
+    check_coefficient("l2", l2)
+    return LeafPenalty(name, (l1, l2), mask, ELASTIC_NET)
+
+
+@records_call
+def lp(coeff: Coefficient, p: float, mask: Optional[MaskLike] = None, name: Optional[str] = None) -> Penalty:
+    """``coeff/p * sum |w|^p`` for ``p >= 1``; gradient ``coeff * |w|^(p-1) * sign(w)``.
+
+    With this scaling ``lp(c, 2)`` equals ``l2(c)`` and ``lp(c, 1)`` equals ``l1(c)`` (and has their
+    proxes); other ``p`` have no closed-form prox. To write the common ``wd * sum |w|^p``, use
+    ``lp(p * wd, p)``.
+
+    Examples:
+        >>> import torch, funcreg as fr
+        >>> P = fr.lp(0.3, p=3)
+        >>> P({"w": torch.tensor([-1.0, 2.0])})  # 0.3/3 * (1 + 8)
+        tensor(0.9000)
+    """
+    check_coefficient("coeff", coeff)
+    check_number("p", p, low=1.0, allow_tensor=False)
+    name = name or f"l{p:g}"
+    if p == 1:
+        return l1(coeff, mask, name)
+    if p == 2:
+        return l2(coeff, mask, name)
+    rule = LeafRule(
+        value=lambda w, c: (c / p) * torch.sum(torch.abs(w) ** p),
+        grad=lambda w, c: c * torch.abs(w) ** (p - 1) * torch.sgn(w),
+    )
+    return LeafPenalty(name, (coeff,), mask, rule)
+
+
+def _anchor_value(w: torch.Tensor, c: Any, reference: torch.Tensor, precision: Any = None) -> torch.Tensor:
+    d = abs2(w - reference)
+    return 0.5 * c * torch.sum(d if precision is None else precision * d)
+
+
+def _anchor_grad(w: torch.Tensor, c: Any, reference: torch.Tensor, precision: Any = None) -> torch.Tensor:
+    d = w - reference
+    return c * d if precision is None else c * precision * d
+
+
+ANCHOR = LeafRule(value=_anchor_value, grad=_anchor_grad, prox=proxes.anchor_prox)
+
+
+def owned_tree(argument: str, tree: PyTree, non_negative: bool = False) -> PyTree:
+    """A detached copy of ``tree`` (tensors or ``None``), every entry finite (and ``>= 0``).
+
+    A penalty owns what it holds: a reference taken from ``fr.params_of(model)`` shares storage with
+    the module, and training in place would otherwise move it with the weights.
+    """
+    leaves, spec = flatten(tree)
+    names = leaf_names(tree)
+    out = []
+    for name, leaf in zip(names, leaves):
+        if leaf is None:
+            out.append(None)
+            continue
+        if not isinstance(leaf, torch.Tensor) or not (leaf.is_floating_point() or leaf.is_complex()):
+            what = type(leaf).__name__ if not isinstance(leaf, torch.Tensor) else f"a {leaf.dtype} tensor"
+            raise LeafTypeError(f"Invalid {argument} value for {name!r}: {what} (expected a floating-point tensor)")
+        if not is_traced(leaf):
+            bad = ~torch.isfinite(leaf)
+            if non_negative:
+                bad = bad | (leaf < 0)
+            if bool(bad.any()):
+                rule = "finite and >= 0" if non_negative else "finite"
+                raise ValueError(f"Invalid {argument} value for {name!r}: every entry must be {rule}")
+        out.append(leaf.detach().clone())
+    return unflatten(out, spec)
+
+
+@records_call
+def anchor(
+    coeff: Coefficient,
+    reference: PyTree,
+    precision: Optional[PyTree] = None,
+    mask: Optional[MaskLike] = None,
+    name: str = "anchor",
+) -> Penalty:
+    """Decay toward reference weights: ``coeff/2 * sum precision * (w - ref)^2``.
+
+    With ``reference`` the pre-trained (or initial) weights this is L2-SP; with a diagonal Fisher
+    information tree as ``precision`` it is EWC. Gradient ``coeff * precision * (w - ref)``; prox
+    ``(v + t*F*ref) / (1 + t*F)`` with ``t = step * coeff``. ``reference`` and ``precision`` must have the
+    structure and shapes of the parameters (``ValueError`` naming the key otherwise), hold finite
+    tensors (precision ``>= 0``), and are copied: the penalty does not move when the model they came
+    from trains in place. They are applied in each parameter's dtype.
+
+    Examples:
+        >>> import torch, funcreg as fr
+        >>> ref = {"w": torch.tensor([1.0, 1.0])}
+        >>> fr.anchor(2.0, ref)({"w": torch.tensor([1.0, 3.0])})  # 2/2 * 4
+        tensor(4.)
+    """
+    check_coefficient("coeff", coeff)
+    if reference is None:
+        raise TypeError("anchor needs a reference tree")
+    aux = {"reference": owned_tree("reference", reference)}
+    if precision is not None:
+        aux["precision"] = owned_tree("precision", precision, non_negative=True)
+    return LeafPenalty(name, (coeff,), mask, ANCHOR, aux=aux)

@@ -1,0 +1,27 @@
+"""Proximal operators and projections as plain tensor functions (the closed forms behind the penalties).
+
+Examples:
+    >>> import torch, funcreg as fr
+    >>> fr.proxes.soft_threshold(torch.tensor([-2.0, 0.3]), 0.5)
+    tensor([-1.5000,  0.0000])
+"""
+
+from funcreg._src.penalties.proxes import anchor_prox
+from funcreg._src.penalties.proxes import elastic_net_prox
+from funcreg._src.penalties.proxes import group_norms
+from funcreg._src.penalties.proxes import group_soft_threshold
+from funcreg._src.penalties.proxes import project_group_norm
+from funcreg._src.penalties.proxes import project_non_negative
+from funcreg._src.penalties.proxes import shrink
+from funcreg._src.penalties.proxes import soft_threshold
+
+__all__ = [
+    "anchor_prox",
+    "elastic_net_prox",
+    "group_norms",
+    "group_soft_threshold",
+    "project_group_norm",
+    "project_non_negative",
+    "shrink",
+    "soft_threshold",
+]

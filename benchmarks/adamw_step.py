@@ -13,7 +13,10 @@ Variants:
 * ``funcreg``: ``u, state = tx.update(grads, state, params); params = fr.apply_updates(params, u)``
   with ``tx = fr.adamw(lr, weight_decay=wd)``;
 * ``funcreg update only``: the same without ``apply_updates`` (where the time goes);
-* ``funcreg compiled``: the whole funcreg step under ``torch.compile``, compiled once before timing.
+* ``funcreg donated``: ``params, state = fr.donated_update(tx, grads, state, params)``, which writes
+  into the state and parameters as torch does;
+* ``funcreg compiled`` / ``funcreg donated compiled``: the whole funcreg step (pure / donated) under
+  ``torch.compile``, compiled once before timing.
 
     python benchmarks/adamw_step.py                    # ~1 min, plus the compilation
     python benchmarks/adamw_step.py --quick --no-compile   # a smoke run (CI)
@@ -84,16 +87,27 @@ class FuncregVariant:
         return self.params
 
 
+class DonatedFuncregVariant(FuncregVariant):
+    """``fr.donated_update``: the same step writing into its state and parameters, as torch does."""
+
+    def step(self) -> None:
+        self.params, self.state = fr.donated_update(self.tx, self.grads, self.state, self.params)
+
+
 class CompiledFuncregVariant(FuncregVariant):
-    def __init__(self, model: torch.nn.Module, grads: dict[str, torch.Tensor], warmup: int) -> None:
+    def __init__(self, model: torch.nn.Module, grads: dict[str, torch.Tensor], warmup: int, donate: bool = False) -> None:
         super().__init__(model, grads)
         tx = self.tx
 
         def step(g, s, p):
+            if donate:
+                return fr.donated_update(tx, g, s, p)
             u, s = tx.update(g, s, p)
             return fr.apply_updates(p, u), s
 
-        self.graph_summary = graph_breaks(step, grads, self.state, self.params)
+        # explain runs the step: on copies, so that a donated step does not advance this variant
+        copies = torch.utils._pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, (self.state, self.params))
+        self.graph_summary = graph_breaks(step, grads, *copies)
         self.compiled = torch.compile(step)
         start = time.perf_counter()
         for _ in range(max(warmup, 1)):  # compiles on the first call; the count is a tensor, so no recompiles
@@ -168,6 +182,7 @@ def main() -> None:
         "torch fused": TorchVariant(model, grads, fused=True),
         "funcreg": FuncregVariant(model, grads),
         "funcreg update only": FuncregVariant(model, grads, apply=False),
+        "funcreg donated": DonatedFuncregVariant(model, grads),
     }
     for v in variants.values():
         for _ in range(args.warmup):
@@ -175,10 +190,11 @@ def main() -> None:
     if not args.no_compile:
         warnings.filterwarnings("ignore", message="Dynamo does not know how to trace")
         try:
-            compiled = CompiledFuncregVariant(model, grads, warmup=args.warmup)
-            variants["funcreg compiled"] = compiled
-            print(f"torch.compile: compiled and warmed up in {compiled.compile_seconds:.1f} s")
-            print(f"torch.compile: the funcreg step is {compiled.graph_summary}")
+            for label, donate in (("funcreg compiled", False), ("funcreg donated compiled", True)):
+                compiled = CompiledFuncregVariant(model, grads, warmup=args.warmup, donate=donate)
+                variants[label] = compiled
+                print(f"torch.compile: {label} compiled and warmed up in {compiled.compile_seconds:.1f} s")
+                print(f"torch.compile: the {label} step is {compiled.graph_summary}")
         except Exception as exc:  # report why and go on with the eager variants
             print(f"torch.compile failed, skipping that variant: {type(exc).__name__}: {exc}".splitlines()[0])
             traceback.print_exc(limit=3)
@@ -201,11 +217,11 @@ def main() -> None:
     ref, ref_p10 = statistics.median(times[REFERENCE]), p10(times[REFERENCE])
     print(f"load average {load_average()} at the end (1/5/15 min; more than the thread count means noise)")
     print()
-    print(f"{'variant':<20} {'median ms':>10} {'p10 ms':>8} {'p90 ms':>8} {'median ratio':>13} {'p10 ratio':>10}")
+    print(f"{'variant':<25} {'median ms':>10} {'p10 ms':>8} {'p90 ms':>8} {'median ratio':>13} {'p10 ratio':>10}")
     for name, ts in times.items():
         ts = sorted(ts)
         med, p90 = statistics.median(ts), ts[(len(ts) * 9) // 10]
-        print(f"{name:<20} {med * 1e3:>10.3f} {p10(ts) * 1e3:>8.3f} {p90 * 1e3:>8.3f} "
+        print(f"{name:<25} {med * 1e3:>10.3f} {p10(ts) * 1e3:>8.3f} {p90 * 1e3:>8.3f} "
               f"{med / ref:>12.2f}x {p10(ts) / ref_p10:>9.2f}x")
     print(f"(ratios are to {REFERENCE}: torch.optim.AdamW(foreach=True))")
 

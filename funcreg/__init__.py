@@ -85,6 +85,7 @@ from funcreg._src.training import functional_model
 from funcreg._src.training import make_step
 from funcreg._src.tree import leaf_names as tree_names
 from funcreg._src.update import apply_updates
+from funcreg._src.update import donated_update
 from funcreg._src.wrappers import ApplyIfFiniteState
 from funcreg._src.wrappers import MaskedState
 from funcreg._src.wrappers import apply_if_finite
@@ -140,6 +141,7 @@ __all__ = [
     "decay_mask",
     "decoupled",
     "decoupled_weight_decay",
+    "donated_update",
     "elastic_net",
     "ensemble_step",
     "functional_model",

@@ -21,24 +21,9 @@ import funcreg as fr
 from funcreg._src.errors import ContractError, LeafTypeError, SelectionError, StructureError
 from funcreg.testing import param_trees, tensors
 
-from helpers import SLOW_OK
+from helpers import SLOW_OK, TRANSFORMS as ALIASES
 
 F32, F64 = torch.float32, torch.float64
-ALIASES = {
-    "sgd": lambda: fr.sgd(0.1),
-    "sgd_momentum": lambda: fr.sgd(0.1, momentum=0.9, weight_decay=0.01),
-    "adam": lambda: fr.adam(0.01, weight_decay=0.01),
-    "adamw": lambda: fr.adamw(0.01),
-    "adamw_amsgrad_masked": lambda: fr.adamw(0.01, amsgrad=True, mask=lambda p: {k: v.ndim >= 2 for k, v in p.items()}),
-    "clip_adam": lambda: fr.chain(fr.clip_by_global_norm(1.0), fr.scale_by_adam(), fr.scale_by_learning_rate(0.01)),
-    "proximal_l1": lambda: fr.chain(fr.sgd(0.1), fr.proximal(fr.l1(0.01), learning_rate=0.1)),
-    "coupled_l2": lambda: fr.chain(fr.add_penalty_grad(fr.l2(0.1)), fr.sgd(0.1, momentum=0.5)),
-    "decoupled_l1": lambda: fr.chain(fr.adam(0.01), fr.decoupled(fr.l1(0.01), learning_rate=0.01)),
-    "masked_trace": lambda: fr.masked(fr.trace(0.9), {"w": True, "b": False}),
-    "partition": lambda: fr.partition({"a": fr.adam(0.01), "b": fr.sgd(0.1, momentum=0.9)}, {"w": "a", "b": "b"}),
-    "apply_if_finite": lambda: fr.apply_if_finite(fr.adam(0.01), max_consecutive_errors=2),
-    "named_chain": lambda: fr.named_chain(("m", fr.trace(0.9)), ("lr", fr.scale_by_learning_rate(0.1))),
-}
 
 
 def two_leaf_params(dtype=F32):

@@ -278,11 +278,23 @@ def advance_steps(f: Flat, steps: PyTree, who: str) -> tuple[list[Any], list[tor
     from funcreg._src import leafwise
 
     leaves = f.state_leaves(steps, who, "steps", per_element=False)
-    new = [s + 1 for s in f.present(leaves)]
+    present = f.present(leaves)
+    if leafwise.owned(present):  # a donated step counts in place
+        leafwise.add_scalar_(present, 1)
+        new = present
+    else:
+        new = [s + 1 for s in present]
     values = [leafwise.concrete(s) for s in new]
     if values and all(isinstance(v, int) for v in values) and len(set(values)) == 1:
         return leaves, new, values[0]
     return leaves, new, values
+
+
+def next_count(count: torch.Tensor) -> torch.Tensor:
+    """``count + 1``: in place in a donated step."""
+    from funcreg._src import leafwise
+
+    return count.add_(1) if leafwise.owned([count]) else count + 1
 
 
 def init_count(params: PyTree) -> torch.Tensor:

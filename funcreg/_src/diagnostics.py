@@ -1,4 +1,4 @@
-"""Diagnostics over parameter trees: sparsity (story 3's "are there any zeros?") and per-leaf norms.
+"""Diagnostics over parameter trees: sparsity ("did the L1 penalty give any exact zeros?") and per-leaf norms.
 
 Both functions take any parameter tree funcreg accepts (the flat dicts of :func:`funcreg.params_of`,
 nested dicts, lists, tuples, a bare tensor) or a module, name the leaves with
@@ -58,6 +58,14 @@ def _render(rows: list[tuple[str, ...]], right: set[int]) -> str:
         cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+def _dataframe(records: list[dict[str, Any]], columns: list[str], who: str) -> Any:
+    try:
+        import pandas as pd
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(f"{who}.to_dataframe needs pandas: pip install pandas") from err
+    return pd.DataFrame.from_records(records, columns=columns)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,6 +142,24 @@ class SparsityReport(Mapping[str, float]):
 
     __str__ = table
 
+    def to_dataframe(self) -> Any:
+        """A pandas DataFrame, one row per leaf: ``name``, ``shape`` (a tuple), ``zeros``, ``numel``, ``fraction``.
+
+        Examples:
+            >>> import torch, funcreg as fr
+            >>> df = fr.sparsity({"w": torch.tensor([0.0, 1.0])}).to_dataframe()  # needs pandas
+            >>> df.to_dict("records")
+            [{'name': 'w', 'shape': (2,), 'zeros': 1, 'numel': 2, 'fraction': 0.5}]
+        """
+        return _dataframe(
+            [
+                {"name": x.name, "shape": x.shape, "zeros": x.zeros, "numel": x.numel, "fraction": x.fraction}
+                for x in self.leaves
+            ],
+            ["name", "shape", "zeros", "numel", "fraction"],
+            "SparsityReport",
+        )
+
     def __repr__(self) -> str:
         return f"SparsityReport({self.criterion}, overall={self.overall:.4g}, {dict(self)!r})"
 
@@ -150,7 +176,7 @@ def sparsity(
     ``threshold=0.0`` counts exact zeros only (what a proximal L1 step produces; an L1 penalty in the
     loss, a subgradient step, produces none).
 
-    Relative criterion (story 3 of ``shared/user-stories.md``): with ``relative_threshold=r`` an entry
+    Relative criterion (a tolerance that follows the tensor's scale, e.g. ``5e-4``): with ``relative_threshold=r`` an entry
     counts when ``|w| < r * max|w|``, the maximum taken over its own tensor, or when it is exactly zero
     (so an all-zero tensor is fully sparse). ``threshold`` must then be left at 0.
 
@@ -271,6 +297,20 @@ class NormReport(Mapping[str, float]):
 
     __str__ = table
 
+    def to_dataframe(self) -> Any:
+        """A pandas DataFrame, one row per leaf: ``name``, ``shape`` (a tuple), ``numel``, ``norm``.
+
+        Examples:
+            >>> import torch, funcreg as fr
+            >>> fr.norms({"w": torch.tensor([3.0, 4.0])}).to_dataframe().to_dict("records")  # needs pandas
+            [{'name': 'w', 'shape': (2,), 'numel': 2, 'norm': 5.0}]
+        """
+        return _dataframe(
+            [{"name": x.name, "shape": x.shape, "numel": x.numel, "norm": x.norm} for x in self.leaves],
+            ["name", "shape", "numel", "norm"],
+            "NormReport",
+        )
+
     def __repr__(self) -> str:
         return f"NormReport(ord={self.ord:g}, total={self.total:.6g}, {dict(self)!r})"
 
@@ -304,7 +344,7 @@ def norms(params: PyTree | nn.Module, ord: float = 2) -> NormReport:
     same norm over all entries of all leaves, so for ``ord=2`` it is ``sqrt(sum of squared leaf norms)``.
     ``None`` leaves are skipped. Norms are computed in float64 and returned as Python floats.
 
-    Note that ``torch.norm(w)``, the "L2 penalty" of story 3, is this (unsquared) norm: its gradient is
+    Note that ``torch.norm(w)``, often written as an "L2 penalty", is this (unsquared) norm: its gradient is
     ``w / ||w||``, unlike the ``w`` of ``1/2 * ||w||^2``.
 
     Args:

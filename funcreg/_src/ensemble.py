@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from funcreg._src.selection import buffers_of, params_of
+from funcreg._src.donation import DonationTracker
 from funcreg._src.hparams import as_hparams, float_dtype
 from funcreg._src.training import Step, TrainState
 from funcreg._src.tree import PyTree, check_same_spec, flatten, leaf_names, unflatten
@@ -197,6 +198,7 @@ class EnsembleStep:
     def __init__(self, step: Step, batch: Batch) -> None:
         self.step = step
         self.batch = batch
+        self._donations = DonationTracker()
 
     def init(self, params: PyTree, buffers: Optional[PyTree] = None, hparams: Optional[dict[str, Any]] = None) -> TrainState:
         """The stacked :class:`funcreg.TrainState` of all members.
@@ -244,7 +246,14 @@ class EnsembleStep:
             for i, b in enumerate(batch):
                 _check_members(f"batch argument {i}", b, n)
         in_dims = (0,) + ((0 if self.batch == "per_member" else None),) * len(batch)
-        return vmap(self.step, in_dims)(train_state, *batch)
+        if not self.step.donate:
+            return vmap(self.step, in_dims)(train_state, *batch)
+        # donation inside vmap: eager vmap keeps the update pure (batched in-place writes are not
+        # safe to mix with unbatched operands); under torch.compile the writes go into the inputs
+        self._donations.consume(train_state)
+        out = vmap(self.step, in_dims)(train_state, *batch)
+        self._donations.produce(out[0])
+        return out
 
 
 def _is_traced(hparams: dict[str, torch.Tensor]) -> bool:

@@ -21,6 +21,7 @@ from typing import Union
 
 import torch
 
+from funcreg._src.donation import donating
 from funcreg._src.tree import is_functorch_tensor
 
 Scalar = Union[float, int, torch.Tensor]
@@ -41,7 +42,14 @@ def can_foreach(xs: Tensors, *others: Union[Tensors, Scalar]) -> bool:
     """
     if _is_compiling():
         return False
-    return len(xs) > 0 and not any(is_functorch_tensor(x) for x in xs) and not _recorded(xs, *others)
+    if not xs or _recorded(xs, *others):
+        return False
+    # no tensor can be wrapped while no vmap/grad transform is active: skip the per-leaf query
+    return not torch._C._are_functorch_transforms_active() or not any(is_functorch_tensor(x) for x in xs)
+
+
+def _never(x: torch.Tensor) -> bool:
+    return False
 
 
 def writable(*groups: Union[Tensors, Scalar]) -> bool:
@@ -49,13 +57,25 @@ def writable(*groups: Union[Tensors, Scalar]) -> bool:
     autograd history would be overwritten (grad mode on and some tensor requires grad; an in-place
     write into a tensor whose old value the backward pass needs fails at ``backward``)."""
     grad_on = torch.is_grad_enabled()
-    # under torch.compile writes are functionalized (and functorch's query cannot be traced)
-    wrapped = (lambda x: False) if _is_compiling() else is_functorch_tensor
+    # under torch.compile writes are functionalized (and functorch's query cannot be traced); with no
+    # vmap/grad transform active no tensor is wrapped
+    if _is_compiling() or not torch._C._are_functorch_transforms_active():
+        if not grad_on:
+            return True
+        wrapped = _never
+    else:
+        wrapped = is_functorch_tensor
     for g in groups:
         for x in g if isinstance(g, (list, tuple)) else (g,):
             if isinstance(x, torch.Tensor) and (wrapped(x) or (grad_on and x.requires_grad)):
                 return False
     return True
+
+
+def owned(*groups: Union[Tensors, Scalar]) -> bool:
+    """Whether a donated step may write into these *state or parameter* tensors: donation is on
+    (:func:`funcreg._src.donation.donating`) and writing in place is safe (:func:`writable`)."""
+    return donating() and writable(*groups)
 
 
 def _recorded(*groups: Union[Tensors, Scalar]) -> bool:
@@ -177,6 +197,24 @@ def div_scalar_(xs: list[torch.Tensor], s: ScalarOrList) -> None:
     else:
         for x, v in zip(xs, _each(s, len(xs))):
             x.div_(_like(v, x))
+
+
+def lerp_(xs: list[torch.Tensor], ys: Tensors, weight: Scalar) -> None:
+    """``x += weight * (y - x)`` per leaf, in place (``xs`` must be writable)."""
+    if can_foreach(xs, ys) and _number(weight):
+        torch._foreach_lerp_(xs, ys, weight)
+    else:
+        for x, y in zip(xs, ys):
+            x.lerp_(y, _like(weight, x))
+
+
+def maximum_(xs: list[torch.Tensor], ys: Tensors) -> None:
+    """``x = max(x, y)`` per leaf, in place (``xs`` must be writable)."""
+    if can_foreach(xs, ys):
+        torch._foreach_maximum_(xs, ys)
+    else:
+        for x, y in zip(xs, ys):
+            torch.maximum(x, y, out=x)
 
 
 def lerp(xs: Tensors, ys: Tensors, weight: Scalar) -> list[torch.Tensor]:

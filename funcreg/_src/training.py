@@ -22,8 +22,9 @@ from funcreg._src.hparams import Hyperparams, as_hparams, float_dtype
 from funcreg._src.forms import PenaltyState, add_penalty_grad, decoupled, penalized, penalty_metrics, proximal
 from funcreg._src.penalties import Penalty
 from funcreg._src.transform import ScalarOrSchedule
-from funcreg._src.tree import PyTree, flatten, is_functorch_tensor
-from funcreg._src.update import apply_updates
+from funcreg._src.tree import PyTree, flatten, unflatten
+from funcreg._src.donation import DonationTracker, set_donating
+from funcreg._src.update import apply_updates, check_donatable, records_autograd
 from funcreg._src.validation import check_bool, check_rate
 
 Form = Literal["loss", "coupled", "decoupled", "proximal"]
@@ -120,6 +121,7 @@ class Step:
         learning_rate: Union[None, str, ScalarOrSchedule],
         has_aux: bool,
         buffers: bool,
+        donate: bool = False,
     ) -> None:
         self.loss_fn = loss_fn
         self.tx = tx
@@ -128,6 +130,8 @@ class Step:
         self.learning_rate = learning_rate
         self.has_aux = has_aux
         self.buffers = buffers
+        self.donate = donate
+        self._donations = DonationTracker()
 
     def transform(self, hparams: Hyperparams) -> GradientTransformation:
         """The full transform for these hyperparameters: ``tx`` with the penalty's form wired in.
@@ -167,6 +171,11 @@ class Step:
         if not self.buffers and buffers:
             raise ValueError("buffers given, but the step was built with buffers=False")
         hp = as_hparams(hparams, float_dtype(params))
+        if self.donate:
+            # a donated step writes into the state's tensors: the state owns copies, never the caller's
+            # tensors (fr.params_of(model) shares storage with the module)
+            params = _copy_tree(params)
+            buffers = None if buffers is None else {k: v.clone() for k, v in buffers.items()}
         return TrainState(params, self.transform(hp).init(params), {} if buffers is None else dict(buffers), hp)
 
     def _data_loss(self, params: PyTree, buffers: PyTree, batch: tuple[Any, ...]) -> tuple[torch.Tensor, tuple[Any, Any]]:
@@ -204,6 +213,18 @@ class Step:
         # torch.func.grad's aux may hold only tensors: aux is left out when there is none
         return total, ((metrics, new_buffers, aux) if self.has_aux else (metrics, new_buffers))
 
+    def _update(self, tx: GradientTransformation, grads: PyTree, opt_state: Any, params: PyTree) -> tuple[PyTree, Any]:
+        # A donated step is not differentiable (it overwrites what autograd would need), so it runs
+        # under no_grad when nothing visible requires grad: that spares every elementwise helper its
+        # per-leaf autograd check. The pure step stays recordable: a learning rate closed over by tx
+        # may require grad (hypergradients), and that is invisible here.
+        if self.donate and not _is_compiling() and not records_autograd(grads, params, opt_state):
+            with torch.no_grad():
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return apply_updates(params, updates), opt_state
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return apply_updates(params, updates), opt_state
+
     def __call__(self, train_state: TrainState, *batch: Any) -> tuple[TrainState, dict[str, Any]]:
         """One step: gradients by ``torch.func.grad``, the transform, ``apply_updates``."""
         if not isinstance(train_state, TrainState):
@@ -212,8 +233,19 @@ class Step:
         grads, extra = torch.func.grad(self._objective, has_aux=True)(params, buffers, hparams, batch)
         metrics, new_buffers = extra[0], extra[1]
         tx = self.transform(hparams)
-        updates, new_opt_state = tx.update(grads, opt_state, params)
-        new_params = apply_updates(params, updates)
+        tracked = self.donate and not _is_compiling() and not _is_vmapped(params)
+        if self.donate:
+            if tracked:
+                self._donations.consume(train_state)
+                check_donatable("params", params, unique=True)
+                check_donatable("opt_state", opt_state)
+            previous = set_donating(True)
+            try:
+                new_params, new_opt_state = self._update(tx, grads, opt_state, params)
+            finally:
+                set_donating(previous)
+        else:
+            new_params, new_opt_state = self._update(tx, grads, opt_state, params)
         if self.penalty is not None and self.form != "loss":
             report = new_opt_state["penalty"]  # the step's own form (tx itself may hold other forms)
             assert isinstance(report, PenaltyState)
@@ -222,7 +254,21 @@ class Step:
             metrics["total"] = metrics["data_loss"] + metrics["penalty"]
         if self.has_aux:
             metrics["aux"] = extra[2]
-        return TrainState(new_params, new_opt_state, new_buffers, hparams), metrics
+        out = TrainState(new_params, new_opt_state, new_buffers, hparams)
+        if tracked:
+            self._donations.produce(out)
+        return out, metrics
+
+
+def _is_vmapped(params: PyTree) -> bool:
+    """Inside fr.ensemble_step's vmap each call sees a new state object: the ensemble tracks it."""
+    leaves, _ = flatten(params)
+    return any(isinstance(x, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x) for x in leaves)
+
+
+def _copy_tree(tree: PyTree) -> PyTree:
+    leaves, spec = flatten(tree)
+    return unflatten([x.detach().clone() if isinstance(x, torch.Tensor) else x for x in leaves], spec)
 
 
 def make_step(
@@ -233,6 +279,7 @@ def make_step(
     learning_rate: Union[None, str, ScalarOrSchedule] = None,
     has_aux: bool = False,
     buffers: bool = False,
+    donate: bool = False,
 ) -> Step:
     """Builds a pure training step ``step(train_state, *batch) -> (train_state, metrics)``.
 
@@ -253,6 +300,11 @@ def make_step(
             do not use it, so one call can loop over all four forms.
         has_aux: ``loss_fn`` also returns auxiliary output, reported as ``metrics["aux"]``.
         buffers: the model has buffers carried in the state.
+        donate: each step writes the new parameters and optimizer state into the tensors of the state
+            it is given (as ``torch.optim`` does) instead of allocating new ones; results are those of
+            the pure step. ``init`` then copies the parameters (the state owns its tensors), and a
+            state that a step consumed must not be stepped again (``ValueError``): use the returned
+            one. Refused where autograd needs the old values (differentiating through the step).
 
     ``metrics`` always holds ``"data_loss"`` and, with a penalty in any form, ``"penalty"``,
     ``"penalty/<term>"`` and ``"total"`` (for the gradient-edit forms computed without autograd, at the
@@ -283,4 +335,5 @@ def make_step(
         check_rate("learning_rate", learning_rate)
     check_bool("has_aux", has_aux)
     check_bool("buffers", buffers)
-    return Step(loss_fn, tx, penalty, form, learning_rate, has_aux, buffers)
+    check_bool("donate", donate)
+    return Step(loss_fn, tx, penalty, form, learning_rate, has_aux, buffers, donate)

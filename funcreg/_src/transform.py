@@ -21,6 +21,7 @@ from funcreg._src.base import (
     flat,
     identity,
     init_count,
+    next_count,
     per_param_counts,
     per_param_zeros,
 )
@@ -97,7 +98,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, flip_sign: bool = Tr
         f = flat(updates, params, "scale_by_learning_rate")
         lr = schedule_value(learning_rate, leafwise.concrete(state.count))
         new = leafwise.mul(f.present_updates(), sign * lr)
-        return f.tree(new), ScaleByScheduleState(count=state.count + 1)
+        return f.tree(new), ScaleByScheduleState(count=next_count(state.count))
 
     return configured(
         GradientTransformation(init, update), "scale_by_learning_rate", learning_rate, flip_sign=None if flip_sign else False
@@ -156,10 +157,19 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
         step_leaves, new_steps, t = advance_steps(f, state.steps, "trace")
         grads = f.present_updates()
         bufs = f.present(buf_leaves)
-        if t == 1:  # every present parameter's first step: the buffer starts as the gradient
+        donated = leafwise.owned(bufs)
+        if t == 1 and donated:  # every present parameter's first step: the buffer starts as the gradient
+            for b, g in zip(bufs, grads):
+                b.copy_(g)
+            new_bufs = bufs
+        elif t == 1:
             new_bufs = leafwise.clone(grads)
         elif isinstance(t, int):
-            new_bufs = leafwise.mul(bufs, momentum)
+            if donated:
+                new_bufs = bufs
+                leafwise.mul_(new_bufs, momentum)
+            else:
+                new_bufs = leafwise.mul(bufs, momentum)
             leafwise.add_(new_bufs, grads, alpha=1 - dampening)
         else:  # steps differ between parameters, or are traced (vmap, compile): select per leaf
             new_bufs = [
@@ -170,9 +180,14 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
             ]
         # the update must not be the state's own buffer: a caller editing its updates in place would
         # rewrite the momentum
-        out = leafwise.add(grads, new_bufs, alpha=momentum) if nesterov else leafwise.clone(new_bufs)
+        # (in a donated step nobody sees the updates but the transforms after this one, which never
+        # write into their inputs, and apply_updates: no copy needed)
+        if nesterov:
+            out = leafwise.add(grads, new_bufs, alpha=momentum)
+        else:
+            out = list(new_bufs) if leafwise.owned(new_bufs) else leafwise.clone(new_bufs)
         new_state = TraceState(
-            count=state.count + 1, momentum_buffer=f.tree(new_bufs, buf_leaves), steps=f.tree(new_steps, step_leaves)
+            count=next_count(state.count), momentum_buffer=f.tree(new_bufs, buf_leaves), steps=f.tree(new_steps, step_leaves)
         )
         return f.tree(out), new_state
 
@@ -263,20 +278,29 @@ def adam_moments(
     """
     mu_leaves = f.state_leaves(state.mu, who, "mu")
     nu_leaves = f.state_leaves(state.nu, who, "nu")
-    mu = leafwise.lerp(f.present(mu_leaves), grads, 1 - b1)
-    nu = leafwise.mul(f.present(nu_leaves), b2)
+    max_leaves = f.state_leaves(state.nu_max, who, "nu_max") if amsgrad else None
+    mu, nu = f.present(mu_leaves), f.present(nu_leaves)
+    nu_max = f.present(max_leaves) if max_leaves is not None else []
+    if leafwise.owned(mu, nu, nu_max):  # donated: the state buffers are updated in place, as torch does
+        leafwise.lerp_(mu, grads, 1 - b1)
+        leafwise.mul_(nu, b2)
+    else:
+        mu = leafwise.lerp(mu, grads, 1 - b1)
+        nu = leafwise.mul(nu, b2)
     leafwise.addcmul_(nu, grads, grads, 1 - b2)
     nu_max_tree = None
-    if amsgrad:
-        max_leaves = f.state_leaves(state.nu_max, who, "nu_max")
-        nu_max = leafwise.maximum(f.present(max_leaves), nu)
+    if max_leaves is not None:
+        if leafwise.owned(nu_max):
+            leafwise.maximum_(nu_max, nu)
+        else:
+            nu_max = leafwise.maximum(nu_max, nu)
         nu_max_tree = f.tree(nu_max, max_leaves)
         denom = leafwise.sqrt(nu_max)
     else:
         denom = leafwise.sqrt(nu)
     step_leaves, new_steps, t = advance_steps(f, state.steps, who)
     new_state = ScaleByAdamState(
-        count=state.count + 1,
+        count=next_count(state.count),
         mu=f.tree(mu, mu_leaves),
         nu=f.tree(nu, nu_leaves),
         nu_max=nu_max_tree,

@@ -35,13 +35,41 @@ def _is_none(x: Any) -> bool:
     return x is None
 
 
+# Flat dicts of tensors ({"0.weight": ..., "0.bias": ...}, what fr.params_of returns) are the common
+# case, flattened several times per step: their spec is cached by key tuple, so flattening is a list
+# of the values and unflattening a dict(zip(...)), with no per-leaf pytree dispatch.
+_FLAT_DICT_SPECS: dict[tuple[Any, ...], TreeSpec] = {}
+_FLAT_DICT_KEYS: dict[int, tuple[Any, ...]] = {}
+_FLAT_DICT_CACHE_SIZE = 256
+
+
+def _flat_dict_spec(tree: dict, values: list[Any]) -> TreeSpec:
+    keys = tuple(tree)
+    spec = _FLAT_DICT_SPECS.get(keys)
+    if spec is None:
+        spec = pytree.tree_flatten(tree, is_leaf=_is_none)[1]
+        if len(_FLAT_DICT_SPECS) < _FLAT_DICT_CACHE_SIZE:  # cached specs stay alive, so their ids stay unique
+            _FLAT_DICT_SPECS[keys] = spec
+            _FLAT_DICT_KEYS[id(spec)] = keys
+    return spec
+
+
 def flatten(tree: PyTree) -> tuple[list[Any], TreeSpec]:
     """Flattens ``tree`` into its leaves, keeping ``None`` leaves in place."""
+    if type(tree) is dict:
+        values = list(tree.values())
+        if all(v is None or isinstance(v, torch.Tensor) for v in values):
+            return values, _flat_dict_spec(tree, values)
     return pytree.tree_flatten(tree, is_leaf=_is_none)
 
 
 def unflatten(leaves: Sequence[Any], spec: TreeSpec) -> PyTree:
     """Inverse of :func:`flatten`."""
+    keys = _FLAT_DICT_KEYS.get(id(spec))
+    if keys is not None and _FLAT_DICT_SPECS.get(keys) is spec:
+        if len(leaves) != len(keys):
+            raise ValueError(f"{len(leaves)} leaves for a tree with {len(keys)}")
+        return dict(zip(keys, leaves))
     return pytree.tree_unflatten(list(leaves), spec)
 
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 from funcreg._src import leafwise
-from funcreg._src.base import flat
-from funcreg._src.tree import PyTree
+from funcreg._src.base import GradientTransformation, flat
+from funcreg._src.describe import compiling
+from funcreg._src.donation import set_donating
+from funcreg._src.tree import PyTree, flatten, leaf_names
 
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
@@ -22,5 +28,92 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """
     f = flat(updates, params, "apply_updates", needs_params=True)
     ps = f.present_params()
+    if ps and leafwise.owned(ps):  # a donated step: the parameters are the caller's to overwrite
+        leafwise.add_(ps, f.present_updates())
+        return f.tree(ps, base=f.params)
     new = leafwise.add(ps, f.present_updates()) if ps else []
     return f.tree(new, base=f.params)
+
+
+def records_autograd(*trees: Any) -> bool:
+    """Whether autograd would record an update over these trees: grad mode is on and a tensor
+    requires grad, or a ``torch.func`` transform is active. Where it would not, the update can run
+    under ``torch.no_grad()``, which spares every elementwise helper its own per-leaf check."""
+    if not torch.is_grad_enabled():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return True
+    for tree in trees:
+        if any(isinstance(x, torch.Tensor) and x.requires_grad for x in flatten(tree)[0]):
+            return True
+    return False
+
+
+def check_donatable(what: str, tree: PyTree, unique: bool = False) -> None:
+    """Raises ``ValueError`` where writing into ``tree``'s tensors would be wrong: autograd needs their
+    values (grad mode on and a tensor requires grad, or ``torch.func.grad`` is tracing them), or, with
+    ``unique``, one tensor appears twice (a parameter listed twice would be stepped twice)."""
+    leaves, _ = flatten(tree)
+    seen: dict[int, int] = {}
+    grad_on = torch.is_grad_enabled()
+    if not grad_on and not unique and not torch._C._are_functorch_transforms_active():
+        return
+    for i, x in enumerate(leaves):
+        if not isinstance(x, torch.Tensor):
+            continue
+        if (grad_on and x.requires_grad) or torch._C._functorch.is_gradtrackingtensor(x):
+            raise ValueError(
+                f"cannot donate {what} {leaf_names(tree)[i]!r}: autograd needs its value (differentiating "
+                "through the step); use the pure path, or run the step under torch.no_grad()"
+            )
+        if unique and id(x) in seen:
+            names = leaf_names(tree)
+            raise ValueError(f"cannot donate {what}: {names[seen[id(x)]]!r} and {names[i]!r} are the same tensor")
+        seen[id(x)] = i
+
+
+def donated_update(
+    tx: GradientTransformation, grads: PyTree, state: Any, params: PyTree
+) -> tuple[PyTree, Any]:
+    """One step of the bare loop, ``tx.update`` then :func:`apply_updates`, writing into ``state`` and
+    ``params`` instead of allocating new ones.
+
+    Equal to the pure ``updates, state = tx.update(grads, state, params); params =
+    apply_updates(params, updates)`` (tested for every alias, combinator and penalty form), at
+    ``torch.optim``'s cost: moments, momentum buffers, counters and parameters are updated in place.
+    The donated ``state`` and ``params`` must not be used afterwards except through the returned ones
+    (for most transforms they are the same tensors with new contents). ``grads`` are only read.
+    Transforms that cannot update in place run pure, which is always correct. Refused
+    (``ValueError``) where autograd needs the old values, or a tensor is donated twice. A donated
+    step is not differentiable: it runs under ``torch.no_grad()`` (use the pure path to differentiate
+    through an optimizer step, e.g. with respect to a learning rate).
+
+    Returns:
+        ``(params, state)`` after the step.
+
+    Examples:
+        >>> import torch, funcreg as fr
+        >>> tx = fr.adamw(0.1, weight_decay=0.5)
+        >>> params = {"w": torch.ones(2)}
+        >>> state = tx.init(params)
+        >>> buffer = params["w"]
+        >>> params, state = fr.donated_update(tx, {"w": torch.zeros(2)}, state, params)
+        >>> params["w"], params["w"] is buffer  # 1 - 0.1 * 0.5: written into the donated tensor
+        (tensor([0.9500, 0.9500]), True)
+    """
+    eager = not compiling()
+    if eager:  # under torch.compile the checks ran when the caller was traced eagerly, or not at all
+        check_donatable("params", params, unique=True)
+        check_donatable("state", state)
+    previous = set_donating(True)
+    try:
+        if eager and not records_autograd(grads):
+            with torch.no_grad():
+                updates, state = tx.update(grads, state, params)
+                params = apply_updates(params, updates)
+        else:
+            updates, state = tx.update(grads, state, params)
+            params = apply_updates(params, updates)
+    finally:
+        set_donating(previous)
+    return params, state

@@ -9,6 +9,7 @@ import torch
 from funcreg._src import leafwise
 from funcreg._src.base import GradientTransformation, expect_state, flat
 from funcreg._src.describe import configured
+from funcreg._src.donation import donating, donation
 from funcreg._src.selection import MaskLike, resolve_mask
 from funcreg._src.tree import PyTree, flatten, unflatten
 from funcreg._src.validation import check_int
@@ -104,6 +105,10 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
         updates: PyTree, state: ApplyIfFiniteState, params: Optional[PyTree] = None
     ) -> tuple[PyTree, ApplyIfFiniteState]:
         expect_state(state, ApplyIfFiniteState, "apply_if_finite")
+        if donating():
+            # the inner state must survive a skipped step: the inner transform runs pure
+            with donation(False):
+                return update(updates, state, params)
         f = flat(updates, params, "apply_if_finite")
         device = state.last_finite.device
         zeros = f.tree([torch.zeros_like(u) for u in f.present_updates()])

@@ -1,0 +1,74 @@
+"""Donation: the caller hands its state and parameters over, and funcreg may write into them.
+
+``update`` is pure by default: every step allocates new moment buffers and new parameters. When the
+caller *donates* (as with JAX's ``donate_argnums``), the same transforms update their state buffers
+and the parameters in place instead, as ``torch.optim`` does, and the step costs what torch's costs.
+Results are those of the pure path; the donated tensors must not be used afterwards except through
+what the step returns (they are the same tensor objects, with new contents).
+
+Donation is a per-thread flag read by the state updates (:func:`donating`), so it also holds while
+``torch.compile`` traces a step (as in-place writes into the graph's inputs). A transform that does
+not know about donation simply stays pure: that is always correct.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class _Donation(threading.local):
+    active = False
+
+
+_FLAG = _Donation()
+
+
+def donating() -> bool:
+    """Whether the current thread runs a donated step (state and params may be written into)."""
+    return _FLAG.active
+
+
+@contextmanager
+def donation(active: bool = True) -> Iterator[None]:
+    """Runs the body with donation on (or off: ``donation(False)`` inside a wrapper that must keep
+    its inner state intact, such as ``apply_if_finite``)."""
+    previous = _FLAG.active
+    _FLAG.active = active
+    try:
+        yield
+    finally:
+        _FLAG.active = previous
+
+
+def set_donating(active: bool) -> bool:
+    """Sets the flag and returns its previous value (for code that ``torch.compile`` traces, where a
+    plain ``try``/``finally`` is simpler to trace than a context manager)."""
+    previous = _FLAG.active
+    _FLAG.active = active
+    return previous
+
+
+class DonationTracker:
+    """Catches the common misuse of donation: stepping a state that an earlier step consumed.
+
+    A donated step overwrites the tensors of the state it is given; calling it again with that same
+    state object (instead of the one it returned) would silently step from overwritten values.
+    """
+
+    def __init__(self) -> None:
+        # references, not ids: a freed state's id can be reused by a new object
+        self._consumed: object = None
+        self._produced: object = None
+
+    def consume(self, state: object) -> None:
+        if state is self._consumed and state is not self._produced:
+            raise ValueError(
+                "this state was donated to an earlier step, which overwrote its tensors: pass the state "
+                "that step returned"
+            )
+        self._consumed = state
+
+    def produce(self, state: object) -> None:
+        self._produced = state

@@ -1,0 +1,163 @@
+"""Donation: ``fr.donated_update`` and ``make_step(donate=True)`` equal the pure path, and are refused
+where writing into the caller's tensors would be wrong.
+
+The pure path (``tx.update`` + ``apply_updates``) is the oracle: it is itself tested against
+torch.optim elsewhere. Donation changes where results are written, not the arithmetic, so the
+trajectories must agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import funcreg as fr
+from funcreg.testing import tensors
+
+from helpers import SLOW_OK, TRANSFORMS
+
+F32, F64 = torch.float32, torch.float64
+
+
+def _clone(tree):
+    return torch.utils._pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def _assert_equal_trees(a, b, what):
+    la, lb = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+    assert len(la) == len(lb), what
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y), f"{what}: {x} != {y}"
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+@pytest.mark.parametrize("dtype", [F32, F64])
+@settings(deadline=None, max_examples=6, suppress_health_check=SLOW_OK)
+@given(data=st.data())
+def test_donated_update_equals_the_pure_path_bitwise(name, dtype, data):
+    params = {"w": data.draw(tensors((2, 3), dtype=dtype, max_abs=3.0)), "b": data.draw(tensors((3,), dtype=dtype, max_abs=3.0))}
+    tx = TRANSFORMS[name]()
+    pure_p, pure_s = params, tx.init(params)
+    don_p, don_s = _clone(params), tx.init(params)
+    for t in range(data.draw(st.integers(1, 5))):
+        grads = {k: data.draw(tensors(tuple(v.shape), dtype=dtype, max_abs=2.0)) for k, v in params.items()}
+        if data.draw(st.booleans()) and name not in ("partition",):
+            grads["b"] = None  # a frozen parameter at this step
+        kept = _clone(grads)
+        u, pure_s = tx.update(grads, pure_s, pure_p)
+        pure_p = fr.apply_updates(pure_p, u)
+        don_p, don_s = fr.donated_update(tx, grads, don_s, don_p)
+        _assert_equal_trees(grads, kept, "the gradients are only read")
+        _assert_equal_trees(don_p, pure_p, f"params after step {t + 1}")
+        _assert_equal_trees(don_s, pure_s, f"state after step {t + 1}")
+
+
+def test_donated_update_writes_into_the_donated_tensors():
+    tx = fr.adamw(0.1)
+    params = {"w": torch.ones(3)}
+    state = tx.init(params)
+    buffers = (params["w"], state.mu["w"], state.nu["w"], state.steps["w"])
+    params, state = fr.donated_update(tx, {"w": torch.ones(3)}, state, params)
+    assert params["w"] is buffers[0] and state.mu["w"] is buffers[1] and state.nu["w"] is buffers[2]
+    assert state.steps["w"] is buffers[3] and int(state.steps["w"]) == 1
+
+
+def test_donation_is_refused_where_autograd_needs_the_old_values():
+    w = torch.ones(3, requires_grad=True)
+    tx = fr.sgd(0.1)
+    with pytest.raises(ValueError, match=r"cannot donate params 'w': autograd needs its value"):
+        fr.donated_update(tx, {"w": torch.ones(3)}, tx.init({"w": w}), {"w": w})
+    with torch.no_grad():  # what TorchOptimizer does: no history is recorded, so writing is fine
+        out, _ = fr.donated_update(tx, {"w": torch.ones(3)}, tx.init({"w": w}), {"w": w})
+    assert out["w"] is w
+
+
+def test_donating_one_tensor_twice_is_refused():
+    w = torch.ones(2)
+    tx = fr.sgd(0.1)
+    with pytest.raises(ValueError, match="'a' and 'b' are the same tensor"):
+        fr.donated_update(tx, {"a": torch.ones(2), "b": torch.ones(2)}, tx.init(None), {"a": w, "b": w})
+
+
+def test_apply_if_finite_keeps_its_inner_state_under_donation():
+    tx = fr.apply_if_finite(fr.adam(0.1), max_consecutive_errors=3)
+    params = {"w": torch.ones(2)}
+    state = tx.init(params)
+    params, state = fr.donated_update(tx, {"w": torch.ones(2)}, state, params)
+    mu, w = state.inner_state.mu["w"].clone(), params["w"].clone()
+    params, state = fr.donated_update(tx, {"w": torch.tensor([float("nan"), 1.0])}, state, params)
+    assert torch.equal(state.inner_state.mu["w"], mu) and torch.equal(params["w"], w)  # the step was skipped
+    assert int(state.total_notfinite) == 1
+
+
+def _problem(dtype=F64):
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(16, 3, generator=g, dtype=dtype), torch.randn(16, generator=g, dtype=dtype)
+    return X, y, {"w": torch.randn(3, generator=g, dtype=dtype), "b": torch.zeros((), dtype=dtype)}
+
+
+def _loss(p, X, y):
+    return ((X @ p["w"] + p["b"] - y) ** 2).mean()
+
+
+@pytest.mark.parametrize("form", ["loss", "coupled", "decoupled", "proximal"])
+@pytest.mark.parametrize("make_tx", [lambda: fr.adamw(0.05), lambda: fr.sgd(0.05, momentum=0.9)], ids=["adamw", "sgd"])
+def test_make_step_donate_equals_the_pure_step(form, make_tx):
+    X, y, p0 = _problem()
+    states = []
+    for donate in (False, True):
+        step = fr.make_step(_loss, make_tx(), penalty=fr.l1(0.01), form=form, learning_rate=0.05, donate=donate)
+        state = step.init(p0)
+        for _ in range(4):
+            state, metrics = step(state, X, y)
+        states.append((state, metrics))
+    _assert_equal_trees(states[1][0].params, states[0][0].params, "params")
+    _assert_equal_trees(states[1][0].opt_state, states[0][0].opt_state, "opt_state")
+    _assert_equal_trees(states[1][1], states[0][1], "metrics")
+
+
+def test_make_step_donate_owns_its_tensors_and_refuses_a_consumed_state():
+    X, y, p0 = _problem()
+    model = torch.nn.Linear(3, 1)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    step = fr.make_step(lambda p, X, y: ((fr.functional_model(model)(p, {}, X)[0].squeeze(-1) - y) ** 2).mean(), fr.adam(0.1), donate=True)
+    state = step.init(fr.params_of(model))
+    new, _ = step(state, X.float(), y.float())
+    for k, v in model.named_parameters():  # init copied the parameters: the module is untouched
+        assert torch.equal(v.detach(), before[k])
+    with pytest.raises(ValueError, match="donated to an earlier step"):
+        step(state, X.float(), y.float())
+    step(new, X.float(), y.float())  # the returned state is the one to step
+
+
+def test_donated_ensemble_step_equals_the_pure_one():
+    X, y, p0 = _problem()
+    out = []
+    for donate in (False, True):
+        step = fr.make_step(_loss, lambda h: fr.adamw(0.05, weight_decay=h["wd"]), donate=donate)
+        ens = fr.ensemble_step(step)
+        state = ens.init(fr.stack([p0, p0, p0]), hparams={"wd": torch.tensor([0.0, 0.1, 0.2], dtype=F64)})
+        for _ in range(3):
+            state, _ = ens(state, X, y)
+        out.append(state)
+    _assert_equal_trees(out[1].params, out[0].params, "params")
+    _assert_equal_trees(out[1].opt_state, out[0].opt_state, "opt_state")
+
+
+def test_donated_step_under_torch_compile_equals_eager():
+    X, y, p0 = _problem(F32)
+    tx = fr.adamw(0.05, weight_decay=0.1)
+    eager_p, eager_s = _clone(p0), tx.init(p0)
+    comp_p, comp_s = _clone(p0), tx.init(p0)
+    compiled = torch.compile(lambda g, s, p: fr.donated_update(tx, g, s, p))
+    for _ in range(3):
+        g = torch.func.grad(_loss)(eager_p, X, y)
+        eager_p, eager_s = fr.donated_update(tx, g, eager_s, eager_p)
+        g2 = torch.func.grad(_loss)(comp_p, X, y)
+        comp_p, comp_s = compiled(g2, comp_s, comp_p)
+    for k in p0:
+        torch.testing.assert_close(comp_p[k], eager_p[k], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(comp_s.nu["w"], eager_s.nu["w"], atol=1e-7, rtol=1e-5)

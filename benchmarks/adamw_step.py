@@ -15,6 +15,8 @@ Variants:
 * ``funcreg update only``: the same without ``apply_updates`` (where the time goes);
 * ``funcreg donated``: ``params, state = fr.donated_update(tx, grads, state, params)``, which writes
   into the state and parameters as torch does;
+* ``funcreg donated fused``: the same with ``fr.adamw(..., fused=True)``, whose donated step runs
+  torch's fused AdamW kernel;
 * ``funcreg compiled`` / ``funcreg donated compiled``: the whole funcreg step (pure / donated) under
   ``torch.compile``, compiled once before timing.
 
@@ -89,6 +91,11 @@ class FuncregVariant:
 
 class DonatedFuncregVariant(FuncregVariant):
     """``fr.donated_update``: the same step writing into its state and parameters, as torch does."""
+
+    def __init__(self, model: torch.nn.Module, grads: dict[str, torch.Tensor], fused: bool = False) -> None:
+        super().__init__(model, grads)
+        if fused:
+            self.tx = fr.adamw(LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=True)
 
     def step(self) -> None:
         self.params, self.state = fr.donated_update(self.tx, self.grads, self.state, self.params)
@@ -183,6 +190,7 @@ def main() -> None:
         "funcreg": FuncregVariant(model, grads),
         "funcreg update only": FuncregVariant(model, grads, apply=False),
         "funcreg donated": DonatedFuncregVariant(model, grads),
+        "funcreg donated fused": DonatedFuncregVariant(model, grads, fused=True),
     }
     for v in variants.values():
         for _ in range(args.warmup):
@@ -224,6 +232,12 @@ def main() -> None:
         print(f"{name:<25} {med * 1e3:>10.3f} {p10(ts) * 1e3:>8.3f} {p90 * 1e3:>8.3f} "
               f"{med / ref:>12.2f}x {p10(ts) / ref_p10:>9.2f}x")
     print(f"(ratios are to {REFERENCE}: torch.optim.AdamW(foreach=True))")
+    pairs = [("funcreg donated fused", "torch fused"), ("funcreg donated", "torch foreach"),
+             ("funcreg donated compiled", "torch foreach")]
+    for a, b in pairs:
+        if a in times and b in times:
+            print(f"{a} / {b}: median {statistics.median(times[a]) / statistics.median(times[b]):.2f}x, "
+                  f"p10 {p10(times[a]) / p10(times[b]):.2f}x")
 
     # All full-step variants took the same number of steps from the same start: they must agree.
     reference_params = variants[REFERENCE].current()

@@ -10,6 +10,7 @@ from funcreg._src import leafwise
 from funcreg._src.base import GradientTransformation, expect_state, flat
 from funcreg._src.complex_params import as_real
 from funcreg._src.describe import configured
+from funcreg._src.fused import FUSED_ATTR, AdamKernel
 from funcreg._src.combine import chain
 from funcreg._src.transform import (
     ScalarOrSchedule,
@@ -93,6 +94,7 @@ def adam(
     weight_decay: float = 0.0,
     amsgrad: bool = False,
     maximize: bool = False,
+    fused: bool = False,
 ) -> GradientTransformation:
     """``torch.optim.Adam``: ``[negate] -> add_decayed_weights -> scale_by_adam -> scale_by_learning_rate``.
 
@@ -100,7 +102,8 @@ def adam(
     :class:`ScaleByAdamState` of ``scale_by_adam``; it equals the chain to rounding (tested).
 
     ``weight_decay`` is *coupled* L2 as in torch's Adam: it is added to the gradient and then divided
-    by ``sqrt(v)`` with it, so it is not the decay AdamW applies (see :func:`adamw`).
+    by ``sqrt(v)`` with it, so it is not the decay AdamW applies (see :func:`adamw`). ``fused`` as in
+    :func:`adamw`.
 
     Examples:
         >>> import torch, funcreg as fr
@@ -110,10 +113,10 @@ def adam(
         >>> u["w"]  # the first step is lr * sign(-g)
         tensor([0.1000])
     """
-    tx = _adam_family("adam", learning_rate, betas, eps, weight_decay, False, amsgrad, maximize, None)
+    tx = _adam_family("adam", learning_rate, betas, eps, weight_decay, False, amsgrad, maximize, None, fused)
     return configured(
         tx, "adam", learning_rate, betas=betas, eps=eps, weight_decay=weight_decay,
-        amsgrad=amsgrad or None, maximize=maximize or None,
+        amsgrad=amsgrad or None, maximize=maximize or None, fused=fused or None,
     )
 
 
@@ -125,6 +128,7 @@ def adamw(
     amsgrad: bool = False,
     maximize: bool = False,
     mask: Optional[Any] = None,
+    fused: bool = False,
 ) -> GradientTransformation:
     """``torch.optim.AdamW``: Adam plus decoupled decay ``w <- w - lr_t * wd * w`` (lr-scaled, as torch).
 
@@ -134,6 +138,11 @@ def adamw(
     ``mask`` restricts the decay (e.g. ``fr.decay_mask(model)``); the Adam step applies to every
     parameter. The default ``weight_decay=1e-2`` is torch's (optax's is ``1e-4``).
 
+    A donated step (:func:`funcreg.donated_update`, ``make_step(donate=True)``) runs torch.optim's own
+    arithmetic in place: with ``fused=True`` torch's fused kernel, as ``torch.optim.AdamW(fused=True)``,
+    otherwise the foreach sequence of ``torch.optim.AdamW(foreach=True)``; each equals its namesake
+    bit for bit and the pure update to rounding. Pure updates are the same with or without ``fused``.
+
     Examples:
         >>> import torch, funcreg as fr
         >>> tx = fr.adamw(0.1, weight_decay=0.5)
@@ -142,10 +151,10 @@ def adamw(
         >>> u["w"]  # zero gradient: only the decay, -0.1 * 0.5 * 1
         tensor([-0.0500])
     """
-    tx = _adam_family("adamw", learning_rate, betas, eps, weight_decay, True, amsgrad, maximize, mask)
+    tx = _adam_family("adamw", learning_rate, betas, eps, weight_decay, True, amsgrad, maximize, mask, fused)
     return configured(
         tx, "adamw", learning_rate, betas=betas, eps=eps, weight_decay=weight_decay,
-        amsgrad=amsgrad or None, maximize=maximize or None, mask=mask,
+        amsgrad=amsgrad or None, maximize=maximize or None, mask=mask, fused=fused or None,
     )
 
 
@@ -159,6 +168,7 @@ def _adam_family(
     amsgrad: bool,
     maximize: bool,
     mask: Optional[Any],
+    fused: bool = False,
 ) -> GradientTransformation:
     """Adam/AdamW in one transform, equal to the chain in the docstrings but with fewer passes.
 
@@ -174,6 +184,7 @@ def _adam_family(
     check_number("weight_decay", weight_decay, low=0.0)
     check_bool("amsgrad", amsgrad)
     check_bool("maximize", maximize)
+    check_bool("fused", fused)
     moments = scale_by_adam(b1, b2, eps, amsgrad)  # its init is the state this transform keeps
     has_decay = not is_zero(weight_decay)
 
@@ -214,4 +225,8 @@ def _adam_family(
         return f.tree(out), new_state
 
     # moments.init is already complex-aware; the update views complex leaves as real, as torch does
-    return as_real(GradientTransformation(moments.init, update))
+    tx = as_real(GradientTransformation(moments.init, update))
+    # a donated step runs torch.optim's own kernels (fused, or its foreach sequence): see _src/fused.py
+    kernel = AdamKernel(who, learning_rate, b1, b2, eps, weight_decay, decoupled, amsgrad, maximize, mask, fused)
+    setattr(tx.update, FUSED_ATTR, kernel)
+    return tx

@@ -23,8 +23,8 @@ from funcreg._src.forms import PenaltyState, add_penalty_grad, decoupled, penali
 from funcreg._src.penalties import Penalty
 from funcreg._src.transform import ScalarOrSchedule
 from funcreg._src.tree import PyTree, flatten, unflatten
-from funcreg._src.donation import DonationTracker, set_donating
-from funcreg._src.update import apply_updates, check_donatable, records_autograd
+from funcreg._src.donation import DonationTracker
+from funcreg._src.update import apply_updates, check_donatable, donated_step
 from funcreg._src.validation import check_bool, check_rate
 
 Form = Literal["loss", "coupled", "decoupled", "proximal"]
@@ -213,18 +213,6 @@ class Step:
         # torch.func.grad's aux may hold only tensors: aux is left out when there is none
         return total, ((metrics, new_buffers, aux) if self.has_aux else (metrics, new_buffers))
 
-    def _update(self, tx: GradientTransformation, grads: PyTree, opt_state: Any, params: PyTree) -> tuple[PyTree, Any]:
-        # A donated step is not differentiable (it overwrites what autograd would need), so it runs
-        # under no_grad when nothing visible requires grad: that spares every elementwise helper its
-        # per-leaf autograd check. The pure step stays recordable: a learning rate closed over by tx
-        # may require grad (hypergradients), and that is invisible here.
-        if self.donate and not _is_compiling() and not records_autograd(grads, params, opt_state):
-            with torch.no_grad():
-                updates, opt_state = tx.update(grads, opt_state, params)
-                return apply_updates(params, updates), opt_state
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return apply_updates(params, updates), opt_state
-
     def __call__(self, train_state: TrainState, *batch: Any) -> tuple[TrainState, dict[str, Any]]:
         """One step: gradients by ``torch.func.grad``, the transform, ``apply_updates``."""
         if not isinstance(train_state, TrainState):
@@ -239,13 +227,11 @@ class Step:
                 self._donations.consume(train_state)
                 check_donatable("params", params, unique=True)
                 check_donatable("opt_state", opt_state)
-            previous = set_donating(True)
-            try:
-                new_params, new_opt_state = self._update(tx, grads, opt_state, params)
-            finally:
-                set_donating(previous)
+            # not differentiable (it overwrites what autograd would need): see donated_update
+            new_params, new_opt_state = donated_step(tx, grads, opt_state, params)
         else:
-            new_params, new_opt_state = self._update(tx, grads, opt_state, params)
+            updates, new_opt_state = tx.update(grads, opt_state, params)
+            new_params = apply_updates(params, updates)
         if self.penalty is not None and self.form != "loss":
             report = new_opt_state["penalty"]  # the step's own form (tx itself may hold other forms)
             assert isinstance(report, PenaltyState)

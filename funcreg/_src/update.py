@@ -10,6 +10,7 @@ from funcreg._src import leafwise
 from funcreg._src.base import GradientTransformation, flat
 from funcreg._src.describe import compiling
 from funcreg._src.donation import set_donating
+from funcreg._src.fused import FUSED_ATTR
 from funcreg._src.tree import PyTree, flatten, leaf_names
 
 
@@ -101,13 +102,26 @@ def donated_update(
         >>> params["w"], params["w"] is buffer  # 1 - 0.1 * 0.5: written into the donated tensor
         (tensor([0.9500, 0.9500]), True)
     """
-    eager = not compiling()
-    if eager:  # under torch.compile the checks ran when the caller was traced eagerly, or not at all
+    if not compiling():  # under torch.compile the checks ran when the caller was traced eagerly, or not at all
         check_donatable("params", params, unique=True)
         check_donatable("state", state)
+    return donated_step(tx, grads, state, params)
+
+
+def donated_step(tx: GradientTransformation, grads: PyTree, state: Any, params: PyTree) -> tuple[PyTree, Any]:
+    """:func:`donated_update` without its checks (the caller made them): the fused kernel where the
+    transform has one and it applies, else ``update`` + ``apply_updates`` with donation on."""
+    eager = not compiling()
+    plain = eager and not records_autograd(grads)
+    kernel = getattr(tx.update, FUSED_ATTR, None)
+    if kernel is not None and plain:
+        with torch.no_grad():
+            done = kernel(grads, state, params)
+        if done is not None:
+            return done
     previous = set_donating(True)
     try:
-        if eager and not records_autograd(grads):
+        if plain:
             with torch.no_grad():
                 updates, state = tx.update(grads, state, params)
                 params = apply_updates(params, updates)

@@ -9,6 +9,7 @@ from typing import Any, Optional
 import torch
 
 from funcreg._src.errors import LeafTypeError
+from funcreg._src.leafwise import can_foreach
 from funcreg._src.penalties.base import Coefficient, FlatParams, Penalty, is_scalar, selection
 from funcreg._src.selection import MaskLike
 from funcreg._src.tree import PyTree, broadcast_prefix
@@ -26,6 +27,11 @@ class LeafRule:
         default_select: which tensors are selected when no mask is given (``None``: all).
         differentiable: ``False`` for a constraint (an indicator: a projection, no gradient).
         complex_ok: whether the rule means something for complex tensors.
+        value_many, grad_many, prox_many: the same over a list of tensors sharing scalar coefficients
+            (``value_many(ws, *c)`` the summed value, unrecorded by autograd; the others one result
+            per tensor), with ``torch._foreach_*`` kernels: a tree of many small tensors then costs a
+            few kernel launches instead of a few per tensor. Optional; equal to the per-tensor forms
+            (the value to rounding, the gradient and prox bit for bit).
     """
 
     value: Callable[..., torch.Tensor]
@@ -35,6 +41,9 @@ class LeafRule:
     default_select: Optional[Callable[[torch.Tensor], bool]] = None
     differentiable: bool = True
     complex_ok: bool = True
+    value_many: Optional[Callable[..., torch.Tensor]] = None
+    grad_many: Optional[Callable[..., list[torch.Tensor]]] = None
+    prox_many: Optional[Callable[..., list[torch.Tensor]]] = None
 
 
 def in_dtype_of(coeff: Any, w: torch.Tensor) -> Any:
@@ -136,7 +145,25 @@ class LeafPenalty(Penalty):
             if keep[i]
         ]
 
+    def _shared(self, fp: FlatParams) -> Optional[tuple[list[int], list[torch.Tensor], tuple[Any, ...]]]:
+        """The selected leaves and their one set of coefficients, where the list rules apply: scalar
+        coefficients, no per-leaf aux, real tensors of one dtype and device, none wrapped by vmap."""
+        if self._aux or not all(is_scalar(c) for c in self.coefficients):
+            return None
+        keep = self.selected_flat(fp)
+        index = [i for i, k in enumerate(keep) if k]
+        ws = [fp.leaves[i] for i in index]
+        if not can_foreach(ws, *self.coefficients) or len({(w.dtype, w.device) for w in ws}) != 1 or ws[0].is_complex():
+            return None
+        if any(isinstance(c, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(c) for c in self.coefficients):
+            return None  # one coefficient per vmapped member: the per-tensor rules batch, foreach does not
+        return index, ws, tuple(in_dtype_of(c, ws[0]) for c in self.coefficients)
+
     def terms_flat(self, fp: FlatParams) -> list[tuple[str, torch.Tensor]]:
+        if self.rule.value_many is not None and not torch.is_grad_enabled():
+            shared = self._shared(fp)
+            if shared is not None:
+                return [(self.name, self.rule.value_many(shared[1], *shared[2]))]
         total = None
         for _, w, c, aux in self._items(fp):
             v = self.rule.value(w, *c, **aux)
@@ -150,6 +177,11 @@ class LeafPenalty(Penalty):
                 f"{self.name!r} is a constraint: it has a projection but no gradient; apply it with fr.proximal"
             )
         out: list[Optional[torch.Tensor]] = [None] * len(fp.leaves)
+        shared = self._shared(fp) if self.rule.grad_many is not None else None
+        if shared is not None:
+            for i, g in zip(shared[0], self.rule.grad_many(shared[1], *shared[2])):
+                out[i] = g
+            return out
         for i, w, c, aux in self._items(fp):
             if self.rule.grad is not None:
                 out[i] = self.rule.grad(w, *c, **aux)
@@ -164,6 +196,11 @@ class LeafPenalty(Penalty):
         if self.rule.prox is None:
             raise NotImplementedError(f"penalty {self.name!r} has no closed-form proximal map")
         out: list[Optional[torch.Tensor]] = [None] * len(fp.leaves)
+        shared = self._shared(fp) if self.rule.prox_many is not None and not isinstance(step, torch.Tensor) else None
+        if shared is not None and all(not isinstance(c, torch.Tensor) for c in shared[2]):
+            for i, z in zip(shared[0], self.rule.prox_many(shared[1], *(step * x for x in shared[2]))):
+                out[i] = z
+            return out
         for i, v, c, aux in self._items(fp):
             out[i] = self.rule.prox(v, *(step * x for x in c), **aux)
         return out

@@ -11,6 +11,8 @@ members), with AdamW(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2) o
   all members;
 * ``funcreg compiled``: ``torch.compile`` of that ensemble step call (compiled once before timing; the
   compile time is printed, not counted);
+* ``funcreg compiled donated``: the same with ``make_step(..., donate=True)``: the compiled step
+  writes the new parameters and AdamW state into its inputs (as ``donate_argnums`` does for JAX);
 * ``jax``: the same MLP in JAX, ``jax.jit(jax.vmap(step))`` with ``optax.adamw``, started from the
   same initial weights; timed after a warm-up call, ending each timed run with
   ``.block_until_ready()``. Skipped when ``jax``/``optax`` cannot be imported.
@@ -89,7 +91,7 @@ LR, WD, BETAS, EPS = 1e-3, 1e-2, (0.9, 0.999), 1e-8
 BATCH = 128
 SIZES = (64, 128, 128, 10)
 REFERENCE, JAX = "torch sequential", "jax"
-VARIANTS = ("torch sequential", "funcreg eager", "funcreg compiled", "jax")
+VARIANTS = ("torch sequential", "funcreg eager", "funcreg compiled", "funcreg compiled donated", "jax")
 
 
 # --- machine and data ---------------------------------------------------------------------------------
@@ -187,7 +189,7 @@ class TorchSequential:
 
 
 class FuncregEnsemble:
-    def __init__(self, init: dict[str, torch.Tensor], data: Data, compiled: bool) -> None:
+    def __init__(self, init: dict[str, torch.Tensor], data: Data, compiled: bool, donate: bool = False) -> None:
         self.init, self.data = init, data
         self.model = make_model()
 
@@ -195,7 +197,8 @@ class FuncregEnsemble:
             return torch.nn.functional.cross_entropy(torch.func.functional_call(self.model, params, (x,)), y)
 
         self.loss = loss
-        self.ens = fr.ensemble_step(fr.make_step(loss, fr.adamw(LR, betas=BETAS, eps=EPS, weight_decay=WD)))
+        step = fr.make_step(loss, fr.adamw(LR, betas=BETAS, eps=EPS, weight_decay=WD), donate=donate)
+        self.ens = fr.ensemble_step(step)
         self.call = torch.compile(self.ens) if compiled else self.ens
         self.compiled = compiled
         self.compile_seconds = 0.0
@@ -289,6 +292,8 @@ def build(name: str, init: dict[str, torch.Tensor], data: Data) -> Any:
         return FuncregEnsemble(init, data, compiled=False)
     if name == "funcreg compiled":
         return FuncregEnsemble(init, data, compiled=True)
+    if name == "funcreg compiled donated":
+        return FuncregEnsemble(init, data, compiled=True, donate=True)
     if name == "jax":
         return JaxEnsemble(init, data)
     raise ValueError(f"unknown variant {name!r}")
@@ -372,7 +377,7 @@ def main() -> None:
         return
 
     jax, jax_info = (None, "skipped (--no-jax)") if args.no_jax else jax_or_reason()
-    names = [n for n in VARIANTS if not (n == "funcreg compiled" and args.no_compile) and not (n == "jax" and jax is None)]
+    names = [n for n in VARIANTS if not ("compiled" in n and args.no_compile) and not (n == "jax" and jax is None)]
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "n/a"
     print(f"date:     {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"machine:  {cpu_model()} ({os.cpu_count()} CPUs; {platform.machine()}, {platform.system()} {platform.release()})")
@@ -402,8 +407,8 @@ def main() -> None:
                 print(f"{name}: failed to build/compile, skipped: {type(exc).__name__}: {exc}".splitlines()[0])
                 traceback.print_exc(limit=3)
                 continue
-            if name == "funcreg compiled":
-                print(f"torch.compile: first 3 steps (compilation) took {v.compile_seconds:.1f} s; {v.graphs}")
+            if name.startswith("funcreg compiled"):
+                print(f"torch.compile ({name}): first 3 steps (compilation) took {v.compile_seconds:.1f} s; {v.graphs}")
             if name == "jax":
                 print(f"jax.jit: first 3 steps (compilation) took {v.compile_seconds:.1f} s")
         results = time_variants(variants, args.rounds, rng)

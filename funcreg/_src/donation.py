@@ -14,6 +14,8 @@ not know about donation simply stays pure: that is always correct.
 from __future__ import annotations
 
 import threading
+
+import torch
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,31 +24,45 @@ class _Donation(threading.local):
     active = False
 
 
+class _TracedDonation:
+    active = False
+
+
+# Eager steps read a per-thread flag. While torch.compile traces a step it reads a plain object
+# instead: Dynamo records a write to it as an ordinary side effect (it cannot guard on a thread-local
+# written inside the frame), tracing holds Dynamo's compile lock, and the compiled graph bakes the
+# donated (in-place) behaviour in, so the flag's runtime value does not matter there.
 _FLAG = _Donation()
+_TRACED = _TracedDonation()
+
+
+def _compiling() -> bool:
+    fn = getattr(torch.compiler, "is_compiling", None)
+    return bool(fn()) if fn is not None else False
 
 
 def donating() -> bool:
     """Whether the current thread runs a donated step (state and params may be written into)."""
-    return _FLAG.active
+    return _TRACED.active if _compiling() else _FLAG.active
 
 
 @contextmanager
 def donation(active: bool = True) -> Iterator[None]:
     """Runs the body with donation on (or off: ``donation(False)`` inside a wrapper that must keep
     its inner state intact, such as ``apply_if_finite``)."""
-    previous = _FLAG.active
-    _FLAG.active = active
+    previous = set_donating(active)
     try:
         yield
     finally:
-        _FLAG.active = previous
+        set_donating(previous)
 
 
 def set_donating(active: bool) -> bool:
     """Sets the flag and returns its previous value (for code that ``torch.compile`` traces, where a
     plain ``try``/``finally`` is simpler to trace than a context manager)."""
-    previous = _FLAG.active
-    _FLAG.active = active
+    flag = _TRACED if _compiling() else _FLAG
+    previous = flag.active
+    flag.active = active
     return previous
 
 

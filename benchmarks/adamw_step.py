@@ -17,6 +17,8 @@ Variants:
   into the state and parameters as torch does;
 * ``funcreg donated fused``: the same with ``fr.adamw(..., fused=True)``, whose donated step runs
   torch's fused AdamW kernel;
+* ``fr.TorchOptimizer`` / ``fr.TorchOptimizer fused``: ``fr.TorchOptimizer`` over a factory
+  ``lr -> fr.adamw(lr, ...)`` (``fused=True``), stepped from ``.grad`` like torch.optim;
 * ``funcreg compiled`` / ``funcreg donated compiled``: the whole funcreg step (pure / donated) under
   ``torch.compile``, compiled once before timing.
 
@@ -87,6 +89,17 @@ class FuncregVariant:
 
     def current(self) -> dict[str, torch.Tensor]:
         return self.params
+
+
+class TorchOptimizerVariant(TorchVariant):
+    """``fr.TorchOptimizer(params, lambda lr: fr.adamw(lr, ...), lr=LR)``, stepped like torch.optim."""
+
+    def __init__(self, model: torch.nn.Module, grads: dict[str, torch.Tensor], fused: bool = False) -> None:
+        self.params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+        for n, p in self.params.items():
+            p.grad = grads[n].clone()
+        factory = lambda lr: fr.adamw(lr, betas=BETAS, eps=EPS, weight_decay=WD, fused=fused)  # noqa: E731
+        self.opt = fr.TorchOptimizer(list(self.params.items()), factory, lr=LR)
 
 
 class DonatedFuncregVariant(FuncregVariant):
@@ -191,6 +204,8 @@ def main() -> None:
         "funcreg update only": FuncregVariant(model, grads, apply=False),
         "funcreg donated": DonatedFuncregVariant(model, grads),
         "funcreg donated fused": DonatedFuncregVariant(model, grads, fused=True),
+        "fr.TorchOptimizer": TorchOptimizerVariant(model, grads),
+        "fr.TorchOptimizer fused": TorchOptimizerVariant(model, grads, fused=True),
     }
     for v in variants.values():
         for _ in range(args.warmup):
@@ -233,7 +248,8 @@ def main() -> None:
               f"{med / ref:>12.2f}x {p10(ts) / ref_p10:>9.2f}x")
     print(f"(ratios are to {REFERENCE}: torch.optim.AdamW(foreach=True))")
     pairs = [("funcreg donated fused", "torch fused"), ("funcreg donated", "torch foreach"),
-             ("funcreg donated compiled", "torch foreach")]
+             ("funcreg donated compiled", "torch foreach"), ("fr.TorchOptimizer", "torch foreach"),
+             ("fr.TorchOptimizer fused", "torch fused")]
     for a, b in pairs:
         if a in times and b in times:
             print(f"{a} / {b}: median {statistics.median(times[a]) / statistics.median(times[b]):.2f}x, "

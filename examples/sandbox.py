@@ -162,15 +162,17 @@ def main() -> None:
             w0 - LR * WD * w0,
         ),
         (
-            "decoupled, lr-scaled: fr.decoupled_weight_decay(0.1, learning_rate=0.1)",
+            "decoupled, lr-scaled: fr.decoupled_weight_decay(0.1, 0.1, scale_by='learning_rate')",
             "w - lr*wd*w",
-            funcreg_step(fr.chain(fr.sgd(LR), fr.decoupled_weight_decay(WD, learning_rate=LR))),
+            funcreg_step(
+                fr.chain(fr.sgd(LR), fr.decoupled_weight_decay(WD, learning_rate=LR, scale_by="learning_rate"))
+            ),
             w0 - LR * WD * w0,
         ),
         (
-            "decoupled, lr-independent: fr.decoupled_weight_decay(0.1, learning_rate=None)",
+            "decoupled, lr-independent: fr.decoupled_weight_decay(0.1, scale_by='none')",
             "w - wd*w",
-            funcreg_step(fr.chain(fr.sgd(LR), fr.decoupled_weight_decay(WD, learning_rate=None))),
+            funcreg_step(fr.chain(fr.sgd(LR), fr.decoupled_weight_decay(WD, scale_by="none"))),
             w0 - WD * w0,
         ),
         (

@@ -30,6 +30,8 @@ from funcreg._src.ensemble import num_members
 from funcreg._src.ensemble import stack
 from funcreg._src.ensemble import unstack
 from funcreg._src.ensemble import vmap
+from funcreg._src.factory import create_optimizer
+from funcreg._src.factory import create_transform
 from funcreg._src.forms import PenaltyState
 from funcreg._src.forms import add_penalty_grad
 from funcreg._src.forms import decoupled
@@ -38,6 +40,7 @@ from funcreg._src.forms import penalty_metrics
 from funcreg._src.forms import penalty_states
 from funcreg._src.forms import proximal
 from funcreg._src.history import History
+from funcreg._src.metrics import metrics
 from funcreg._src.penalties import FlatParams
 from funcreg._src.penalties import LeafRule
 from funcreg._src.penalties import Penalty
@@ -63,6 +66,7 @@ from funcreg._src.schedules import warmup_cosine_decay_schedule
 from funcreg._src.selection import Selection
 from funcreg._src.selection import Selector
 from funcreg._src.selection import buffers_of
+from funcreg._src.selection import by_module
 from funcreg._src.selection import by_name
 from funcreg._src.selection import by_predicate
 from funcreg._src.selection import decay_mask
@@ -132,12 +136,15 @@ __all__ = [
     "apply_if_finite",
     "apply_updates",
     "buffers_of",
+    "by_module",
     "by_name",
     "by_predicate",
     "chain",
     "clip_by_global_norm",
     "constant_schedule",
     "cosine_decay_schedule",
+    "create_optimizer",
+    "create_transform",
     "decay_mask",
     "decoupled",
     "decoupled_weight_decay",
@@ -158,6 +165,7 @@ __all__ = [
     "make_step",
     "masked",
     "max_norm",
+    "metrics",
     "named_chain",
     "non_negative",
     "norms",

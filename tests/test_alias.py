@@ -262,7 +262,7 @@ def test_adam_and_adamw_equal_their_documented_chains(data, hp, decoupled, sched
         parts.append(fr.add_decayed_weights(wd))
     parts += [fr.scale_by_adam(b1, b2, hp["eps"], hp["amsgrad"]), fr.scale_by_learning_rate(lr)]
     if decoupled:
-        parts.append(fr.decoupled_weight_decay(wd, learning_rate=lr, mask=mask))
+        parts.append(fr.decoupled_weight_decay(wd, learning_rate=lr, mask=mask, scale_by="learning_rate"))
     extra = {"mask": mask} if decoupled else {}
     fused = fr_adam(fr.adamw if decoupled else fr.adam, dict(hp, lr=lr), **extra)
     chain = fr.chain(*parts)
@@ -358,8 +358,8 @@ def test_convention_weight_decay_zero_is_exact_identity(problem, hp):
     reference = run_funcreg(fr_sgd(plain), params, grads)
     for tx in (
         fr.chain(fr.add_decayed_weights(0.0), fr_sgd(plain)),
-        fr.chain(fr_sgd(plain), fr.decoupled_weight_decay(0.0, learning_rate=hp["lr"])),
-        fr.chain(fr_sgd(plain), fr.decoupled_weight_decay(0.0)),
+        fr.chain(fr_sgd(plain), fr.decoupled_weight_decay(0.0, learning_rate=hp["lr"], scale_by="learning_rate")),
+        fr.chain(fr_sgd(plain), fr.decoupled_weight_decay(0.0, scale_by="none")),
     ):
         assert_trees_equal(run_funcreg(tx, params, grads)[0], reference[0], "params")
     adam = run_funcreg(fr.adam(hp["lr"]), params, grads)[0]
@@ -386,14 +386,14 @@ def test_convention_torch_sgd_weight_decay_is_coupled_l2_first_in_chain(foreach,
 @TRAJECTORY
 @given(problem=problems(), hp=adam_hparams())
 def test_convention_torch_adamw_is_adam_then_lr_then_decoupled_decay_times_lr(foreach, problem, hp):
-    """torch AdamW == chain(scale_by_adam, scale_by_learning_rate, decoupled_weight_decay(wd, learning_rate=lr))."""
+    """torch AdamW == chain(scale_by_adam, scale_by_learning_rate, decoupled_weight_decay(wd, learning_rate=lr, scale_by="learning_rate"))."""
     params, grads = problem
     b1, b2 = hp["betas"]
     tx = fr.chain(
         *([fr.scale(-1.0)] if hp["maximize"] else []),
         fr.scale_by_adam(b1, b2, hp["eps"], hp["amsgrad"]),
         fr.scale_by_learning_rate(hp["lr"]),
-        fr.decoupled_weight_decay(hp["weight_decay"], learning_rate=hp["lr"]),
+        fr.decoupled_weight_decay(hp["weight_decay"], learning_rate=hp["lr"], scale_by="learning_rate"),
     )
     make = lambda ps: torch.optim.AdamW(ps, foreach=foreach, **hp)  # noqa: E731
     lockstep(tx, params, grads, make, adam_check(hp["amsgrad"]))
@@ -406,7 +406,7 @@ def test_convention_coupled_edit_equals_decoupled_update_with_s_lr_for_plain_sgd
     params, grads = problem
     rate = (lambda c: lr / (1 + c)) if scheduled else lr
     coupled = fr.chain(fr.add_decayed_weights(lam), fr.scale_by_learning_rate(rate))
-    decoupled = fr.chain(fr.scale_by_learning_rate(rate), fr.decoupled_weight_decay(lam, learning_rate=rate))
+    decoupled = fr.chain(fr.scale_by_learning_rate(rate), fr.decoupled_weight_decay(lam, learning_rate=rate, scale_by="learning_rate"))
     assert_trees_close(run_funcreg(coupled, params, grads)[0], run_funcreg(decoupled, params, grads)[0], "params")
 
 
@@ -419,7 +419,7 @@ def test_convention_coupled_edit_differs_from_decoupled_update_with_momentum():
     # step 2 g' = 0.099, buf = 0.9*0.1 + 0.099 = 0.189, w = 0.99 - 0.0189 = 0.9711.
     coupled = fr.chain(fr.add_decayed_weights(lam), fr.sgd(lr, momentum=m))
     # Decoupled: the buffer stays 0; each step w -= lr*lam*w: 0.99, then 0.99 * 0.99 = 0.9801.
-    decoupled = fr.chain(fr.sgd(lr, momentum=m), fr.decoupled_weight_decay(lam, learning_rate=lr))
+    decoupled = fr.chain(fr.sgd(lr, momentum=m), fr.decoupled_weight_decay(lam, learning_rate=lr, scale_by="learning_rate"))
     assert abs(run_funcreg(coupled, params, grads)[0]["w"].item() - 0.9711) <= 1e-12
     assert abs(run_funcreg(decoupled, params, grads)[0]["w"].item() - 0.9801) <= 1e-12
 
@@ -430,7 +430,7 @@ def adam_first_step_coupled_and_decoupled(w, g, lam, lr, eps):
     grads = [{"w": torch.tensor([g], dtype=torch.float64)}]
     coupled = fr.chain(fr.add_decayed_weights(lam), fr.scale_by_adam(eps=eps), fr.scale_by_learning_rate(lr))
     decoupled = fr.chain(
-        fr.scale_by_adam(eps=eps), fr.scale_by_learning_rate(lr), fr.decoupled_weight_decay(lam, learning_rate=lr)
+        fr.scale_by_adam(eps=eps), fr.scale_by_learning_rate(lr), fr.decoupled_weight_decay(lam, learning_rate=lr, scale_by="learning_rate")
     )
     return run_funcreg(coupled, params, grads)[0]["w"].item(), run_funcreg(decoupled, params, grads)[0]["w"].item()
 
@@ -494,10 +494,10 @@ def test_convention_decoupled_decay_lr_independent_and_schedule_multiplier():
     params = {"w": torch.tensor([2.0, -4.0], dtype=torch.float64)}
     zeros = [{"w": torch.zeros(2, dtype=torch.float64)}] * 3
     wd = 0.1
-    independent, _ = run_funcreg(fr.decoupled_weight_decay(wd), params, zeros)
+    independent, _ = run_funcreg(fr.decoupled_weight_decay(wd, scale_by="none"), params, zeros)
     assert_tensors_close(independent["w"], params["w"] * (1 - wd) ** 3, "independent")
     eta = [1.0, 0.5, 0.25]
-    paper, _ = run_funcreg(fr.decoupled_weight_decay(wd, learning_rate=lambda c: eta[c]), params, zeros)
+    paper, _ = run_funcreg(fr.decoupled_weight_decay(wd, learning_rate=lambda c: eta[c], scale_by="schedule"), params, zeros)
     expected = params["w"] * math.prod(1 - e * wd for e in eta)
     assert_tensors_close(paper["w"], expected, "schedule multiplier")
 

@@ -115,8 +115,10 @@ def test_torch_optimizer_bad_arguments():
         fr.TorchOptimizer(model.named_parameters(), fr.sgd(0.1), lr=0.1)
     with pytest.raises(ValueError, match="lr"):
         fr.TorchOptimizer(model.named_parameters(), lambda lr: fr.sgd(lr), lr=float("nan"))
-    with pytest.raises(TypeError):
-        fr.TorchOptimizer(model.named_parameters(), "adam")
+    with pytest.raises(TypeError, match="GradientTransformation"):
+        fr.TorchOptimizer(model.named_parameters(), 3)
+    with pytest.raises(ValueError, match="did you mean 'adam'"):
+        fr.TorchOptimizer(model.named_parameters(), "adma")
     with pytest.raises(ValueError, match="empty"):
         fr.TorchOptimizer([], fr.sgd(0.1))
 
@@ -134,8 +136,12 @@ def test_torch_optimizer_state_dict_round_trip_and_mismatch():
         assert a == b
     torch.testing.assert_close(other.funcreg_state.mu["0.weight"], opt.funcreg_state.mu["0.weight"], atol=0, rtol=0)
     wrong = fr.TorchOptimizer(model.named_parameters(), fr.sgd(0.1, momentum=0.9))
-    with pytest.raises(ValueError, match="checkpoint"):
+    with pytest.raises(ValueError, match="fixed learning rate"):  # saved with an lr option
         wrong.load_state_dict(saved)
+    wrong = fr.TorchOptimizer(model.named_parameters(), lambda lr: fr.sgd(lr, momentum=0.9), lr=0.5)
+    with pytest.raises(ValueError, match="state_dict has no 'momentum_buffer' for parameter '0.weight'"):
+        wrong.load_state_dict(saved)
+    assert wrong.param_groups[0]["lr"] == 0.5  # a failed load leaves the optimizer as it was
 
 
 def _run(step, state, batches):
@@ -185,3 +191,82 @@ def test_state_dict_is_plain_and_load_refuses_other_structures():
         fr.load_state_dict(dict(state._asdict()), fr.state_dict(state))
     with pytest.raises(ValueError, match="not a funcreg"):
         fr.load_state_dict(state, {"something": 1})
+
+
+# --- fr.metrics: one flat dict of floats for loggers ------------------------------------------------
+
+
+def test_metrics_of_a_torch_optimizer_are_its_group_options():
+    model = _model()
+    opt = torch.optim.AdamW(
+        [{"params": model[0].parameters(), "lr": 0.1, "name": "first"}, {"params": model[2].parameters()}],
+        lr=0.01,
+        weight_decay=0.5,
+    )
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)  # adds initial_lr: bookkeeping, not reported
+    m = fr.metrics(opt, prefix="opt/")
+    assert m["opt/first/lr"] == 0.1 and m["opt/group1/lr"] == 0.01
+    assert m["opt/first/weight_decay"] == 0.5 and m["opt/first/beta1"] == 0.9 and m["opt/first/beta2"] == 0.999
+    assert not any("initial_lr" in k or "amsgrad" in k for k in m)  # bookkeeping and booleans left out
+    assert all(isinstance(k, str) and type(v) is float for k, v in m.items())
+
+
+def test_metrics_penalties_are_the_penalty_at_the_params_before_the_last_update():
+    model = _model()
+    c1, c2 = 1e-2, 1e-3
+    x = torch.linspace(-1, 1, 15, dtype=F64).reshape(5, 3)
+    # two groups, each penalizing its own parameters: the metric is the sum, the penalty over the model
+    factory = lambda lr, c: fr.chain(fr.add_penalty_grad(fr.l1(c) + fr.l2(c, name="ridge")), fr.sgd(lr))  # noqa: E731
+    opt = fr.TorchOptimizer(
+        [{"params": model[0].named_parameters(prefix="0"), "c": c1}, {"params": model[2].named_parameters(prefix="2"), "c": c2}],
+        factory,
+        lr=0.1,
+    )
+    for _ in range(2):
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        opt.step()
+    groups = [before[:2], before[2:]]
+    l1 = sum(c * sum(w.abs().sum() for w in ws) for c, ws in zip((c1, c2), groups)).item()
+    ridge = sum(c / 2 * sum(w.square().sum() for w in ws) for c, ws in zip((c1, c2), groups)).item()
+    m = fr.metrics(opt)
+    assert m["penalty/l1"] == pytest.approx(l1, rel=1e-12)
+    assert m["penalty/ridge"] == pytest.approx(ridge, rel=1e-12)
+    assert m["penalty"] == pytest.approx(l1 + ridge, rel=1e-12)
+    assert m["group0/c"] == c1 and m["group1/lr"] == 0.1
+    # the same from the functional state, and from the metrics dict of a training step
+    state = opt.funcreg_state
+    assert {k: v for k, v in fr.metrics(state).items()} == {k: v for k, v in m.items() if k.startswith("penalty")}
+    assert fr.metrics({"data_loss": torch.tensor(0.5), "aux": "text", "flag": True}) == {"data_loss": 0.5}
+    named = fr.named_chain(("l1", fr.add_penalty_grad(fr.l1(0.1))), ("sgd", fr.sgd(0.1)))  # a dict state
+    assert fr.metrics(named.init({"w": torch.tensor([1.0, -2.0], dtype=F64)})) == {
+        "penalty": pytest.approx(0.3, rel=1e-12),  # 0.1 * (1 + 2), at the initial params
+        "penalty/l1": pytest.approx(0.3, rel=1e-12),
+    }
+
+
+def test_history_takes_the_floats_of_metrics():
+    model = _model()
+    opt = fr.create_optimizer(model, "adamw", lr=0.01, penalty=fr.l1(1e-3))
+    history = fr.History()
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.ones(2, 3, dtype=F64)).sum().backward()
+        opt.step()
+        history.append(fr.metrics(opt))
+    assert history["decay/lr"].tolist() == [0.01] * 3
+    assert history["penalty/l1"].shape == (3,) and history["penalty/l1"].dtype == F64
+    pd = pytest.importorskip("pandas")
+    assert isinstance(history.to_dataframe(), pd.DataFrame)
+
+
+def test_reports_to_dataframe():
+    pytest.importorskip("pandas")
+    params = {"w": torch.tensor([[0.0, 3.0], [0.0, -4.0]]), "b": torch.tensor([1.0])}
+    df = fr.sparsity(params).to_dataframe()
+    assert df.to_dict("records") == [
+        {"name": "w", "shape": (2, 2), "zeros": 2, "numel": 4, "fraction": 0.5},
+        {"name": "b", "shape": (1,), "zeros": 0, "numel": 1, "fraction": 0.0},
+    ]
+    assert fr.norms(params).to_dataframe()["norm"].tolist() == [5.0, 1.0]

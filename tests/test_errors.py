@@ -37,8 +37,8 @@ for v in BAD_NONNEGATIVE:
         ("trace momentum", lambda v=v: fr.trace(v), "momentum", v),
         ("scale_by_adam eps", lambda v=v: fr.scale_by_adam(eps=v), "eps", v),
         ("add_decayed_weights", lambda v=v: fr.add_decayed_weights(v), "weight_decay", v),
-        ("decoupled_weight_decay", lambda v=v: fr.decoupled_weight_decay(v), "weight_decay", v),
-        ("decoupled_weight_decay lr", lambda v=v: fr.decoupled_weight_decay(0.1, learning_rate=v), "learning_rate", v),
+        ("decoupled_weight_decay", lambda v=v: fr.decoupled_weight_decay(v, scale_by="none"), "weight_decay", v),
+        ("decoupled_weight_decay lr", lambda v=v: fr.decoupled_weight_decay(0.1, learning_rate=v, scale_by="learning_rate"), "learning_rate", v),
     ]
 for v in [NAN, INF, -INF]:
     CASES += [
@@ -167,7 +167,7 @@ def test_apply_updates_mismatch_names_first_differing_key(updates, key):
         lambda: fr.adamw(0.1),
         lambda: fr.chain(fr.add_decayed_weights(0.1), fr.scale_by_adam()),
         lambda: fr.masked(fr.add_decayed_weights(0.1), True),
-        lambda: fr.decoupled_weight_decay(0.1),
+        lambda: fr.decoupled_weight_decay(0.1, scale_by="none"),
     ],
     ids=["sgd", "adamw", "chain", "masked", "decoupled"],
 )

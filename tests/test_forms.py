@@ -257,7 +257,9 @@ def test_weight_decay_transforms_are_l2_penalty_forms(dtype, data, wd, lr):
     for g in grads:
         u1, _ = fr.add_decayed_weights(wd).update(g, fr.add_decayed_weights(wd).init(p), p)
         u2, _ = fr.add_penalty_grad(fr.l2(wd)).update(g, fr.add_penalty_grad(fr.l2(wd)).init(p), p)
-        d1, _ = fr.decoupled_weight_decay(wd, lr).update(g, fr.decoupled_weight_decay(wd, lr).init(p), p)
+        d1, _ = fr.decoupled_weight_decay(wd, lr, scale_by="learning_rate").update(
+            g, fr.decoupled_weight_decay(wd, lr, scale_by="learning_rate").init(p), p
+        )
         d2, _ = fr.decoupled(fr.l2(wd), lr).update(g, fr.decoupled(fr.l2(wd), lr).init(p), p)
         for k in p:
             expected_coupled = g[k] + wd * p[k]
@@ -272,7 +274,7 @@ def test_weight_decay_transforms_are_l2_penalty_forms(dtype, data, wd, lr):
         a = run_tx(fr.chain(fr.add_decayed_weights(wd), opt), p, grads)
         b = run_tx(fr.chain(fr.add_penalty_grad(fr.l2(wd)), opt), p, grads)
         assert_histories_close(a, b, dtype, "add_decayed_weights vs add_penalty_grad(l2)")
-        a = run_tx(fr.chain(opt, fr.decoupled_weight_decay(wd, sched)), p, grads)
+        a = run_tx(fr.chain(opt, fr.decoupled_weight_decay(wd, sched, scale_by="learning_rate")), p, grads)
         b = run_tx(fr.chain(opt, fr.decoupled(fr.l2(wd), sched)), p, grads)
         assert_histories_close(a, b, dtype, "decoupled_weight_decay vs decoupled(l2)")
 

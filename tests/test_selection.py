@@ -323,3 +323,241 @@ def test_story4_weight_decay_1_shrinks_w_compared_with_0():
     opt.step()
     assert_tensors_close(decay["W"], opt_model.W.detach(), "vs torch SGD")
     assert_tensors_close(decay["bias"], opt_model.bias.detach(), "bias vs torch SGD")
+
+
+# --- conventions read from the model: no_weight_decay(), tokens, relative positions, layer scale ---------
+
+
+def timm_no_decay(model: nn.Module, no_weight_decay_list=()) -> set[str]:
+    """timm's rule, written out from timm/optim/_param_groups.py (param_groups_weight_decay):
+    ``param.ndim <= 1 or name.endswith(".bias") or fnmatch(name, pattern)`` for a pattern of the list,
+    the list being ``model.no_weight_decay()`` in ``create_optimizer_v2``."""
+    import fnmatch
+
+    return {
+        n
+        for n, p in model.named_parameters()
+        if p.ndim <= 1 or n.endswith(".bias") or any(fnmatch.fnmatch(n, pat) for pat in no_weight_decay_list)
+    }
+
+
+class TimmViT(nn.Module):
+    """The parameter names of timm's VisionTransformer/DeiT, and its no_weight_decay()."""
+
+    def __init__(self, distilled: bool = False) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+        if distilled:
+            self.dist_token = nn.Parameter(torch.zeros(1, 1, 8))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 5, 8))
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, 8, 4, 4)
+        block = nn.Module()
+        block.norm1, block.norm2 = nn.LayerNorm(8), nn.LayerNorm(8)
+        block.attn = nn.Module()
+        block.attn.qkv, block.attn.proj = nn.Linear(8, 24), nn.Linear(8, 8)
+        block.ls1 = nn.Module()
+        block.ls1.gamma = nn.Parameter(torch.ones(8))
+        block.mlp = nn.Module()
+        block.mlp.fc1, block.mlp.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.blocks = nn.Sequential(block)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token", "dist_token"}  # timm lists dist_token whether or not it exists
+
+
+class TimmSwin(nn.Module):
+    """timm's SwinTransformer names: relative position bias tables in the blocks, absolute_pos_embed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.absolute_pos_embed = nn.Parameter(torch.zeros(1, 4, 8))
+        block = nn.Module()
+        block.norm1 = nn.LayerNorm(8)
+        block.attn = nn.Module()
+        block.attn.relative_position_bias_table = nn.Parameter(torch.zeros(9, 2))
+        block.attn.qkv = nn.Linear(8, 24)
+        self.layers = nn.Sequential(nn.Sequential(block))
+        self.head = nn.Linear(8, 3)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"absolute_pos_embed"}
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        return {"relative_position_bias_table"}
+
+
+class TimmConvNeXt(nn.Module):
+    """timm's ConvNeXt block: a per-channel layer scale named gamma, a conv kernel, a LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 2, 2)
+        block = nn.Module()
+        block.conv_dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        block.norm = nn.LayerNorm(8)
+        block.mlp = nn.Module()
+        block.mlp.fc1, block.mlp.fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+        block.gamma = nn.Parameter(torch.ones(8))
+        self.stages = nn.Sequential(block)
+        self.head = nn.Linear(8, 3)
+
+
+@pytest.mark.parametrize(
+    "make", [TimmViT, lambda: TimmViT(distilled=True), TimmSwin, TimmConvNeXt], ids=["vit", "deit", "swin", "convnext"]
+)
+def test_decay_mask_matches_timm_with_the_models_no_weight_decay(make):
+    model = make()
+    listed = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    keywords = set(model.no_weight_decay_keywords()) if hasattr(model, "no_weight_decay_keywords") else set()
+    timm = timm_no_decay(model, listed) | {n for n, _ in model.named_parameters() if any(k in n for k in keywords)}
+    sel = fr.decay_mask(model)
+    assert set(sel.unselected) == timm
+    if isinstance(model, TimmViT):
+        assert sel.reason("cls_token") == "model.no_weight_decay() lists 'cls_token'"
+        if not hasattr(model, "dist_token"):  # listed but absent: tolerated, and reported
+            assert sel.notes == ("model.no_weight_decay() lists 'dist_token', which matches no parameter of this model (ignored)",)
+            assert "note: model.no_weight_decay() lists 'dist_token'" in str(sel)
+    # the name rules alone reach the same decision (a model that lists nothing, or a parameter tree)
+    assert set(fr.decay_mask(model, model_rules=False).unselected) == timm
+    assert set(fr.decay_mask(fr.params_of(model)).unselected) == timm
+
+
+def test_decay_mask_honours_no_weight_decay_of_submodules_and_keeps_user_excludes_strict():
+    class Wrapper(nn.Module):  # a LightningModule-style wrapper around a timm backbone
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = TimmViT()
+            self.classifier = nn.Linear(3, 2)
+
+    sel = fr.decay_mask(Wrapper())
+    assert not sel["backbone.cls_token"] and not sel["backbone.pos_embed"]
+    assert sel.reason("backbone.pos_embed") == "backbone.no_weight_decay() lists 'pos_embed'"
+    assert sel.notes == ("backbone.no_weight_decay() lists 'dist_token', which matches no parameter of this model (ignored)",)
+    # what used to be the workaround: an explicit exclude of names the model lacks stays an error
+    vit = TimmViT()
+    with pytest.raises(ValueError, match="exclude pattern 'dist_token' matches no parameter"):
+        fr.decay_mask(vit, exclude=vit.no_weight_decay())
+
+
+def test_decay_mask_name_rules_for_tokens_relative_positions_and_layer_scale():
+    """Models that do not list anything: T5's relative_attention_bias, HF's ViT tokens, layer scales."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embeddings = nn.Module()
+            self.embeddings.cls_token = nn.Parameter(torch.zeros(1, 1, 4))
+            self.embeddings.position_embeddings = nn.Parameter(torch.zeros(1, 3, 4))  # HF ViT: a bare parameter
+            self.embeddings.word = nn.Embedding(10, 4)
+            self.pos = nn.Module()
+            self.pos.position_embeddings = nn.Embedding(8, 4)  # BERT: an Embedding table, decayed
+            self.attention = nn.Module()
+            self.attention.relative_attention_bias = nn.Embedding(32, 2)  # T5
+            self.attention.rel_pos_h = nn.Parameter(torch.zeros(7, 4))  # SAM
+            self.layer = nn.Module()
+            self.layer.layer_scale_parameter = nn.Parameter(torch.ones(4))  # HF ConvNeXt
+            self.layer.lambda1 = nn.Parameter(torch.ones(4))  # HF DINOv2
+            self.layer.dense = nn.Linear(4, 4)
+
+    sel = fr.decay_mask(Model())
+    assert sel.selected == ["embeddings.word.weight", "pos.position_embeddings.weight", "layer.dense.weight"]
+    assert sel.reason("embeddings.cls_token") == "token or position embedding ('cls_token')"
+    assert sel.reason("embeddings.position_embeddings") == "token or position embedding ('position_embeddings')"
+    assert sel.reason("attention.relative_attention_bias.weight") == "relative position bias ('relative_attention_bias')"
+    assert sel.reason("attention.rel_pos_h") == "relative position bias ('rel_pos_h')"
+    assert sel.reason("layer.layer_scale_parameter") == "layer scale ('layer_scale_parameter')"
+    assert sel.reason("layer.lambda1") == "layer scale ('lambda1')"
+
+
+def test_decay_mask_on_parametrized_weights():
+    """weight_norm: decay the magnitude g, not the direction v; orthogonal and spectral_norm: neither."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        parametrizations.weight_norm(nn.Linear(3, 4)),
+        parametrizations.orthogonal(nn.Linear(4, 4)),
+        parametrizations.spectral_norm(nn.Linear(4, 2)),
+        nn.Linear(2, 2),
+    )
+    sel = fr.decay_mask(model)
+    assert sel.selected == ["0.parametrizations.weight.original0", "3.weight"]
+    assert "weight_norm magnitude g of '0.weight'" in sel.reason("0.parametrizations.weight.original0")
+    assert "weight_norm direction v" in sel.reason("0.parametrizations.weight.original1")
+    assert "orthogonal" in sel.reason("1.parametrizations.weight.original")
+    assert "spectral_norm" in sel.reason("2.parametrizations.weight.original")
+    # why: the weight does not change when v or the spectral_norm original is scaled
+    with torch.no_grad():
+        w0, w2 = model[0].weight.clone(), model[2].weight.clone()
+        model[0].parametrizations.weight.original1.mul_(0.5)
+        model[2].parametrizations.weight.original.mul_(0.5)
+        torch.testing.assert_close(model[0].weight, w0, atol=1e-6, rtol=1e-6)
+        model[2].eval()  # no power iteration: the same u and v
+        torch.testing.assert_close(model[2].weight, w2, atol=1e-6, rtol=1e-6)
+    # the old hook-based helpers, named weight_g/weight_v and weight_orig
+    with pytest.warns(FutureWarning):
+        old = nn.Sequential(torch.nn.utils.weight_norm(nn.Linear(3, 4)), torch.nn.utils.spectral_norm(nn.Linear(4, 2)))
+    assert fr.decay_mask(old).selected == ["0.weight_g"]
+
+
+# --- by_module: Keras' kernel_regularizer -----------------------------------------------------------
+
+
+class KerasLike(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.bn = nn.BatchNorm2d(2)
+        self.dense = nn.Linear(4, 4)
+        self.ln = nn.LayerNorm(4)
+        self.out = nn.Linear(4, 2)
+
+
+def test_by_module_selects_kernels_and_gives_keras_l2():
+    torch.manual_seed(0)
+    model = KerasLike().double()
+    with torch.no_grad():  # norm scales away from 1, so that penalizing them shows
+        model.bn.weight.uniform_(0.5, 2.0)
+        model.ln.weight.uniform_(0.5, 2.0)
+    params = fr.params_of(model)
+    kernels = fr.by_module(nn.Linear, nn.Conv2d)(model)
+    assert kernels.selected == ["conv.weight", "dense.weight", "out.weight"]
+    assert kernels.reason("conv.weight") == "weight of Conv2d" and kernels.reason("ln.weight") == "not in a Linear, Conv2d module"
+    l2 = 0.01
+    # Keras L2(l2) as kernel_regularizer on every Dense and Conv layer: l2 * sum(kernel ** 2), no 1/2
+    keras = l2 * sum(m.weight.detach().square().sum() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    assert_tensors_close(fr.l2(2 * l2, mask=kernels)(params), keras, "Keras L2 on kernels")
+    # the translation the guide used to give also penalizes the LayerNorm and BatchNorm scales (and the embedding)
+    assert fr.l2(2 * l2, mask=fr.by_name("*.weight"))(params) > keras * 1.2
+    assert fr.by_module(nn.Linear, params="all")(model).selected == ["dense.weight", "dense.bias", "out.weight", "out.bias"]
+    assert fr.by_module(nn.Conv2d, params=("bias",))(model).selected == ["conv.bias"]
+
+
+def test_by_module_errors():
+    model = KerasLike()
+    with pytest.raises(TypeError, match="needs the module, not a parameter tree"):
+        fr.by_module(nn.Linear)(fr.params_of(model))
+    with pytest.raises(TypeError, match="needs the module, not a parameter tree"):
+        fr.masked(fr.add_decayed_weights(0.1), fr.by_module(nn.Linear)).init(fr.params_of(model))
+    with pytest.raises(ValueError, match="the model has no module of type Conv1d"):
+        fr.by_module(nn.Linear, nn.Conv1d)(model)
+    with pytest.raises(ValueError, match="selects no parameter"):
+        fr.by_module(nn.LayerNorm, params="gamma")(model)
+    with pytest.raises(TypeError, match="Module subclasses"):
+        fr.by_module(torch.Tensor)
+    with pytest.raises(ValueError, match="at least one module type"):
+        fr.by_module()
+
+
+def test_selection_to_dataframe():
+    pd = pytest.importorskip("pandas")
+    sel = fr.decay_mask(Net())
+    df = sel.to_dataframe()
+    assert isinstance(df, pd.DataFrame) and list(df.columns) == ["name", "shape", "decay", "reason"]
+    assert list(df["name"]) == list(sel) and list(df["decay"]) == [sel[n] for n in sel]
+    assert df.loc[df["name"] == "bn.weight", "reason"].item() == sel.reason("bn.weight")
+    assert list(fr.by_name("fc")(Net()).to_dataframe().columns) == ["name", "shape", "selected", "reason"]

@@ -216,12 +216,14 @@ def test_decoupled_weight_decay_s_is_lr_schedule_or_one(problem, wd, data):
     params, grads = problem
     lr = data.draw(st.floats(0.0, 1.0))
     values = data.draw(st.lists(st.floats(0.0, 1.0), min_size=len(grads), max_size=len(grads)))
-    for learning_rate, s in (
-        (lr, [lr] * len(grads)),
-        (lambda count: values[count], values),
-        (None, [1.0] * len(grads)),
+    for learning_rate, scale_by, s in (
+        (lr, "learning_rate", [lr] * len(grads)),
+        (lambda count: values[count], "learning_rate", values),  # a learning-rate schedule
+        (lambda count: values[count], "schedule", values),  # a multiplier schedule: the same arithmetic
+        (None, "none", [1.0] * len(grads)),
     ):
-        out, state = updates_of(fr.decoupled_weight_decay(wd, learning_rate=learning_rate), params, grads)
+        tx = fr.decoupled_weight_decay(wd, learning_rate=learning_rate, scale_by=scale_by)
+        out, state = updates_of(tx, params, grads)
         for step, (u, g) in enumerate(zip(out, grads)):
             expected = [x - s[step] * wd * w for x, w in zip(leaves(g), leaves(params))]
             assert_lists_close(leaves(u), expected, f"decoupled_weight_decay step {step}")
@@ -318,7 +320,10 @@ def test_chain_equals_the_same_steps_by_hand(problem, wd, m, lr):
     """chain(add_decayed_weights, trace, scale_by_learning_rate, decoupled_weight_decay) over a trajectory."""
     params, grads = problem
     tx = fr.chain(
-        fr.add_decayed_weights(wd), fr.trace(m), fr.scale_by_learning_rate(lr), fr.decoupled_weight_decay(wd)
+        fr.add_decayed_weights(wd),
+        fr.trace(m),
+        fr.scale_by_learning_rate(lr),
+        fr.decoupled_weight_decay(wd, scale_by="none"),
     )
     new_params, state = run_funcreg(tx, params, grads)
     ws, bufs = [p.clone() for p in leaves(params)], None
@@ -345,7 +350,7 @@ def transforms_under_test(names):
         "trace_nesterov": fr.trace(0.9, nesterov=True),
         "adam": fr.scale_by_adam(amsgrad=True),
         "add_decayed_weights": fr.add_decayed_weights(0.1),
-        "decoupled": fr.decoupled_weight_decay(0.1, learning_rate=fr.linear_schedule(0.5, 2.0, 3)),
+        "decoupled": fr.decoupled_weight_decay(0.1, learning_rate=fr.linear_schedule(0.5, 2.0, 3), scale_by="schedule"),
         "clip": fr.clip_by_global_norm(1.0),
         "masked": fr.masked(fr.trace(0.9), lambda tree: {k: k in chosen for k in tree}),
         "if_finite": fr.apply_if_finite(fr.scale_by_adam(), 2),

@@ -161,7 +161,7 @@ def decoupled(penalty: Penalty, learning_rate: Optional[ScalarOrSchedule] = None
     """The decoupled form: ``u <- u - s_t * grad P(w)``, placed after the learning-rate scaling.
 
     ``s_t`` follows :func:`funcreg.decoupled_weight_decay`: the learning rate (or schedule value) at
-    this step when given, else 1. ``decoupled_weight_decay(wd, lr)`` is ``decoupled(l2(wd), lr)``.
+    this step when given, else 1. ``decoupled_weight_decay(wd, lr, scale_by="learning_rate")`` is ``decoupled(l2(wd), lr)``.
 
     Examples:
         >>> import torch, funcreg as fr

@@ -13,7 +13,8 @@ class History:
 
     A history keeps scalar metrics: 0-d tensors for one run, or 1-D tensors with one value per member
     for an ensemble (the shape of ``"data_loss"`` decides which, when present). They are detached and
-    moved to the CPU when appended. Other entries (non-tensors, ``"aux"`` of other shapes) are skipped.
+    moved to the CPU when appended. Python numbers (the floats of :func:`funcreg.metrics`) are kept
+    as 0-d float64 tensors. Other entries (booleans, other objects, ``"aux"`` of other shapes) are skipped.
 
     Examples:
         >>> import torch, funcreg as fr
@@ -24,6 +25,10 @@ class History:
         tensor([1.0000, 0.5000, 0.3333])
         >>> h.to_dataframe().shape  # needs pandas: columns step, data_loss, penalty
         (3, 3)
+        >>> h = fr.History()
+        >>> h.append({"decay/lr": 0.01, "penalty": 0.5})  # floats, as fr.metrics(opt) returns them
+        >>> h["decay/lr"]
+        tensor([0.0100], dtype=torch.float64)
     """
 
     def __init__(self) -> None:
@@ -34,7 +39,11 @@ class History:
         """Records one step's metrics (``step`` defaults to the number of records so far)."""
         if not isinstance(metrics, Mapping):
             raise TypeError(f"History.append expects a dict of metrics, got {type(metrics).__name__}")
-        tensors = {k: v for k, v in metrics.items() if isinstance(v, torch.Tensor)}
+        tensors = {
+            k: (v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64))
+            for k, v in metrics.items()
+            if isinstance(v, torch.Tensor) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+        }
         reference = tensors.get("data_loss", next((v for v in tensors.values() if v.ndim <= 1), None))
         shape = () if reference is None or reference.ndim == 0 else tuple(reference.shape)
         row = {k: v.detach().to("cpu") for k, v in tensors.items() if tuple(v.shape) == shape}

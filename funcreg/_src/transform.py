@@ -355,33 +355,70 @@ def decoupled_weight_decay(
     weight_decay: float | torch.Tensor,
     learning_rate: Optional[ScalarOrSchedule] = None,
     mask: Any = None,
+    *,
+    scale_by: str,
 ) -> GradientTransformation:
     """Decoupled decay, placed after the learning-rate scaling: ``u <- u - s_t * wd * w``.
 
-    ``s_t`` is the learning rate at this step when one is given (torch's ``AdamW``: decay
-    ``lr * wd * w``), the schedule's value (the AdamW paper's variant, where a schedule multiplier and
-    not the base rate scales the decay), or 1 when ``learning_rate`` is ``None`` (lr-independent decay,
-    ``w <- (1 - wd) w`` per step). Always proportional to ``w``: a constant shift ``lr * wd`` is a bug
-    that :func:`funcreg.probe` detects in third-party optimizers.
+    What ``s_t`` is differs between libraries and papers, so it is a required choice, ``scale_by``:
+
+    * ``"learning_rate"``: ``s_t = lr_t``, the learning rate (a number, or a schedule of it) given as
+      ``learning_rate``: torch's ``AdamW`` (``w <- w - lr * wd * w``). ``chain(adam(lr),
+      decoupled_weight_decay(wd, lr, scale_by="learning_rate"))`` is ``adamw(lr, weight_decay=wd)``;
+    * ``"schedule"``: ``s_t = eta_t``, a schedule multiplier ``count -> eta_t`` given as
+      ``learning_rate`` (the AdamW paper, where the multiplier and not the base rate scales the
+      decay; ``eta_t = lr_t / lr_0`` reproduces it under a learning-rate schedule);
+    * ``"none"``: ``s_t = 1``, lr-independent decay ``w <- (1 - wd) w`` per step (some SGDW
+      implementations); with a learning rate of 1e-3 this decays 1000 times harder than torch's
+      AdamW with the same ``wd``. ``learning_rate`` must then be left out.
+
+    Always proportional to ``w``: a constant shift ``lr * wd`` is a bug that :func:`funcreg.probe`
+    detects in third-party optimizers.
 
     Args:
         weight_decay: finite, ``>= 0``.
-        learning_rate: ``None``, a non-negative float or tensor, or a schedule ``count -> s``.
+        learning_rate: the learning rate (a non-negative float or tensor, or a schedule) for
+            ``scale_by="learning_rate"``; the multiplier schedule for ``"schedule"``; ``None`` for ``"none"``.
         mask: which parameters to decay; the others pass through bit-identical.
+        scale_by: ``"learning_rate"``, ``"schedule"`` or ``"none"`` (keyword only, required).
 
     Examples:
         >>> import torch, funcreg as fr
-        >>> tx = fr.decoupled_weight_decay(0.1, learning_rate=0.5)
+        >>> tx = fr.decoupled_weight_decay(0.1, learning_rate=0.5, scale_by="learning_rate")
         >>> params = {"w": torch.tensor([2.0])}
         >>> tx.update({"w": torch.tensor([0.0])}, tx.init(params), params)[0]["w"]  # -0.5 * 0.1 * 2
         tensor([-0.1000])
+        >>> tx = fr.decoupled_weight_decay(0.1, scale_by="none")
+        >>> tx.update({"w": torch.tensor([0.0])}, tx.init(params), params)[0]["w"]  # -0.1 * 2, lr or not
+        tensor([-0.2000])
     """
+    choices = ("learning_rate", "schedule", "none")
+    if not isinstance(scale_by, str) or scale_by not in choices:
+        raise ValueError(
+            f"Invalid scale_by value: {scale_by!r} (expected 'learning_rate': decay lr_t * wd * w as torch's AdamW, "
+            "with learning_rate=; 'schedule': eta_t * wd * w with a multiplier schedule as learning_rate=, as the "
+            "AdamW paper; or 'none': wd * w per step, independent of the learning rate)"
+        )
     check_number("weight_decay", weight_decay, low=0.0)
-    if learning_rate is not None:
+    scheduled = callable(learning_rate) and not isinstance(learning_rate, torch.Tensor)
+    if scale_by == "none":
+        if learning_rate is not None:
+            raise ValueError(
+                f"Invalid learning_rate value: {learning_rate!r} (scale_by='none' decays independently of the "
+                "learning rate: leave learning_rate out, or use scale_by='learning_rate')"
+            )
+    elif learning_rate is None:
+        what = "the learning rate (torch AdamW's lr)" if scale_by == "learning_rate" else "a schedule count -> eta_t"
+        raise ValueError(f"Invalid learning_rate value: None (scale_by={scale_by!r} needs {what} as learning_rate=)")
+    else:
         check_rate("learning_rate", learning_rate)
+        if scale_by == "schedule" and not scheduled:
+            raise ValueError(
+                f"Invalid learning_rate value: {learning_rate!r} (scale_by='schedule' needs a schedule count -> eta_t; "
+                "for a constant, scale_by='learning_rate' multiplies the decay by it)"
+            )
     if is_zero(weight_decay):
         return identity()
-    scheduled = callable(learning_rate) and not isinstance(learning_rate, torch.Tensor)
 
     def init(params: PyTree) -> Any:
         return DecoupledWeightDecayState(count=init_count(params)) if scheduled else EmptyState()

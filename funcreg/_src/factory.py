@@ -1,0 +1,373 @@
+"""One line from a model to an optimizer: :func:`create_optimizer` and :func:`create_transform`.
+
+In the spirit of timm's ``create_optimizer_v2``: a name, a learning rate, a weight decay, and the
+decay selection (``fr.decay_mask(model)`` unless told otherwise) applied and printable. The names
+are a table, ``OPTIMIZERS``; an entry says how to build the optimizer without weight decay, its
+hyperparameters with torch.optim's defaults, and what torch's ``weight_decay=`` means for it. Adding
+an optimizer is adding an entry (``_register``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from funcreg._src import alias
+from funcreg._src.base import GradientTransformation
+from funcreg._src.combine import chain
+from funcreg._src.forms import add_penalty_grad, decoupled, proximal
+from funcreg._src.penalties import Penalty, l2
+from funcreg._src.selection import MaskLike, Selection, decay_mask, resolve_mask
+from funcreg._src.transform import ScalarOrSchedule, add_decayed_weights, decoupled_weight_decay, scale
+from funcreg._src.tree import leaf_names
+from funcreg._src.validation import check_number
+
+FORMS = ("coupled", "decoupled", "proximal")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """An entry of the optimizer table.
+
+    ``base(lr, **hyperparameters)`` builds the optimizer without weight decay and without
+    ``maximize`` (those are composed around it); ``hyperparameters`` are its other arguments with
+    torch.optim's defaults; ``form`` is what torch's ``weight_decay=`` is for this optimizer
+    (``"coupled"``: added to the gradient, SGD and Adam; ``"decoupled"``: ``w <- w - lr * wd * w``,
+    AdamW); ``fused(lr, weight_decay, mask, maximize, **hyperparameters)``, when given, builds that
+    default form in one transform equal to torch's step (``fr.adamw``).
+    """
+
+    name: str
+    base: Callable[..., GradientTransformation]
+    hyperparameters: Mapping[str, Any]
+    form: str
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    fused: Optional[Callable[..., GradientTransformation]] = None
+    description: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {}
+
+
+def _register(spec: OptimizerSpec) -> None:
+    if spec.form not in FORMS:
+        raise ValueError(f"optimizer {spec.name!r}: form must be one of {FORMS}, got {spec.form!r}")
+    OPTIMIZERS[spec.name.lower()] = spec
+
+
+_register(
+    OptimizerSpec(
+        name="sgd",
+        base=lambda lr, momentum, dampening, nesterov: alias.sgd(lr, momentum, dampening, nesterov),
+        hyperparameters={"momentum": 0.0, "dampening": 0.0, "nesterov": False},
+        form="coupled",
+        fused=lambda lr, weight_decay, maximize, momentum, dampening, nesterov: alias.sgd(
+            lr, momentum, dampening, nesterov, weight_decay=weight_decay, maximize=maximize
+        ),
+        description="torch.optim.SGD: weight_decay is coupled L2",
+    )
+)
+_register(
+    OptimizerSpec(
+        name="adam",
+        base=lambda lr, betas, eps, amsgrad: alias.adam(lr, betas, eps, amsgrad=amsgrad),
+        hyperparameters={"betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False},
+        form="coupled",
+        fused=lambda lr, weight_decay, maximize, betas, eps, amsgrad: alias.adam(
+            lr, betas, eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize
+        ),
+        description="torch.optim.Adam: weight_decay is coupled L2 (divided by sqrt(v) with the gradient)",
+    )
+)
+_register(
+    OptimizerSpec(
+        name="adamw",
+        base=lambda lr, betas, eps, amsgrad: alias.adam(lr, betas, eps, amsgrad=amsgrad),
+        hyperparameters={"betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False},
+        form="decoupled",
+        weight_decay=1e-2,
+        fused=lambda lr, weight_decay, maximize, betas, eps, amsgrad, mask=None: alias.adamw(
+            lr, betas, eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, mask=mask
+        ),
+        description="torch.optim.AdamW: weight_decay is decoupled, w <- w - lr * wd * w",
+        extra={"fused_takes_mask": True},
+    )
+)
+
+
+def optimizer_spec(name: str) -> OptimizerSpec:
+    """The table entry for ``name`` (case-insensitive); a name not in the table raises with suggestions."""
+    if not isinstance(name, str):
+        raise TypeError(f"optimizer name must be a string such as 'adamw', got {name!r}")
+    spec = OPTIMIZERS.get(name.lower())
+    if spec is None:
+        close = difflib.get_close_matches(name.lower(), list(OPTIMIZERS), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+        raise ValueError(f"unknown optimizer {name!r} ({hint}known: {', '.join(sorted(OPTIMIZERS))})")
+    return spec
+
+
+def _check_hyperparameters(spec: OptimizerSpec, given: Mapping[str, Any]) -> dict[str, Any]:
+    known = set(spec.hyperparameters)
+    unknown = [k for k in given if k not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        takes = ", ".join(sorted(known | {"lr", "weight_decay", "maximize", "penalty", "form", "decay"}))
+        raise TypeError(f"optimizer {spec.name!r} takes no argument {unknown[0]!r}{hint}; it takes: {takes}")
+    return {**spec.hyperparameters, **given}
+
+
+def build_transform(
+    spec: OptimizerSpec,
+    lr: ScalarOrSchedule,
+    weight_decay: Any = 0.0,
+    mask: Optional[MaskLike] = None,
+    penalty: Optional[Penalty] = None,
+    form: Optional[str] = None,
+    maximize: bool = False,
+    **hyperparameters: Any,
+) -> GradientTransformation:
+    """The optimizer ``spec`` with weight decay (restricted to ``mask``) and a penalty in ``form``.
+
+    ``form`` (default: the optimizer's own, ``spec.form``) places both: ``"coupled"`` first in the
+    chain (torch's SGD/Adam ``weight_decay=``), ``"decoupled"`` after the learning-rate scaling,
+    scaled by the learning rate (torch's AdamW), ``"proximal"`` last, as a proximal step of size
+    ``lr``. Where the result is exactly a torch.optim optimizer, its fused funcreg alias is used.
+    """
+    form = spec.form if form is None else form
+    if form == "loss":
+        raise ValueError(
+            "form='loss' adds the penalty to the loss, which an optimizer cannot do: use "
+            "fr.make_step(loss_fn, tx, penalty=..., form='loss') or fr.penalized(loss_fn, penalty)"
+        )
+    if form not in FORMS:
+        raise ValueError(f"Invalid form value: {form!r} (expected one of {', '.join(map(repr, FORMS))})")
+    if penalty is not None and not isinstance(penalty, Penalty):
+        raise TypeError(f"penalty must be a funcreg penalty (fr.l1(...), fr.l2(...), ...), got {type(penalty).__name__}")
+    check_number("weight_decay", weight_decay, low=0.0)
+    hp = _check_hyperparameters(spec, hyperparameters)
+    has_decay = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
+    if (
+        spec.fused is not None
+        and form == spec.form
+        and penalty is None
+        and (mask is None or not has_decay or spec.extra.get("fused_takes_mask", False))
+    ):
+        if spec.extra.get("fused_takes_mask", False):
+            return spec.fused(lr, weight_decay, maximize, mask=mask, **hp)
+        return spec.fused(lr, weight_decay, maximize, **hp)
+    parts: list[GradientTransformation] = []
+    if maximize:
+        parts.append(scale(-1.0))
+    if form == "coupled":
+        if has_decay:
+            parts.append(add_decayed_weights(weight_decay, mask=mask))
+        if penalty is not None:
+            parts.append(add_penalty_grad(penalty))
+    parts.append(spec.base(lr, **hp))
+    if form == "decoupled":
+        if has_decay:
+            parts.append(decoupled_weight_decay(weight_decay, lr, mask=mask, scale_by="learning_rate"))
+        if penalty is not None:
+            parts.append(decoupled(penalty, learning_rate=lr))
+    elif form == "proximal":
+        total = penalty
+        if has_decay:
+            decay_term = l2(weight_decay, mask=mask, name="weight_decay")
+            total = decay_term if total is None else decay_term + total
+        if total is not None:
+            parts.append(proximal(total, lr))
+    return parts[0] if len(parts) == 1 else chain(*parts)
+
+
+def group_factory(name: str) -> tuple[Callable[..., GradientTransformation], dict[str, Any]]:
+    """The factory of a group's options for ``TorchOptimizer(params, name)``, and its default options."""
+    spec = optimizer_spec(name)
+
+    def factory(
+        lr: float,
+        weight_decay: float = spec.weight_decay,
+        penalty: Optional[Penalty] = None,
+        form: Optional[str] = None,
+        mask: Optional[MaskLike] = None,
+        maximize: bool = False,
+        **options: Any,
+    ) -> GradientTransformation:
+        hyper = {k: v for k, v in options.items() if k in spec.hyperparameters}
+        return build_transform(spec, lr, weight_decay, mask, penalty, form, maximize, **hyper)
+
+    factory.__name__ = f"{spec.name}_group_factory"
+    defaults = {"lr": spec.lr, "weight_decay": spec.weight_decay, **spec.hyperparameters, "maximize": False}
+    return factory, defaults
+
+
+def _names_and_tree(model_or_params: Any) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
+    if isinstance(model_or_params, nn.Module):
+        return model_or_params, list(model_or_params.named_parameters())
+    items = list(model_or_params.items()) if isinstance(model_or_params, Mapping) else list(model_or_params)
+    if items and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items):
+        return dict(items), items
+    if items and all(isinstance(x, torch.Tensor) for x in items):
+        named = [(str(i), p) for i, p in enumerate(items)]
+        return dict(named), named
+    raise TypeError(
+        "create_optimizer expects a module, a dict {name: tensor}, (name, tensor) pairs or tensors; for "
+        "param-group dicts use fr.TorchOptimizer(groups, name, lr=...)"
+    )
+
+
+def _selection(decay: Any, source: Any, names: list[str], weight_decay: Any) -> Optional[Selection]:
+    """The decay selection as a :class:`Selection` over ``names`` (``None``: no decay at all)."""
+    if decay is None:
+        try:
+            return decay_mask(source)
+        except ValueError:
+            if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+                return None  # nothing to decay and no decay asked for: one group, as torch's default
+            raise
+    if decay is True:
+        return Selection({n: True for n in names}, reasons={n: "decay=True" for n in names}, label="decay")
+    if decay is False:
+        return Selection({n: False for n in names}, reasons={n: "decay=False" for n in names}, label="decay")
+    if isinstance(decay, Selection):
+        decay.resolve({n: None for n in names})  # every name present, no extra: raises otherwise
+        return decay
+    tree = {n: p.detach() for n, p in (source.named_parameters() if isinstance(source, nn.Module) else source.items())}
+    produced = decay(source) if callable(decay) else decay
+    if isinstance(produced, Selection):
+        produced.resolve(tree)
+        return produced
+    keep = resolve_mask(produced, tree, "decay")
+    return Selection(dict(zip(leaf_names(tree), keep)), reasons={n: "decay mask" for n in names}, label="decay")
+
+
+def create_optimizer(
+    model_or_params: Any,
+    name: str = "adamw",
+    lr: Optional[float] = None,
+    weight_decay: Optional[float] = None,
+    *,
+    decay: Any = None,
+    penalty: Optional[Penalty] = None,
+    form: Optional[str] = None,
+    **hyperparameters: Any,
+) -> Any:
+    """A ready :class:`funcreg.TorchOptimizer` in one line: ``fr.create_optimizer(model, "adamw", lr=1e-3)``.
+
+    The parameters are split into two param groups, ``"decay"`` (the decay selection, with
+    ``weight_decay``) and ``"no_decay"`` (``weight_decay=0.0``), as the HF ``Trainer`` and timm build
+    them, so schedulers and per-group weight-decay schedules work as with torch.optim. The selection
+    is ``opt.selection`` (``print(opt.selection)`` shows the rule for each parameter).
+
+    Args:
+        model_or_params: a module (recommended: names, types and ``model.no_weight_decay()`` inform
+            the selection), a dict ``{name: tensor}``, ``(name, tensor)`` pairs or tensors.
+        name: an optimizer of the table: ``"sgd"``, ``"adam"``, ``"adamw"`` (case-insensitive; a typo
+            raises with a suggestion).
+        lr: the learning rate (default: torch's, 1e-3).
+        weight_decay: the decay coefficient with torch's meaning for ``name`` (coupled L2 for SGD and
+            Adam, decoupled ``w <- w - lr * wd * w`` for AdamW); default torch's (0, 0, 1e-2).
+        decay: which parameters to decay: default ``fr.decay_mask(model)``; a selection, a selector
+            (``fr.by_module(nn.Linear)``), a bool tree, or ``True`` (all, as torch.optim does).
+        penalty: another funcreg penalty (``fr.l1(1e-5)``, ...), applied as given (its own ``mask``),
+            in ``form``.
+        form: where weight decay and the penalty go: ``"coupled"`` (first, added to the gradient),
+            ``"decoupled"`` (after the learning-rate scaling, times the lr) or ``"proximal"`` (a
+            proximal step of size lr, last); default: what ``weight_decay`` means for ``name`` in torch.
+        **hyperparameters: the optimizer's other arguments (``momentum``, ``nesterov``, ``dampening``
+            for SGD; ``betas``, ``eps``, ``amsgrad`` for Adam/AdamW; ``maximize``).
+
+    Returns:
+        A :class:`funcreg.TorchOptimizer` whose groups carry every option (``lr``, ``weight_decay``,
+        ``betas``/``momentum``, ...), so ``OneCycleLR(cycle_momentum=True)`` works.
+
+    Examples:
+        >>> import torch, funcreg as fr
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1))
+        >>> opt = fr.create_optimizer(model, "adamw", lr=1e-3, weight_decay=0.05)
+        >>> [(g["name"], g["param_names"], g["weight_decay"]) for g in opt.param_groups]  # doctest: +NORMALIZE_WHITESPACE
+        [('decay', ['0.weight', '2.weight'], 0.05),
+         ('no_decay', ['0.bias', '1.weight', '1.bias', '2.bias'], 0.0)]
+        >>> opt.selection.selected
+        ['0.weight', '2.weight']
+        >>> fr.create_optimizer(model, "adamm")
+        Traceback (most recent call last):
+            ...
+        ValueError: unknown optimizer 'adamm' (did you mean 'adam', 'adamw'? known: adam, adamw, sgd)
+    """
+    from funcreg._src.torch_optimizer import TorchOptimizer
+
+    spec = optimizer_spec(name)
+    lr = spec.lr if lr is None else lr
+    weight_decay = spec.weight_decay if weight_decay is None else weight_decay
+    hp = _check_hyperparameters(spec, {k: v for k, v in hyperparameters.items() if k != "maximize"})
+    maximize = hyperparameters.get("maximize", False)
+    # build one transform now, so that a bad value raises here with the argument's name
+    build_transform(spec, lr, weight_decay, None, penalty, form, maximize, **hp)
+    source, named = _names_and_tree(model_or_params)
+    names = [n for n, _ in named]
+    selection = _selection(decay, source, names, weight_decay)
+    factory, _ = group_factory(spec.name)
+    options: dict[str, Any] = {"weight_decay": weight_decay, **hp, "maximize": maximize}
+    if penalty is not None:
+        options["penalty"] = penalty
+    if form is not None:
+        options["form"] = form
+    if selection is None or all(selection.values()):
+        groups: list[dict[str, Any]] = [{"params": named, "name": "decay" if selection is not None else "all"}]
+    else:
+        groups = [
+            {"params": [(n, p) for n, p in named if selection[n]], "name": "decay"},
+            {"params": [(n, p) for n, p in named if not selection[n]], "name": "no_decay", "weight_decay": 0.0},
+        ]
+        if not groups[0]["params"]:
+            groups = groups[1:]
+    opt = TorchOptimizer(groups, factory, lr=lr, **options)
+    opt._fr_name = spec.name
+    opt.selection = selection
+    return opt
+
+
+def create_transform(
+    model_or_params: Any,
+    name: str = "adamw",
+    lr: Optional[ScalarOrSchedule] = None,
+    weight_decay: Optional[float] = None,
+    *,
+    decay: Any = None,
+    penalty: Optional[Penalty] = None,
+    form: Optional[str] = None,
+    **hyperparameters: Any,
+) -> GradientTransformation:
+    """The functional twin of :func:`create_optimizer`: the same optimizer as one transform.
+
+    Arguments are those of :func:`create_optimizer`; ``lr`` may also be a funcreg schedule. The
+    weight decay is restricted to the decay selection by a mask (``fr.decay_mask(model)`` by
+    default; ``fr.decay_mask(model)`` prints it). The transform works on the tree
+    ``fr.params_of(model)`` (or the dict given).
+
+    Examples:
+        >>> import torch, funcreg as fr
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1))
+        >>> tx = fr.create_transform(model, "sgd", lr=0.1, weight_decay=1e-2, momentum=0.9)
+        >>> params = fr.params_of(model)
+        >>> updates, state = tx.update({k: torch.zeros_like(v) for k, v in params.items()}, tx.init(params), params)
+        >>> torch.equal(updates["1.weight"], torch.zeros(4))  # a LayerNorm weight: not decayed
+        True
+    """
+    spec = optimizer_spec(name)
+    lr = spec.lr if lr is None else lr
+    weight_decay = spec.weight_decay if weight_decay is None else weight_decay
+    maximize = hyperparameters.pop("maximize", False)
+    source, named = _names_and_tree(model_or_params)
+    selection = _selection(decay, source, [n for n, _ in named], weight_decay)
+    mask: Optional[Selection] = None if selection is None or all(selection.values()) else selection
+    return build_transform(spec, lr, weight_decay, mask, penalty, form, maximize, **hyperparameters)

@@ -52,7 +52,7 @@ class GradientTransformation(NamedTuple):
     update: TransformUpdateFn
 
     def __repr__(self) -> str:
-        """The factory call that built this transform, e.g. ``chain(clip_by_global_norm(1), adamw(0.001))``."""
+        """The factory call that built this transform, e.g. ``chain(clip_by_global_norm(1.0), adamw(0.001))``."""
         return describe(self)
 
 

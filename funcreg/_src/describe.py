@@ -25,10 +25,10 @@ def fmt(value: Any) -> str:
     if value is None or isinstance(value, (bool, int, str)):
         return repr(value)
     if isinstance(value, float):
-        return f"{value:g}"
+        return repr(value)  # the shortest text that reads back as the same float
     if isinstance(value, torch.Tensor):
         if value.ndim == 0 and not torch._C._functorch.is_functorch_wrapped_tensor(value) and value.device.type != "meta":
-            return f"tensor({value.item():g})"
+            return f"tensor({value.item()!r})"
         return f"tensor(shape={tuple(value.shape)})"
     if isinstance(value, tuple) and getattr(value, "_fields", None) == ("init", "update"):
         return repr(value)  # a GradientTransformation

@@ -73,9 +73,14 @@ def records_call(factory: Callable[..., Penalty]) -> Callable[..., Penalty]:
         out = factory(*args, **kwargs)
         if not compiling():  # see funcreg._src.describe.configured
             out.config = call_text(factory.__name__, *args, **kwargs)
+            out.recipe = (build, args, kwargs)  # pickles as the call that built it (its rules hold lambdas)
         return out
 
     return build
+
+
+def _call(factory: Callable[..., Penalty], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Penalty:
+    return factory(*args, **kwargs)
 
 
 def is_scalar(x: Any) -> bool:
@@ -135,6 +140,15 @@ class Penalty:
 
     name: str = "penalty"
     config: Optional[str] = None
+    recipe: Optional[tuple[Callable[..., Penalty], tuple[Any, ...], dict[str, Any]]] = None
+
+    def __reduce__(self) -> Any:
+        """Built-in penalties pickle as the factory call that built them (Lightning, multiprocessing
+        and ``copy.deepcopy`` pickle optimizer options); others pickle their attributes."""
+        if self.recipe is not None:
+            factory, args, kwargs = self.recipe
+            return (_call, (factory, args, kwargs))
+        return super().__reduce__()
 
     # -- the protocol --------------------------------------------------------------------------
     def selected_flat(self, fp: FlatParams) -> list[bool]:

@@ -3,9 +3,31 @@
 Penalties, gradient transformations and optimizers as pure functions over parameter trees.
 """
 
+from funcreg._src.adam_variants import ScaleByAdamaxState
+from funcreg._src.adam_variants import ScaleByNadamState
+from funcreg._src.adam_variants import ScaleByRadamState
+from funcreg._src.adam_variants import scale_by_adamax
+from funcreg._src.adam_variants import scale_by_nadam
+from funcreg._src.adam_variants import scale_by_radam
+from funcreg._src.adaptive import ScaleByAdadeltaState
+from funcreg._src.adaptive import ScaleByAdagradState
+from funcreg._src.adaptive import ScaleByRmsState
+from funcreg._src.adaptive import scale_by_adadelta
+from funcreg._src.adaptive import scale_by_adagrad
+from funcreg._src.adaptive import scale_by_rms
 from funcreg._src.alias import adam
 from funcreg._src.alias import adamw
 from funcreg._src.alias import sgd
+from funcreg._src.alias_recent import lion
+from funcreg._src.alias_recent import muon
+from funcreg._src.alias_torch import adadelta
+from funcreg._src.alias_torch import adafactor
+from funcreg._src.alias_torch import adagrad
+from funcreg._src.alias_torch import adamax
+from funcreg._src.alias_torch import nadam
+from funcreg._src.alias_torch import radam
+from funcreg._src.alias_torch import rmsprop
+from funcreg._src.alias_torch import rprop
 from funcreg._src.base import EmptyState
 from funcreg._src.base import GradientTransformation
 from funcreg._src.base import identity
@@ -30,8 +52,15 @@ from funcreg._src.ensemble import num_members
 from funcreg._src.ensemble import stack
 from funcreg._src.ensemble import unstack
 from funcreg._src.ensemble import vmap
+from funcreg._src.factored import ScaleByAdafactorState
+from funcreg._src.factored import ScaleByRelativeStepState
+from funcreg._src.factored import scale_by_adafactor
+from funcreg._src.factored import scale_by_relative_step
 from funcreg._src.factory import create_optimizer
 from funcreg._src.factory import create_transform
+from funcreg._src.fista import FistaState
+from funcreg._src.fista import fista
+from funcreg._src.fista import fista_iterate
 from funcreg._src.forms import PenaltyState
 from funcreg._src.forms import add_penalty_grad
 from funcreg._src.forms import decoupled
@@ -41,6 +70,8 @@ from funcreg._src.forms import penalty_states
 from funcreg._src.forms import proximal
 from funcreg._src.history import History
 from funcreg._src.metrics import metrics
+from funcreg._src.orthogonalize import ScaleByMuonState
+from funcreg._src.orthogonalize import scale_by_muon
 from funcreg._src.penalties import FlatParams
 from funcreg._src.penalties import LeafRule
 from funcreg._src.penalties import Penalty
@@ -54,6 +85,7 @@ from funcreg._src.penalties import max_norm
 from funcreg._src.penalties import non_negative
 from funcreg._src.penalties import orthogonal
 from funcreg._src.penalties import penalty
+from funcreg._src.preconditioned import proximal_adam
 from funcreg._src.probe import DecayKind
 from funcreg._src.probe import ProbeResult
 from funcreg._src.probe import probe
@@ -71,6 +103,10 @@ from funcreg._src.selection import by_name
 from funcreg._src.selection import by_predicate
 from funcreg._src.selection import decay_mask
 from funcreg._src.selection import params_of
+from funcreg._src.sign_methods import ScaleByLionState
+from funcreg._src.sign_methods import ScaleByRpropState
+from funcreg._src.sign_methods import scale_by_lion
+from funcreg._src.sign_methods import scale_by_rprop
 from funcreg._src.transform import DecoupledWeightDecayState
 from funcreg._src.transform import ScaleByAdamState
 from funcreg._src.transform import ScaleByScheduleState
@@ -82,6 +118,10 @@ from funcreg._src.transform import scale
 from funcreg._src.transform import scale_by_adam
 from funcreg._src.transform import scale_by_learning_rate
 from funcreg._src.transform import trace
+from funcreg._src.spectral import max_spectral_norm
+from funcreg._src.spectral import nuclear_norm
+from funcreg._src.spectral import orthogonal_cosine
+from funcreg._src.spectral import spectral_norm
 from funcreg._src.torch_optimizer import TorchOptimizer
 from funcreg._src.training import Step
 from funcreg._src.training import TrainState
@@ -106,6 +146,7 @@ __all__ = [
     "DecoupledWeightDecayState",
     "EmptyState",
     "EnsembleStep",
+    "FistaState",
     "FlatParams",
     "GradientTransformation",
     "History",
@@ -117,7 +158,18 @@ __all__ = [
     "Penalty",
     "PenaltyState",
     "ProbeResult",
+    "ScaleByAdadeltaState",
+    "ScaleByAdafactorState",
+    "ScaleByAdagradState",
     "ScaleByAdamState",
+    "ScaleByAdamaxState",
+    "ScaleByLionState",
+    "ScaleByMuonState",
+    "ScaleByNadamState",
+    "ScaleByRadamState",
+    "ScaleByRelativeStepState",
+    "ScaleByRmsState",
+    "ScaleByRpropState",
     "ScaleByScheduleState",
     "Selection",
     "SelectionError",
@@ -128,7 +180,11 @@ __all__ = [
     "TorchOptimizer",
     "TraceState",
     "TrainState",
+    "adadelta",
+    "adafactor",
+    "adagrad",
     "adam",
+    "adamax",
     "adamw",
     "add_decayed_weights",
     "add_penalty_grad",
@@ -151,6 +207,8 @@ __all__ = [
     "donated_update",
     "elastic_net",
     "ensemble_step",
+    "fista",
+    "fista_iterate",
     "functional_model",
     "group_lasso",
     "identity",
@@ -160,17 +218,23 @@ __all__ = [
     "l2",
     "linear_schedule",
     "linear_warmup",
+    "lion",
     "load_state_dict",
     "lp",
     "make_step",
     "masked",
     "max_norm",
+    "max_spectral_norm",
     "metrics",
+    "muon",
+    "nadam",
     "named_chain",
     "non_negative",
     "norms",
+    "nuclear_norm",
     "num_members",
     "orthogonal",
+    "orthogonal_cosine",
     "params_of",
     "partition",
     "penalized",
@@ -180,11 +244,27 @@ __all__ = [
     "probe",
     "proxes",
     "proximal",
+    "proximal_adam",
+    "radam",
+    "rmsprop",
+    "rprop",
     "scale",
+    "scale_by_adadelta",
+    "scale_by_adafactor",
+    "scale_by_adagrad",
     "scale_by_adam",
+    "scale_by_adamax",
     "scale_by_learning_rate",
+    "scale_by_lion",
+    "scale_by_muon",
+    "scale_by_nadam",
+    "scale_by_radam",
+    "scale_by_relative_step",
+    "scale_by_rms",
+    "scale_by_rprop",
     "sgd",
     "sparsity",
+    "spectral_norm",
     "stack",
     "state_dict",
     "trace",

@@ -275,7 +275,9 @@ def test_gradients_are_zero_tensors_in_float64():
     fr.probe(lambda ps: Recorder(ps, lr=0.1, weight_decay=0.1), steps=3)
     assert len(seen) >= 6
     for g in seen[:6]:  # the two zero-gradient runs come first
-        assert g is not None and g.dtype == torch.float64 and torch.equal(g, torch.zeros(7, dtype=torch.float64))
+        assert (
+            g is not None and g.dtype == torch.float64 and torch.equal(g, torch.zeros(7, dtype=torch.float64))
+        )
 
 
 def test_custom_weights_and_steps():
@@ -452,3 +454,335 @@ def test_property_with_drawn_weights(name, h, mags, neg):
     r = fr.probe(make(h["wd"], h["mu"]), learning_rates=_lrs(h), weights=w.tolist())
     _check(r, kind, h["wd"])
     np.testing.assert_array_equal(r.trajectories[0][0].numpy(), w.numpy())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimizers the zero-gradient probe alone misreads, each written out here: arithmetic in float32,
+# decay only with a gradient (LARS), decay that depends on the weights (LAMB's trust ratio, AdamP's
+# projection). Expected coefficients are the optimizers' own hyperparameters.
+
+
+class SGDWFloat32(torch.optim.Optimizer):
+    """The minimal float32 optimizer: ``p.copy_(p.float() * (1 - lr * wd) - lr * g)``, optionally with a
+    float32 heavy-ball buffer (which makes its decay decoupled rather than the same map as coupled)."""
+
+    def __init__(self, params, lr=0.1, weight_decay=0.1, momentum=0.0):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad.float()
+                if mu:
+                    buf = self.state[p].setdefault("buf", torch.zeros_like(d))
+                    d = buf.mul_(mu).add_(d)
+                p.copy_(p.float() * (1 - lr * wd) - lr * d)
+
+
+class AdamFloat32(torch.optim.Optimizer):
+    """torch-optimizer's style (RAdam, Ranger): the state and the step in float32 on ``p.data.float()``,
+    with either a coupled decay (``g + wd * p``) or a decoupled one (``p_fp32 -= lr * wd * p_fp32``)."""
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, coupled=False, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__(
+            params, {"lr": lr, "weight_decay": weight_decay, "coupled": coupled, "betas": betas, "eps": eps}
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            (b1, b2), lr, wd = group["betas"], group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                w, g = p.data.float(), p.grad.float()
+                if group["coupled"]:
+                    g = g + wd * w
+                else:
+                    w.add_(w, alpha=-lr * wd)
+                state = self.state[p]
+                if not state:
+                    state.update(t=0, m=torch.zeros_like(w), v=torch.zeros_like(w))
+                state["t"] += 1
+                t = state["t"]
+                state["m"].mul_(b1).add_(g, alpha=1 - b1)
+                state["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                w.addcdiv_(
+                    state["m"], (state["v"] / (1 - b2**t)).sqrt().add_(group["eps"]), value=-lr / (1 - b1**t)
+                )
+                p.data.copy_(w)
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al. 2020): the Adam step plus ``wd * w``, rescaled by the trust ratio
+    ``||w|| / ||update||``. At zero gradient the update is ``wd * w`` and the ratio ``1 / wd``: the
+    step is ``lr * w`` whatever wd."""
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-6):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state, g = self.state[p], p.grad
+                if not state:
+                    state.update(t=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                state["t"] += 1
+                t = state["t"]
+                state["m"].mul_(b1).add_(g, alpha=1 - b1)
+                state["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                adam = (state["m"] / (1 - b1**t)) / ((state["v"] / (1 - b2**t)).sqrt() + group["eps"])
+                update = adam + group["weight_decay"] * p
+                w_norm, u_norm = float(p.norm()), float(update.norm())
+                trust = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
+                p.add_(update, alpha=-group["lr"] * trust)
+
+
+class Lars(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as commonly implemented: a parameter whose gradient is zero is skipped
+    (no trust ratio, so no step and no decay); else the coupled ``g + wd * w`` is scaled by the trust
+    ratio ``eta ||w|| / (||g|| + wd ||w||)`` into a heavy-ball buffer. ``trust=False`` drops the ratio
+    (a decay that is coupled, gated, and not weight-dependent)."""
+
+    def __init__(self, params, lr=0.1, weight_decay=1e-2, momentum=0.9, eta=1e-3, trust=True):
+        super().__init__(
+            params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "eta": eta, "trust": trust}
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            wd = group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                w_norm, g_norm = float(p.norm()), float(g.norm())
+                if w_norm == 0 or g_norm == 0:
+                    continue
+                trust = group["eta"] * w_norm / (g_norm + wd * w_norm) if group["trust"] else 1.0
+                buf = self.state[p].setdefault("buf", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(g + wd * p, alpha=group["lr"] * trust)
+                p.sub_(buf)
+
+
+class GatedSGDW(torch.optim.Optimizer):
+    """Decoupled decay ``w <- w * (1 - lr * wd)`` applied only when the gradient is not all zeros."""
+
+    def __init__(self, params, lr=0.1, weight_decay=0.1, independent=False):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "independent": independent})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None or not bool(p.grad.any()):
+                    continue
+                p.mul_(1 - (wd if group["independent"] else lr * wd))
+                p.add_(p.grad, alpha=-lr)
+
+
+class AdamP(torch.optim.Optimizer):
+    """AdamP (Heo et al. 2021): when the gradient is nearly orthogonal to ``w`` (cosine below
+    ``delta / sqrt(n)``; a zero gradient is), the radial part of the Adam update is removed and the
+    decoupled decay is multiplied by ``wd_ratio``."""
+
+    def __init__(
+        self, params, lr=1e-3, weight_decay=0.2, betas=(0.9, 0.999), eps=1e-8, delta=0.1, wd_ratio=0.1
+    ):
+        defaults = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "betas": betas,
+            "eps": eps,
+            "delta": delta,
+            "wd_ratio": wd_ratio,
+        }
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            eps = group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state, g = self.state[p], p.grad
+                if not state:
+                    state.update(t=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                state["t"] += 1
+                t = state["t"]
+                state["m"].mul_(b1).add_(g, alpha=1 - b1)
+                state["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                update = (state["m"] / (1 - b1**t)) / ((state["v"] / (1 - b2**t)).sqrt() + eps)
+                ratio = 1.0
+                if (
+                    float((g * p).sum().abs() / (g.norm() * p.norm() + eps))
+                    < group["delta"] / p.numel() ** 0.5
+                ):
+                    unit = p / (p.norm() + eps)
+                    update = update - (update * unit).sum() * unit
+                    ratio = group["wd_ratio"]
+                p.mul_(1 - group["lr"] * group["weight_decay"] * ratio)
+                p.add_(update, alpha=-group["lr"])
+
+
+class CubicDecay(_SGDWBase):
+    """A decay no kind describes: ``w <- w - lr * wd * w^3``."""
+
+    def decay(self, p, lr, wd):
+        p.sub_(lr * wd * p**3)
+
+
+F32_RTOL = 1e-5  # a coefficient read off float32 arithmetic (1 - lr * wd rounded to float32)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_float32_arithmetic_is_read_at_float32_precision(momentum):
+    r = fr.probe(lambda ps: SGDWFloat32(ps, weight_decay=0.1, momentum=momentum))
+    assert r.precision == torch.float32 and "float32" in r.explanation and "precision:   float32" in str(r)
+    for traj in r.trajectories:  # what the probe saw is float32 numbers in the float64 parameter
+        assert traj.dtype == torch.float64 and torch.equal(traj.float().double(), traj)
+    if momentum:
+        assert r.kind is K.DECOUPLED_LR and r.lr_scaled is True and r.equivalent == ()
+    else:  # plain SGD: coupled and decoupled are the same map, as in float64
+        assert r.kind is K.COUPLED_L2 and r.equivalent == (K.DECOUPLED_LR,)
+    assert r.coefficient == pytest.approx(0.1, rel=F32_RTOL)
+    # float32's rounding of 1 - lr * wd, which the probe reports as it is
+    np.testing.assert_allclose(
+        r.trajectories[1].numpy()[1], (W0 * np.float32(1 - 0.01 * 0.1)).astype(np.float32), rtol=0, atol=0
+    )
+
+
+@pytest.mark.parametrize("coupled, kind", [(False, K.DECOUPLED_LR), (True, K.COUPLED_L2)])
+def test_float32_adam_type(coupled, kind):
+    r = fr.probe(lambda ps: AdamFloat32(ps, weight_decay=0.05, coupled=coupled))
+    assert r.precision == torch.float32 and r.kind is kind
+    assert r.coefficient == pytest.approx(0.05, rel=1e-4)
+
+
+def test_lamb_trust_ratio_is_norm_dependent_not_coefficient_one():
+    """Before: 'decoupled, multiplied by lr, coefficient 1.0' for any weight_decay."""
+    for wd in (0.3, 0.01):
+        r = fr.probe(lambda ps, wd=wd: Lamb(ps, weight_decay=wd))
+        assert r.kind is K.NORM_DEPENDENT and r.coefficient is None and not r.needs_gradient
+        # what the zero-gradient run shows: w <- w * (1 - lr) (the trust ratio cancels wd)
+        assert_traj(r, [W0 * (1 - lr) ** steps_column() for lr in LRS], atol=1e-12, rtol=1e-12)
+        assert "1 - lr * 1" in r.explanation and "LAMB" in r.explanation
+        # the gradient runs, written out: one Adam step sign(g) = 1 plus wd * w, times ||w|| / ||1 + wd w||
+        for scale in (1.0, 2.0):
+            w = scale * W0
+            update = 1.0 / (1.0 + 1e-6 / 0.5) + wd * w
+            expected = w - 0.1 * np.linalg.norm(w) / np.linalg.norm(update) * update
+            np.testing.assert_allclose(
+                r.gradient_trajectories[(0.1, scale)][1].numpy(), expected, atol=1e-12, rtol=0
+            )
+
+
+def test_lars_decays_only_with_a_gradient_and_by_its_trust_ratio():
+    """Before: 'none' (a zero gradient skips the parameter)."""
+    r = fr.probe(lambda ps: Lars(ps, weight_decay=1e-2))
+    assert r.kind is K.NORM_DEPENDENT and r.needs_gradient is True and r.coefficient is None
+    assert_traj(r, [np.repeat(W0[None], STEPS + 1, axis=0)] * 2, atol=0, rtol=0)
+    assert "needs a nonzero gradient: True" in str(r) and "from 2 * weights" in r.table
+
+
+def test_gated_decoupled_decay_is_found_with_a_gradient():
+    for independent, kind in [(False, K.DECOUPLED_LR), (True, K.DECOUPLED_INDEPENDENT)]:
+        r = fr.probe(lambda ps, i=independent: GatedSGDW(ps, weight_decay=0.05, independent=i))
+        assert r.kind is kind and r.needs_gradient is True
+        assert (
+            r.coefficient == pytest.approx(0.05, rel=1e-9)
+            and "only acts when the data gradient is nonzero" in r.explanation
+        )
+
+
+def test_gated_coupled_decay_without_trust_ratio_is_found_as_lr_scaled():
+    """LARS without its ratio: the first step from a zero buffer is -lr (g + wd w), so the part
+    proportional to w is lr * wd (coupled and decoupled are one map at a first step)."""
+    r = fr.probe(lambda ps: Lars(ps, weight_decay=0.02, trust=False))
+    assert r.kind is K.DECOUPLED_LR and r.needs_gradient and r.coefficient == pytest.approx(0.02, rel=1e-9)
+
+
+def test_adamp_projection_is_norm_dependent():
+    """At zero gradient AdamP decays by wd * wd_ratio (0.02 here), with a gradient not orthogonal to
+    w by the full wd (0.2): the decay depends on the weights and the gradient."""
+    r = fr.probe(lambda ps: AdamP(ps, weight_decay=0.2))
+    assert r.kind is K.NORM_DEPENDENT and r.coefficient is None
+    assert_traj(r, [W0 * (1 - lr * 0.02) ** steps_column() for lr in LRS], atol=1e-12, rtol=1e-12)
+    assert "1 - lr * 0.02" in r.explanation
+
+
+def test_unknown_decays():
+    r = fr.probe(lambda ps: CubicDecay(ps, weight_decay=0.1, momentum=0.0))
+    assert r.kind is K.UNKNOWN and r.coefficient is None and not r.needs_gradient
+    # a coupled decay behind Adam's normalisation that acts only with a gradient: not common-plus-proportional
+    r = fr.probe(lambda ps: GatedAdamL2(ps, weight_decay=0.1))
+    assert r.kind is K.UNKNOWN and r.needs_gradient is True and "only with a gradient" in r.explanation
+
+
+class GatedAdamL2(torch.optim.Adam):
+    """torch's Adam with its coupled decay, but skipping a parameter whose gradient is all zeros."""
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not bool(p.grad.any()):
+                    p.grad = None
+        return super().step(closure)
+
+
+def test_none_is_checked_with_a_gradient_too():
+    r = fr.probe(lambda ps: torch.optim.Adam(ps))
+    assert r.kind is K.NONE and "with a data gradient the same for every weight" in r.explanation.lower()
+    for traj in r.gradient_trajectories.values():  # every weight moved by the same amount
+        d = traj[1] - traj[0]
+        assert float((d - d[0]).abs().max()) <= 1e-15
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.AdamW(ps, weight_decay=0.1),
+        lambda ps: torch.optim.NAdam(ps, weight_decay=0.1, decoupled_weight_decay=True),
+        lambda ps: torch.optim.RAdam(ps, weight_decay=0.1, decoupled_weight_decay=True),
+        lambda ps: torch.optim.Adafactor(ps, weight_decay=0.1),
+    ],
+    ids=["AdamW", "NAdamW", "RAdamW", "Adafactor"],
+)
+def test_decoupled_torch_optimizers_pass_the_weight_dependence_check(make):
+    """Adafactor's step scales with RMS(w), but the same for every weight: its decay stays plain."""
+    r = fr.probe(make)
+    assert r.kind is K.DECOUPLED_LR and r.coefficient == pytest.approx(0.1, rel=1e-9)
+
+
+wds = st.floats(-4.0, math.log10(0.5)).map(lambda e: 10.0**e)
+
+
+@settings(deadline=None, max_examples=10, suppress_health_check=[HealthCheck.too_slow])
+@given(wd=wds, mu=st.sampled_from([0.0, 0.5, 0.9]))
+def test_property_float32_momentum_sgdw(wd, mu):
+    r = fr.probe(lambda ps: SGDWFloat32(ps, weight_decay=wd, momentum=mu))
+    assert r.precision == torch.float32
+    assert r.kind in (K.DECOUPLED_LR, K.COUPLED_L2), str(r)
+    # float32 rounds 1 - lr * wd to 2^-24 absolute: the coefficient to about 6e-8 / (lr * wd) relative
+    assert abs(r.coefficient - wd) <= 2 * 6e-8 / min(LRS) + 1e-5 * wd
+
+
+@settings(deadline=None, max_examples=10, suppress_health_check=[HealthCheck.too_slow])
+@given(wd=wds, which=st.sampled_from(["lamb", "lars", "adamp"]))
+def test_property_weight_dependent_decays(wd, which):
+    make = {"lamb": Lamb, "lars": Lars, "adamp": AdamP}[which]
+    r = fr.probe(lambda ps: make(ps, weight_decay=wd))
+    assert r.kind is K.NORM_DEPENDENT, str(r)
+    assert r.needs_gradient is (which == "lars")

@@ -11,9 +11,9 @@ from typing import Any, NamedTuple, Optional, Union
 import torch
 
 from funcreg._src import leafwise
+from funcreg._src.adam import ScaleByAdamState, adam_moments, scale_by_adam  # noqa: F401  (their home before the split)
 from funcreg._src.base import (
     EmptyState,
-    Flat,
     GradientTransformation,
     Schedule,
     advance_steps,
@@ -25,7 +25,6 @@ from funcreg._src.base import (
     per_param_counts,
     per_param_zeros,
 )
-from funcreg._src.complex_params import as_real
 from funcreg._src.describe import configured
 from funcreg._src.tree import PyTree
 from funcreg._src.validation import check_bool, check_number, check_rate, is_zero, schedule_value
@@ -194,119 +193,6 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
     return configured(
         GradientTransformation(init, update), "trace", momentum, dampening=dampening or None, nesterov=nesterov or None
     )
-
-
-class ScaleByAdamState(NamedTuple):
-    """State of :func:`scale_by_adam`: step count, first and second moments, and their running max."""
-
-    count: torch.Tensor
-    mu: PyTree
-    nu: PyTree
-    nu_max: Optional[PyTree]
-    steps: PyTree
-
-
-def scale_by_adam(
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, amsgrad: bool = False
-) -> GradientTransformation:
-    """Adam's rescaling, as ``torch.optim.Adam`` computes it (without the learning rate).
-
-    ``m_t = lerp(m_{t-1}, g_t, 1 - b1)``, ``v_t = b2 v_{t-1} + (1 - b2) g_t^2`` and the update is
-    ``m_t / (1 - b1^t) / (sqrt(v_t) / sqrt(1 - b2^t) + eps)``; with ``amsgrad`` the running maximum of
-    ``v_t`` replaces ``v_t`` in the denominator. Note where ``eps`` sits: outside the bias-corrected
-    square root, as in torch and optax.
-
-    The step ``t`` of the bias corrections is counted per parameter (``state.steps``), as in
-    ``torch.optim``: a parameter whose gradient is ``None`` at an update is not stepped.
-    ``state.count`` counts the updates of the transform.
-
-    Args:
-        b1: decay rate of the first moment, in ``[0, 1)``.
-        b2: decay rate of the second moment, in ``[0, 1)``.
-        eps: added to the denominator, ``>= 0``.
-        amsgrad: use the running maximum of the second moment.
-
-    Examples:
-        >>> import torch, funcreg as fr
-        >>> tx = fr.scale_by_adam()
-        >>> u, _ = tx.update({"w": torch.tensor([3.0])}, tx.init({"w": torch.zeros(1)}))
-        >>> u["w"]  # the first Adam step is sign(g), up to eps
-        tensor([1.0000])
-    """
-    check_number("b1", b1, low=0.0, high=1.0, high_open=True)
-    check_number("b2", b2, low=0.0, high=1.0, high_open=True)
-    check_number("eps", eps, low=0.0)
-    check_bool("amsgrad", amsgrad)
-
-    def init(params: PyTree) -> ScaleByAdamState:
-        return ScaleByAdamState(
-            count=init_count(params),
-            mu=per_param_zeros(params),
-            nu=per_param_zeros(params),
-            nu_max=per_param_zeros(params) if amsgrad else None,
-            steps=per_param_counts(params),
-        )
-
-    def update(
-        updates: PyTree, state: ScaleByAdamState, params: Optional[PyTree] = None
-    ) -> tuple[PyTree, ScaleByAdamState]:
-        expect_state(state, ScaleByAdamState, "scale_by_adam")
-        f = flat(updates, params, "scale_by_adam")
-        mu, denom, t, new_state = adam_moments(f, state, f.present_updates(), b1, b2, amsgrad, "scale_by_adam")
-        bias_correction1 = leafwise.per_value(lambda x: 1 - leafwise.scalar_power(b1, x), t)
-        bias_correction2 = leafwise.per_value(lambda x: 1 - leafwise.scalar_power(b2, x), t)
-        leafwise.div_scalar_(denom, leafwise.per_value(leafwise.scalar_sqrt, bias_correction2))
-        leafwise.add_scalar_(denom, eps)
-        out = leafwise.div(mu, denom)
-        leafwise.div_scalar_(out, bias_correction1)
-        return f.tree(out), new_state
-
-    # complex parameters: Adam's g * g and sqrt(v) act on the real and imaginary parts, as in torch
-    return configured(
-        as_real(GradientTransformation(init, update)), "scale_by_adam", b1=b1, b2=b2, eps=eps, amsgrad=amsgrad or None
-    )
-
-
-def adam_moments(
-    f: Flat, state: ScaleByAdamState, grads: list[torch.Tensor], b1: float, b2: float, amsgrad: bool, who: str
-) -> tuple[list[torch.Tensor], list[torch.Tensor], Any, ScaleByAdamState]:
-    """Adam's moment updates, shared by :func:`scale_by_adam` and the fused ``adam``/``adamw``.
-
-    Returns the new first moments, ``sqrt`` of the (running max of the) second moments as a fresh
-    buffer for the caller to finish the denominator in, the per-parameter step ``t`` (see
-    :func:`funcreg._src.base.advance_steps`), and the new state.
-    """
-    mu_leaves = f.state_leaves(state.mu, who, "mu")
-    nu_leaves = f.state_leaves(state.nu, who, "nu")
-    max_leaves = f.state_leaves(state.nu_max, who, "nu_max") if amsgrad else None
-    mu, nu = f.present(mu_leaves), f.present(nu_leaves)
-    nu_max = f.present(max_leaves) if max_leaves is not None else []
-    if leafwise.owned(mu, nu, nu_max):  # donated: the state buffers are updated in place, as torch does
-        leafwise.lerp_(mu, grads, 1 - b1)
-        leafwise.mul_(nu, b2)
-    else:
-        mu = leafwise.lerp(mu, grads, 1 - b1)
-        nu = leafwise.mul(nu, b2)
-    leafwise.addcmul_(nu, grads, grads, 1 - b2)
-    nu_max_tree = None
-    if max_leaves is not None:
-        if leafwise.owned(nu_max):
-            leafwise.maximum_(nu_max, nu)
-        else:
-            nu_max = leafwise.maximum(nu_max, nu)
-        nu_max_tree = f.tree(nu_max, max_leaves)
-        denom = leafwise.sqrt(nu_max)
-    else:
-        denom = leafwise.sqrt(nu)
-    step_leaves, new_steps, t = advance_steps(f, state.steps, who)
-    new_state = ScaleByAdamState(
-        count=next_count(state.count),
-        mu=f.tree(mu, mu_leaves),
-        nu=f.tree(nu, nu_leaves),
-        nu_max=nu_max_tree,
-        steps=f.tree(new_steps, step_leaves),
-    )
-    return mu, denom, t, new_state
 
 
 def add_decayed_weights(weight_decay: float | torch.Tensor, mask: Any = None) -> GradientTransformation:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from funcreg._src import alias
+from funcreg._src import alias, alias_recent, alias_torch
 from funcreg._src.base import GradientTransformation
 from funcreg._src.combine import chain
 from funcreg._src.forms import add_penalty_grad, decoupled, proximal
@@ -99,6 +99,34 @@ _register(
         description="torch.optim.AdamW: weight_decay is decoupled, w <- w - lr * wd * w",
         extra={"fused_takes_mask": True},
     )
+)
+
+
+def _torch_like(name: str, build: Callable[..., GradientTransformation], hyperparameters: dict[str, Any], lr: float,
+                form: str = "coupled", description: str = "") -> None:
+    """An optimizer whose alias takes torch's arguments (``weight_decay``, ``maximize`` included)."""
+    _register(
+        OptimizerSpec(
+            name=name,
+            base=lambda lr, **h: build(lr, **h),
+            hyperparameters=hyperparameters,
+            form=form,
+            lr=lr,
+            fused=lambda lr, weight_decay, maximize, **h: build(lr, weight_decay=weight_decay, maximize=maximize, **h),
+            description=description or f"torch.optim.{name}: weight_decay is {form} L2",
+        )
+    )
+
+
+_torch_like("adamax", alias_torch.adamax, {"betas": (0.9, 0.999), "eps": 1e-8}, 2e-3)
+_torch_like("nadam", alias_torch.nadam, {"betas": (0.9, 0.999), "eps": 1e-8, "momentum_decay": 4e-3}, 2e-3)
+_torch_like("radam", alias_torch.radam, {"betas": (0.9, 0.999), "eps": 1e-8}, 1e-3)
+_torch_like("rmsprop", alias_torch.rmsprop, {"alpha": 0.99, "eps": 1e-8, "momentum": 0.0, "centered": False}, 1e-2)
+_torch_like("adagrad", alias_torch.adagrad, {"lr_decay": 0.0, "initial_accumulator_value": 0.0, "eps": 1e-10}, 1e-2)
+_torch_like("adadelta", alias_torch.adadelta, {"rho": 0.9, "eps": 1e-6}, 1.0)
+_torch_like(
+    "lion", alias_recent.lion, {"betas": (0.9, 0.99)}, 1e-4, form="decoupled",
+    description="Lion (Chen et al., 2023): weight_decay is decoupled, w <- w - lr * wd * w",
 )
 
 

@@ -35,7 +35,7 @@ def diagonal_elastic_net_prox(v: torch.Tensor, d: torch.Tensor, t1: Any, t2: Any
 
     Examples:
         >>> import torch
-        >>> from funcreg._src.preconditioned import diagonal_elastic_net_prox
+        >>> from funcreg.proxes import diagonal_elastic_net_prox
         >>> # thresholds t1 / d = 2 and 0.5
         >>> diagonal_elastic_net_prox(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 4.0]), 2.0)
         tensor([0.0000, 0.5000])

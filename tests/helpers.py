@@ -144,7 +144,7 @@ def detached(ps: list[torch.nn.Parameter]) -> list[torch.Tensor]:
 
 # torch.optim's state keys for the fields of funcreg's per-parameter states
 TORCH_KEYS = {
-    fr.TraceState: {"momentum_buffer": "momentum_buffer"},
+    fr.TraceState: {"trace": "momentum_buffer"},
     fr.ScaleByAdamState: {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},
 }
 

@@ -1,7 +1,7 @@
 """fr.sgd / fr.adam / fr.adamw against torch.optim.SGD / Adam / AdamW, and the conventions of the core.
 
 Trajectories of 1 to 10 steps with fresh random gradients are compared leaf by leaf after every step:
-the parameters and the optimizer state (torch's ``momentum_buffer`` vs ``TraceState.momentum_buffer``;
+the parameters and the optimizer state (torch's ``momentum_buffer`` vs ``TraceState.trace``;
 ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``step`` vs ``ScaleByAdamState`` ``mu``, ``nu``,
 ``nu_max``, ``count``). float64: max abs diff <= 1e-12; float32: ``assert_close(atol=1e-6, rtol=1e-5)``.
 The two run in lockstep (``helpers.lockstep``): after each comparison funcreg continues from torch's
@@ -105,7 +105,7 @@ def check_trace_state(state, opt, ps, steps, momentum):
         return
     trace = find_state(state, fr.TraceState)
     assert int(trace.count) == steps
-    assert_lists_close(leaves(trace.momentum_buffer), torch_state(opt, ps, "momentum_buffer"), "momentum_buffer")
+    assert_lists_close(leaves(trace.trace), torch_state(opt, ps, "momentum_buffer"), "momentum_buffer")
 
 
 def check_adam_state(state, opt, ps, steps, amsgrad):

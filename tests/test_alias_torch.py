@@ -272,7 +272,7 @@ SPECS = {
         [
             Sync(fr.ScaleByRmsState, "nu", "square_avg"),
             Sync(fr.ScaleByRmsState, "mu", "grad_avg"),
-            Sync(fr.TraceState, "momentum_buffer", "momentum_buffer"),
+            Sync(fr.TraceState, "trace", "momentum_buffer"),
         ],
         fr.ScaleByRmsState,
     ),
@@ -418,7 +418,7 @@ def test_muon_matches_torch_muon_with_adamw_fallback(data):
             torch.optim.lr_scheduler.LambdaLR(o, lambda e: gamma**e) for o in split.opts
         ]  # noqa: E731
     syncs = [
-        Sync(fr.ScaleByMuonState, "momentum_buffer", "momentum_buffer"),
+        Sync(fr.ScaleByMuonState, "trace", "momentum_buffer"),
         Sync(fr.ScaleByAdamState, "mu", "exp_avg"),
         Sync(fr.ScaleByAdamState, "nu", "exp_avg_sq"),
     ]

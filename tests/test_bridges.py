@@ -117,7 +117,7 @@ def test_torch_optimizer_bad_arguments():
         fr.TorchOptimizer(model.named_parameters(), lambda lr: fr.sgd(lr), lr=float("nan"))
     with pytest.raises(TypeError, match="GradientTransformation"):
         fr.TorchOptimizer(model.named_parameters(), 3)
-    with pytest.raises(ValueError, match="did you mean 'adam'"):
+    with pytest.raises(ValueError, match="did you mean .*'adam'"):
         fr.TorchOptimizer(model.named_parameters(), "adma")
     with pytest.raises(ValueError, match="empty"):
         fr.TorchOptimizer([], fr.sgd(0.1))

@@ -102,8 +102,8 @@ def check_masked(params, grads, mask, keep, inner_factory=per_leaf_inner):
                 assert torch.equal(out, full), f"selected leaf {k}"
             else:
                 assert out.dtype == given_.dtype and torch.equal(out, given_), f"masked-out leaf {k} changed"
-    buffers = find_state(state.inner_state, fr.TraceState).momentum_buffer
-    full_buffers = find_state(full_state, fr.TraceState).momentum_buffer
+    buffers = find_state(state.inner_state, fr.TraceState).trace
+    full_buffers = find_state(full_state, fr.TraceState).trace
     for k, (b, fb) in enumerate(zip(leaves(buffers), leaves(full_buffers))):
         if keep[k]:
             assert torch.equal(b, fb), f"state of selected leaf {k}"
@@ -244,7 +244,7 @@ def test_partition_equals_torch_sgd_param_groups(foreach, problem, lrs, wds, mom
         if momentum:
             expected = torch_state(opt, ps, "momentum_buffer")
             for name in ("decay", "plain"):
-                bufs = leaves(find_state(state.inner_states[name], fr.TraceState).momentum_buffer)
+                bufs = leaves(find_state(state.inner_states[name], fr.TraceState).trace)
                 for b, e, lab in zip(bufs, expected, labels):
                     if lab == name:
                         assert_lists_close([b], [e], f"{name} buffer")

@@ -123,8 +123,8 @@ def test_wrong_state_shape_is_refused(field_shape):
     """A momentum buffer of shape (1, 4) for a (4,) parameter would silently become (4, 4)."""
     tx = fr.trace(0.9)
     state = tx.init({"w": torch.ones(4)})
-    state = state._replace(momentum_buffer={"w": torch.ones(field_shape)}, steps={"w": torch.tensor(1)})
-    with pytest.raises(ContractError, match=r"trace state 'momentum_buffer' for 'w' has shape"):
+    state = state._replace(trace={"w": torch.ones(field_shape)}, steps={"w": torch.tensor(1)})
+    with pytest.raises(ContractError, match=r"trace state 'trace' for 'w' has shape"):
         tx.update({"w": torch.ones(4)}, state)
     adam = fr.adam(0.1)
     s = adam.init({"w": torch.ones(4)})
@@ -235,7 +235,7 @@ def test_apply_if_finite_checks_what_the_inner_transform_produced():
     params = {"w": torch.ones(2)}
     state = tx.init(params)
     u, state = tx.update({"w": torch.ones(2)}, state, params)
-    poisoned = state._replace(inner_state=state.inner_state._replace(momentum_buffer={"w": torch.tensor([float("inf"), 1.0])}))
+    poisoned = state._replace(inner_state=state.inner_state._replace(trace={"w": torch.tensor([float("inf"), 1.0])}))
     u, new = tx.update({"w": torch.ones(2)}, poisoned, params)
     assert torch.equal(u["w"], torch.zeros(2))
     assert int(new.total_notfinite) == 1 and not bool(new.last_finite)

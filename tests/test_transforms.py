@@ -125,16 +125,16 @@ def test_trace_matches_torch_momentum_by_hand(problem, momentum, dampening, nest
     for step, (u, e) in enumerate(zip(out, expected_out)):
         assert_lists_close(leaves(u), e, f"trace step {step}")
     assert isinstance(state, fr.TraceState) and int(state.count) == len(grads)
-    assert_lists_close(leaves(state.momentum_buffer), expected_bufs, "momentum_buffer")
+    assert_lists_close(leaves(state.trace), expected_bufs, "momentum_buffer")
 
 
 def test_trace_first_buffer_is_the_gradient_without_dampening():
     tx = fr.trace(0.5, dampening=0.5)
     params = {"w": torch.zeros(1, dtype=torch.float64)}
     state = tx.init(params)
-    assert torch.equal(state.momentum_buffer["w"], torch.zeros(1, dtype=torch.float64))
+    assert torch.equal(state.trace["w"], torch.zeros(1, dtype=torch.float64))
     u, state = tx.update({"w": torch.tensor([4.0], dtype=torch.float64)}, state)
-    assert u["w"].item() == 4.0 and state.momentum_buffer["w"].item() == 4.0  # not (1 - 0.5) * 4
+    assert u["w"].item() == 4.0 and state.trace["w"].item() == 4.0  # not (1 - 0.5) * 4
     u, state = tx.update({"w": torch.tensor([2.0], dtype=torch.float64)}, state)
     assert u["w"].item() == 0.5 * 4.0 + 0.5 * 2.0
 

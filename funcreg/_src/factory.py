@@ -298,7 +298,8 @@ def create_optimizer(
     Args:
         model_or_params: a module (recommended: names, types and ``model.no_weight_decay()`` inform
             the selection), a dict ``{name: tensor}``, ``(name, tensor)`` pairs or tensors.
-        name: an optimizer of the table: ``"sgd"``, ``"adam"``, ``"adamw"`` (case-insensitive; a typo
+        name: an optimizer of the table: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"adamax"``, ``"nadam"``,
+            ``"radam"``, ``"rmsprop"``, ``"adagrad"``, ``"adadelta"``, ``"lion"`` (case-insensitive; a typo
             raises with a suggestion).
         lr: the learning rate (default: torch's, 1e-3).
         weight_decay: the decay coefficient with torch's meaning for ``name`` (coupled L2 for SGD and
@@ -329,7 +330,7 @@ def create_optimizer(
         >>> fr.create_optimizer(model, "adamm")
         Traceback (most recent call last):
             ...
-        ValueError: unknown optimizer 'adamm' (did you mean 'adam', 'adamw'? known: adam, adamw, sgd)
+        ValueError: unknown optimizer 'adamm' (did you mean 'adam', 'radam', 'nadam'? known: adadelta, adagrad, adam, adamax, adamw, lion, nadam, radam, rmsprop, sgd)
     """
     from funcreg._src.torch_optimizer import TorchOptimizer
 

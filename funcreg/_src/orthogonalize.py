@@ -85,7 +85,7 @@ class ScaleByMuonState(NamedTuple):
     """State of :func:`scale_by_muon`: updates done and the momentum buffer (torch's ``momentum_buffer``)."""
 
     count: torch.Tensor
-    momentum_buffer: PyTree
+    trace: PyTree
 
 
 def scale_by_muon(
@@ -156,7 +156,7 @@ def scale_by_muon(
     ) -> tuple[PyTree, ScaleByMuonState]:
         del params
         f = flat(updates, None, "scale_by_muon")
-        buf_leaves = f.state_leaves(state.momentum_buffer, "scale_by_muon", "momentum_buffer")
+        buf_leaves = f.state_leaves(state.trace, "scale_by_muon", "trace")
         bufs, out = [], []
         for g, b in zip(f.present_updates(), f.present(buf_leaves)):
             if g.ndim != 2:

@@ -28,7 +28,7 @@ import torch.utils._pytree as pytree
 from funcreg._src.tree import PyTree, TreeSpec, flatten, unflatten
 
 # torch.optim's names for funcreg's per-parameter state fields (Adam's moments, SGD's buffer, steps)
-TORCH_NAMES = {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq", "steps": "step"}
+TORCH_NAMES = {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq", "trace": "momentum_buffer", "steps": "step"}
 
 
 class Entry(NamedTuple):

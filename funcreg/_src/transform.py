@@ -108,7 +108,7 @@ class TraceState(NamedTuple):
     """State of :func:`trace`: updates done, one momentum buffer and one step count per parameter."""
 
     count: torch.Tensor
-    momentum_buffer: PyTree
+    trace: PyTree
     steps: PyTree
 
 
@@ -146,13 +146,13 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
 
     def init(params: PyTree) -> TraceState:
         return TraceState(
-            count=init_count(params), momentum_buffer=per_param_zeros(params), steps=per_param_counts(params)
+            count=init_count(params), trace=per_param_zeros(params), steps=per_param_counts(params)
         )
 
     def update(updates: PyTree, state: TraceState, params: Optional[PyTree] = None) -> tuple[PyTree, TraceState]:
         expect_state(state, TraceState, "trace")
         f = flat(updates, params, "trace")
-        buf_leaves = f.state_leaves(state.momentum_buffer, "trace", "momentum_buffer")
+        buf_leaves = f.state_leaves(state.trace, "trace", "trace")
         step_leaves, new_steps, t = advance_steps(f, state.steps, "trace")
         grads = f.present_updates()
         bufs = f.present(buf_leaves)
@@ -186,7 +186,7 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
         else:
             out = list(new_bufs) if leafwise.owned(new_bufs) else leafwise.clone(new_bufs)
         new_state = TraceState(
-            count=next_count(state.count), momentum_buffer=f.tree(new_bufs, buf_leaves), steps=f.tree(new_steps, step_leaves)
+            count=next_count(state.count), trace=f.tree(new_bufs, buf_leaves), steps=f.tree(new_steps, step_leaves)
         )
         return f.tree(out), new_state
 

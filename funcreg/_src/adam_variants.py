@@ -16,7 +16,7 @@ from funcreg._src import leafwise
 from funcreg._src.base import (
     GradientTransformation,
     advance_steps,
-    flat,
+    begin,
     init_count,
     per_param_counts,
     per_param_zeros,
@@ -77,8 +77,7 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
     def update(
         updates: PyTree, state: ScaleByAdamaxState, params: PyTree | None = None
     ) -> tuple[PyTree, ScaleByAdamaxState]:
-        del params
-        f = flat(updates, None, "scale_by_adamax")
+        f = begin(updates, state, params, ScaleByAdamaxState, "scale_by_adamax")
         grads = f.present_updates()
         mu_leaves = f.state_leaves(state.mu, "scale_by_adamax", "mu")
         nu_leaves = f.state_leaves(state.nu, "scale_by_adamax", "nu")
@@ -165,9 +164,8 @@ def scale_by_nadam(
     def update(
         updates: PyTree, state: ScaleByNadamState, params: PyTree | None = None
     ) -> tuple[PyTree, ScaleByNadamState]:
-        del params
         who = "scale_by_nadam"
-        f = flat(updates, None, who)
+        f = begin(updates, state, params, ScaleByNadamState, who)
         grads = f.present_updates()
         mu_leaves = f.state_leaves(state.mu, who, "mu")
         nu_leaves = f.state_leaves(state.nu, who, "nu")
@@ -262,9 +260,8 @@ def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gra
     def update(
         updates: PyTree, state: ScaleByRadamState, params: PyTree | None = None
     ) -> tuple[PyTree, ScaleByRadamState]:
-        del params
         who = "scale_by_radam"
-        f = flat(updates, None, who)
+        f = begin(updates, state, params, ScaleByRadamState, who)
         grads = f.present_updates()
         mu_leaves = f.state_leaves(state.mu, who, "mu")
         nu_leaves = f.state_leaves(state.nu, who, "nu")

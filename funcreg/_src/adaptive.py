@@ -15,7 +15,7 @@ from funcreg._src import leafwise
 from funcreg._src.base import (
     GradientTransformation,
     advance_steps,
-    flat,
+    begin,
     init_count,
     per_param_counts,
     per_param_zeros,
@@ -67,8 +67,7 @@ def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, centered: bool = False)
     def update(
         updates: PyTree, state: ScaleByRmsState, params: PyTree | None = None
     ) -> tuple[PyTree, ScaleByRmsState]:
-        del params
-        f = flat(updates, None, "scale_by_rms")
+        f = begin(updates, state, params, ScaleByRmsState, "scale_by_rms")
         grads = f.present_updates()
         nu_leaves = f.state_leaves(state.nu, "scale_by_rms", "nu")
         step_leaves, new_steps, _ = advance_steps(f, state.steps, "scale_by_rms")
@@ -141,8 +140,7 @@ def scale_by_adagrad(
     def update(
         updates: PyTree, state: ScaleByAdagradState, params: PyTree | None = None
     ) -> tuple[PyTree, ScaleByAdagradState]:
-        del params
-        f = flat(updates, None, "scale_by_adagrad")
+        f = begin(updates, state, params, ScaleByAdagradState, "scale_by_adagrad")
         grads = f.present_updates()
         sum_leaves = f.state_leaves(state.sum_of_squares, "scale_by_adagrad", "sum_of_squares")
         step_leaves, new_steps, t = advance_steps(f, state.steps, "scale_by_adagrad")
@@ -207,9 +205,8 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> GradientTransforma
     def update(
         updates: PyTree, state: ScaleByAdadeltaState, params: PyTree | None = None
     ) -> tuple[PyTree, ScaleByAdadeltaState]:
-        del params
         who = "scale_by_adadelta"
-        f = flat(updates, None, who)
+        f = begin(updates, state, params, ScaleByAdadeltaState, who)
         grads = f.present_updates()
         nu_leaves = f.state_leaves(state.nu, who, "nu")
         acc_leaves = f.state_leaves(state.delta_nu, who, "delta_nu")

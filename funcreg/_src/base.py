@@ -8,6 +8,7 @@ from typing import Any, NamedTuple, Optional, Protocol
 import torch
 
 from funcreg._src.describe import configured, describe
+from funcreg._src.distributed.dtensor import dtensor_type, match_layout
 from funcreg._src.errors import ContractError, LeafTypeError
 from funcreg._src.tree import PyTree, TreeSpec, check_same_spec, flatten, leaf_names, unflatten
 
@@ -234,9 +235,19 @@ def flat(updates: PyTree, params: Optional[PyTree], who: str, needs_params: bool
         check_same_spec(p_spec, spec, "params", "updates")
         for i in index:
             _check_param(p_leaves[i], u_leaves[i], spec, n, i, who)
+        if dtensor_type() is not None:  # DTensor leaves (FSDP2, tensor parallel): updates take their parameter's layout
+            for i in index:
+                u_leaves[i] = match_layout(u_leaves[i], p_leaves[i], lambda i=i: _name_at(spec, n, i), who)
     elif needs_params:
         raise ValueError(f"{who} needs the parameters: call update(updates, state, params)")
     return Flat(u_leaves, p_leaves, spec, index)
+
+
+def begin(updates: PyTree, state: Any, params: Optional[PyTree], cls: type, who: str, needs_params: bool = False) -> Flat:
+    """The first lines of a stateful ``update``: the state is the ``cls`` its ``init`` returns, and the
+    trees keep the per-parameter contract (:func:`flat`)."""
+    expect_state(state, cls, who)
+    return flat(updates, params, who, needs_params=needs_params)
 
 
 def expect_state(state: Any, cls: type, who: str) -> None:
@@ -250,6 +261,24 @@ def expect_state(state: Any, cls: type, who: str) -> None:
     else:
         got = f"a {type(state).__name__}"
     raise LeafTypeError(f"{who} expects its state to be a {cls.__name__} (from its init), got {got}")
+
+
+def find_states(state: Any, cls: type) -> list[Any]:
+    """Every ``cls`` instance inside a (chained, named, masked, partitioned) transform state, in order."""
+    found: list[Any] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, cls):
+            found.append(node)
+        if isinstance(node, dict):
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, (tuple, list)):
+            for v in node:
+                walk(v)
+
+    walk(state)
+    return found
 
 
 def per_param_zeros(params: PyTree) -> PyTree:

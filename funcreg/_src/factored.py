@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import torch
 
 from funcreg._src import leafwise
-from funcreg._src.base import GradientTransformation, advance_steps, flat, init_count, per_param_counts
+from funcreg._src.base import GradientTransformation, advance_steps, begin, init_count, per_param_counts
 from funcreg._src.block_utils import (
     empty_like_none,
     loose_state_leaves,
@@ -106,7 +106,7 @@ def scale_by_adafactor(
         updates: PyTree, state: ScaleByAdafactorState, params: PyTree | None = None
     ) -> tuple[PyTree, ScaleByAdafactorState]:
         who = "scale_by_adafactor"
-        f = flat(updates, params, who, needs_params=True)
+        f = begin(updates, state, params, ScaleByAdafactorState, who, needs_params=True)
         grads = f.present_updates()
         row_leaves = loose_state_leaves(f, state.row_var, who, "row_var")
         col_leaves = loose_state_leaves(f, state.col_var, who, "col_var")
@@ -185,8 +185,7 @@ def scale_by_relative_step(learning_rate: Any) -> GradientTransformation:
     def update(
         updates: PyTree, state: ScaleByRelativeStepState, params: PyTree | None = None
     ) -> tuple[PyTree, ScaleByRelativeStepState]:
-        del params
-        f = flat(updates, None, "scale_by_relative_step")
+        f = begin(updates, state, params, ScaleByRelativeStepState, "scale_by_relative_step")
         step_leaves, new_steps, t = advance_steps(f, state.steps, "scale_by_relative_step")
         lr = schedule_value(learning_rate, leafwise.concrete(state.count))
         factors = []

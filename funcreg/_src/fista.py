@@ -16,7 +16,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from funcreg._src import leafwise
-from funcreg._src.base import GradientTransformation, flat, init_count
+from funcreg._src.base import GradientTransformation, begin, find_states, init_count
 from funcreg._src.block_utils import with_config
 from funcreg._src.penalties.base import Penalty
 from funcreg._src.transform import ScalarOrSchedule
@@ -55,19 +55,7 @@ def fista_iterate(state: Any) -> PyTree:
     """
     if isinstance(state, FistaState):
         return state.iterate
-    found = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, FistaState):
-            found.append(node)
-        elif isinstance(node, dict):
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, (tuple, list)):
-            for v in node:
-                walk(v)
-
-    walk(state)
+    found = find_states(state, FistaState)
     if len(found) != 1:
         raise ValueError(f"fista_iterate: expected one FistaState in the state, found {len(found)}")
     return found[0].iterate
@@ -148,7 +136,7 @@ def fista(
         return FistaState(count, iterate, one, torch.zeros_like(count), value.to(count.device))
 
     def update(updates: PyTree, state: FistaState, params: PyTree | None = None) -> tuple[PyTree, FistaState]:
-        f = flat(updates, params, "fista", needs_params=True)
+        f = begin(updates, state, params, FistaState, "fista", needs_params=True)
         assert f.params is not None
         s = schedule_value(learning_rate, leafwise.concrete(state.count))
         x_leaves, _ = flatten(state.iterate)

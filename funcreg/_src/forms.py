@@ -23,11 +23,11 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from funcreg._src import leafwise
-from funcreg._src.base import GradientTransformation, expect_state, flat, init_count
+from funcreg._src.base import GradientTransformation, expect_state, find_states, flat, init_count
 from funcreg._src.describe import configured
 from funcreg._src.penalties import FlatParams, Penalty
 from funcreg._src.transform import ScalarOrSchedule
-from funcreg._src.tree import PyTree, unflatten
+from funcreg._src.tree import PyTree
 from funcreg._src.validation import check_bool, check_rate, schedule_value
 
 
@@ -235,17 +235,4 @@ def penalty_states(state: Any) -> list[PenaltyState]:
         >>> [s.value for s in fr.penalty_states(tx.init({"w": torch.ones(2)}))]
         [tensor(0.1000)]
     """
-    found: list[PenaltyState] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, PenaltyState):
-            found.append(node)
-        elif isinstance(node, dict):
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, (tuple, list)):
-            for v in node:
-                walk(v)
-
-    walk(state)
-    return found
+    return find_states(state, PenaltyState)

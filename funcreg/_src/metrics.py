@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from funcreg._src.base import find_states
 from funcreg._src.forms import penalty_metrics, penalty_states
 from funcreg._src.wrappers import ApplyIfFiniteState
 
@@ -49,19 +50,7 @@ def _state_metrics(state: Any) -> dict[str, float]:
                 _add(out, key, value)
         else:
             _add(out, "penalty", s.value)
-    finite: list[ApplyIfFiniteState] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, ApplyIfFiniteState):
-            finite.append(node)
-        if isinstance(node, dict):
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, (tuple, list)):
-            for v in node:
-                walk(v)
-
-    walk(state)
+    finite = find_states(state, ApplyIfFiniteState)
     for s in finite:
         _add(out, "apply_if_finite/total_notfinite", s.total_notfinite)
     return out

@@ -14,7 +14,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from funcreg._src.base import GradientTransformation, flat, init_count, per_param_zeros
+from funcreg._src.base import GradientTransformation, begin, init_count, per_param_zeros
 from funcreg._src.block_utils import reject_complex, with_config
 from funcreg._src.tree import PyTree, flatten, leaf_names
 from funcreg._src.validation import check_bool, check_int, check_number
@@ -154,8 +154,7 @@ def scale_by_muon(
     def update(
         updates: PyTree, state: ScaleByMuonState, params: PyTree | None = None
     ) -> tuple[PyTree, ScaleByMuonState]:
-        del params
-        f = flat(updates, None, "scale_by_muon")
+        f = begin(updates, state, params, ScaleByMuonState, "scale_by_muon")
         buf_leaves = f.state_leaves(state.trace, "scale_by_muon", "trace")
         bufs, out = [], []
         for g, b in zip(f.present_updates(), f.present(buf_leaves)):

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from funcreg._src import leafwise
-from funcreg._src.base import GradientTransformation, flat
+from funcreg._src.base import GradientTransformation, begin
 from funcreg._src.block_utils import per_leaf, reject_complex, with_config
 from funcreg._src.selection import resolve_mask
 from funcreg._src.transform import ScalarOrSchedule, ScaleByAdamState, scale_by_adam
@@ -93,7 +93,7 @@ def proximal_adam(
     def update(
         updates: PyTree, state: ScaleByAdamState, params: PyTree | None = None
     ) -> tuple[PyTree, ScaleByAdamState]:
-        f = flat(updates, params, "proximal_adam", needs_params=True)
+        f = begin(updates, state, params, ScaleByAdamState, "proximal_adam", needs_params=True)
         assert f.params is not None
         lr = schedule_value(learning_rate, leafwise.concrete(state.count))
         direction, new_state = adam.update(updates, state, params)

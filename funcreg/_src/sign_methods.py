@@ -13,7 +13,7 @@ from funcreg._src import leafwise
 from funcreg._src.base import (
     GradientTransformation,
     advance_steps,
-    flat,
+    begin,
     init_count,
     per_param_counts,
     per_param_zeros,
@@ -85,9 +85,8 @@ def scale_by_rprop(
     def update(
         updates: PyTree, state: ScaleByRpropState, params: PyTree | None = None
     ) -> tuple[PyTree, ScaleByRpropState]:
-        del params
         who = "scale_by_rprop"
-        f = flat(updates, None, who)
+        f = begin(updates, state, params, ScaleByRpropState, who)
         grads = f.present_updates()
         prev_leaves = f.state_leaves(state.prev, who, "prev")
         size_leaves = f.state_leaves(state.step_size, who, "step_size")
@@ -162,8 +161,7 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
     def update(
         updates: PyTree, state: ScaleByLionState, params: PyTree | None = None
     ) -> tuple[PyTree, ScaleByLionState]:
-        del params
-        f = flat(updates, None, "scale_by_lion")
+        f = begin(updates, state, params, ScaleByLionState, "scale_by_lion")
         grads = f.present_updates()
         mu_leaves = f.state_leaves(state.mu, "scale_by_lion", "mu")
         mu = f.present(mu_leaves)

@@ -31,7 +31,7 @@ from funcreg._src.validation import check_bool, check_number
 class ScaleByAdamState(NamedTuple):
     """State of :func:`scale_by_adam`: step count, first and second moments, and their running max."""
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count, as in optax
     mu: PyTree
     nu: PyTree
     nu_max: Optional[PyTree]

@@ -40,7 +40,7 @@ def _check_betas(b1: float, b2: float) -> None:
 class ScaleByAdamaxState(NamedTuple):
     """State of :func:`scale_by_adamax`: updates done, first moment, infinity norm, per-parameter steps."""
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count, as in optax
     mu: PyTree
     nu: PyTree
     steps: PyTree
@@ -110,7 +110,7 @@ class ScaleByNadamState(NamedTuple):
     sizes derived from it round as torch's do.
     """
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count, as in optax
     mu: PyTree
     nu: PyTree
     mu_product: PyTree
@@ -205,7 +205,7 @@ def scale_by_nadam(
 class ScaleByRadamState(NamedTuple):
     """State of :func:`scale_by_radam`: updates done, first and second moments, per-parameter steps."""
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count, as in optax
     mu: PyTree
     nu: PyTree
     steps: PyTree

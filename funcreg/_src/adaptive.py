@@ -29,7 +29,7 @@ class ScaleByRmsState(NamedTuple):
     """State of :func:`scale_by_rms`: updates done, the average of ``g^2`` (torch's ``square_avg``),
     the average of ``g`` when centered (``grad_avg``, else ``None``) and per-parameter steps."""
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count, as in optax
     nu: PyTree
     mu: PyTree | None
     steps: PyTree
@@ -101,7 +101,7 @@ def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, centered: bool = False)
 class ScaleByAdagradState(NamedTuple):
     """State of :func:`scale_by_adagrad`: updates done, the sum of ``g^2`` (torch's ``sum``), steps."""
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count, as in optax
     sum_of_squares: PyTree
     steps: PyTree
 
@@ -169,7 +169,7 @@ class ScaleByAdadeltaState(NamedTuple):
     """State of :func:`scale_by_adadelta`: updates done, the average of ``g^2`` (torch's
     ``square_avg``), the average of the squared steps (``acc_delta``), per-parameter steps."""
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count, as in optax
     nu: PyTree
     delta_nu: PyTree
     steps: PyTree

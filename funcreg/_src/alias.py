@@ -8,10 +8,11 @@ import torch
 
 from funcreg._src import leafwise
 from funcreg._src.base import GradientTransformation, expect_state, flat
+from funcreg._src.combine import chain
 from funcreg._src.complex_params import as_real
 from funcreg._src.describe import configured
 from funcreg._src.fused import FUSED_ATTR, AdamKernel
-from funcreg._src.combine import chain
+from funcreg._src.selection import resolve_mask
 from funcreg._src.transform import (
     ScalarOrSchedule,
     ScaleByAdamState,
@@ -22,7 +23,6 @@ from funcreg._src.transform import (
     scale_by_learning_rate,
     trace,
 )
-from funcreg._src.selection import resolve_mask
 from funcreg._src.tree import PyTree
 from funcreg._src.validation import check_bool, check_number, check_rate, is_zero, schedule_value
 
@@ -204,6 +204,8 @@ def _adam_family(
         # over the moments fewer than torch's sqrt-div-add, equal up to rounding
         leafwise.add_scalar_(denom, leafwise.per_value(lambda c: eps * c, bias_correction2_sqrt))
         if isinstance(t, list):
+            # per_value of a per-leaf list is a list
+            assert isinstance(bias_correction2_sqrt, list) and isinstance(bias_correction1, list)
             step_size = [-lr * c / b for c, b in zip(bias_correction2_sqrt, bias_correction1)]
         else:
             step_size = -lr * bias_correction2_sqrt / bias_correction1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional, Protocol
+from typing import Any, NamedTuple, Optional, Protocol, cast
 
 import torch
 
@@ -104,7 +104,7 @@ class Flat(NamedTuple):
     updates: list[Any]
     params: Optional[list[Any]]
     spec: TreeSpec
-    index: list[int]
+    index: list[int]  # type: ignore[assignment]  # a field named like tuple.index, on purpose
 
     def name(self, i: int) -> str:
         """The name of leaf ``i`` (its key path)."""
@@ -237,7 +237,10 @@ def flat(updates: PyTree, params: Optional[PyTree], who: str, needs_params: bool
             _check_param(p_leaves[i], u_leaves[i], spec, n, i, who)
         if dtensor_type() is not None:  # DTensor leaves (FSDP2, tensor parallel): updates take their parameter's layout
             for i in index:
-                u_leaves[i] = match_layout(u_leaves[i], p_leaves[i], lambda i=i: _name_at(spec, n, i), who)
+                # cast: mypy cannot infer a lambda with a default argument against Callable[[], str]
+                u_leaves[i] = match_layout(
+                    u_leaves[i], p_leaves[i], cast("Callable[[], str]", lambda i=i: _name_at(spec, n, i)), who
+                )
     elif needs_params:
         raise ValueError(f"{who} needs the parameters: call update(updates, state, params)")
     return Flat(u_leaves, p_leaves, spec, index)

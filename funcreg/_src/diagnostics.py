@@ -9,13 +9,14 @@ a table.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from funcreg._src.distributed.dtensor import full_value
 from funcreg._src.selection import params_of
 from funcreg._src.tree import PyTree, flatten, leaf_names
 from funcreg._src.validation import check_number
@@ -51,7 +52,7 @@ def _shape_text(shape: tuple[int, ...]) -> str:
     return "x".join(str(d) for d in shape) if shape else "scalar"
 
 
-def _render(rows: list[tuple[str, ...]], right: set[int]) -> str:
+def _render(rows: Sequence[tuple[str, ...]], right: set[int]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for r in rows:
@@ -228,11 +229,11 @@ def sparsity(
             a = a.to(torch.float64)  # compare exact values: float32(0.1) > 0.1
         if x.numel() == 0:
             count = 0
-        elif relative_threshold is not None:
-            cutoff = a.max() * relative_threshold
-            count = int(((a < cutoff) | (a == 0)).sum())
+        elif relative_threshold is not None:  # full_value: a sharded (DTensor) leaf's global count, not its shard's
+            cutoff = full_value(a.max()) * relative_threshold
+            count = int(full_value(((a < cutoff) | (a == 0)).sum()))
         else:
-            count = int((a <= threshold).sum())
+            count = int(full_value((a <= threshold).sum()))
         leaves.append(LeafSparsity(name, tuple(x.shape), count, x.numel()))
     return SparsityReport(tuple(leaves), criterion)
 
@@ -375,7 +376,7 @@ def norms(params: PyTree | nn.Module, ord: float = 2) -> NormReport:
             value = 0.0  # the norm of an empty vector
         else:
             x = x.to(torch.complex128 if x.is_complex() else torch.float64)
-            value = float(torch.linalg.vector_norm(x, p))
+            value = float(full_value(torch.linalg.vector_norm(x, p)))  # a DTensor's global norm
         leaves.append(LeafNorm(name, tuple(x.shape), x.numel(), value))
     total = _combine([leaf.norm for leaf in leaves], p)
     return NormReport(tuple(leaves), p, total)

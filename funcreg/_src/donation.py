@@ -14,10 +14,10 @@ not know about donation simply stays pure: that is always correct.
 from __future__ import annotations
 
 import threading
-
-import torch
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+import torch
 
 
 class _Donation(threading.local):

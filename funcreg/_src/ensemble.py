@@ -14,12 +14,11 @@ from typing import Any, Literal, Optional, Union
 import torch
 from torch import nn
 
-from funcreg._src.selection import buffers_of, params_of
 from funcreg._src.donation import DonationTracker
 from funcreg._src.hparams import as_hparams, float_dtype
+from funcreg._src.selection import buffers_of, params_of
 from funcreg._src.training import Step, TrainState
 from funcreg._src.tree import PyTree, check_same_spec, flatten, leaf_names, unflatten
-
 
 Batch = Literal["shared", "per_member"]
 

@@ -32,7 +32,7 @@ class ScaleByAdafactorState(NamedTuple):
     scalar (torch's ``variance``). A field a parameter does not have holds an empty tensor.
     """
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count, as in optax
     row_var: PyTree
     col_var: PyTree
     variance: PyTree
@@ -155,7 +155,7 @@ def scale_by_adafactor(
 class ScaleByRelativeStepState(NamedTuple):
     """State of :func:`scale_by_relative_step`: updates done and per-parameter steps."""
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count, as in optax
     steps: PyTree
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import nn
@@ -245,7 +245,7 @@ def _names_and_tree(model_or_params: Any) -> tuple[Any, list[tuple[str, torch.Te
         return dict(items), items
     if items and all(isinstance(x, torch.Tensor) for x in items):
         named = [(str(i), p) for i, p in enumerate(items)]
-        return dict(named), named
+        return dict(named), cast("list[tuple[str, torch.Tensor]]", named)  # all tensors, checked above
     raise TypeError(
         "create_optimizer expects a module, a dict {name: tensor}, (name, tensor) pairs or tensors; for "
         "param-group dicts use fr.TorchOptimizer(groups, name, lr=...)"

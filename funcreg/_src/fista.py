@@ -35,7 +35,7 @@ class FistaState(NamedTuple):
     (``nan`` otherwise).
     """
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count, as in optax
     iterate: PyTree
     momentum: torch.Tensor
     restarts: torch.Tensor

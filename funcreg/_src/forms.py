@@ -18,7 +18,7 @@ For plain SGD without momentum the coupled edit also equals the decoupled update
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, cast
 
 import torch
 
@@ -38,7 +38,7 @@ class PenaltyState(NamedTuple):
     initial params); ``terms``: the value of each named term.
     """
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count, as in optax
     value: torch.Tensor
     terms: dict[str, torch.Tensor]
 
@@ -144,7 +144,8 @@ def _gradient_edit(penalty: Penalty, who: str, alpha: Callable[[torch.Tensor], A
         # leaves the penalty does not select (grad None) and frozen ones (update None) pass through
         idx = [i for i in f.index if grads[i] is not None]
         out = list(f.updates)
-        for i, n in zip(idx, leafwise.add([f.updates[i] for i in idx], [grads[i] for i in idx], alpha=alpha(state.count))):
+        present_grads = cast("list[torch.Tensor]", [grads[i] for i in idx])  # idx: where grads are not None
+        for i, n in zip(idx, leafwise.add([f.updates[i] for i in idx], present_grads, alpha=alpha(state.count))):
             out[i] = n
         return f.tree([out[i] for i in f.index]), _report(penalty, fp, state.count + 1)
 
@@ -214,6 +215,7 @@ def proximal(penalty: Penalty, learning_rate: ScalarOrSchedule) -> GradientTrans
         fp = FlatParams.of(params)
         report = _report(penalty, fp, state.count + 1)
         s = _step_size(learning_rate, state.count)
+        assert f.params is not None  # flat(..., needs_params=True)
         moved = list(f.params)
         for i, w in zip(f.index, leafwise.add(f.present_updates(), f.present_params())):
             moved[i] = w

@@ -13,6 +13,9 @@ list's entries with new tensors, so that autograd (differentiating through an op
 respect to a learning rate or a coefficient) and vmap always see out-of-place operations.
 """
 
+# The helpers dispatch on the runtime kind of their scalars (Python number, 0-d tensor, per-leaf list)
+# before calling torch._foreach_*, whose stubs accept only one kind per overload: mypy cannot follow.
+# mypy: disable-error-code="call-overload,arg-type,list-item"
 from __future__ import annotations
 
 import math
@@ -21,6 +24,7 @@ from typing import Union
 
 import torch
 
+from funcreg._src.distributed.dtensor import full_value
 from funcreg._src.donation import donating
 from funcreg._src.tree import is_functorch_tensor
 
@@ -272,7 +276,8 @@ def all_finite(xs: Tensors) -> torch.Tensor:
     """A 0-d bool tensor: every element of every leaf is finite."""
     if not xs:
         return torch.tensor(True)
-    return torch.stack([torch.isfinite(x).all() for x in xs]).all()
+    # full_value: a sharded (DTensor) leaf's flag for all its shards (stacking partial flags fails)
+    return torch.stack([full_value(torch.isfinite(x).all()) for x in xs]).all()
 
 
 def where(cond: torch.Tensor, xs: Tensors, ys: Tensors) -> list[torch.Tensor]:

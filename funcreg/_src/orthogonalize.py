@@ -84,7 +84,7 @@ def muon_lr_ratio(shape: torch.Size, adjust_lr_fn: AdjustLr = None) -> float:
 class ScaleByMuonState(NamedTuple):
     """State of :func:`scale_by_muon`: updates done and the momentum buffer (torch's ``momentum_buffer``)."""
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count, as in optax
     trace: PyTree
 
 

@@ -11,7 +11,7 @@ import difflib
 import fnmatch
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Union, cast
 
 import torch
 from torch import nn
@@ -299,7 +299,8 @@ def _parametrization(name: str, modules: Mapping[str, nn.Module]) -> Optional[_P
     if m is not None:
         owner = m["owner"][:-1]
         plist = modules.get(f"{m['owner']}parametrizations.{m['tensor']}")
-        kinds = [type(x).__name__ for x in plist] if plist is not None else []
+        # a ParametrizationList (a ModuleList): iterable, which nn.Module's type doesn't say
+        kinds = [type(x).__name__ for x in cast("Iterable[nn.Module]", plist)] if plist is not None else []
         orig = m["orig"]
         if kinds == ["_WeightNorm"]:
             kind = "weight_norm_magnitude" if orig == "original0" else "weight_norm_direction"

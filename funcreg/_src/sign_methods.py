@@ -27,7 +27,7 @@ class ScaleByRpropState(NamedTuple):
     """State of :func:`scale_by_rprop`: updates done, the previous gradient (torch's ``prev``, zeroed
     where the sign flipped), each coordinate's step size (``step_size``) and per-parameter steps."""
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count, as in optax
     prev: PyTree
     step_size: PyTree
     steps: PyTree
@@ -128,7 +128,7 @@ def scale_by_rprop(
 class ScaleByLionState(NamedTuple):
     """State of :func:`scale_by_lion`: updates done and the momentum ``m``."""
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count, as in optax
     mu: PyTree
 
 

@@ -17,16 +17,16 @@ import math
 from collections import defaultdict
 from collections.abc import Callable
 from itertools import chain
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Union, cast
 
 import torch
 from torch import nn
 
 from funcreg._src import torch_state
 from funcreg._src.base import GradientTransformation
-from funcreg._src.update import donated_step
 from funcreg._src.checkpoint import load_state_dict as _load_funcreg_state
 from funcreg._src.combine import PartitionState
+from funcreg._src.update import donated_step
 from funcreg._src.validation import check_rate
 
 TransformOrFactory = Union[GradientTransformation, Callable[..., GradientTransformation], str]
@@ -388,6 +388,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             raise ValueError(f"param group {g}: give every parameter a name or none")
         existing: dict[int, tuple[int, str]] = {}
         taken: set[str] = set()
+        n: Optional[str]  # a name here, then an item's (maybe None) in the loop below
         for gi in range(g):
             for n, p in zip(self._group_names(gi), self.param_groups[gi]["params"]):
                 existing[id(p)] = (gi, n)
@@ -506,7 +507,7 @@ class TorchOptimizer(torch.optim.Optimizer):
     def _read(self, g: int, built: _Built) -> Any:
         last = self._fr_written.get(g)
         if last is not None and last[0] is built and all(
-            self.state.get(p) is d and d.get(k) is t for p, d, k, t in last[2]
+            self.state.get(p) is d and cast("dict[str, Any]", d).get(k) is t for p, d, k, t in last[2]
         ):
             return last[1]  # optimizer.state holds what the last step wrote: its tree, unchanged
         by_name = dict(zip(self._group_names(g), self.param_groups[g]["params"]))
@@ -525,10 +526,12 @@ class TorchOptimizer(torch.optim.Optimizer):
         slots = []
         for e, value in zip(built.layout.entries, leaves):
             if e.kind == "param" and value is not None:
+                assert e.name is not None  # a "param" entry names its parameter
                 p = by_name[e.name]
                 slots.append((p, self.state[p], e.key, value))
             elif e.kind == "group" and value is not None and names:
                 p = by_name[names[0]]
+                assert e.keys is not None  # a "group" entry has its keys
                 slots.append((p, self.state[p], e.keys[names[0]], value))
         self._fr_written[g] = (built, state, slots)
 
@@ -536,7 +539,7 @@ class TorchOptimizer(torch.optim.Optimizer):
     # the step
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """Runs ``closure`` (if given, with grad enabled), then one update of each group from ``.grad``."""
         loss = None
         if closure is not None:
@@ -575,7 +578,7 @@ class TorchOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------------
     # state dicts
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         """torch.optim's ``state_dict()``: ``{"state": {index: {key: tensor}}, "param_groups": [...]}``.
 
         Hooks registered with ``register_state_dict_pre_hook``/``register_state_dict_post_hook`` run
@@ -600,7 +603,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             ]
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a ``state_dict()`` of an optimizer with the same groups, transforms and parameters.
 
         Parameters are matched by position, as in torch (the ids may be indices or, from
@@ -695,7 +698,9 @@ class TorchOptimizer(torch.optim.Optimizer):
 
                 state = torch_state.read(built.layout, loaded.get, names, fresh, where="state_dict entry")
                 by_name = dict(zip(names, group["params"]))
-                torch_state.write(built.layout, state, lambda n, by_name=by_name: new_state[by_name[n]], names)
+                # cast: mypy cannot infer a lambda with a default argument against Callable[[str], dict]
+                dict_of = cast("Callable[[str], dict]", lambda n, by_name=by_name: new_state[by_name[n]])
+                torch_state.write(built.layout, state, dict_of, names)
             for group in new_groups:
                 for p in group["params"]:
                     new_state[p]  # every parameter has a (possibly empty) entry, as after construction

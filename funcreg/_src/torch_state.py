@@ -62,7 +62,7 @@ def _is_none(x: Any) -> bool:
 def signature(state: PyTree) -> tuple[Any, ...]:
     """The structure of a state with the shape and dtype of each leaf (device left out)."""
     leaves, spec = flatten(state)
-    described = []
+    described: list[Optional[tuple[Any, ...]]] = []
     for leaf in leaves:
         if leaf is None:
             described.append(None)
@@ -165,8 +165,8 @@ def build_layout(template: PyTree, names: Sequence[str], group_names: Sequence[s
             entries.append(Entry("none", None, None, None, None, None))
         elif kind == "param":
             assert owner is not None
-            key = chosen.get((i, owner), _names_of(raw[i][2])[0])
-            entries.append(Entry("param", owner, key, None, shape, dtype))
+            leaf_key = chosen.get((i, owner), _names_of(raw[i][2])[0])
+            entries.append(Entry("param", owner, leaf_key, None, shape, dtype))
         else:
             entries.append(Entry("group", None, None, {n: chosen[(i, n)] for n in group_names}, shape, dtype))
     return Layout(spec, entries, signature(template))

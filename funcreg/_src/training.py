@@ -18,12 +18,12 @@ from torch import nn
 
 from funcreg._src.base import GradientTransformation
 from funcreg._src.combine import named_chain
-from funcreg._src.hparams import Hyperparams, as_hparams, float_dtype
+from funcreg._src.donation import DonationTracker
 from funcreg._src.forms import PenaltyState, add_penalty_grad, decoupled, penalized, penalty_metrics, proximal
+from funcreg._src.hparams import Hyperparams, as_hparams, float_dtype
 from funcreg._src.penalties import Penalty
 from funcreg._src.transform import ScalarOrSchedule
 from funcreg._src.tree import PyTree, flatten, unflatten
-from funcreg._src.donation import DonationTracker
 from funcreg._src.update import apply_updates, check_donatable, donated_step
 from funcreg._src.validation import check_bool, check_rate
 

@@ -60,7 +60,7 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
 class ScaleByScheduleState(NamedTuple):
     """State of :func:`scale_by_learning_rate` with a schedule: the number of updates done so far."""
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count, as in optax
 
 
 def scale_by_learning_rate(learning_rate: ScalarOrSchedule, flip_sign: bool = True) -> GradientTransformation:
@@ -107,7 +107,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, flip_sign: bool = Tr
 class TraceState(NamedTuple):
     """State of :func:`trace`: updates done, one momentum buffer and one step count per parameter."""
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count, as in optax
     trace: PyTree
     steps: PyTree
 
@@ -234,7 +234,7 @@ def add_decayed_weights(weight_decay: float | torch.Tensor, mask: Any = None) ->
 class DecoupledWeightDecayState(NamedTuple):
     """State of :func:`decoupled_weight_decay` with a schedule: the number of updates done so far."""
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count, as in optax
 
 
 def decoupled_weight_decay(
@@ -312,6 +312,7 @@ def decoupled_weight_decay(
     def update(updates: PyTree, state: Any, params: Optional[PyTree] = None) -> tuple[PyTree, Any]:
         f = flat(updates, params, "decoupled_weight_decay", needs_params=True)
         if scheduled:
+            assert learning_rate is not None  # scheduled: it is a schedule
             s = schedule_value(learning_rate, leafwise.concrete(state.count))
             state = DecoupledWeightDecayState(count=state.count + 1)
         else:

@@ -122,7 +122,7 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
                 # what the inner transform produced counts too (a schedule or state gone non-finite)
                 finite = leafwise.all_finite(flat(tried[0], None, "apply_if_finite inner").present_updates()).to(device)
             notfinite_count = torch.where(finite, 0, state.notfinite_count + 1)
-            apply = bool(finite) or int(notfinite_count) > max_consecutive_errors
+            apply: bool | torch.Tensor = bool(finite) or int(notfinite_count) > max_consecutive_errors
             if apply:
                 new_updates, inner_state = tried if tried is not None else inner.update(updates, state.inner_state, params)
             else:

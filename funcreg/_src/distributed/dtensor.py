@@ -99,3 +99,14 @@ def check_same_kind(a: Any, w: torch.Tensor, what: Callable[[], str]) -> None:
             "the sharded model, e.g. fr.params_of(model) after fully_shard, or "
             "torch.distributed.tensor.distribute_tensor(t, p.device_mesh, p.placements))"
         )
+
+
+def unsupported(what: str, name: str, x: torch.Tensor, err: BaseException) -> NotImplementedError:
+    """The error for a rule that ``torch.distributed.tensor`` cannot run on the sharded leaf ``x``."""
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    return NotImplementedError(
+        f"{what} cannot be computed on {name!r}, {layout(x)}: it needs an operation that "
+        f"torch.distributed.tensor does not run on sharded tensors ({first}). Leave that parameter out "
+        "(mask=...), or apply the penalty to a gathered copy (p.full_tensor())"
+    )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import torch
 
@@ -271,7 +271,7 @@ class SumPenalty(Penalty):
                 flat_parts.extend((scale * s, q) for s, q in p.parts)
             else:
                 flat_parts.append((scale, p))
-        self.parts = flat_parts
+        self.parts: list[tuple[Any, Penalty]] = flat_parts
         names: list[str] = []
         for _, p in flat_parts:
             base, n = p.name, 2
@@ -323,7 +323,7 @@ class SumPenalty(Penalty):
                 if g is None:
                     continue
                 g = g if self._is_one(scale) else scale * g
-                total[i] = g if total[i] is None else total[i] + g
+                total[i] = g if total[i] is None else cast(torch.Tensor, total[i]) + g
         return total
 
     def why_no_prox(self, fp: FlatParams) -> Optional[str]:

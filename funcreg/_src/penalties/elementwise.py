@@ -172,7 +172,7 @@ def owned_tree(argument: str, tree: PyTree, non_negative: bool = False) -> PyTre
     """
     leaves, spec = flatten(tree)
     names = leaf_names(tree)
-    out = []
+    out: list[Optional[torch.Tensor]] = []
     for name, leaf in zip(names, leaves):
         if leaf is None:
             out.append(None)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 
+from funcreg._src.distributed.dtensor import check_same_kind, full_value, is_dtensor, unsupported
 from funcreg._src.errors import LeafTypeError
 from funcreg._src.leafwise import can_foreach
 from funcreg._src.penalties.base import Coefficient, FlatParams, Penalty, is_scalar, selection
@@ -132,6 +133,15 @@ class LeafPenalty(Penalty):
                         f"{self.name} {aux_name} for {fp.names[i]!r} has shape {tuple(a.shape)}, "
                         f"the parameter has {tuple(leaf.shape)}"
                     )
+                # cast: mypy cannot infer a lambda with default arguments against Callable[[], str]
+                check_same_kind(
+                    a,
+                    leaf,
+                    cast(
+                        "Callable[[], str]",
+                        lambda i=i, aux_name=aux_name: f"{self.name} {aux_name} for {fp.names[i]!r}",
+                    ),
+                )
                 per_leaf[i][aux_name] = same_as(a, leaf)
         return per_leaf
 
@@ -163,13 +173,14 @@ class LeafPenalty(Penalty):
         if self.rule.value_many is not None and not torch.is_grad_enabled():
             shared = self._shared(fp)
             if shared is not None:
-                return [(self.name, self.rule.value_many(shared[1], *shared[2]))]
+                return [(self.name, full_value(self.rule.value_many(shared[1], *shared[2])))]
         total = None
-        for _, w, c, aux in self._items(fp):
-            v = self.rule.value(w, *c, **aux)
+        for i, w, c, aux in self._items(fp):
+            v = self._apply("its value", fp.names[i], w, lambda w=w, c=c, aux=aux: self.rule.value(w, *c, **aux))
             total = v if total is None else total + v
         assert total is not None
-        return [(self.name, total)]
+        # over DTensor leaves the sum is a partial (per-shard) one: reduce it, so the value is global
+        return [(self.name, full_value(total))]
 
     def grad_flat(self, fp: FlatParams) -> list[Optional[torch.Tensor]]:
         if not self.rule.differentiable:
@@ -179,12 +190,14 @@ class LeafPenalty(Penalty):
         out: list[Optional[torch.Tensor]] = [None] * len(fp.leaves)
         shared = self._shared(fp) if self.rule.grad_many is not None else None
         if shared is not None:
+            assert self.rule.grad_many is not None  # shared is only computed when it is
             for i, g in zip(shared[0], self.rule.grad_many(shared[1], *shared[2])):
                 out[i] = g
             return out
+        rule_grad = self.rule.grad
         for i, w, c, aux in self._items(fp):
-            if self.rule.grad is not None:
-                out[i] = self.rule.grad(w, *c, **aux)
+            if rule_grad is not None:
+                out[i] = self._apply("its gradient", fp.names[i], w, lambda w=w, c=c, aux=aux: rule_grad(w, *c, **aux))
             else:
                 out[i] = torch.func.grad(lambda x, c=c, aux=aux: self.rule.value(x, *c, **aux))(w)
         return out
@@ -198,9 +211,24 @@ class LeafPenalty(Penalty):
         out: list[Optional[torch.Tensor]] = [None] * len(fp.leaves)
         shared = self._shared(fp) if self.rule.prox_many is not None and not isinstance(step, torch.Tensor) else None
         if shared is not None and all(not isinstance(c, torch.Tensor) for c in shared[2]):
+            assert self.rule.prox_many is not None  # shared is only computed when it is
             for i, z in zip(shared[0], self.rule.prox_many(shared[1], *(step * x for x in shared[2]))):
                 out[i] = z
             return out
         for i, v, c, aux in self._items(fp):
-            out[i] = self.rule.prox(v, *(step * x for x in c), **aux)
+            t = tuple(step * x for x in c)
+            # cast: for mypy the check above (prox is not None) does not reach into the lambda
+            out[i] = self._apply(
+                "its prox", fp.names[i], v, lambda v=v, t=t, aux=aux: cast(Callable, self.rule.prox)(v, *t, **aux)
+            )
         return out
+
+    def _apply(self, what: str, name: str, w: torch.Tensor, fn: Callable[..., Any]) -> Any:
+        """``fn()``, the rule applied to leaf ``name``: on a sharded (DTensor) leaf, an operation that
+        torch.distributed.tensor cannot shard (an SVD's water level, say) raises naming the penalty and leaf."""
+        if not is_dtensor(w):
+            return fn()
+        try:
+            return fn()
+        except (RuntimeError, NotImplementedError) as err:
+            raise unsupported(f"penalty {self.name!r} ({what})", name, w, err) from err

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import torch
 
+from funcreg._src.distributed.dtensor import replicate_like
 from funcreg._src.penalties import proxes
 from funcreg._src.penalties.base import Coefficient, Penalty, check_coefficient, records_call
 from funcreg._src.penalties.leaf import LeafPenalty, LeafRule
@@ -87,19 +88,24 @@ def _as_matrix(w: torch.Tensor) -> torch.Tensor:
     return m.T if m.shape[0] < m.shape[1] else m
 
 
+def _eye(n: int, m: torch.Tensor) -> torch.Tensor:
+    """The identity beside ``m`` (a replicated DTensor when ``m`` is sharded)."""
+    return replicate_like(torch.eye(n, dtype=m.dtype, device=m.device), m)
+
+
 def _orthogonal_value(w: torch.Tensor, c: Any) -> torch.Tensor:
     m = _as_matrix(w)
-    gram = m.T @ m - torch.eye(m.shape[1], dtype=m.dtype, device=m.device)
+    gram = m.T @ m - _eye(m.shape[1], m)
     return c * torch.sum(gram * gram)
 
 
 def _orthogonal_grad(w: torch.Tensor, c: Any) -> torch.Tensor:
     m = w.reshape(w.shape[0], -1)
     if m.shape[0] < m.shape[1]:
-        gram = m @ m.T - torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+        gram = m @ m.T - _eye(m.shape[0], m)
         g = 4 * c * (gram @ m)
     else:
-        gram = m.T @ m - torch.eye(m.shape[1], dtype=m.dtype, device=m.device)
+        gram = m.T @ m - _eye(m.shape[1], m)
         g = 4 * c * (m @ gram)
     return g.reshape(w.shape)
 

@@ -69,9 +69,17 @@ from funcreg._src.forms import penalty_metrics
 from funcreg._src.forms import penalty_states
 from funcreg._src.forms import proximal
 from funcreg._src.history import History
+from funcreg._src.hypergrad import Hypergradient
+from funcreg._src.hypergrad import TuneResult
+from funcreg._src.hypergrad import hypergradient
+from funcreg._src.hypergrad import implicit_hypergradient
+from funcreg._src.hypergrad import tune_coefficient
 from funcreg._src.metrics import metrics
 from funcreg._src.orthogonalize import ScaleByMuonState
 from funcreg._src.orthogonalize import scale_by_muon
+from funcreg._src.paths import RegularizationPath
+from funcreg._src.paths import kfold
+from funcreg._src.paths import regularization_path
 from funcreg._src.penalties import FlatParams
 from funcreg._src.penalties import LeafRule
 from funcreg._src.penalties import Penalty
@@ -89,6 +97,9 @@ from funcreg._src.preconditioned import proximal_adam
 from funcreg._src.probe import DecayKind
 from funcreg._src.probe import ProbeResult
 from funcreg._src.probe import probe
+from funcreg._src.prune import PruneReport
+from funcreg._src.prune import prune
+from funcreg._src.prune import prune_report
 from funcreg._src.schedules import constant_schedule
 from funcreg._src.schedules import cosine_decay_schedule
 from funcreg._src.schedules import join_schedules
@@ -150,6 +161,7 @@ __all__ = [
     "FlatParams",
     "GradientTransformation",
     "History",
+    "Hypergradient",
     "LeafRule",
     "LeafTypeError",
     "MaskedState",
@@ -158,6 +170,8 @@ __all__ = [
     "Penalty",
     "PenaltyState",
     "ProbeResult",
+    "PruneReport",
+    "RegularizationPath",
     "ScaleByAdadeltaState",
     "ScaleByAdafactorState",
     "ScaleByAdagradState",
@@ -180,6 +194,7 @@ __all__ = [
     "TorchOptimizer",
     "TraceState",
     "TrainState",
+    "TuneResult",
     "adadelta",
     "adafactor",
     "adagrad",
@@ -211,9 +226,12 @@ __all__ = [
     "fista_iterate",
     "functional_model",
     "group_lasso",
+    "hypergradient",
     "identity",
+    "implicit_hypergradient",
     "init_members",
     "join_schedules",
+    "kfold",
     "l1",
     "l2",
     "linear_schedule",
@@ -245,7 +263,10 @@ __all__ = [
     "proxes",
     "proximal",
     "proximal_adam",
+    "prune",
+    "prune_report",
     "radam",
+    "regularization_path",
     "rmsprop",
     "rprop",
     "scale",
@@ -269,6 +290,7 @@ __all__ = [
     "state_dict",
     "trace",
     "tree_names",
+    "tune_coefficient",
     "unstack",
     "vmap",
     "warmup_cosine_decay_schedule",

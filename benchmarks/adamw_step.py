@@ -41,9 +41,9 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from _machine import cpu_model
 
 import funcreg as fr
-from _machine import cpu_model
 
 LR, WD, BETAS, EPS = 1e-3, 1e-2, (0.9, 0.999), 1e-8
 REFERENCE = "torch foreach"
@@ -65,7 +65,9 @@ class TorchVariant:
         self.params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
         for n, p in self.params.items():
             p.grad = grads[n].clone()
-        self.opt = torch.optim.AdamW(list(self.params.values()), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, **flags)
+        self.opt = torch.optim.AdamW(
+            list(self.params.values()), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, **flags
+        )
 
     def step(self) -> None:
         self.opt.step()
@@ -115,7 +117,9 @@ class DonatedFuncregVariant(FuncregVariant):
 
 
 class CompiledFuncregVariant(FuncregVariant):
-    def __init__(self, model: torch.nn.Module, grads: dict[str, torch.Tensor], warmup: int, donate: bool = False) -> None:
+    def __init__(
+        self, model: torch.nn.Module, grads: dict[str, torch.Tensor], warmup: int, donate: bool = False
+    ) -> None:
         super().__init__(model, grads)
         tx = self.tx
 
@@ -126,7 +130,9 @@ class CompiledFuncregVariant(FuncregVariant):
             return fr.apply_updates(p, u), s
 
         # explain runs the step: on copies, so that a donated step does not advance this variant
-        copies = torch.utils._pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, (self.state, self.params))
+        copies = torch.utils._pytree.tree_map(
+            lambda x: x.clone() if isinstance(x, torch.Tensor) else x, (self.state, self.params)
+        )
         self.graph_summary = graph_breaks(step, grads, *copies)
         self.compiled = torch.compile(step)
         start = time.perf_counter()
@@ -150,7 +156,11 @@ def graph_breaks(fn: Callable, *args: object) -> str:
     for br in explained.break_reasons:
         first = str(br.reason).splitlines()[0][:120]
         where = br.user_stack[-1] if br.user_stack else None
-        text = f"{first} (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno} {where.line.strip()})" if where else first
+        text = (
+            f"{first} (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno} {where.line.strip()})"
+            if where
+            else first
+        )
         if text not in reasons:
             reasons.append(text)
     lines = [f"{explained.graph_count} graph(s), {explained.graph_break_count} graph break(s)"]
@@ -189,8 +199,10 @@ def main() -> None:
     print(f"date:    {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"machine: {cpu_model()} ({platform.machine()}, {platform.system()} {platform.release()})")
     print(f"python:  {platform.python_version()}, torch {torch.__version__}, funcreg {fr.__version__}")
-    print(f"threads: torch.get_num_threads() = {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
-          f"load average {load_average()} at the start")
+    print(
+        f"threads: torch.get_num_threads() = {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
+        f"load average {load_average()} at the start"
+    )
     print(f"model:   MLP 1024-1024-1024-10, {n_params:,} float32 parameters in {len(grads)} tensors")
     print(f"command: python {' '.join(sys.argv)}")
     print(f"rounds:  {args.rounds} timed steps per variant after {args.warmup} warm-up steps, interleaved")
@@ -240,20 +252,30 @@ def main() -> None:
     ref, ref_p10 = statistics.median(times[REFERENCE]), p10(times[REFERENCE])
     print(f"load average {load_average()} at the end (1/5/15 min; more than the thread count means noise)")
     print()
-    print(f"{'variant':<25} {'median ms':>10} {'p10 ms':>8} {'p90 ms':>8} {'median ratio':>13} {'p10 ratio':>10}")
+    print(
+        f"{'variant':<25} {'median ms':>10} {'p10 ms':>8} {'p90 ms':>8} {'median ratio':>13} {'p10 ratio':>10}"
+    )
     for name, ts in times.items():
         ts = sorted(ts)
         med, p90 = statistics.median(ts), ts[(len(ts) * 9) // 10]
-        print(f"{name:<25} {med * 1e3:>10.3f} {p10(ts) * 1e3:>8.3f} {p90 * 1e3:>8.3f} "
-              f"{med / ref:>12.2f}x {p10(ts) / ref_p10:>9.2f}x")
+        print(
+            f"{name:<25} {med * 1e3:>10.3f} {p10(ts) * 1e3:>8.3f} {p90 * 1e3:>8.3f} "
+            f"{med / ref:>12.2f}x {p10(ts) / ref_p10:>9.2f}x"
+        )
     print(f"(ratios are to {REFERENCE}: torch.optim.AdamW(foreach=True))")
-    pairs = [("funcreg donated fused", "torch fused"), ("funcreg donated", "torch foreach"),
-             ("funcreg donated compiled", "torch foreach"), ("fr.TorchOptimizer", "torch foreach"),
-             ("fr.TorchOptimizer fused", "torch fused")]
+    pairs = [
+        ("funcreg donated fused", "torch fused"),
+        ("funcreg donated", "torch foreach"),
+        ("funcreg donated compiled", "torch foreach"),
+        ("fr.TorchOptimizer", "torch foreach"),
+        ("fr.TorchOptimizer fused", "torch fused"),
+    ]
     for a, b in pairs:
         if a in times and b in times:
-            print(f"{a} / {b}: median {statistics.median(times[a]) / statistics.median(times[b]):.2f}x, "
-                  f"p10 {p10(times[a]) / p10(times[b]):.2f}x")
+            print(
+                f"{a} / {b}: median {statistics.median(times[a]) / statistics.median(times[b]):.2f}x, "
+                f"p10 {p10(times[a]) / p10(times[b]):.2f}x"
+            )
 
     # All full-step variants took the same number of steps from the same start: they must agree.
     reference_params = variants[REFERENCE].current()
@@ -261,8 +283,10 @@ def main() -> None:
     for name, v in variants.items():
         if name in (REFERENCE, "funcreg update only"):
             continue
-        print(f"max |{name} - {REFERENCE}| after {args.warmup + args.rounds} steps: "
-              f"{max_diff(v.current(), reference_params):.2e}")
+        print(
+            f"max |{name} - {REFERENCE}| after {args.warmup + args.rounds} steps: "
+            f"{max_diff(v.current(), reference_params):.2e}"
+        )
 
 
 if __name__ == "__main__":

@@ -61,7 +61,9 @@ def _early_setup() -> None:
         os.sched_setaffinity(0, {cpus[0]})  # inherited by every thread created later, and by children
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_multi_thread_eigen" not in flags:
-        os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+        os.environ["XLA_FLAGS"] = (
+            flags + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        ).strip()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # compile in this process, on this core
 
@@ -79,13 +81,13 @@ import subprocess  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
-from typing import Any, Optional  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _machine import cpu_model  # noqa: E402
 
 import funcreg as fr  # noqa: E402
-from _machine import cpu_model  # noqa: E402
 
 LR, WD, BETAS, EPS = 1e-3, 1e-2, (0.9, 0.999), 1e-8
 BATCH = 128
@@ -116,7 +118,7 @@ def peak_rss_mb() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
-def jax_or_reason() -> tuple[Optional[Any], str]:
+def jax_or_reason() -> tuple[Any | None, str]:
     try:
         import jax
         import optax  # noqa: F401
@@ -168,9 +170,13 @@ class TorchSequential:
                 for name, p in model.named_parameters():
                     p.copy_(self.init[name][i])
             self.models.append(model)
-            self.opts.append(torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, foreach=True))
+            self.opts.append(
+                torch.optim.AdamW(
+                    model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, foreach=True
+                )
+            )
 
-    def run(self, steps: Optional[int] = None) -> None:
+    def run(self, steps: int | None = None) -> None:
         batches = self.data.batches[:steps]
         for model, opt in zip(self.models, self.opts):
             for x, y in batches:
@@ -184,12 +190,16 @@ class TorchSequential:
 
     def final_loss(self) -> float:
         with torch.no_grad():
-            losses = [torch.nn.functional.cross_entropy(m(self.data.x_all), self.data.y_all) for m in self.models]
+            losses = [
+                torch.nn.functional.cross_entropy(m(self.data.x_all), self.data.y_all) for m in self.models
+            ]
         return float(torch.stack(losses).mean())
 
 
 class FuncregEnsemble:
-    def __init__(self, init: dict[str, torch.Tensor], data: Data, compiled: bool, donate: bool = False) -> None:
+    def __init__(
+        self, init: dict[str, torch.Tensor], data: Data, compiled: bool, donate: bool = False
+    ) -> None:
         self.init, self.data = init, data
         self.model = make_model()
 
@@ -207,7 +217,7 @@ class FuncregEnsemble:
     def reset(self) -> None:
         self.state = self.ens.init({k: v.clone() for k, v in self.init.items()})
 
-    def run(self, steps: Optional[int] = None) -> None:
+    def run(self, steps: int | None = None) -> None:
         state = self.state
         for x, y in self.data.batches[:steps]:
             state, _ = self.call(state, x, y)
@@ -227,7 +237,9 @@ class FuncregEnsemble:
 
     def final_loss(self) -> float:
         with torch.no_grad():
-            losses = torch.func.vmap(self.loss, in_dims=(0, None, None))(self.state.params, self.data.x_all, self.data.y_all)
+            losses = torch.func.vmap(self.loss, in_dims=(0, None, None))(
+                self.state.params, self.data.x_all, self.data.y_all
+            )
         return float(losses.mean())
 
 
@@ -252,7 +264,9 @@ class JaxEnsemble:
         def loss(p, x, y):
             return optax.softmax_cross_entropy_with_integer_labels(forward(p, x), y).mean()
 
-        opt = optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD)  # decays every leaf, as torch
+        opt = optax.adamw(
+            LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD
+        )  # decays every leaf, as torch
 
         def step(p, s, x, y):
             value, grads = jax.value_and_grad(loss)(p, x, y)
@@ -269,7 +283,7 @@ class JaxEnsemble:
         self.opt_state = self.opt_init(self.params)
         self.jax.block_until_ready((self.params, self.opt_state))
 
-    def run(self, steps: Optional[int] = None) -> None:
+    def run(self, steps: int | None = None) -> None:
         p, s = self.params, self.opt_state
         for x, y in self.batches[:steps]:
             p, s, _ = self.step(p, s, x, y)
@@ -319,16 +333,29 @@ def child(name: str, n: int, steps: int) -> None:
     variant.prepare()
     variant.reset()
     variant.run()
-    print("RESULT " + json.dumps({"baseline_mb": baseline, "peak_mb": peak_rss_mb(), "loss": variant.final_loss()}))
+    print(
+        "RESULT "
+        + json.dumps({"baseline_mb": baseline, "peak_mb": peak_rss_mb(), "loss": variant.final_loss()})
+    )
 
 
-def measure_memory(name: str, n: int, steps: int) -> Optional[dict[str, float]]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--members", str(n), "--steps", str(steps), "--no-pin"]
+def measure_memory(name: str, n: int, steps: int) -> dict[str, float] | None:
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        name,
+        "--members",
+        str(n),
+        "--steps",
+        str(steps),
+        "--no-pin",
+    ]
     # --no-pin: the child inherits this process's CPU affinity already
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     print(f"  memory child for {name!r} (N={n}) failed (exit {proc.returncode}): {' | '.join(tail)}")
     return None
@@ -351,22 +378,33 @@ def time_variants(variants: dict[str, Any], rounds: int, rng: random.Random) -> 
             times[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
     return {
-        name: {"best": min(ts), "median": statistics.median(ts), "cpu_wall": sum(cpu[name]) / sum(ts), "loss": variants[name].final_loss()}
+        name: {
+            "best": min(ts),
+            "median": statistics.median(ts),
+            "cpu_wall": sum(cpu[name]) / sum(ts),
+            "loss": variants[name].final_loss(),
+        }
         for name, ts in times.items()
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--members", type=int, nargs="+", default=[16, 64], help="ensemble sizes N (default 16 64)")
+    parser.add_argument(
+        "--members", type=int, nargs="+", default=[16, 64], help="ensemble sizes N (default 16 64)"
+    )
     parser.add_argument("--steps", type=int, default=200, help="training steps per timed run (default 200)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed runs per variant, interleaved (default 3)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="timed runs per variant, interleaved (default 3)"
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: N = 4, 20 steps, 2 rounds")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--no-jax", action="store_true", help="skip the JAX variant")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the process to one CPU")
-    parser.add_argument("--cpu", type=int, default=None, help="the CPU to pin to (default: the first allowed)")
+    parser.add_argument(
+        "--cpu", type=int, default=None, help="the CPU to pin to (default: the first allowed)"
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -377,16 +415,28 @@ def main() -> None:
         return
 
     jax, jax_info = (None, "skipped (--no-jax)") if args.no_jax else jax_or_reason()
-    names = [n for n in VARIANTS if not ("compiled" in n and args.no_compile) and not (n == "jax" and jax is None)]
+    names = [
+        n for n in VARIANTS if not ("compiled" in n and args.no_compile) and not (n == "jax" and jax is None)
+    ]
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "n/a"
     print(f"date:     {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"machine:  {cpu_model()} ({os.cpu_count()} CPUs; {platform.machine()}, {platform.system()} {platform.release()})")
-    print(f"python:   {platform.python_version()}, torch {torch.__version__}, funcreg {fr.__version__}, {jax_info}")
-    print(f"threads:  torch.get_num_threads() = {torch.get_num_threads()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(
+        f"machine:  {cpu_model()} ({os.cpu_count()} CPUs; {platform.machine()}, {platform.system()} {platform.release()})"
+    )
+    print(
+        f"python:   {platform.python_version()}, torch {torch.__version__}, funcreg {fr.__version__}, {jax_info}"
+    )
+    print(
+        f"threads:  torch.get_num_threads() = {torch.get_num_threads()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+    )
     print(f"pinned:   CPU affinity {affinity}" + (" (--no-pin)" if args.no_pin else ""))
     n_params = sum(p.numel() for p in make_model().parameters())
-    print(f"model:    MLP {'-'.join(map(str, SIZES))} ({n_params:,} float32 parameters per member), AdamW lr={LR} wd={WD}")
-    print(f"data:     sklearn digits, standardized, batch {BATCH}, {args.steps} steps (the same batches for every variant)")
+    print(
+        f"model:    MLP {'-'.join(map(str, SIZES))} ({n_params:,} float32 parameters per member), AdamW lr={LR} wd={WD}"
+    )
+    print(
+        f"data:     sklearn digits, standardized, batch {BATCH}, {args.steps} steps (the same batches for every variant)"
+    )
     print(f"timing:   {args.rounds} interleaved runs of {args.steps} steps per variant; best and median")
     print(f"command:  python {' '.join(sys.argv)}")
     warnings.filterwarnings("ignore", message="Dynamo does not know how to trace")
@@ -404,11 +454,15 @@ def main() -> None:
                 v.prepare()
                 variants[name] = v
             except Exception as exc:  # report why and go on with the others
-                print(f"{name}: failed to build/compile, skipped: {type(exc).__name__}: {exc}".splitlines()[0])
+                print(
+                    f"{name}: failed to build/compile, skipped: {type(exc).__name__}: {exc}".splitlines()[0]
+                )
                 traceback.print_exc(limit=3)
                 continue
             if name.startswith("funcreg compiled"):
-                print(f"torch.compile ({name}): first 3 steps (compilation) took {v.compile_seconds:.1f} s; {v.graphs}")
+                print(
+                    f"torch.compile ({name}): first 3 steps (compilation) took {v.compile_seconds:.1f} s; {v.graphs}"
+                )
             if name == "jax":
                 print(f"jax.jit: first 3 steps (compilation) took {v.compile_seconds:.1f} s")
         results = time_variants(variants, args.rounds, rng)

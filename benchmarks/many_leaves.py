@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable
 
 import torch
+from _machine import cpu_model
 
 import funcreg as fr
-from _machine import cpu_model
 
 LR, WD = 1e-3, 1e-2
 
@@ -93,7 +93,9 @@ def report(title: str, times: dict[str, list[float]], reference: str) -> None:
     print(f"{'variant':<44} {'median ms':>10} {'p10 ms':>8} {'median ratio':>13} {'p10 ratio':>10}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:<44} {med * 1e3:>10.2f} {p10(ts) * 1e3:>8.2f} {med / ref:>12.2f}x {p10(ts) / ref10:>9.2f}x")
+        print(
+            f"{name:<44} {med * 1e3:>10.2f} {p10(ts) * 1e3:>8.2f} {med / ref:>12.2f}x {p10(ts) / ref10:>9.2f}x"
+        )
 
 
 def main() -> None:
@@ -110,31 +112,63 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     grads = {k: torch.randn(v.shape, generator=gen) * 1e-2 for k, v in tree.items()}
     mask = {k: k.endswith("weight") for k in tree}
-    print(f"machine: {cpu_model()}, torch {torch.__version__}, 1 thread, load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"machine: {cpu_model()}, torch {torch.__version__}, 1 thread, load average {os.getloadavg()[0]:.2f}"
+    )
     print(f"tree:    {len(tree)} leaves of 4x4 and 4 float32 entries; {args.rounds} interleaved rounds")
 
     adamw = {
-        "torch AdamW foreach, 1 group": Torch(tree, grads, lambda p: torch.optim.AdamW(p.values(), lr=LR, weight_decay=WD, foreach=True)),
-        "torch AdamW foreach, 2 groups (decay/no decay)": Torch(tree, grads, lambda p: torch.optim.AdamW(groups(p), lr=LR, foreach=True)),
+        "torch AdamW foreach, 1 group": Torch(
+            tree, grads, lambda p: torch.optim.AdamW(p.values(), lr=LR, weight_decay=WD, foreach=True)
+        ),
+        "torch AdamW foreach, 2 groups (decay/no decay)": Torch(
+            tree, grads, lambda p: torch.optim.AdamW(groups(p), lr=LR, foreach=True)
+        ),
         "fr.adamw pure": Funcreg(tree, grads, fr.adamw(LR, weight_decay=WD), donate=False),
         "fr.adamw donated": Funcreg(tree, grads, fr.adamw(LR, weight_decay=WD), donate=True),
-        "fr.adamw(mask=...) pure": Funcreg(tree, grads, fr.adamw(LR, weight_decay=WD, mask=mask), donate=False),
-        "fr.adamw(mask=...) donated": Funcreg(tree, grads, fr.adamw(LR, weight_decay=WD, mask=mask), donate=True),
-        "partition(adamw, adam) donated": Funcreg(
-            tree, grads, fr.partition({"d": fr.adamw(LR, weight_decay=WD), "n": fr.adam(LR)}, {k: "d" if v else "n" for k, v in mask.items()}), donate=True
+        "fr.adamw(mask=...) pure": Funcreg(
+            tree, grads, fr.adamw(LR, weight_decay=WD, mask=mask), donate=False
         ),
-        "apply_if_finite(adamw) donated": Funcreg(tree, grads, fr.apply_if_finite(fr.adamw(LR, weight_decay=WD), 3), donate=True),
+        "fr.adamw(mask=...) donated": Funcreg(
+            tree, grads, fr.adamw(LR, weight_decay=WD, mask=mask), donate=True
+        ),
+        "partition(adamw, adam) donated": Funcreg(
+            tree,
+            grads,
+            fr.partition(
+                {"d": fr.adamw(LR, weight_decay=WD), "n": fr.adam(LR)},
+                {k: "d" if v else "n" for k, v in mask.items()},
+            ),
+            donate=True,
+        ),
+        "apply_if_finite(adamw) donated": Funcreg(
+            tree, grads, fr.apply_if_finite(fr.adamw(LR, weight_decay=WD), 3), donate=True
+        ),
     }
-    report(f"AdamW step, {len(tree)} leaves", run(adamw, args.rounds, args.warmup), "torch AdamW foreach, 2 groups (decay/no decay)")
+    report(
+        f"AdamW step, {len(tree)} leaves",
+        run(adamw, args.rounds, args.warmup),
+        "torch AdamW foreach, 2 groups (decay/no decay)",
+    )
 
     sgd = {
         "torch SGD foreach": Torch(tree, grads, lambda p: torch.optim.SGD(p.values(), lr=LR, foreach=True)),
         "fr.sgd donated": Funcreg(tree, grads, fr.sgd(LR), donate=True),
-        "fr.sgd + proximal(l1) donated": Funcreg(tree, grads, fr.chain(fr.sgd(LR), fr.proximal(fr.l1(1e-4), learning_rate=LR)), donate=True),
-        "fr.sgd + coupled l2 donated": Funcreg(tree, grads, fr.chain(fr.add_penalty_grad(fr.l2(WD)), fr.sgd(LR)), donate=True),
-        "fr.sgd + decoupled l2 donated": Funcreg(tree, grads, fr.chain(fr.sgd(LR), fr.decoupled(fr.l2(WD), learning_rate=LR)), donate=True),
+        "fr.sgd + proximal(l1) donated": Funcreg(
+            tree, grads, fr.chain(fr.sgd(LR), fr.proximal(fr.l1(1e-4), learning_rate=LR)), donate=True
+        ),
+        "fr.sgd + coupled l2 donated": Funcreg(
+            tree, grads, fr.chain(fr.add_penalty_grad(fr.l2(WD)), fr.sgd(LR)), donate=True
+        ),
+        "fr.sgd + decoupled l2 donated": Funcreg(
+            tree, grads, fr.chain(fr.sgd(LR), fr.decoupled(fr.l2(WD), learning_rate=LR)), donate=True
+        ),
     }
-    report(f"SGD step and penalty forms, {len(tree)} leaves", run(sgd, args.rounds, args.warmup), "fr.sgd donated")
+    report(
+        f"SGD step and penalty forms, {len(tree)} leaves",
+        run(sgd, args.rounds, args.warmup),
+        "fr.sgd donated",
+    )
 
 
 if __name__ == "__main__":

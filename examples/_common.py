@@ -43,7 +43,9 @@ except ImportError:  # pragma: no cover - depends on the environment
 # Command line
 
 
-def parse_args(doc: str | None, add_arguments: Any = None, argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(
+    doc: str | None, add_arguments: Any = None, argv: Sequence[str] | None = None
+) -> argparse.Namespace:
     """``--quick`` (a few seconds, for CI) and ``--out DIR`` (figures; default ``examples/out/``).
 
     ``add_arguments(parser)`` may add the example's own options. The description is the first line of
@@ -51,9 +53,15 @@ def parse_args(doc: str | None, add_arguments: Any = None, argv: Sequence[str] |
     """
     first = (doc or "").strip().splitlines()[0] if doc and doc.strip() else None
     parser = argparse.ArgumentParser(description=first)
-    parser.add_argument("--quick", action="store_true", help="a few seconds: fewer steps and seeds (CI runs this)")
     parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, metavar="DIR", help=f"where figures go (default: {DEFAULT_OUT})"
+        "--quick", action="store_true", help="a few seconds: fewer steps and seeds (CI runs this)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        metavar="DIR",
+        help=f"where figures go (default: {DEFAULT_OUT})",
     )
     if add_arguments is not None:
         add_arguments(parser)
@@ -74,7 +82,9 @@ def _fmt(value: Any, float_format: str) -> str:
     return str(value)
 
 
-def print_table(rows: Sequence[Mapping[str, Any]], title: str | None = None, float_format: str = ".4g") -> None:
+def print_table(
+    rows: Sequence[Mapping[str, Any]], title: str | None = None, float_format: str = ".4g"
+) -> None:
     """Prints a list of dicts (one per row, same keys) as a table.
 
     With pandas: a ``DataFrame`` (printed in full, floats with ``float_format``); without: aligned text.
@@ -104,10 +114,14 @@ def print_table(rows: Sequence[Mapping[str, Any]], title: str | None = None, flo
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     text = [all(isinstance(r[c], str) for r in rows) for c in columns]  # left-aligned, numbers right-aligned
     for row in cells:
-        print("  ".join(cell.ljust(w) if t else cell.rjust(w) for cell, w, t in zip(row, widths, text)).rstrip())
+        print(
+            "  ".join(cell.ljust(w) if t else cell.rjust(w) for cell, w, t in zip(row, widths, text)).rstrip()
+        )
 
 
-def progress(iterable: Iterable[Any], desc: str = "", total: int | None = None, leave: bool = False) -> Iterator[Any]:
+def progress(
+    iterable: Iterable[Any], desc: str = "", total: int | None = None, leave: bool = False
+) -> Iterator[Any]:
     """``tqdm(iterable)`` when tqdm is installed (on stderr), the bare iterable otherwise."""
     if _tqdm is None:
         yield from iterable
@@ -154,7 +168,9 @@ def load_digits_split(
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float64)
     y = torch.tensor(digits.target, dtype=torch.int64)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_size, random_state=seed, stratify=y)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=test_size, random_state=seed, stratify=y
+    )
     if train_size is not None and train_size < len(x_train):
         x_train, _, y_train, _ = train_test_split(
             x_train, y_train, train_size=train_size, random_state=seed, stratify=y_train
@@ -170,7 +186,9 @@ def load_digits_split(
     return x_train.to(dtype), x_test.to(dtype), y_train, y_test
 
 
-def member_batches(n_train: int, batch_size: int, seeds: Sequence[int], epochs: int) -> Iterator[torch.Tensor]:
+def member_batches(
+    n_train: int, batch_size: int, seeds: Sequence[int], epochs: int
+) -> Iterator[torch.Tensor]:
     """Index batches of shape ``(members, batch_size)``: each member its own shuffling (seeded).
 
     Every member sees the same number of batches; the last, incomplete batch of an epoch is dropped.
@@ -219,13 +237,25 @@ def main() -> None:  # a self-check, so that `python examples/_common.py --quick
     x_train, x_test, y_train, y_test = load_digits_split(images=True)
     print_table(
         [
-            {"split": "train", "x": tuple(x_train.shape), "mean": x_train.mean().item(), "std": x_train.std().item()},
-            {"split": "test", "x": tuple(x_test.shape), "mean": x_test.mean().item(), "std": x_test.std().item()},
+            {
+                "split": "train",
+                "x": tuple(x_train.shape),
+                "mean": x_train.mean().item(),
+                "std": x_train.std().item(),
+            },
+            {
+                "split": "test",
+                "x": tuple(x_test.shape),
+                "mean": x_test.mean().item(),
+                "std": x_test.std().item(),
+            },
         ],
         title="digits, standardised with training-set statistics",
     )
     total = sum(1 for _ in progress(member_batches(len(x_train), 64, [0, 1], epochs=1), desc="batches"))
-    print(f"{total} batches of 64 per epoch; helpers OK (pandas: {_pd is not None}, tqdm: {_tqdm is not None}).")
+    print(
+        f"{total} batches of 64 per epoch; helpers OK (pandas: {_pd is not None}, tqdm: {_tqdm is not None})."
+    )
     print(f"This module only holds helpers for the examples; figures go to {args.out}.")
 
 

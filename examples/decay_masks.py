@@ -106,7 +106,8 @@ def main() -> None:
     # 3. Per-layer coefficients: a label per parameter, from the selection.
     params = fr.params_of(model)
     labels = {
-        name: ("no_decay" if not selection[name] else "conv" if p.ndim == 4 else "fc") for name, p in params.items()
+        name: ("no_decay" if not selection[name] else "conv" if p.ndim == 4 else "fc")
+        for name, p in params.items()
     }
     coefficient = {"conv": WD["conv"], "fc": WD["fc"], "no_decay": 0.0}
     _common.print_table(
@@ -167,11 +168,15 @@ def main() -> None:
         torch.nn.functional.cross_entropy(torch_model(xb), yb).backward()
         optimizer.step()
         worst_params = max(
-            worst_params, max((state.params[n] - p).abs().max().item() for n, p in torch_model.named_parameters())
+            worst_params,
+            max((state.params[n] - p).abs().max().item() for n, p in torch_model.named_parameters()),
         )
         worst_buffers = max(
             worst_buffers,
-            max((state.buffers[n].double() - b.double()).abs().max().item() for n, b in torch_model.named_buffers()),
+            max(
+                (state.buffers[n].double() - b.double()).abs().max().item()
+                for n, b in torch_model.named_buffers()
+            ),
         )
 
     def accuracy(params, buffers) -> float:  # noqa: ANN001
@@ -253,7 +258,9 @@ def main() -> None:
     names = list(params)
     ratio = [fr.norms(state.params)[n] / fr.norms(plain_state.params)[n] for n in names]
     colors = {"conv": "tab:red", "fc": "tab:orange", "no_decay": "tab:blue"}
-    fig, (ax, ax_init) = plt.subplots(1, 2, figsize=(13, 5), sharey=True, gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax, ax_init) = plt.subplots(
+        1, 2, figsize=(13, 5), sharey=True, gridspec_kw={"width_ratios": [3, 2]}
+    )
     ypos = list(range(len(names)))[::-1]
     ax.barh(ypos, ratio, color=[colors[labels[n]] for n in names])
     ax.axvline(1.0, color="k", linestyle="--", linewidth=1)
@@ -283,7 +290,9 @@ def main() -> None:
     )
     ax_init.set_xlabel("||w||")
     ax_init.set_title("norms: at init (grey) and after training with decay")
-    fig.suptitle('Story 4: fr.decay_mask(model, exclude=["head"]) and per-layer coefficients with fr.partition')
+    fig.suptitle(
+        'Story 4: fr.decay_mask(model, exclude=["head"]) and per-layer coefficients with fr.partition'
+    )
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     _common.save_figure(fig, args.out, "decay_masks.png")
 

@@ -103,7 +103,9 @@ def main() -> None:
     variants = {
         "none": fr.make_step(loss_fn, fr.sgd(LR)),
         f"L2 coupled (wd={WD_L2:g})": fr.make_step(loss_fn, fr.sgd(LR, weight_decay=WD_L2)),
-        f"L1 subgradient (c={C_L1:g})": fr.make_step(loss_fn, fr.sgd(LR), penalty=fr.l1(C_L1), form="coupled"),
+        f"L1 subgradient (c={C_L1:g})": fr.make_step(
+            loss_fn, fr.sgd(LR), penalty=fr.l1(C_L1), form="coupled"
+        ),
         f"L1 proximal (c={C_L1:g})": fr.make_step(
             loss_fn, fr.sgd(LR), penalty=fr.l1(C_L1), form="proximal", learning_rate=LR
         ),
@@ -150,7 +152,9 @@ def main() -> None:
                 "final data loss": metrics["data_loss"].mean().item(),
             }
         )
-        per_layer[name] = {layer: (layer_fraction(exact, layer), layer_fraction(near, layer)) for layer in LAYERS}
+        per_layer[name] = {
+            layer: (layer_fraction(exact, layer), layer_fraction(near, layer)) for layer in LAYERS
+        }
 
     _common.print_table(
         summary,
@@ -158,21 +162,28 @@ def main() -> None:
         float_format=".3f",
     )
     rows = [{"variant": n, **{layer: v[layer][0] for layer in LAYERS}} for n, v in per_layer.items()]
-    _common.print_table(rows, title="exact zeros per layer, weights and bias (fr.sparsity(params))", float_format=".3f")
+    _common.print_table(
+        rows, title="exact zeros per layer, weights and bias (fr.sparsity(params))", float_format=".3f"
+    )
     rows = [{"variant": n, **{layer: v[layer][1] for layer in LAYERS}} for n, v in per_layer.items()]
     _common.print_table(
         rows,
         title="near zero per layer, |w| < 5e-4 * max|w| per tensor (fr.sparsity(params, relative_threshold=5e-4))",
         float_format=".3f",
     )
-    print("\nOnly the proximal forms produce exact zeros; the L1 subgradient leaves weights near zero, never at it.")
+    print(
+        "\nOnly the proximal forms produce exact zeros; the L1 subgradient leaves weights near zero, never at it."
+    )
     print("wall time per variant: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
 
     # Figure: the two criteria per layer and variant.
     plt = _common.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
     width = 0.8 / len(per_layer)
-    for ax, which, title in ((axes[0], 0, "exact zeros (w == 0)"), (axes[1], 1, "near zero (|w| < 5e-4 * max|w|)")):
+    for ax, which, title in (
+        (axes[0], 0, "exact zeros (w == 0)"),
+        (axes[1], 1, "near zero (|w| < 5e-4 * max|w|)"),
+    ):
         for i, (n, v) in enumerate(per_layer.items()):
             xs = [j + (i - (len(per_layer) - 1) / 2) * width for j in range(len(LAYERS))]
             label = f"{n}: test acc {summary[i]['test acc'].replace('+-', '±')}"

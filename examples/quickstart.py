@@ -113,7 +113,9 @@ def main() -> None:
     ]
     per_epoch = len(batches) // epochs
 
-    def train(tx: fr.GradientTransformation, form: str, desc: str) -> tuple[dict[str, torch.Tensor], fr.History]:
+    def train(
+        tx: fr.GradientTransformation, form: str, desc: str
+    ) -> tuple[dict[str, torch.Tensor], fr.History]:
         step = fr.make_step(loss_fn, tx, penalty=P, form=form, learning_rate=LR)
         state, history = step.init(params0), fr.History()
         for idx in _common.progress(batches, desc=desc):
@@ -134,7 +136,9 @@ def main() -> None:
     loss_vs_coupled = max_abs_diff(params["loss"], params["coupled"])
     momentum_gap = max_abs_diff(params["coupled"], params["decoupled"])
     print(f"  loss term vs coupled edit, SGD with momentum:            {loss_vs_coupled:.2e}   (must be ~0)")
-    print(f"  coupled vs decoupled (s_t = lr), SGD with momentum:      {momentum_gap:.2e}   (differ: momentum)")
+    print(
+        f"  coupled vs decoupled (s_t = lr), SGD with momentum:      {momentum_gap:.2e}   (differ: momentum)"
+    )
     sgd_plain = fr.sgd(LR)
     coupled_plain, _ = train(sgd_plain, "coupled", "plain SGD, coupled")
     decoupled_plain, _ = train(sgd_plain, "decoupled", "plain SGD, decoupled")
@@ -161,7 +165,9 @@ def main() -> None:
                     },
                 }
             )
-    _common.print_table(rows, title="Per-term metrics, mean over each epoch's steps (fr.History)", float_format=".4f")
+    _common.print_table(
+        rows, title="Per-term metrics, mean over each epoch's steps (fr.History)", float_format=".4f"
+    )
 
     # Accuracy and sparsity per form.
     reports = {form: fr.sparsity(p) for form, p in params.items()}
@@ -234,7 +240,9 @@ def main() -> None:
         failures.append("the proximal form produced no exact zeros")
     if failures:
         raise SystemExit("; ".join(failures))
-    print(f"checks passed: the forms that must agree agree to {TOLERANCE:g}, and the proximal form has exact zeros")
+    print(
+        f"checks passed: the forms that must agree agree to {TOLERANCE:g}, and the proximal form has exact zeros"
+    )
 
 
 if __name__ == "__main__":

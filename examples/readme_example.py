@@ -28,18 +28,20 @@ x = torch.randn(256, 8)
 y = x @ torch.randn(8, 1) + 0.1 * torch.randn(256, 1)
 
 params = fr.params_of(model)  # {"0.weight": ..., "0.bias": ..., "2.weight": ..., "2.bias": ...}
-mask = fr.decay_mask(model)   # weights yes, biases and norm layers no
-print(mask)                   # the rule, printed: name, shape, decision, reason
+mask = fr.decay_mask(model)  # weights yes, biases and norm layers no
+print(mask)  # the rule, printed: name, shape, decision, reason
 tx = fr.chain(
     fr.add_decayed_weights(1e-2, mask=mask),  # coupled L2, = torch's SGD(weight_decay=1e-2) on weights only
     fr.sgd(0.1, momentum=0.9),
 )
 state = tx.init(params)
 
+
 def loss_fn(params, x, y):
     return torch.nn.functional.mse_loss(functional_call(model, params, (x,)), y)
 
-for step in range(200):
+
+for _step in range(200):
     grads = grad(loss_fn)(params, x, y)
     updates, state = tx.update(grads, state, params)
     params = fr.apply_updates(params, updates)

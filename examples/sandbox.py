@@ -165,7 +165,9 @@ def main() -> None:
             "decoupled, lr-scaled: fr.decoupled_weight_decay(0.1, 0.1, scale_by='learning_rate')",
             "w - lr*wd*w",
             funcreg_step(
-                fr.chain(fr.sgd(LR), fr.decoupled_weight_decay(WD, learning_rate=LR, scale_by="learning_rate"))
+                fr.chain(
+                    fr.sgd(LR), fr.decoupled_weight_decay(WD, learning_rate=LR, scale_by="learning_rate")
+                )
             ),
             w0 - LR * WD * w0,
         ),
@@ -264,7 +266,10 @@ def main() -> None:
             skipped.append(f"{module_name}.{class_name} ({type(err).__name__})")
             continue
         optimizers.append(
-            (f"{module_name}.{class_name}(weight_decay=0.1)", lambda ps, cls=cls: cls(ps, lr=LR, weight_decay=WD))
+            (
+                f"{module_name}.{class_name}(weight_decay=0.1)",
+                lambda ps, cls=cls: cls(ps, lr=LR, weight_decay=WD),
+            )
         )
     results = []
     for label, make in optimizers:

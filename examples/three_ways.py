@@ -54,7 +54,9 @@ Y = torch.tensor([[0.0], [1.0], [1.0], [0.0]])
 
 def make_model() -> torch.nn.Module:
     torch.manual_seed(1)
-    return torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sigmoid(), torch.nn.Linear(2, 1), torch.nn.Sigmoid())
+    return torch.nn.Sequential(
+        torch.nn.Linear(2, 2), torch.nn.Sigmoid(), torch.nn.Linear(2, 1), torch.nn.Sigmoid()
+    )
 
 
 def main() -> None:
@@ -104,7 +106,9 @@ def main() -> None:
         params = fr.apply_updates(params, updates)
     histories["2. loss term"], finals["2. loss term"] = hist, params
     _common.print_table(
-        rows, title="2. loss term, fr.penalized(loss, fr.l2(0.1)) with fr.sgd(2.0): per epoch", float_format=".6f"
+        rows,
+        title="2. loss term, fr.penalized(loss, fr.l2(0.1)) with fr.sgd(2.0): per epoch",
+        float_format=".6f",
     )
 
     # 3. Coupled gradient edit: g <- g + grad P(w) = g + 0.1 * w, in closed form, before the SGD step.
@@ -117,7 +121,9 @@ def main() -> None:
         updates, state = tx.update(grads, state, params)
         params = fr.apply_updates(params, updates)
         (report,) = fr.penalty_states(state)  # the penalty at the params this step started from
-        coupled_rows.append({"epoch": epoch, "data loss": loss.item(), "penalty (from the state)": report.value.item()})
+        coupled_rows.append(
+            {"epoch": epoch, "data loss": loss.item(), "penalty (from the state)": report.value.item()}
+        )
         hist.append(loss.item())
     histories["3. coupled edit"], finals["3. coupled edit"] = hist, params
 
@@ -163,8 +169,12 @@ def main() -> None:
     for n in names[1:]:
         loss_diff = max(abs(a - b) for a, b in zip(histories[n], histories[reference]))
         param_diff = max((finals[n][k] - finals[reference][k]).abs().max().item() for k in finals[reference])
-        diffs.append({"run": n, "max |loss diff| vs 1.": loss_diff, "max |param diff| after training": param_diff})
-    _common.print_table(diffs, title="agreement with torch.optim.SGD(weight_decay=0.1) (float32)", float_format=".2e")
+        diffs.append(
+            {"run": n, "max |loss diff| vs 1.": loss_diff, "max |param diff| after training": param_diff}
+        )
+    _common.print_table(
+        diffs, title="agreement with torch.optim.SGD(weight_decay=0.1) (float32)", float_format=".2e"
+    )
 
     # Selective decay, which the built-in weight_decay= cannot do: a mask on the penalty.
     mask = fr.decay_mask(model)
@@ -194,7 +204,9 @@ def main() -> None:
         f"  fr.l2(0.1)                                              {show(good['0.weight'])}  value {fr.l2(WD)(p0).item():.6f}"
     )
     print(f"  expected: 0.1 * w                                       {show(WD * p0['0.weight'])}")
-    print("  Same value, zero gradient: torch.tensor(...) builds a new leaf tensor from Python numbers, cut off")
+    print(
+        "  Same value, zero gradient: torch.tensor(...) builds a new leaf tensor from Python numbers, cut off"
+    )
     print("  from the graph; training with it is training without the penalty. The only sign is a warning:")
     for w in caught:
         print(f"    {w.category.__name__}: {str(w.message).splitlines()[0]}")
@@ -208,13 +220,18 @@ def main() -> None:
     styles = ["-", "--", ":", "-.", (0, (1, 3))]
     markers = ["o", "s", "^", "x", "+"]
     for i, n in enumerate(names):
-        ax_loss.plot(x_epochs, histories[n], linestyle=styles[i % 5], marker=markers[i % 5], markersize=9 - i, label=n)
+        ax_loss.plot(
+            x_epochs, histories[n], linestyle=styles[i % 5], marker=markers[i % 5], markersize=9 - i, label=n
+        )
     ax_loss.set(title="data loss: all runs coincide", xlabel="epoch", ylabel="MSE (before the step)")
     ax_loss.set_xticks(x_epochs)
     ax_loss.legend(fontsize=8)
     ax_pen.plot(x_epochs, [r["data loss"] for r in rows], marker="o", label="data loss")
     ax_pen.plot(
-        x_epochs, [r["penalty 0.1/2*||w||^2"] for r in rows], marker="s", label="penalty 0.1/2 * ||w||^2 (loss term)"
+        x_epochs,
+        [r["penalty 0.1/2*||w||^2"] for r in rows],
+        marker="s",
+        label="penalty 0.1/2 * ||w||^2 (loss term)",
     )
     ax_pen.plot(
         x_epochs,

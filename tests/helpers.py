@@ -36,7 +36,9 @@ def leaves(tree: Any) -> list[Any]:
     return pytree.tree_leaves(tree, is_leaf=lambda x: x is None)
 
 
-def assert_tensors_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "", equal_nan: bool = False) -> None:
+def assert_tensors_close(
+    actual: torch.Tensor, expected: torch.Tensor, what: str = "", equal_nan: bool = False
+) -> None:
     """float64: max abs diff <= 1e-12; float32: ``assert_close(atol=1e-6, rtol=1e-5)``; others: equal.
 
     With ``equal_nan``, NaN must sit at the same places in both (and is then not compared).
@@ -85,7 +87,9 @@ def assert_trees_equal(actual: Any, expected: Any, what: str = "tree", equal_nan
     for i, x, y in paired_leaves(actual, expected, what):
         assert x.dtype == y.dtype, f"{what}: leaf {i} dtype {x.dtype} != {y.dtype}"
         where = f"{what} leaf {i}"
-        torch.testing.assert_close(x, y, atol=0, rtol=0, equal_nan=equal_nan, msg=lambda m, where=where: f"{where}: {m}")
+        torch.testing.assert_close(
+            x, y, atol=0, rtol=0, equal_nan=equal_nan, msg=lambda m, where=where: f"{where}: {m}"
+        )
 
 
 def find_states(state: Any, cls: type) -> list[Any]:
@@ -114,7 +118,9 @@ def run_funcreg(tx: fr.GradientTransformation, params: Any, grads_seq: list[Any]
     return params, state
 
 
-def run_torch(make_optimizer: Any, params: Any, grads_seq: list[Any], schedulers: Any = None) -> tuple[list[Any], Any]:
+def run_torch(
+    make_optimizer: Any, params: Any, grads_seq: list[Any], schedulers: Any = None
+) -> tuple[list[Any], Any]:
     """The same steps with ``torch.optim``: ``make_optimizer(list_of_parameters)`` builds the optimizer.
 
     A ``None`` gradient becomes ``p.grad = None`` (torch skips that parameter). ``schedulers(opt)``
@@ -253,13 +259,19 @@ TRANSFORMS = {
     "sgd_momentum": lambda: fr.sgd(0.1, momentum=0.9, weight_decay=0.01),
     "adam": lambda: fr.adam(0.01, weight_decay=0.01),
     "adamw": lambda: fr.adamw(0.01),
-    "adamw_amsgrad_masked": lambda: fr.adamw(0.01, amsgrad=True, mask=lambda p: {k: v.ndim >= 2 for k, v in p.items()}),
-    "clip_adam": lambda: fr.chain(fr.clip_by_global_norm(1.0), fr.scale_by_adam(), fr.scale_by_learning_rate(0.01)),
+    "adamw_amsgrad_masked": lambda: fr.adamw(
+        0.01, amsgrad=True, mask=lambda p: {k: v.ndim >= 2 for k, v in p.items()}
+    ),
+    "clip_adam": lambda: fr.chain(
+        fr.clip_by_global_norm(1.0), fr.scale_by_adam(), fr.scale_by_learning_rate(0.01)
+    ),
     "proximal_l1": lambda: fr.chain(fr.sgd(0.1), fr.proximal(fr.l1(0.01), learning_rate=0.1)),
     "coupled_l2": lambda: fr.chain(fr.add_penalty_grad(fr.l2(0.1)), fr.sgd(0.1, momentum=0.5)),
     "decoupled_l1": lambda: fr.chain(fr.adam(0.01), fr.decoupled(fr.l1(0.01), learning_rate=0.01)),
     "masked_trace": lambda: fr.masked(fr.trace(0.9), {"w": True, "b": False}),
-    "partition": lambda: fr.partition({"a": fr.adam(0.01), "b": fr.sgd(0.1, momentum=0.9)}, {"w": "a", "b": "b"}),
+    "partition": lambda: fr.partition(
+        {"a": fr.adam(0.01), "b": fr.sgd(0.1, momentum=0.9)}, {"w": "a", "b": "b"}
+    ),
     "apply_if_finite": lambda: fr.apply_if_finite(fr.adam(0.01), max_consecutive_errors=2),
     "named_chain": lambda: fr.named_chain(("m", fr.trace(0.9)), ("lr", fr.scale_by_learning_rate(0.1))),
 }

@@ -25,8 +25,8 @@ from helpers import (
     find_state,
     find_states,
     leaves,
-    problems,
     lockstep,
+    problems,
     replace_field,
     run_funcreg,
     run_torch,
@@ -115,7 +115,9 @@ def check_adam_state(state, opt, ps, steps, amsgrad):
     assert_lists_close(leaves(adam.mu), torch_state(opt, ps, "exp_avg"), "mu vs exp_avg")
     assert_lists_close(leaves(adam.nu), torch_state(opt, ps, "exp_avg_sq"), "nu vs exp_avg_sq")
     if amsgrad:
-        assert_lists_close(leaves(adam.nu_max), torch_state(opt, ps, "max_exp_avg_sq"), "nu_max vs max_exp_avg_sq")
+        assert_lists_close(
+            leaves(adam.nu_max), torch_state(opt, ps, "max_exp_avg_sq"), "nu_max vs max_exp_avg_sq"
+        )
     else:
         assert adam.nu_max is None
 
@@ -196,7 +198,10 @@ def test_adamw_mask_matches_torch_param_groups(foreach, data, hp):
 # regression test: funcreg once kept one step count for the whole tree
 def test_intermittent_none_gradient_matches_torch_per_parameter_step():
     """A parameter with no gradient at some steps: torch.optim keeps a step count per parameter."""
-    params = {"a": torch.tensor([1.0, 2.0], dtype=torch.float64), "b": torch.tensor([3.0], dtype=torch.float64)}
+    params = {
+        "a": torch.tensor([1.0, 2.0], dtype=torch.float64),
+        "b": torch.tensor([3.0], dtype=torch.float64),
+    }
     grads = [
         {"a": torch.tensor([0.5, -1.0], dtype=torch.float64), "b": None},
         {"a": torch.tensor([0.3, 0.2], dtype=torch.float64), "b": torch.tensor([2.0], dtype=torch.float64)},
@@ -254,7 +259,9 @@ def test_adam_and_adamw_equal_their_documented_chains(data, hp, decoupled, sched
     n = len(leaves(params))
     mask = None
     if decoupled and data.draw(st.booleans()):
-        mask = pytree.tree_unflatten(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), pytree.tree_structure(params))
+        mask = pytree.tree_unflatten(
+            data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), pytree.tree_structure(params)
+        )
     lr = (lambda c: hp["lr"] / (1 + c)) if scheduled else hp["lr"]
     wd, (b1, b2) = hp["weight_decay"], hp["betas"]
     parts = [fr.scale(-1.0)] if hp["maximize"] else []
@@ -278,7 +285,9 @@ def test_adam_and_adamw_equal_their_documented_chains(data, hp, decoupled, sched
         for field in ("mu", "nu", "nu_max"):
             assert_trees_close(getattr(adam_fused, field), getattr(adam_chain, field), field)
             if getattr(adam_fused, field) is not None:
-                state_chain = replace_field(state_chain, fr.ScaleByAdamState, field, leaves(getattr(adam_fused, field)))
+                state_chain = replace_field(
+                    state_chain, fr.ScaleByAdamState, field, leaves(getattr(adam_fused, field))
+                )
         params = fr.apply_updates(params, u_fused)
 
 
@@ -293,7 +302,9 @@ def test_sgd_cosine_decay_schedule_matches_cosine_annealing_lr(foreach, data, lr
     alpha = data.draw(st.one_of(st.just(0.0), st.floats(0.0, 1.0)))
     # CosineAnnealingLR rises again after T_max; fr's schedule stays at its end value: compare up to T_max.
     params, grads = data.draw(problems(steps=st.integers(1, decay_steps + 1)))
-    tx = fr.chain(fr.add_decayed_weights(wd), fr.sgd(fr.cosine_decay_schedule(lr0, decay_steps, alpha), momentum))
+    tx = fr.chain(
+        fr.add_decayed_weights(wd), fr.sgd(fr.cosine_decay_schedule(lr0, decay_steps, alpha), momentum)
+    )
 
     def check(new_params, state, opt, ps, step):
         sgd_check(momentum)(new_params, state, opt, ps, step)
@@ -358,7 +369,9 @@ def test_convention_weight_decay_zero_is_exact_identity(problem, hp):
     reference = run_funcreg(fr_sgd(plain), params, grads)
     for tx in (
         fr.chain(fr.add_decayed_weights(0.0), fr_sgd(plain)),
-        fr.chain(fr_sgd(plain), fr.decoupled_weight_decay(0.0, learning_rate=hp["lr"], scale_by="learning_rate")),
+        fr.chain(
+            fr_sgd(plain), fr.decoupled_weight_decay(0.0, learning_rate=hp["lr"], scale_by="learning_rate")
+        ),
         fr.chain(fr_sgd(plain), fr.decoupled_weight_decay(0.0, scale_by="none")),
     ):
         assert_trees_equal(run_funcreg(tx, params, grads)[0], reference[0], "params")
@@ -367,7 +380,9 @@ def test_convention_weight_decay_zero_is_exact_identity(problem, hp):
         assert_trees_equal(run_funcreg(tx, params, grads)[0], adam, "adam/adamw(weight_decay=0) params")
     chained = fr.chain(fr.scale_by_adam(), fr.scale_by_learning_rate(hp["lr"]), fr.add_decayed_weights(0.0))
     unchained = fr.chain(fr.scale_by_adam(), fr.scale_by_learning_rate(hp["lr"]))
-    assert_trees_equal(run_funcreg(chained, params, grads)[0], run_funcreg(unchained, params, grads)[0], "chain")
+    assert_trees_equal(
+        run_funcreg(chained, params, grads)[0], run_funcreg(unchained, params, grads)[0], "chain"
+    )
 
 
 @FOREACH
@@ -406,8 +421,13 @@ def test_convention_coupled_edit_equals_decoupled_update_with_s_lr_for_plain_sgd
     params, grads = problem
     rate = (lambda c: lr / (1 + c)) if scheduled else lr
     coupled = fr.chain(fr.add_decayed_weights(lam), fr.scale_by_learning_rate(rate))
-    decoupled = fr.chain(fr.scale_by_learning_rate(rate), fr.decoupled_weight_decay(lam, learning_rate=rate, scale_by="learning_rate"))
-    assert_trees_close(run_funcreg(coupled, params, grads)[0], run_funcreg(decoupled, params, grads)[0], "params")
+    decoupled = fr.chain(
+        fr.scale_by_learning_rate(rate),
+        fr.decoupled_weight_decay(lam, learning_rate=rate, scale_by="learning_rate"),
+    )
+    assert_trees_close(
+        run_funcreg(coupled, params, grads)[0], run_funcreg(decoupled, params, grads)[0], "params"
+    )
 
 
 def test_convention_coupled_edit_differs_from_decoupled_update_with_momentum():
@@ -419,7 +439,9 @@ def test_convention_coupled_edit_differs_from_decoupled_update_with_momentum():
     # step 2 g' = 0.099, buf = 0.9*0.1 + 0.099 = 0.189, w = 0.99 - 0.0189 = 0.9711.
     coupled = fr.chain(fr.add_decayed_weights(lam), fr.sgd(lr, momentum=m))
     # Decoupled: the buffer stays 0; each step w -= lr*lam*w: 0.99, then 0.99 * 0.99 = 0.9801.
-    decoupled = fr.chain(fr.sgd(lr, momentum=m), fr.decoupled_weight_decay(lam, learning_rate=lr, scale_by="learning_rate"))
+    decoupled = fr.chain(
+        fr.sgd(lr, momentum=m), fr.decoupled_weight_decay(lam, learning_rate=lr, scale_by="learning_rate")
+    )
     assert abs(run_funcreg(coupled, params, grads)[0]["w"].item() - 0.9711) <= 1e-12
     assert abs(run_funcreg(decoupled, params, grads)[0]["w"].item() - 0.9801) <= 1e-12
 
@@ -430,9 +452,13 @@ def adam_first_step_coupled_and_decoupled(w, g, lam, lr, eps):
     grads = [{"w": torch.tensor([g], dtype=torch.float64)}]
     coupled = fr.chain(fr.add_decayed_weights(lam), fr.scale_by_adam(eps=eps), fr.scale_by_learning_rate(lr))
     decoupled = fr.chain(
-        fr.scale_by_adam(eps=eps), fr.scale_by_learning_rate(lr), fr.decoupled_weight_decay(lam, learning_rate=lr, scale_by="learning_rate")
+        fr.scale_by_adam(eps=eps),
+        fr.scale_by_learning_rate(lr),
+        fr.decoupled_weight_decay(lam, learning_rate=lr, scale_by="learning_rate"),
     )
-    return run_funcreg(coupled, params, grads)[0]["w"].item(), run_funcreg(decoupled, params, grads)[0]["w"].item()
+    return run_funcreg(coupled, params, grads)[0]["w"].item(), run_funcreg(decoupled, params, grads)[0][
+        "w"
+    ].item()
 
 
 @settings(deadline=None, max_examples=50, suppress_health_check=SLOW_OK)
@@ -471,7 +497,9 @@ def test_convention_loss_term_equals_coupled_edit(problem, lam, hp, use_adam):
     def total_loss(p):
         return data_loss(p) + lam / 2 * sum(w.square().sum() for w in leaves(p))
 
-    def make(weight_decay):  # the coupled edit: add_decayed_weights first in the chain (0: identity, same state)
+    def make(
+        weight_decay,
+    ):  # the coupled edit: add_decayed_weights first in the chain (0: identity, same state)
         base = fr.adam(hp["lr"]) if use_adam else fr_sgd(dict(hp, weight_decay=0.0, maximize=False))
         return fr.chain(fr.add_decayed_weights(weight_decay), base)
 
@@ -497,7 +525,9 @@ def test_convention_decoupled_decay_lr_independent_and_schedule_multiplier():
     independent, _ = run_funcreg(fr.decoupled_weight_decay(wd, scale_by="none"), params, zeros)
     assert_tensors_close(independent["w"], params["w"] * (1 - wd) ** 3, "independent")
     eta = [1.0, 0.5, 0.25]
-    paper, _ = run_funcreg(fr.decoupled_weight_decay(wd, learning_rate=lambda c: eta[c], scale_by="schedule"), params, zeros)
+    paper, _ = run_funcreg(
+        fr.decoupled_weight_decay(wd, learning_rate=lambda c: eta[c], scale_by="schedule"), params, zeros
+    )
     expected = params["w"] * math.prod(1 - e * wd for e in eta)
     assert_tensors_close(paper["w"], expected, "schedule multiplier")
 
@@ -509,11 +539,19 @@ def test_intermittent_none_gradients_match_torch_per_parameter_steps(problem, da
     parameter (Adam's bias corrections, SGD's first momentum step); funcreg must do the same."""
     params, grads = problem
     spec = pytree.tree_structure(params)
-    holes = [data.draw(st.lists(st.booleans(), min_size=len(leaves(g)), max_size=len(leaves(g)))) for g in grads]
-    grads = [pytree.tree_unflatten([None if h else x for x, h in zip(leaves(g), hs)], spec) for g, hs in zip(grads, holes)]
+    holes = [
+        data.draw(st.lists(st.booleans(), min_size=len(leaves(g)), max_size=len(leaves(g)))) for g in grads
+    ]
+    grads = [
+        pytree.tree_unflatten([None if h else x for x, h in zip(leaves(g), hs)], spec)
+        for g, hs in zip(grads, holes)
+    ]
     cases = [
         (fr.adamw(0.01, weight_decay=0.1), lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1)),
-        (fr.sgd(0.1, momentum=0.9, dampening=0.3), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.3)),
+        (
+            fr.sgd(0.1, momentum=0.9, dampening=0.3),
+            lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.3),
+        ),
     ]
     for tx, make in cases:
         new_params, _ = run_funcreg(tx, params, grads)

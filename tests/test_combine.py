@@ -14,8 +14,8 @@ from helpers import (
     detached,
     find_state,
     leaves,
-    problems,
     lockstep,
+    problems,
     run_funcreg,
     run_torch,
     torch_state,
@@ -67,7 +67,11 @@ def test_chain_rejects_what_is_not_a_transform():
 @given(problem=problems(steps=SHORT))
 def test_named_chain_equals_chain_with_a_readable_state(problem):
     params, grads = problem
-    parts = [("decay", fr.add_decayed_weights(0.1)), ("adam", fr.scale_by_adam()), ("lr", fr.scale_by_learning_rate(0.1))]
+    parts = [
+        ("decay", fr.add_decayed_weights(0.1)),
+        ("adam", fr.scale_by_adam()),
+        ("lr", fr.scale_by_learning_rate(0.1)),
+    ]
     named_params, named_state = run_funcreg(fr.named_chain(*parts), params, grads)
     chain_params, chain_state = run_funcreg(fr.chain(*[tx for _, tx in parts]), params, grads)
     assert_trees_equal(named_params, chain_params, "params")
@@ -170,7 +174,10 @@ def test_masked_out_leaf_is_returned_as_given():
     assert torch.equal(u["w"], torch.zeros(2))
 
 
-NESTED = {"encoder": {"w": torch.zeros(2, 2), "b": torch.zeros(2)}, "decoder": [torch.zeros(3), torch.zeros(1)]}
+NESTED = {
+    "encoder": {"w": torch.zeros(2, 2), "b": torch.zeros(2)},
+    "decoder": [torch.zeros(3), torch.zeros(1)],
+}
 
 
 @pytest.mark.parametrize(
@@ -209,7 +216,11 @@ def test_mask_values_must_be_bools():
 def labelled_problems(draw):
     params, grads = draw(problems(steps=SHORT, min_leaves=2))
     n = len(leaves(params))
-    labels = draw(st.lists(st.sampled_from(["decay", "plain"]), min_size=n, max_size=n).filter(lambda x: len(set(x)) == 2))
+    labels = draw(
+        st.lists(st.sampled_from(["decay", "plain"]), min_size=n, max_size=n).filter(
+            lambda x: len(set(x)) == 2
+        )
+    )
     return params, grads, labels
 
 
@@ -255,7 +266,11 @@ def test_partition_equals_torch_sgd_param_groups(foreach, problem, lrs, wds, mom
 
 
 @PROPERTY
-@given(problem=labelled_problems(), lrs=st.tuples(st.floats(1e-3, 1.0), st.floats(1e-3, 1.0)), wd=st.floats(0.0, 1.0))
+@given(
+    problem=labelled_problems(),
+    lrs=st.tuples(st.floats(1e-3, 1.0), st.floats(1e-3, 1.0)),
+    wd=st.floats(0.0, 1.0),
+)
 def test_partition_equals_torch_adamw_param_groups(problem, lrs, wd):
     params, grads, labels = problem
     tx = fr.partition(
@@ -266,8 +281,16 @@ def test_partition_equals_torch_adamw_param_groups(problem, lrs, wd):
     def make(ps):
         return torch.optim.AdamW(
             [
-                {"params": [p for p, lab in zip(ps, labels) if lab == "decay"], "lr": lrs[0], "weight_decay": wd},
-                {"params": [p for p, lab in zip(ps, labels) if lab == "plain"], "lr": lrs[1], "weight_decay": 0.0},
+                {
+                    "params": [p for p, lab in zip(ps, labels) if lab == "decay"],
+                    "lr": lrs[0],
+                    "weight_decay": wd,
+                },
+                {
+                    "params": [p for p, lab in zip(ps, labels) if lab == "plain"],
+                    "lr": lrs[1],
+                    "weight_decay": 0.0,
+                },
             ]
         )
 
@@ -281,7 +304,10 @@ def test_partition_with_prefix_labels_on_nested_params():
         "decoder": [torch.ones(3, dtype=torch.float64)],
     }
     grads = pytree.tree_map(torch.zeros_like, params)
-    tx = fr.partition({"frozen": fr.scale(0.0), "decay": fr.sgd(0.5, weight_decay=0.1)}, {"encoder": "frozen", "decoder": "decay"})
+    tx = fr.partition(
+        {"frozen": fr.scale(0.0), "decay": fr.sgd(0.5, weight_decay=0.1)},
+        {"encoder": "frozen", "decoder": "decay"},
+    )
     u, _ = tx.update(grads, tx.init(params), params)
     assert torch.equal(u["encoder"]["w"], torch.zeros(2, 2, dtype=torch.float64))
     assert torch.equal(u["decoder"][0], torch.full((3,), -0.05, dtype=torch.float64))  # -0.5 * 0.1 * 1
@@ -296,7 +322,9 @@ def test_partition_label_without_transform_raises():
 
 def test_partition_transform_without_parameters_raises():
     params = {"w": torch.zeros(2), "b": torch.zeros(2)}
-    tx = fr.partition({"decay": fr.scale(1.0), "plain": fr.scale(1.0), "head": fr.scale(0.0)}, {"w": "decay", "b": "plain"})
+    tx = fr.partition(
+        {"decay": fr.scale(1.0), "plain": fr.scale(1.0), "head": fr.scale(0.0)}, {"w": "decay", "b": "plain"}
+    )
     with pytest.raises(ValueError, match=r"partition transform 'head' is given no parameter"):
         tx.init(params)
 

@@ -139,7 +139,9 @@ def test_sparsity_property(arrays, threshold, rel):
         counts = [int((np.abs(a) <= threshold).sum()) for a in arrays]
     else:
         r = fr.sparsity(params, relative_threshold=rel)
-        counts = [int(((np.abs(a) < rel * np.abs(a).max()) | (a == 0)).sum()) if a.size else 0 for a in arrays]
+        counts = [
+            int(((np.abs(a) < rel * np.abs(a).max()) | (a == 0)).sum()) if a.size else 0 for a in arrays
+        ]
     sizes = [a.size for a in arrays]
     for i, (c, n) in enumerate(zip(counts, sizes)):
         got = r[f"p{i}"]

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import SLOW_OK, TRANSFORMS, assert_trees_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import funcreg as fr
 from funcreg.testing import tensors
-
-from helpers import SLOW_OK, TRANSFORMS, assert_trees_close
 
 # aliases whose donated step runs torch.optim's own arithmetic (see funcreg/_src/fused.py): equal to
 # the pure update to rounding, and to torch.optim bit for bit (tested below)
@@ -42,7 +41,10 @@ def _assert_equal_trees(a, b, what):
 @settings(deadline=None, max_examples=6, suppress_health_check=SLOW_OK)
 @given(data=st.data())
 def test_donated_update_equals_the_pure_path(name, dtype, data):
-    params = {"w": data.draw(tensors((2, 3), dtype=dtype, max_abs=3.0)), "b": data.draw(tensors((3,), dtype=dtype, max_abs=3.0))}
+    params = {
+        "w": data.draw(tensors((2, 3), dtype=dtype, max_abs=3.0)),
+        "b": data.draw(tensors((3,), dtype=dtype, max_abs=3.0)),
+    }
     tx = TRANSFORMS[name]()
     pure_p, pure_s = params, tx.init(params)
     don_p, don_s = _clone(params), tx.init(params)
@@ -109,12 +111,16 @@ def _loss(p, X, y):
 
 
 @pytest.mark.parametrize("form", ["loss", "coupled", "decoupled", "proximal"])
-@pytest.mark.parametrize("make_tx", [lambda: fr.adamw(0.05), lambda: fr.sgd(0.05, momentum=0.9)], ids=["adamw", "sgd"])
+@pytest.mark.parametrize(
+    "make_tx", [lambda: fr.adamw(0.05), lambda: fr.sgd(0.05, momentum=0.9)], ids=["adamw", "sgd"]
+)
 def test_make_step_donate_equals_the_pure_step(form, make_tx):
     X, y, p0 = _problem()
     states = []
     for donate in (False, True):
-        step = fr.make_step(_loss, make_tx(), penalty=fr.l1(0.01), form=form, learning_rate=0.05, donate=donate)
+        step = fr.make_step(
+            _loss, make_tx(), penalty=fr.l1(0.01), form=form, learning_rate=0.05, donate=donate
+        )
         state = step.init(p0)
         for _ in range(4):
             state, metrics = step(state, X, y)
@@ -130,7 +136,11 @@ def test_make_step_donate_owns_its_tensors_and_refuses_a_consumed_state():
     X, y, p0 = _problem()
     model = torch.nn.Linear(3, 1)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    step = fr.make_step(lambda p, X, y: ((fr.functional_model(model)(p, {}, X)[0].squeeze(-1) - y) ** 2).mean(), fr.adam(0.1), donate=True)
+    step = fr.make_step(
+        lambda p, X, y: ((fr.functional_model(model)(p, {}, X)[0].squeeze(-1) - y) ** 2).mean(),
+        fr.adam(0.1),
+        donate=True,
+    )
     state = step.init(fr.params_of(model))
     new, _ = step(state, X.float(), y.float())
     for k, v in model.named_parameters():  # init copied the parameters: the module is untouched
@@ -188,14 +198,22 @@ def test_donated_adam_equals_torch_optim_bitwise(fused, alias, dtype, data):
     if alias == "adam":
         tx = fr.adam(0.01, weight_decay=wd, amsgrad=amsgrad, maximize=maximize, fused=fused)
         opt = torch.optim.Adam(
-            leaves.values(), lr=0.01, weight_decay=wd, amsgrad=amsgrad, maximize=maximize, fused=fused, foreach=not fused
+            leaves.values(),
+            lr=0.01,
+            weight_decay=wd,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            fused=fused,
+            foreach=not fused,
         )
     else:
         tx = fr.adamw(0.01, weight_decay=wd, amsgrad=amsgrad, maximize=maximize, mask=mask, fused=fused)
         groups = [{"params": [leaves[k] for k in shapes if mask is None or mask[k]], "weight_decay": wd}]
         if mask is not None:
             groups.append({"params": [leaves[k] for k in shapes if not mask[k]], "weight_decay": 0.0})
-        opt = torch.optim.AdamW(groups, lr=0.01, amsgrad=amsgrad, maximize=maximize, fused=fused, foreach=not fused)
+        opt = torch.optim.AdamW(
+            groups, lr=0.01, amsgrad=amsgrad, maximize=maximize, fused=fused, foreach=not fused
+        )
     state, current = tx.init(params), {k: v.clone() for k, v in params.items()}
     for _ in range(data.draw(st.integers(1, 4))):
         grads = {k: data.draw(tensors(s, dtype=dtype, max_abs=2.0)) for k, s in shapes.items()}
@@ -208,7 +226,9 @@ def test_donated_adam_equals_torch_optim_bitwise(fused, alias, dtype, data):
     for k, p in leaves.items():
         assert torch.equal(current[k], p.detach()), k
         if p in opt.state:
-            assert torch.equal(state.mu[k], opt.state[p]["exp_avg"]) and torch.equal(state.nu[k], opt.state[p]["exp_avg_sq"])
+            assert torch.equal(state.mu[k], opt.state[p]["exp_avg"]) and torch.equal(
+                state.nu[k], opt.state[p]["exp_avg_sq"]
+            )
             assert int(state.steps[k]) == int(opt.state[p]["step"])
 
 

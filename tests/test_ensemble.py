@@ -15,19 +15,22 @@ import numpy as np
 import pytest
 import torch
 import torch.utils._pytree as pytree
+from helpers import assert_step_close as assert_close
+from helpers import check_compiled_matches_eager, leaves
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import funcreg as fr
-from helpers import assert_step_close as assert_close
-from helpers import check_compiled_matches_eager, leaves
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 # No shrinking: a failure here is a numeric difference, reported with the drawn data as it is;
 # shrinking it costs ~20 s of test time for no better diagnosis.
 FEW = settings(
-    deadline=None, max_examples=3, database=None, phases=[Phase.explicit, Phase.generate],
+    deadline=None,
+    max_examples=3,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow],
 )
 SEEDS = [0, 1, 2]
@@ -80,7 +83,10 @@ def fixed_batches(dtype, steps=STEPS, n=6, members=None, seed=0, out=2):
     g = torch.Generator().manual_seed(seed)
     lead = () if members is None else (members,)
     return [
-        (torch.randn(lead + (n, 3), generator=g, dtype=dtype), torch.randn(lead + (n, out), generator=g, dtype=dtype))
+        (
+            torch.randn(lead + (n, 3), generator=g, dtype=dtype),
+            torch.randn(lead + (n, out), generator=g, dtype=dtype),
+        )
         for _ in range(steps)
     ]
 
@@ -131,14 +137,21 @@ CONFIGS: dict[str, Callable[[torch.nn.Module], dict[str, Any]]] = {
     "adamw": lambda model: dict(tx=fr.adamw(LR, weight_decay=0.1)),
     "adamw_decay_mask": lambda model: dict(tx=fr.adamw(LR, weight_decay=0.1, mask=fr.decay_mask(model))),
     "adamw_schedule_decoupled_l1": lambda model: dict(
-        tx=fr.adamw(SCHEDULE, weight_decay=0.1), penalty=L1_ON_BIASES(model, 0.01), form="decoupled", learning_rate=SCHEDULE
+        tx=fr.adamw(SCHEDULE, weight_decay=0.1),
+        penalty=L1_ON_BIASES(model, 0.01),
+        form="decoupled",
+        learning_rate=SCHEDULE,
     ),
-    "sgd_masked_l2": lambda model: dict(tx=fr.chain(fr.add_decayed_weights(0.1, mask=fr.decay_mask(model)), fr.sgd(LR))),
+    "sgd_masked_l2": lambda model: dict(
+        tx=fr.chain(fr.add_decayed_weights(0.1, mask=fr.decay_mask(model)), fr.sgd(LR))
+    ),
     **{
         f"penalty_{form}": (
             lambda model, form=form: dict(
-                tx=fr.adam(LR), penalty=fr.l2(0.1, mask=fr.decay_mask(model)) + L1_ON_BIASES(model, 0.01),
-                form=form, learning_rate=LR,
+                tx=fr.adam(LR),
+                penalty=fr.l2(0.1, mask=fr.decay_mask(model)) + L1_ON_BIASES(model, 0.01),
+                form=form,
+                learning_rate=LR,
             )
         )
         for form in ("loss", "coupled", "decoupled", "proximal")
@@ -181,7 +194,13 @@ def test_per_member_coefficients_equal_separate_runs_with_those_coefficients(for
     assert torch.equal(ens_state.hparams["lr"], torch.full((4,), LR, dtype=dtype))
 
     def plain(i):
-        return fr.make_step(mse_loss_of(model), fr.adamw(LR, weight_decay=wd[i]), penalty=fr.l1(l1[i]), form=form, learning_rate=LR)
+        return fr.make_step(
+            mse_loss_of(model),
+            fr.adamw(LR, weight_decay=wd[i]),
+            penalty=fr.l1(l1[i]),
+            form=form,
+            learning_rate=LR,
+        )
 
     separate = run_separately(plain, params, batches)
     assert_ensemble_equals_separate(ens_state, ens_history, separate, check_hparams=False)
@@ -194,7 +213,7 @@ def test_python_float_hparams_keep_float64_precision(ensemble):
     # Regression: a Python-float hparam was stored as torch.as_tensor(v), float32 whatever the
     # parameters' dtype, so a float64 run stepped with lr = float32(0.3), not 0.3 (relative error 1e-8).
     params, _, model = members(mlp, torch.float64, seeds=[0])
-    (x, y), = fixed_batches(torch.float64, steps=1)
+    ((x, y),) = fixed_batches(torch.float64, steps=1)
     swept = fr.make_step(mse_loss_of(model), lambda h: fr.sgd(h["lr"]))
     plain = fr.make_step(mse_loss_of(model), fr.sgd(0.3))
     expected, _ = plain(plain.init(fr.unstack(params)[0]), x, y)
@@ -213,7 +232,10 @@ def test_vmapped_float64_momentum_equals_eager_momentum():
     # torch.where(first, 0.0, momentum), a float32 tensor, so float64 buffers got 0.9 rounded to
     # float32 and a vmapped float64 SGD-momentum run drifted ~1e-10 from the eager one in 2 steps.
     params = {"w": torch.tensor([1.0, -2.0], dtype=torch.float64)}
-    grads = [{"w": torch.tensor([0.3, 0.7], dtype=torch.float64)}, {"w": torch.tensor([-0.1, 0.2], dtype=torch.float64)}]
+    grads = [
+        {"w": torch.tensor([0.3, 0.7], dtype=torch.float64)},
+        {"w": torch.tensor([-0.1, 0.2], dtype=torch.float64)},
+    ]
     tx = fr.trace(0.9)
     eager, vmapped = tx.init(params), fr.stack([tx.init(params)])
     update = torch.func.vmap(lambda g, state: tx.update(g, state))
@@ -251,12 +273,20 @@ def test_batchnorm_members_carry_their_own_running_statistics(tx_name, dtype, ba
         return torch.nn.functional.mse_loss(out, y), new_buffers
 
     step = fr.make_step(
-        loss, BN_TX[tx_name](), penalty=fr.l2(0.1, mask=fr.decay_mask(model)), form="decoupled",
-        learning_rate=LR, buffers=True,
+        loss,
+        BN_TX[tx_name](),
+        penalty=fr.l2(0.1, mask=fr.decay_mask(model)),
+        form="decoupled",
+        learning_rate=LR,
+        buffers=True,
     )
     batches = fixed_batches(dtype, members=len(SEEDS) if batch == "per_member" else None)
-    ens_state, ens_history = run_ensemble(fr.ensemble_step(step, batch=batch), params, batches, buffers=buffers)
-    separate = run_separately(lambda i: step, params, batches, buffers=buffers, per_member=batch == "per_member")
+    ens_state, ens_history = run_ensemble(
+        fr.ensemble_step(step, batch=batch), params, batches, buffers=buffers
+    )
+    separate = run_separately(
+        lambda i: step, params, batches, buffers=buffers, per_member=batch == "per_member"
+    )
     assert_ensemble_equals_separate(ens_state, ens_history, separate)
     assert ens_state.buffers["1.num_batches_tracked"].tolist() == [STEPS] * len(SEEDS)
     assert not torch.equal(ens_state.buffers["1.running_mean"][0], ens_state.buffers["1.running_mean"][1])
@@ -274,7 +304,9 @@ def test_batchnorm_members_carry_their_own_running_statistics(tx_name, dtype, ba
 def test_per_member_batches_equal_separate_runs_on_each_members_data(dtype, data):
     params, _, model = members(mlp, dtype)
     batches = data.draw(regression_batches(dtype, members=len(SEEDS)), label="batches")
-    step = fr.make_step(mse_loss_of(model), fr.adamw(LR), penalty=fr.l1(0.01), form="proximal", learning_rate=LR)
+    step = fr.make_step(
+        mse_loss_of(model), fr.adamw(LR), penalty=fr.l1(0.01), form="proximal", learning_rate=LR
+    )
     ens_state, ens_history = run_ensemble(fr.ensemble_step(step, batch="per_member"), params, batches)
     separate = run_separately(lambda i: step, params, batches, per_member=True)
     assert_ensemble_equals_separate(ens_state, ens_history, separate)
@@ -316,7 +348,7 @@ def test_members_get_different_dropout_masks(batch):
     one = fr.params_of(model)
     params = fr.stack([one, one])  # two identical members
     step = fr.make_step(mse_loss_of(model), fr.sgd(0.1))
-    (x, y), = fixed_batches(torch.float64, steps=1, n=8)
+    ((x, y),) = fixed_batches(torch.float64, steps=1, n=8)
     if batch == "per_member":
         x, y = torch.stack([x, x]), torch.stack([y, y])  # identical data as well
     state, metrics = fr.ensemble_step(step, batch=batch)(fr.ensemble_step(step).init(params), x, y)
@@ -329,7 +361,10 @@ def test_members_get_different_dropout_masks(batch):
 
 
 def test_stack_unstack_round_trip_and_num_members():
-    trees = [{"enc": {"w": torch.full((2, 3), float(i))}, "b": torch.tensor([float(i)]), "none": None} for i in range(4)]
+    trees = [
+        {"enc": {"w": torch.full((2, 3), float(i))}, "b": torch.tensor([float(i)]), "none": None}
+        for i in range(4)
+    ]
     stacked = fr.stack(trees)
     assert stacked["enc"]["w"].shape == (4, 2, 3) and stacked["none"] is None
     assert fr.num_members(stacked) == 4
@@ -398,11 +433,15 @@ def test_per_member_batch_of_the_wrong_size_names_the_batch_argument():
     ens(state, torch.zeros(3, 2))  # the right size works
     with pytest.raises(ValueError, match="batch argument 0 has 2 members"):
         ens(state, torch.zeros(2, 2))
-    two = fr.ensemble_step(fr.make_step(lambda p, x, y: (p["w"] * x * y).sum(), fr.sgd(0.1)), batch="per_member")
+    two = fr.ensemble_step(
+        fr.make_step(lambda p, x, y: (p["w"] * x * y).sum(), fr.sgd(0.1)), batch="per_member"
+    )
     with pytest.raises(ValueError, match="batch argument 1 has 4 members"):
         two(two.init({"w": torch.zeros(3, 2)}), torch.zeros(3, 2), torch.zeros(4, 2))
     with pytest.raises(ValueError, match="buffers has 2 members"):
-        fr.ensemble_step(linear_step()).init({"w": torch.zeros(3, 2)}, {"b": torch.zeros(2)}, hparams={"wd": 0.1})
+        fr.ensemble_step(linear_step()).init(
+            {"w": torch.zeros(3, 2)}, {"b": torch.zeros(2)}, hparams={"wd": 0.1}
+        )
 
 
 def test_init_members_and_ensemble_step_reject_bad_arguments():
@@ -425,10 +464,14 @@ def test_ensemble_init_state_holds_no_expanded_tensors():
     # expanded (stride 0, one element shared by all members): in-place writes into them raised, and
     # torch.compile of the ensemble step recompiled at the second step (guard: stride 0 != 1).
     params, _, model = members(mlp, torch.float64)
-    step = fr.make_step(mse_loss_of(model), fr.adamw(LR), penalty=fr.l1(0.01), form="decoupled", learning_rate=LR)
+    step = fr.make_step(
+        mse_loss_of(model), fr.adamw(LR), penalty=fr.l1(0.01), form="decoupled", learning_rate=LR
+    )
     state = fr.ensemble_step(step).init(params)
     paths, _ = pytree.tree_flatten_with_path(state)
-    expanded = [pytree.keystr(p) for p, x in paths if isinstance(x, torch.Tensor) and x.ndim and 0 in x.stride()]
+    expanded = [
+        pytree.keystr(p) for p, x in paths if isinstance(x, torch.Tensor) and x.ndim and 0 in x.stride()
+    ]
     assert expanded == [], f"stride-0 (expanded) tensors in the initial state: {expanded}"
     state.opt_state["optimizer"].count.add_(1)  # each member owns its count
 
@@ -441,11 +484,17 @@ def test_compiled_ensemble_step_equals_eager_and_compiles_once():
     torch._dynamo.reset()
     params, _, model = members(mlp, torch.float64)
     step = fr.make_step(
-        mse_loss_of(model), lambda h: fr.adamw(LR, weight_decay=h["wd"]), penalty=lambda h: fr.l1(h["l1"]),
-        form="decoupled", learning_rate=LR,
+        mse_loss_of(model),
+        lambda h: fr.adamw(LR, weight_decay=h["wd"]),
+        penalty=lambda h: fr.l1(h["l1"]),
+        form="decoupled",
+        learning_rate=LR,
     )
     ens = fr.ensemble_step(step)
-    hparams = {"wd": torch.tensor([0.0, 0.1, 0.2], dtype=torch.float64), "l1": torch.tensor([0.0, 0.01, 0.02], dtype=torch.float64)}
+    hparams = {
+        "wd": torch.tensor([0.0, 0.1, 0.2], dtype=torch.float64),
+        "l1": torch.tensor([0.0, 0.01, 0.02], dtype=torch.float64),
+    }
     eager_state = ens.init(params, hparams=hparams)
     compiled_state = ens.init(params, hparams=hparams)  # straight from init: no recompilation at step 2
     check_compiled_matches_eager(ens, eager_state, compiled_state, fixed_batches(torch.float64, steps=4))
@@ -456,7 +505,9 @@ def test_compiled_ensemble_step_equals_eager_and_compiles_once():
 
 def test_history_of_an_ensemble():
     params, _, model = members(mlp, torch.float64)
-    step = fr.make_step(mse_loss_of(model), fr.sgd(LR), penalty=fr.l1(0.01), form="proximal", learning_rate=LR)
+    step = fr.make_step(
+        mse_loss_of(model), fr.sgd(LR), penalty=fr.l1(0.01), form="proximal", learning_rate=LR
+    )
     ens = fr.ensemble_step(step)
     state = ens.init(params)
     history, seen = fr.History(), []
@@ -484,7 +535,13 @@ def test_fr_vmap_maps_states_with_none_leaves_like_separate_calls():
     """fr.vmap over init/update of a masked AdamW (None state for masked leaves, nu_max None) equals
     three separate calls bit for bit on the selected leaves, and keeps the None leaves."""
     g = torch.Generator().manual_seed(3)
-    members = [{"w": torch.randn(2, 3, generator=g, dtype=torch.float64), "b": torch.randn(3, generator=g, dtype=torch.float64)} for _ in range(3)]
+    members = [
+        {
+            "w": torch.randn(2, 3, generator=g, dtype=torch.float64),
+            "b": torch.randn(3, generator=g, dtype=torch.float64),
+        }
+        for _ in range(3)
+    ]
     grads = [{"w": torch.randn(2, 3, generator=g, dtype=torch.float64), "b": None} for _ in range(3)]
     tx = fr.masked(fr.adamw(0.1, weight_decay=0.5), {"w": True, "b": False})
     with pytest.raises(ValueError):  # what fr.vmap exists for
@@ -514,7 +571,9 @@ def test_learning_rate_sweep_scales_each_members_proximal_step():
         return ((x @ p["w"] - y) ** 2).mean()
 
     lrs = torch.tensor([0.01, 0.1, 0.3], dtype=torch.float64)
-    step = fr.make_step(loss, lambda h: fr.sgd(h["lr"]), penalty=fr.l1(0.2), form="proximal", learning_rate="lr")
+    step = fr.make_step(
+        loss, lambda h: fr.sgd(h["lr"]), penalty=fr.l1(0.2), form="proximal", learning_rate="lr"
+    )
     ens = fr.ensemble_step(step)
     state = ens.init(fr.stack([p0] * 3), hparams={"lr": lrs})
     for _ in range(4):

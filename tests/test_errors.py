@@ -37,8 +37,18 @@ for v in BAD_NONNEGATIVE:
         ("trace momentum", lambda v=v: fr.trace(v), "momentum", v),
         ("scale_by_adam eps", lambda v=v: fr.scale_by_adam(eps=v), "eps", v),
         ("add_decayed_weights", lambda v=v: fr.add_decayed_weights(v), "weight_decay", v),
-        ("decoupled_weight_decay", lambda v=v: fr.decoupled_weight_decay(v, scale_by="none"), "weight_decay", v),
-        ("decoupled_weight_decay lr", lambda v=v: fr.decoupled_weight_decay(0.1, learning_rate=v, scale_by="learning_rate"), "learning_rate", v),
+        (
+            "decoupled_weight_decay",
+            lambda v=v: fr.decoupled_weight_decay(v, scale_by="none"),
+            "weight_decay",
+            v,
+        ),
+        (
+            "decoupled_weight_decay lr",
+            lambda v=v: fr.decoupled_weight_decay(0.1, learning_rate=v, scale_by="learning_rate"),
+            "learning_rate",
+            v,
+        ),
     ]
 for v in [NAN, INF, -INF]:
     CASES += [
@@ -114,7 +124,10 @@ def test_betas_must_be_a_pair():
     ids=["sgd without momentum", "sgd with dampening", "trace without momentum", "trace with dampening"],
 )
 def test_nesterov_needs_momentum_and_no_dampening(make):
-    with pytest.raises(ValueError, match=r"Invalid nesterov value: True needs momentum > 0 and dampening == 0 \(got momentum="):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid nesterov value: True needs momentum > 0 and dampening == 0 \(got momentum=",
+    ):
         make()
 
 
@@ -179,7 +192,9 @@ def test_update_with_gradients_not_matching_params_names_first_differing_key(mak
 
 
 @pytest.mark.parametrize(
-    "make", [lambda: fr.trace(0.9), lambda: fr.scale_by_adam(), lambda: fr.adam(0.1)], ids=["trace", "adam", "adam_alias"]
+    "make",
+    [lambda: fr.trace(0.9), lambda: fr.scale_by_adam(), lambda: fr.adam(0.1)],
+    ids=["trace", "adam", "adam_alias"],
 )
 def test_update_with_state_of_other_params_names_the_key(make):
     tx = make()

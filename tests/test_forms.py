@@ -21,14 +21,23 @@ DTYPES = [torch.float32, torch.float64]
 PER_DTYPE = pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 NP = {torch.float32: np.float32, torch.float64: np.float64}
 TOL = {torch.float32: {"atol": 2e-5, "rtol": 1e-4}, torch.float64: {"atol": 1e-10, "rtol": 1e-9}}
-TRAJECTORY = settings(deadline=None, max_examples=15, database=None, suppress_health_check=[HealthCheck.too_slow])
+TRAJECTORY = settings(
+    deadline=None, max_examples=15, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 # --- strategies ---------------------------------------------------------------------------------------
 
 
 def floats(dtype, lo, hi):
-    return st.floats(lo, hi, allow_nan=False, allow_infinity=False, allow_subnormal=False, width=32 if dtype == torch.float32 else 64)
+    return st.floats(
+        lo,
+        hi,
+        allow_nan=False,
+        allow_infinity=False,
+        allow_subnormal=False,
+        width=32 if dtype == torch.float32 else 64,
+    )
 
 
 def elements(dtype, hi=2.0):
@@ -45,7 +54,12 @@ def param_tree(draw, dtype):
     """{"w": matrix, "k": conv kernel, "b": vector, "s": 0-d}."""
     shapes = {
         "w": (draw(st.integers(1, 3)), draw(st.integers(1, 3))),
-        "k": (draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2))),
+        "k": (
+            draw(st.integers(1, 2)),
+            draw(st.integers(1, 2)),
+            draw(st.integers(1, 2)),
+            draw(st.integers(1, 2)),
+        ),
         "b": (draw(st.integers(1, 3)),),
         "s": (),
     }
@@ -54,9 +68,9 @@ def param_tree(draw, dtype):
 
 def like(tree, hi=1.0):
     keys = list(tree)
-    return st.tuples(*[arr(tree[k].dtype, tuple(tree[k].shape), elements(tree[k].dtype, hi)) for k in keys]).map(
-        lambda xs: dict(zip(keys, xs))
-    )
+    return st.tuples(
+        *[arr(tree[k].dtype, tuple(tree[k].shape), elements(tree[k].dtype, hi)) for k in keys]
+    ).map(lambda xs: dict(zip(keys, xs)))
 
 
 UP_TO_5_STEPS = st.integers(1, 5)
@@ -106,7 +120,9 @@ def assert_histories_close(a, b, dtype, what, **tol):
         assert list(x) == list(y)
         for k in x:
             assert x[k].dtype == dtype and x[k].shape == y[k].shape
-            torch.testing.assert_close(x[k], y[k], **tol, msg=lambda m, t=t, k=k: f"{what}, step {t + 1}, {k}: {m}")
+            torch.testing.assert_close(
+                x[k], y[k], **tol, msg=lambda m, t=t, k=k: f"{what}, step {t + 1}, {k}: {m}"
+            )
 
 
 ALIASES = {
@@ -203,8 +219,15 @@ def test_decoupled_differs_with_adam_by_hand():
     P = fr.l2(0.5)
     coupled = run_tx(fr.chain(fr.add_penalty_grad(P), fr.adam(0.1)), p, grads)
     decoupled = run_tx(fr.chain(fr.adam(0.1), fr.decoupled(P, learning_rate=0.1)), p, grads)
-    torch.testing.assert_close(coupled[-1]["w"], torch.tensor([1 - 0.1 * 0.5 / (0.5 + 1e-8)], dtype=torch.float64), atol=1e-15, rtol=0)
-    torch.testing.assert_close(decoupled[-1]["w"], torch.tensor([0.95], dtype=torch.float64), atol=1e-15, rtol=0)
+    torch.testing.assert_close(
+        coupled[-1]["w"],
+        torch.tensor([1 - 0.1 * 0.5 / (0.5 + 1e-8)], dtype=torch.float64),
+        atol=1e-15,
+        rtol=0,
+    )
+    torch.testing.assert_close(
+        decoupled[-1]["w"], torch.tensor([0.95], dtype=torch.float64), atol=1e-15, rtol=0
+    )
     adam = torch_run(lambda ps: torch.optim.Adam(ps, lr=0.1, weight_decay=0.5), p, grads)
     adamw = torch_run(lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.5), p, grads)
     torch.testing.assert_close(coupled[-1]["w"], adam[-1]["w"], atol=1e-15, rtol=0)
@@ -229,7 +252,9 @@ def torch_run(make_opt, p, grads):
 def test_adam_coupled_is_torch_adam_and_decoupled_is_torch_adamw(dtype, data, lr, wd, amsgrad):
     p, grads = data.draw(problem(dtype))
     coupled = run_tx(fr.chain(fr.add_penalty_grad(fr.l2(wd)), fr.adam(lr, amsgrad=amsgrad)), p, grads)
-    decoupled = run_tx(fr.chain(fr.adam(lr, amsgrad=amsgrad), fr.decoupled(fr.l2(wd), learning_rate=lr)), p, grads)
+    decoupled = run_tx(
+        fr.chain(fr.adam(lr, amsgrad=amsgrad), fr.decoupled(fr.l2(wd), learning_rate=lr)), p, grads
+    )
     adam = torch_run(lambda ps: torch.optim.Adam(ps, lr=lr, weight_decay=wd, amsgrad=amsgrad), p, grads)
     adamw = torch_run(lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd, amsgrad=amsgrad), p, grads)
     assert_histories_close(coupled, adam, dtype, "coupled l2 + adam vs torch Adam(weight_decay)")
@@ -238,13 +263,21 @@ def test_adam_coupled_is_torch_adam_and_decoupled_is_torch_adamw(dtype, data, lr
 
 @PER_DTYPE
 @TRAJECTORY
-@given(data=st.data(), lr=st.floats(1e-3, 0.5), wd=st.floats(1e-3, 1.0), momentum=st.sampled_from([0.0, 0.9]), nesterov=st.booleans())
+@given(
+    data=st.data(),
+    lr=st.floats(1e-3, 0.5),
+    wd=st.floats(1e-3, 1.0),
+    momentum=st.sampled_from([0.0, 0.9]),
+    nesterov=st.booleans(),
+)
 def test_sgd_weight_decay_is_l2_loss_term_and_torch_sgd(dtype, data, lr, wd, momentum, nesterov):
     nesterov = nesterov and momentum > 0
     p, grads = data.draw(problem(dtype))
     builtin = run_tx(fr.sgd(lr, momentum=momentum, nesterov=nesterov, weight_decay=wd), p, grads)
     loss_term = run_loss_term(fr.l2(wd), fr.sgd(lr, momentum=momentum, nesterov=nesterov), p, grads)
-    reference = torch_run(lambda ps: torch.optim.SGD(ps, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=wd), p, grads)
+    reference = torch_run(
+        lambda ps: torch.optim.SGD(ps, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=wd), p, grads
+    )
     assert_histories_close(builtin, reference, dtype, "fr.sgd(weight_decay) vs torch SGD(weight_decay)")
     assert_histories_close(loss_term, reference, dtype, "l2 loss term + fr.sgd vs torch SGD(weight_decay)")
 
@@ -297,7 +330,9 @@ def test_proximal_l1_after_sgd_is_ista(dtype, data, lr0, c, scheduled):
         moved = {k: w[k] - lr * g[k] for k in w}
         w = {k: soft_threshold(moved[k], t) for k in w}  # ISTA by hand
         for k in w:
-            torch.testing.assert_close(actual[k], w[k], **TOL[dtype], msg=lambda m, k=k, step=step: f"step {step + 1} {k}: {m}")
+            torch.testing.assert_close(
+                actual[k], w[k], **TOL[dtype], msg=lambda m, k=k, step=step: f"step {step + 1} {k}: {m}"
+            )
             clearly_zero = moved[k].abs() < t * (1 - 1e-4)
             assert torch.all(actual[k][clearly_zero] == 0), f"step {step + 1} {k}: not exact zeros"
         w = actual  # continue from the library's point (rounding does not accumulate)
@@ -330,7 +365,10 @@ def test_penalty_states_hold_the_value_at_the_params_of_each_update(dtype, data)
     P = fr.l2(0.0731) + fr.l1(0.0473, name="sparse") + fr.anchor(0.137, ref)
     for form, tx in (
         ("coupled", fr.chain(fr.add_penalty_grad(P), fr.sgd(0.1, momentum=0.9))),
-        ("decoupled", fr.named_chain(("adam", fr.adam(0.01)), ("decay", fr.decoupled(P, learning_rate=0.01)))),
+        (
+            "decoupled",
+            fr.named_chain(("adam", fr.adam(0.01)), ("decay", fr.decoupled(P, learning_rate=0.01))),
+        ),
         ("proximal", fr.chain(fr.sgd(0.1), fr.proximal(fr.l1(0.0473), learning_rate=0.1))),
     ):
         Q = fr.l1(0.0473) if form == "proximal" else P
@@ -343,7 +381,9 @@ def test_penalty_states_hold_the_value_at_the_params_of_each_update(dtype, data)
             (s,) = fr.penalty_states(state)
             assert isinstance(s, fr.PenaltyState) and int(s.count) == t + 1
             expected_terms = Q.terms(p)  # at the params this update was computed from
-            torch.testing.assert_close(s.value, Q(p), **TOL[dtype], msg=lambda m, form=form, t=t: f"{form} step {t + 1}: {m}")
+            torch.testing.assert_close(
+                s.value, Q(p), **TOL[dtype], msg=lambda m, form=form, t=t: f"{form} step {t + 1}: {m}"
+            )
             assert list(s.terms) == list(expected_terms)
             for name in expected_terms:
                 torch.testing.assert_close(s.terms[name], expected_terms[name], **TOL[dtype])
@@ -380,7 +420,9 @@ def test_penalized_metrics(dtype, data):
 
 def xor_setup():
     torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sigmoid(), torch.nn.Linear(2, 1), torch.nn.Sigmoid()).double()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(2, 2), torch.nn.Sigmoid(), torch.nn.Linear(2, 1), torch.nn.Sigmoid()
+    ).double()
     x = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
     y = torch.tensor([[0.0], [1.0], [1.0], [0.0]], dtype=torch.float64)
     return model, x, y
@@ -447,7 +489,9 @@ def test_story1_detached_penalty_does_not_regularize():
     def loss_fn(params):
         return torch.nn.functional.mse_loss(torch.func.functional_call(model, params, (x,)), y)
 
-    trap = fr.penalty(lambda q: wd / 2 * torch.tensor([w.square().sum() for w in q.values()]).sum(), name="trap")
+    trap = fr.penalty(
+        lambda q: wd / 2 * torch.tensor([w.square().sum() for w in q.values()]).sum(), name="trap"
+    )
     runs = {}
     for name, P in (("trap", trap), ("l2", fr.l2(wd))):
         g = torch.func.grad(P)(p0)
@@ -481,7 +525,11 @@ def masked_penalty(name, mask, ref):
         "elastic_net": lambda: fr.elastic_net(0.0391, 0.0817, mask=mask),
         "lp3": lambda: fr.lp(0.0613, 3, mask=mask),
         "anchor": lambda: fr.anchor(0.137, ref, mask=mask),
-        "custom": lambda: fr.penalty(lambda q: 0.0213 * sum((x**4).sum() for x in q.values() if x is not None), name="quartic", mask=mask),
+        "custom": lambda: fr.penalty(
+            lambda q: 0.0213 * sum((x**4).sum() for x in q.values() if x is not None),
+            name="quartic",
+            mask=mask,
+        ),
     }[name]()
 
 
@@ -510,8 +558,15 @@ def test_masks_leave_unselected_leaves_bitwise_unpenalized(dtype, data):
         P = fr.group_lasso(0.0529) if name == "group_lasso" else fr.orthogonal(0.0117)
         selected = {"w", "k"}
     else:
-        selected = set(data.draw(st.lists(st.sampled_from(keys), min_size=1, max_size=len(keys) - 1, unique=True), label="selected"))
-        kind = data.draw(st.sampled_from(["bool_tree", "by_name", "callable", "selection"]), label="mask kind")
+        selected = set(
+            data.draw(
+                st.lists(st.sampled_from(keys), min_size=1, max_size=len(keys) - 1, unique=True),
+                label="selected",
+            )
+        )
+        kind = data.draw(
+            st.sampled_from(["bool_tree", "by_name", "callable", "selection"]), label="mask kind"
+        )
         name = data.draw(st.sampled_from(MASK_PENALTIES), label="penalty")
         P = masked_penalty(name, make_mask(kind, selected, keys), ref)
     assert P.selection(p) == {k: k in selected for k in keys}
@@ -529,7 +584,9 @@ def test_masks_leave_unselected_leaves_bitwise_unpenalized(dtype, data):
         for t, (h, ref_h) in enumerate(zip(history, plain)):
             for k in keys:
                 if k not in selected:
-                    assert torch.equal(h[k], ref_h[k]), f"{name} {form} step {t + 1}: unselected {k!r} changed"
+                    assert torch.equal(h[k], ref_h[k]), (
+                        f"{name} {form} step {t + 1}: unselected {k!r} changed"
+                    )
     # and the selected ones were penalized (in some step, for some form) unless the penalty is flat there
     moved = any(not torch.equal(h[-1][k], plain[-1][k]) for h in forms.values() for k in selected)
     flat = all(P.grad(p)[k].abs().sum() == 0 for k in selected) and all(
@@ -564,8 +621,11 @@ def test_forms_bad_input():
         tx = fr.add_penalty_grad(fr.max_norm(1.0))
         tx.update(p, tx.init(p), p)
     # a constraint works as a projection
-    tx = fr.chain(fr.sgd(1.0), fr.proximal(fr.max_norm(1.0) + fr.non_negative(mask={"w": False, "b": True}), learning_rate=1.0))
+    tx = fr.chain(
+        fr.sgd(1.0),
+        fr.proximal(fr.max_norm(1.0) + fr.non_negative(mask={"w": False, "b": True}), learning_rate=1.0),
+    )
     u, _ = tx.update({"w": -torch.ones(2, 2), "b": torch.tensor([2.0, -1.0])}, tx.init(p), p)
     new = fr.apply_updates(p, u)
-    torch.testing.assert_close(new["w"], torch.full((2, 2), 2.0 ** -0.5), atol=1e-7, rtol=0)
+    torch.testing.assert_close(new["w"], torch.full((2, 2), 2.0**-0.5), atol=1e-7, rtol=0)
     torch.testing.assert_close(new["b"], torch.tensor([0.0, 2.0]), atol=0, rtol=0)

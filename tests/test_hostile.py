@@ -14,20 +14,23 @@ import threading
 import numpy as np
 import pytest
 import torch
+from helpers import SLOW_OK
+from helpers import TRANSFORMS as ALIASES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import funcreg as fr
 from funcreg._src.errors import ContractError, LeafTypeError, SelectionError, StructureError
-from funcreg.testing import param_trees, tensors
-
-from helpers import SLOW_OK, TRANSFORMS as ALIASES
+from funcreg.testing import tensors
 
 F32, F64 = torch.float32, torch.float64
 
 
 def two_leaf_params(dtype=F32):
-    return {"w": torch.arange(6, dtype=dtype).reshape(2, 3) / 10 + 0.1, "b": torch.arange(3, dtype=dtype) / 10 - 0.1}
+    return {
+        "w": torch.arange(6, dtype=dtype).reshape(2, 3) / 10 + 0.1,
+        "b": torch.arange(3, dtype=dtype) / 10 - 0.1,
+    }
 
 
 # -- hyperparameters ----------------------------------------------------------------------------
@@ -77,7 +80,9 @@ def test_per_member_hyperparameters_are_checked_before_vmap():
 
 def test_per_member_learning_rate_for_the_penalty_step_is_checked():
     loss = lambda p, x: ((p["w"] * x).sum() - 1.0) ** 2
-    step = fr.make_step(loss, lambda h: fr.sgd(h["lr"]), penalty=fr.l1(0.1), form="proximal", learning_rate="lr")
+    step = fr.make_step(
+        loss, lambda h: fr.sgd(h["lr"]), penalty=fr.l1(0.1), form="proximal", learning_rate="lr"
+    )
     with pytest.raises(ValueError, match=r"member 2 .*learning_rate"):
         fr.ensemble_step(step).init({"w": torch.ones(3, 2)}, hparams={"lr": torch.tensor([0.1, 0.2, -0.1])})
 
@@ -142,7 +147,11 @@ def test_structure_errors_are_typed_and_name_the_key():
 def test_int_parameter_and_number_gradient_name_the_key():
     tx = fr.sgd(0.1)
     with pytest.raises(LeafTypeError, match=r"parameter 'steps' has dtype torch.int64"):
-        tx.update({"w": torch.ones(1), "steps": torch.ones(1)}, tx.init(None), {"w": torch.ones(1), "steps": torch.ones(1, dtype=torch.int64)})
+        tx.update(
+            {"w": torch.ones(1), "steps": torch.ones(1)},
+            tx.init(None),
+            {"w": torch.ones(1), "steps": torch.ones(1, dtype=torch.int64)},
+        )
     with pytest.raises(LeafTypeError, match=r"update for 'w' is a float"):
         tx.update({"w": 0.5}, tx.init(None), {"w": torch.ones(1)})
     with pytest.raises(LeafTypeError, match=r"update for 'w' has dtype torch.int64"):
@@ -235,7 +244,9 @@ def test_apply_if_finite_checks_what_the_inner_transform_produced():
     params = {"w": torch.ones(2)}
     state = tx.init(params)
     u, state = tx.update({"w": torch.ones(2)}, state, params)
-    poisoned = state._replace(inner_state=state.inner_state._replace(trace={"w": torch.tensor([float("inf"), 1.0])}))
+    poisoned = state._replace(
+        inner_state=state.inner_state._replace(trace={"w": torch.tensor([float("inf"), 1.0])})
+    )
     u, new = tx.update({"w": torch.ones(2)}, poisoned, params)
     assert torch.equal(u["w"], torch.zeros(2))
     assert int(new.total_notfinite) == 1 and not bool(new.last_finite)
@@ -390,10 +401,26 @@ def test_concurrent_steps_on_one_module_are_correct_and_leave_it_unchanged():
 
 
 COMPLEX_ALIASES = [
-    ("sgd", lambda lr: fr.sgd(lr, momentum=0.9, weight_decay=0.01), lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9, weight_decay=0.01)),
-    ("adam", lambda lr: fr.adam(lr, weight_decay=0.01), lambda ps, lr: torch.optim.Adam(ps, lr=lr, weight_decay=0.01, foreach=False)),
-    ("adam_amsgrad", lambda lr: fr.adam(lr, amsgrad=True), lambda ps, lr: torch.optim.Adam(ps, lr=lr, amsgrad=True, foreach=False)),
-    ("adamw", lambda lr: fr.adamw(lr, weight_decay=0.1), lambda ps, lr: torch.optim.AdamW(ps, lr=lr, weight_decay=0.1, foreach=False)),
+    (
+        "sgd",
+        lambda lr: fr.sgd(lr, momentum=0.9, weight_decay=0.01),
+        lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9, weight_decay=0.01),
+    ),
+    (
+        "adam",
+        lambda lr: fr.adam(lr, weight_decay=0.01),
+        lambda ps, lr: torch.optim.Adam(ps, lr=lr, weight_decay=0.01, foreach=False),
+    ),
+    (
+        "adam_amsgrad",
+        lambda lr: fr.adam(lr, amsgrad=True),
+        lambda ps, lr: torch.optim.Adam(ps, lr=lr, amsgrad=True, foreach=False),
+    ),
+    (
+        "adamw",
+        lambda lr: fr.adamw(lr, weight_decay=0.1),
+        lambda ps, lr: torch.optim.AdamW(ps, lr=lr, weight_decay=0.1, foreach=False),
+    ),
 ]
 
 
@@ -404,7 +431,9 @@ COMPLEX_ALIASES = [
 def test_complex_parameters_match_torch_optim(name, make_fr, make_torch, dtype, data):
     real = F32 if dtype == torch.complex64 else F64
     shape = data.draw(st.sampled_from([(3,), (2, 2)]))
-    draw_c = lambda: torch.complex(data.draw(tensors(shape, dtype=real, max_abs=2.0)), data.draw(tensors(shape, dtype=real, max_abs=2.0)))
+    draw_c = lambda: torch.complex(
+        data.draw(tensors(shape, dtype=real, max_abs=2.0)), data.draw(tensors(shape, dtype=real, max_abs=2.0))
+    )
     w0 = draw_c()
     p = torch.nn.Parameter(w0.clone())
     opt = make_torch([p], 0.05)
@@ -427,7 +456,9 @@ def test_complex_penalties():
     assert float(fr.l1(1.0)(z)) == pytest.approx(1 + 5, abs=1e-12)
     # prox of the modulus: shrink |z| by t, keep the phase
     prox = fr.l1(1.0).prox(z, 0.5)["z"]
-    torch.testing.assert_close(prox, torch.tensor([0.5j, (3 + 4j) * 4.5 / 5], dtype=torch.complex128), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        prox, torch.tensor([0.5j, (3 + 4j) * 4.5 / 5], dtype=torch.complex128), atol=1e-12, rtol=0
+    )
     # the closed-form gradient equals autograd's (torch's convention for real functions of complex inputs)
     for P in (fr.l2(0.3), fr.anchor(0.3, {"z": torch.ones(2, dtype=torch.complex128)})):
         torch.testing.assert_close(P.grad(z)["z"], torch.func.grad(P)(z)["z"], atol=1e-12, rtol=0)
@@ -470,7 +501,11 @@ def _central_difference(fn, x, h=1e-6):
 
 @pytest.mark.parametrize(
     "make_tx",
-    [lambda lr: fr.sgd(lr, momentum=0.9, nesterov=True), lambda lr: fr.adam(lr, amsgrad=True), lambda lr: fr.adamw(lr, weight_decay=0.1)],
+    [
+        lambda lr: fr.sgd(lr, momentum=0.9, nesterov=True),
+        lambda lr: fr.adam(lr, amsgrad=True),
+        lambda lr: fr.adamw(lr, weight_decay=0.1),
+    ],
     ids=["sgd", "adam", "adamw"],
 )
 @pytest.mark.parametrize("mode", ["torch.func.grad", "backward"])

@@ -24,7 +24,9 @@ def _assert_equal(a: nn.Module, b: nn.Module) -> None:
 
 def _assert_close(a: nn.Module, b: nn.Module, atol: float = 1e-6, rtol: float = 1e-5) -> None:
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(q.detach(), p.detach(), atol=atol, rtol=rtol, msg=lambda m, n=n: f"{n}: {m}")
+        torch.testing.assert_close(
+            q.detach(), p.detach(), atol=atol, rtol=rtol, msg=lambda m, n=n: f"{n}: {m}"
+        )
 
 
 # --- PyTorch Lightning ----------------------------------------------------------------------------------
@@ -65,7 +67,9 @@ def _module_class(pl, optimizer: str):
         def configure_optimizers(self):
             params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
             if optimizer == "funcreg":
-                opt = fr.TorchOptimizer(params, "adamw", lr=0.05, weight_decay=0.1, penalty=fr.l1(1e-3), form="decoupled")
+                opt = fr.TorchOptimizer(
+                    params, "adamw", lr=0.05, weight_decay=0.1, penalty=fr.l1(1e-3), form="decoupled"
+                )
             elif optimizer == "funcreg-plain":
                 opt = fr.TorchOptimizer(params, "adamw", lr=0.05, weight_decay=0.1)
             else:
@@ -127,13 +131,18 @@ def test_lightning_backbone_finetuning_uses_add_param_group(tmp_path, optimizer)
 
     Regressor = _module_class(pl, optimizer)
     model = Regressor()
-    _trainer(pl, tmp_path, 3, [BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)]).fit(model, _loader())
+    _trainer(pl, tmp_path, 3, [BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)]).fit(
+        model, _loader()
+    )
     opt = model.trainer.optimizers[0]
     assert len(opt.param_groups) == 2  # the head, then the unfrozen backbone
     if optimizer == "torch":
         return
     assert opt.param_groups[1]["param_names"] == ["2", "3", "4", "5"]
-    assert int(opt.state[model.backbone[0].weight]["step"]) == 8 and int(opt.state[model.head.weight]["step"]) == 12
+    assert (
+        int(opt.state[model.backbone[0].weight]["step"]) == 8
+        and int(opt.state[model.head.weight]["step"]) == 12
+    )
     reference = _module_class(pl, "torch")()
     _trainer(pl, tmp_path / "r", 3, [BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)]).fit(
         reference, _loader()
@@ -155,18 +164,24 @@ def test_lightning_backbone_finetuning_resume_follows_torch(tmp_path):
         # penalty object there would have to be picklable
         Regressor = _module_class(pl, kind)
         first = Regressor()
-        trainer = _trainer(pl, out / "first", 2, [BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)])
+        trainer = _trainer(
+            pl, out / "first", 2, [BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)]
+        )
         trainer.fit(first, _loader())
         trainer.save_checkpoint(out / "epoch2.ckpt")
         resumed = Regressor()
-        trainer = _trainer(pl, out / "resumed", 3, [BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)])
+        trainer = _trainer(
+            pl, out / "resumed", 3, [BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)]
+        )
         trainer.fit(resumed, _loader(), ckpt_path=str(out / "epoch2.ckpt"))
         return resumed, trainer.optimizers[0]
 
     ours, opt = resumed_run("funcreg-plain", tmp_path / "funcreg")
     reference, ref_opt = resumed_run("torch", tmp_path / "torch")
     assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in ref_opt.param_groups]
-    assert int(opt.state[ours.backbone[0].weight]["step"]) == int(ref_opt.state[reference.backbone[0].weight]["step"])
+    assert int(opt.state[ours.backbone[0].weight]["step"]) == int(
+        ref_opt.state[reference.backbone[0].weight]["step"]
+    )
     _assert_close(reference, ours)
 
 
@@ -181,13 +196,25 @@ def _tiny_configs(tf):
     small = {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 16}
     return {
         "bert": (tf.BertModel, tf.BertConfig(vocab_size=30, max_position_embeddings=16, **small)),
-        "gpt2": (tf.GPT2LMHeadModel, tf.GPT2Config(vocab_size=30, n_positions=16, n_embd=8, n_layer=1, n_head=2)),
-        "llama": (tf.LlamaForCausalLM, tf.LlamaConfig(vocab_size=30, max_position_embeddings=16, num_key_value_heads=2, **small)),
+        "gpt2": (
+            tf.GPT2LMHeadModel,
+            tf.GPT2Config(vocab_size=30, n_positions=16, n_embd=8, n_layer=1, n_head=2),
+        ),
+        "llama": (
+            tf.LlamaForCausalLM,
+            tf.LlamaConfig(vocab_size=30, max_position_embeddings=16, num_key_value_heads=2, **small),
+        ),
         "t5": (tf.T5Model, tf.T5Config(vocab_size=30, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)),
         "vit": (tf.ViTModel, tf.ViTConfig(image_size=8, patch_size=4, **small)),
         "deit": (tf.DeiTModel, tf.DeiTConfig(image_size=8, patch_size=4, **small)),
-        "swin": (tf.SwinModel, tf.SwinConfig(image_size=8, patch_size=2, embed_dim=8, depths=[1], num_heads=[2], window_size=2)),
-        "convnext": (tf.ConvNextModel, tf.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, patch_size=2)),
+        "swin": (
+            tf.SwinModel,
+            tf.SwinConfig(image_size=8, patch_size=2, embed_dim=8, depths=[1], num_heads=[2], window_size=2),
+        ),
+        "convnext": (
+            tf.ConvNextModel,
+            tf.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, patch_size=2),
+        ),
         "resnet": (tf.ResNetModel, tf.ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1])),
     }
 
@@ -234,7 +261,10 @@ def _hf_data(n: int = 24):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 30, (n, 6), generator=g)
     labels = (ids.sum(dim=1) % 2).long()
-    return [{"input_ids": i, "attention_mask": torch.ones(6, dtype=torch.long), "labels": y} for i, y in zip(ids, labels)]
+    return [
+        {"input_ids": i, "attention_mask": torch.ones(6, dtype=torch.long), "labels": y}
+        for i, y in zip(ids, labels)
+    ]
 
 
 def _hf_model(tf):
@@ -324,7 +354,14 @@ def test_timm_param_groups_through_torch_optimizer():
     def vit():
         torch.manual_seed(0)
         return timm.create_model(
-            "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=1, embed_dim=16, num_heads=2, num_classes=3
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            img_size=16,
+            patch_size=8,
+            depth=1,
+            embed_dim=16,
+            num_heads=2,
+            num_classes=3,
         )
 
     m1, m2 = vit(), vit()
@@ -338,6 +375,7 @@ def test_timm_param_groups_through_torch_optimizer():
             opt.step()
     _assert_close(m1, m2)
     # and fr.decay_mask reads the same rule from the model
-    no_decay = {n for n, p in m1.named_parameters() if p.ndim <= 1 or n.endswith(".bias") or n in m1.no_weight_decay()}
+    no_decay = {
+        n for n, p in m1.named_parameters() if p.ndim <= 1 or n.endswith(".bias") or n in m1.no_weight_decay()
+    }
     assert set(fr.decay_mask(m1).unselected) == no_decay
-

@@ -26,7 +26,9 @@ PER_DTYPE = pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 NP = {torch.float32: np.float32, torch.float64: np.float64}
 TOL = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.float64: {"atol": 1e-12, "rtol": 1e-10}}
 
-PROPERTY = settings(deadline=None, max_examples=25, database=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(
+    deadline=None, max_examples=25, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 FEW = settings(deadline=None, max_examples=12, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -36,7 +38,12 @@ FEW = settings(deadline=None, max_examples=12, database=None, suppress_health_ch
 def floats(dtype, lo, hi):
     """Bounded finite floats of the dtype's width (bounds must be exact in float32: powers of 2 etc.)."""
     return st.floats(
-        lo, hi, allow_nan=False, allow_infinity=False, allow_subnormal=False, width=32 if dtype == torch.float32 else 64
+        lo,
+        hi,
+        allow_nan=False,
+        allow_infinity=False,
+        allow_subnormal=False,
+        width=32 if dtype == torch.float32 else 64,
     )
 
 
@@ -63,7 +70,12 @@ def arr(dtype, shape, elements):
 def trees(draw, dtype, elements):
     """{"w": a matrix, "k": a 4-D conv kernel, "b": a vector} (only w and k are matrices)."""
     w_shape = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
-    k_shape = (draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 2)))
+    k_shape = (
+        draw(st.integers(1, 3)),
+        draw(st.integers(1, 2)),
+        draw(st.integers(1, 3)),
+        draw(st.integers(1, 2)),
+    )
     b_shape = (draw(st.integers(1, 4)),)
     return {
         "w": draw(arr(dtype, w_shape, elements)),
@@ -145,7 +157,9 @@ def assert_tree_close(actual, expected, dtype, what=""):
     assert set(actual) == set(expected), f"{what}: keys {sorted(actual)} != {sorted(expected)}"
     for k in expected:
         assert actual[k].shape == expected[k].shape and actual[k].dtype == dtype, f"{what} {k}"
-        torch.testing.assert_close(actual[k], expected[k].to(dtype), **TOL[dtype], msg=lambda m, k=k: f"{what} {k}: {m}")
+        torch.testing.assert_close(
+            actual[k], expected[k].to(dtype), **TOL[dtype], msg=lambda m, k=k: f"{what} {k}: {m}"
+        )
 
 
 def soft_threshold(v, t):
@@ -172,7 +186,11 @@ def test_values_match_formulas(dtype, data, c):
         (fr.group_lasso(c, axis=1), "group_lasso", {"axis": 1}),
         (fr.group_lasso(c, axis=-1), "group_lasso", {"axis": -1}),
         (fr.anchor(c, ref, precision=prec), "anchor", {"reference": ref, "precision": prec}),
-        (fr.anchor(c, ref), "anchor", {"reference": ref, "precision": {k: torch.ones_like(v) for k, v in p.items()}}),
+        (
+            fr.anchor(c, ref),
+            "anchor",
+            {"reference": ref, "precision": {k: torch.ones_like(v) for k, v in p.items()}},
+        ),
         (fr.orthogonal(c), "orthogonal", {}),
     ]
     for P, name, kw in cases:
@@ -180,7 +198,12 @@ def test_values_match_formulas(dtype, data, c):
         assert v.ndim == 0 and v.dtype == dtype, (P, v)
         expected = expected_value(name, p, c, **kw)
         if name == "orthogonal":  # values up to ~1e4: compare relatively
-            torch.testing.assert_close(v.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=2e-5 if dtype == torch.float32 else 1e-10)
+            torch.testing.assert_close(
+                v.double(),
+                torch.tensor(expected, dtype=torch.float64),
+                atol=1e-6,
+                rtol=2e-5 if dtype == torch.float32 else 1e-10,
+            )
         else:
             assert_close(v, expected, dtype, repr(P))
 
@@ -194,7 +217,9 @@ def test_l2_is_torch_weight_decay_scale():
     torch.optim.SGD([torch_w], lr=lr, weight_decay=c).step()
     g = fr.l2(c).grad({"w": w0})["w"]
     torch.testing.assert_close(w0 - lr * g, torch_w.detach(), atol=1e-15, rtol=0)
-    torch.testing.assert_close(fr.l2(c)({"w": w0}), torch.tensor(c / 2 * 5.25, dtype=torch.float64), atol=1e-15, rtol=0)
+    torch.testing.assert_close(
+        fr.l2(c)({"w": w0}), torch.tensor(c / 2 * 5.25, dtype=torch.float64), atol=1e-15, rtol=0
+    )
 
 
 def test_orthogonal_orientation_and_conv_kernels():
@@ -211,11 +236,16 @@ def test_orthogonal_orientation_and_conv_kernels():
         torch.testing.assert_close(P({"w": w}), torch.tensor(0.0, dtype=torch.float64), atol=1e-12, rtol=0)
         # 2*W: smaller Gram = 4 I, so the value is c * k * 9 with k its size
         k = min(w.shape[0], w[0].numel())
-        torch.testing.assert_close(P({"w": 2 * w}), torch.tensor(1.5 * 9 * k, dtype=torch.float64), atol=1e-10, rtol=0)
+        torch.testing.assert_close(
+            P({"w": 2 * w}), torch.tensor(1.5 * 9 * k, dtype=torch.float64), atol=1e-10, rtol=0
+        )
 
 
 def test_lp_matches_l2_and_l1():
-    p = {"w": torch.tensor([[1.5, -0.25], [0.0, 3.0]], dtype=torch.float64), "b": torch.tensor([-2.0, 0.5], dtype=torch.float64)}
+    p = {
+        "w": torch.tensor([[1.5, -0.25], [0.0, 3.0]], dtype=torch.float64),
+        "b": torch.tensor([-2.0, 0.5], dtype=torch.float64),
+    }
     v = {k: x + 0.1 for k, x in p.items()}
     for c in (0.0, 0.3, 1.7):
         for pw, ref in ((2, fr.l2(c)), (2.0, fr.l2(c)), (1, fr.l1(c)), (1.0, fr.l1(c))):
@@ -229,8 +259,19 @@ def test_lp_matches_l2_and_l1():
 # --- gradients: closed form vs torch.func.grad, and subgradients at kinks -------------------------------
 
 BUILTIN_NAMES = [
-    "l2", "l1", "elastic_net", "lp3", "lp1.5", "group_lasso0", "group_lasso1", "group_lasso-1",
-    "anchor", "orthogonal", "sum", "scaled", "custom",
+    "l2",
+    "l1",
+    "elastic_net",
+    "lp3",
+    "lp1.5",
+    "group_lasso0",
+    "group_lasso1",
+    "group_lasso-1",
+    "anchor",
+    "orthogonal",
+    "sum",
+    "scaled",
+    "custom",
 ]
 
 
@@ -246,7 +287,7 @@ def make_builtin(name, c, p, ref=None, prec=None):
     if name == "lp1.5":
         return fr.lp(c, 1.5)
     if name.startswith("group_lasso"):
-        return fr.group_lasso(c, axis=int(name[len("group_lasso"):]))
+        return fr.group_lasso(c, axis=int(name[len("group_lasso") :]))
     if name == "anchor":
         return fr.anchor(c, ref, precision=prec)
     if name == "orthogonal":
@@ -311,14 +352,18 @@ def test_subgradients_at_kinks(dtype, data, c):
         g = group_rows(np64(q[key]), 0)
         norms = np.sqrt((g**2).sum(axis=1, keepdims=True))
         expected = np.where(norms > 0, c * math.sqrt(g.shape[1]) * g / np.where(norms > 0, norms, 1), 0.0)
-        torch.testing.assert_close(gl[key], torch.from_numpy(expected.reshape(q[key].shape)).to(dtype), **TOL[dtype])
+        torch.testing.assert_close(
+            gl[key], torch.from_numpy(expected.reshape(q[key].shape)).to(dtype), **TOL[dtype]
+        )
 
 
 def test_unselected_leaves_get_zero_gradient():
     p = {"w": torch.ones(2, 2), "b": torch.ones(2)}
     g = fr.l2(0.5, mask={"w": True, "b": False}).grad(p)
     assert torch.equal(g["b"], torch.zeros(2)) and torch.equal(g["w"], torch.full((2, 2), 0.5))
-    torch.testing.assert_close(fr.l2(0.5, mask={"w": True, "b": False})(p), torch.tensor(1.0), atol=1e-7, rtol=0)
+    torch.testing.assert_close(
+        fr.l2(0.5, mask={"w": True, "b": False})(p), torch.tensor(1.0), atol=1e-7, rtol=0
+    )
 
 
 # --- proximal maps: optimality conditions and brute force --------------------------------------------
@@ -327,7 +372,9 @@ def test_unselected_leaves_get_zero_gradient():
 def check_l1_optimality(v, z, t, dtype, what):
     """(v - z) in t * d|z|: = t*sign(z) where z != 0, |v - z| <= t where z == 0."""
     nz = z != 0
-    torch.testing.assert_close((v - z)[nz], t * torch.sign(z[nz]), **TOL[dtype], msg=lambda m: f"{what} z != 0: {m}")
+    torch.testing.assert_close(
+        (v - z)[nz], t * torch.sign(z[nz]), **TOL[dtype], msg=lambda m: f"{what} z != 0: {m}"
+    )
     assert torch.all(torch.sign(z[nz]) == torch.sign(v[nz])), f"{what}: prox flipped a sign"
     slack = TOL[dtype]["atol"] + TOL[dtype]["rtol"] * t
     assert torch.all((v[~nz]).abs() <= t + slack), f"{what}: zeroed an entry with |v| > t"
@@ -417,10 +464,11 @@ def test_group_lasso_conv_filters_and_columns_by_hand():
     assert torch.equal(zc[:, 1], torch.zeros(3, dtype=torch.float64))
     # value: sqrt(|g|) weighting, |g| = rows for column groups
     torch.testing.assert_close(
-        fr.group_lasso(0.1, axis=1)({"w": w}), torch.tensor(0.1 * math.sqrt(3) * (5.0 + 0.05 * math.sqrt(3)), dtype=torch.float64), atol=1e-15, rtol=0
+        fr.group_lasso(0.1, axis=1)({"w": w}),
+        torch.tensor(0.1 * math.sqrt(3) * (5.0 + 0.05 * math.sqrt(3)), dtype=torch.float64),
+        atol=1e-15,
+        rtol=0,
     )
-
-
 
 
 # regression test: the library once failed this
@@ -446,7 +494,11 @@ SCALAR_PROXES = {
     "l1": lambda c: fr.l1(c),
     "l2": lambda c: fr.l2(c),
     "elastic_net": lambda c: fr.elastic_net(c, 2 * c),
-    "anchor": lambda c: fr.anchor(c, {"w": torch.tensor([0.7], dtype=torch.float64)}, precision={"w": torch.tensor([1.5], dtype=torch.float64)}),
+    "anchor": lambda c: fr.anchor(
+        c,
+        {"w": torch.tensor([0.7], dtype=torch.float64)},
+        precision={"w": torch.tensor([1.5], dtype=torch.float64)},
+    ),
     "group_lasso_1d": lambda c: fr.group_lasso(c, axis=0, mask=True),
     "max_norm_1d": lambda c: fr.max_norm(0.5 + c, axis=0, mask=True),
     "non_negative": lambda c: fr.non_negative(),
@@ -479,7 +531,12 @@ def test_max_norm_is_a_projection(dtype, data, m, s):
         for i in range(vg.shape[0]):
             n = np.linalg.norm(vg[i])
             expected = vg[i] if n <= m else vg[i] * (m / n)
-            np.testing.assert_allclose(zg[i], expected, atol=1e-6 if dtype == torch.float32 else 1e-13, rtol=1e-6 if dtype == torch.float32 else 1e-12)
+            np.testing.assert_allclose(
+                zg[i],
+                expected,
+                atol=1e-6 if dtype == torch.float32 else 1e-13,
+                rtol=1e-6 if dtype == torch.float32 else 1e-12,
+            )
         assert float(P({k: z[k]})) == 0.0, "the projection is feasible"
     assert P({"w": 10 * torch.ones(1, 3, dtype=dtype)}) == math.inf if m < 10 * math.sqrt(3) else True
 
@@ -498,7 +555,10 @@ def test_constraints_value_grad_and_prox():
 
 
 def test_sum_prox_disjoint_and_scaled():
-    v = {"w": torch.tensor([[1.0, -0.05], [0.3, 2.0]], dtype=torch.float64), "b": torch.tensor([0.2, -4.0], dtype=torch.float64)}
+    v = {
+        "w": torch.tensor([[1.0, -0.05], [0.3, 2.0]], dtype=torch.float64),
+        "b": torch.tensor([0.2, -4.0], dtype=torch.float64),
+    }
     s = 0.5
     P = fr.l1(0.2, mask={"w": True, "b": False}) + fr.l2(1.0, mask={"w": False, "b": True})
     z = P.prox(v, s)
@@ -519,7 +579,9 @@ FACTORIES = {
     "elastic_net": lambda c: fr.elastic_net(c, 0.5 * c),
     "lp3": lambda c: fr.lp(c, 3),
     "group_lasso": lambda c: fr.group_lasso(c),
-    "anchor": lambda c: fr.anchor(c, {"w": torch.full((2, 3), 0.5, dtype=torch.float64), "b": torch.zeros(2, dtype=torch.float64)}),
+    "anchor": lambda c: fr.anchor(
+        c, {"w": torch.full((2, 3), 0.5, dtype=torch.float64), "b": torch.zeros(2, dtype=torch.float64)}
+    ),
     "orthogonal": lambda c: fr.orthogonal(c),
 }
 FIXED = {
@@ -585,7 +647,11 @@ def test_per_leaf_coefficient_trees(dtype, data, cw, ck, cb, s):
     # a tensor leaf coefficient, and a prefix tree over nested params
     nested = {"enc": {"w": p["w"], "k": p["k"]}, "b": p["b"]}
     P = fr.l2({"enc": torch.tensor(cw, dtype=dtype), "b": cb})
-    assert_close(P(nested), expected_value("l2", {"w": p["w"], "k": p["k"]}, cw) + expected_value("l2", {"b": p["b"]}, cb), dtype)
+    assert_close(
+        P(nested),
+        expected_value("l2", {"w": p["w"], "k": p["k"]}, cw) + expected_value("l2", {"b": p["b"]}, cb),
+        dtype,
+    )
 
 
 # --- algebra: sums, scaling, names --------------------------------------------------------------------
@@ -608,7 +674,13 @@ def test_sums_and_scaling(dtype, data, a, b, f):
     assert_close(F(p), f * expected_value("l2", p, a), dtype)
     T = sum([P1, P2, 2.0 * fr.group_lasso(a)])
     assert len(T.terms(p)) == 3
-    assert_close(T(p), expected_value("l2", p, a) + expected_value("l1", p, b) + 2.0 * expected_value("group_lasso", p, a, axis=0), dtype)
+    assert_close(
+        T(p),
+        expected_value("l2", p, a)
+        + expected_value("l1", p, b)
+        + 2.0 * expected_value("group_lasso", p, a, axis=0),
+        dtype,
+    )
     gS, gF = S.grad(p), F.grad(p)
     for k in p:
         torch.testing.assert_close(gS[k], P1.grad(p)[k] + P2.grad(p)[k], **TOL[dtype])
@@ -652,7 +724,11 @@ def test_custom_penalty_autodiff_closed_forms_and_mask():
     assert torch.equal(g["b"], torch.zeros(1, dtype=torch.float64))
     # closed-form grad and prox are used as given
     custom = fr.penalty(
-        lambda q: q["w"].abs().sum(), name="myl1", grad=lambda q: {"w": torch.sign(q["w"])}, prox=lambda q, s: {"w": soft_threshold(q["w"], s)}, mask={"w": True, "b": False}
+        lambda q: q["w"].abs().sum(),
+        name="myl1",
+        grad=lambda q: {"w": torch.sign(q["w"])},
+        prox=lambda q, s: {"w": soft_threshold(q["w"], s)},
+        mask={"w": True, "b": False},
     )
     z = custom.prox(p, 1.5)
     torch.testing.assert_close(z["w"], torch.tensor([0.0, -0.5], dtype=torch.float64), atol=0, rtol=0)
@@ -665,9 +741,14 @@ def test_custom_penalty_autodiff_closed_forms_and_mask():
 def test_detached_penalty_trap():
     """Story 1's trap: torch.tensor([p.square().sum() for p in params]) is a new leaf, detached from the
     parameters: torch.func.grad of such a penalty is zero, while fr.l2 gives c*w."""
-    p = {"w": torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=torch.float64), "b": torch.tensor([0.3, -0.1], dtype=torch.float64)}
+    p = {
+        "w": torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=torch.float64),
+        "b": torch.tensor([0.3, -0.1], dtype=torch.float64),
+    }
     wd = 0.1
-    trap = fr.penalty(lambda q: wd / 2 * torch.tensor([x.square().sum() for x in q.values()]).sum(), name="trap")
+    trap = fr.penalty(
+        lambda q: wd / 2 * torch.tensor([x.square().sum() for x in q.values()]).sum(), name="trap"
+    )
     right = fr.l2(wd)
     torch.testing.assert_close(trap(p), right(p), atol=1e-14, rtol=0)  # same value ...
     g_trap, g_right = torch.func.grad(trap)(p), torch.func.grad(right)(p)
@@ -686,10 +767,19 @@ def test_detached_penalty_trap():
 # --- bad input ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", [-0.1, math.nan, math.inf, -math.inf, torch.tensor(-1.0), torch.tensor(math.nan)], ids=str)
+@pytest.mark.parametrize(
+    "bad", [-0.1, math.nan, math.inf, -math.inf, torch.tensor(-1.0), torch.tensor(math.nan)], ids=str
+)
 def test_bad_coefficients(bad):
     ref = {"w": torch.zeros(2)}
-    for make in (fr.l2, fr.l1, lambda c: fr.lp(c, 3), fr.group_lasso, fr.orthogonal, lambda c: fr.anchor(c, ref)):
+    for make in (
+        fr.l2,
+        fr.l1,
+        lambda c: fr.lp(c, 3),
+        fr.group_lasso,
+        fr.orthogonal,
+        lambda c: fr.anchor(c, ref),
+    ):
         with pytest.raises(ValueError, match=r"Invalid coeff value"):
             make(bad)
     with pytest.raises(ValueError, match=r"Invalid l1 value"):
@@ -749,11 +839,15 @@ def test_anchor_reference_matches_dict_keys_by_name():
     torch.testing.assert_close(fr.anchor(1.0, reordered)(p), torch.tensor(4.0), atol=1e-6, rtol=0)
 
 
-
-
 def test_penalty_outputs_keep_the_parameter_dtype():
     p = {"w": torch.ones(2, 2), "s": torch.tensor(0.7)}
-    for P in (fr.l2(0.1), fr.l1(torch.tensor(0.1)), fr.elastic_net(0.1, 0.2), fr.lp(0.1, 3), fr.anchor(0.1, p)):
+    for P in (
+        fr.l2(0.1),
+        fr.l1(torch.tensor(0.1)),
+        fr.elastic_net(0.1, 0.2),
+        fr.lp(0.1, 3),
+        fr.anchor(0.1, p),
+    ):
         for k, v in P.grad(p).items():
             assert v.dtype == torch.float32, (P, k)
         if P.has_prox:
@@ -765,7 +859,9 @@ def test_penalty_outputs_keep_the_parameter_dtype():
 def test_wider_tensor_coefficient_keeps_the_parameter_dtype():
     p = {"w": torch.ones(2, 2), "s": torch.tensor(0.7)}
     P = fr.l2(torch.tensor(0.5, dtype=torch.float64))
-    assert all(v.dtype == torch.float32 for v in P.grad(p).values()), {k: v.dtype for k, v in P.grad(p).items()}
+    assert all(v.dtype == torch.float32 for v in P.grad(p).values()), {
+        k: v.dtype for k, v in P.grad(p).items()
+    }
     assert all(v.dtype == torch.float32 for v in P.prox(p, 0.1).values())
     tx = fr.chain(fr.add_penalty_grad(P), fr.adam(0.01))
     u, _ = tx.update({k: torch.ones_like(v) for k, v in p.items()}, tx.init(p), p)
@@ -774,7 +870,11 @@ def test_wider_tensor_coefficient_keeps_the_parameter_dtype():
 
 def test_missing_prox_raises_not_implemented():
     p = {"w": torch.ones(2, 2)}
-    for P, name in ((fr.lp(0.1, 3), "l3"), (fr.orthogonal(0.1), "orthogonal"), (fr.penalty(lambda q: q["w"].sum(), name="mine"), "mine")):
+    for P, name in (
+        (fr.lp(0.1, 3), "l3"),
+        (fr.orthogonal(0.1), "orthogonal"),
+        (fr.penalty(lambda q: q["w"].sum(), name="mine"), "mine"),
+    ):
         assert not P.has_prox
         with pytest.raises(NotImplementedError, match=rf"'{name}'.*proximal"):
             P.prox(p, 0.1)
@@ -786,7 +886,11 @@ def test_missing_prox_raises_not_implemented():
 
 def test_mask_selecting_nothing_raises():
     p = {"w": torch.ones(2, 2), "b": torch.ones(2)}
-    for P in (fr.l2(0.1, mask={"w": False, "b": False}), fr.l1(0.1, mask=False), fr.penalty(lambda q: q["w"].sum(), name="mine", mask=False)):
+    for P in (
+        fr.l2(0.1, mask={"w": False, "b": False}),
+        fr.l1(0.1, mask=False),
+        fr.penalty(lambda q: q["w"].sum(), name="mine", mask=False),
+    ):
         with pytest.raises(ValueError, match=r"selects no parameter"):
             P(p)
         with pytest.raises(ValueError, match=r"selects no parameter"):

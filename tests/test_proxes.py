@@ -73,7 +73,11 @@ def test_group_soft_threshold_satisfies_the_group_optimality_condition(v, t, axi
 
 
 @SETTINGS
-@given(v=st.integers(1, 3).flatmap(lambda r: vectors((r, 4))), limit=st.floats(0.1, 5.0), axis=st.sampled_from([0, 1]))
+@given(
+    v=st.integers(1, 3).flatmap(lambda r: vectors((r, 4))),
+    limit=st.floats(0.1, 5.0),
+    axis=st.sampled_from([0, 1]),
+)
 def test_project_group_norm_is_the_projection(v, limit, axis):
     z = fr.proxes.project_group_norm(v, limit, axis)
     for vg, zg in zip(_groups(v, axis), _groups(z, axis)):

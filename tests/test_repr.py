@@ -17,7 +17,10 @@ NAMESPACE = {k: getattr(fr, k) for k in fr.__all__}
 
 
 def test_transforms_print_their_configuration():
-    assert repr(fr.adamw(1e-3, weight_decay=1e-2)) == "adamw(0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.01)"
+    assert (
+        repr(fr.adamw(1e-3, weight_decay=1e-2))
+        == "adamw(0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.01)"
+    )
     assert repr(fr.sgd(0.1, momentum=0.9, nesterov=True)) == "sgd(0.1, momentum=0.9, nesterov=True)"
     tx = fr.chain(fr.clip_by_global_norm(1.0), fr.sgd(0.1), fr.proximal(fr.l1(0.01), learning_rate=0.1))
     assert repr(tx) == "chain(clip_by_global_norm(1.0), sgd(0.1), proximal(l1(0.01), learning_rate=0.1))"

@@ -122,9 +122,13 @@ def test_decay_mask_exclude_globs_and_module_prefixes():
 
 
 def test_decay_mask_exclude_matching_nothing_raises_with_a_suggestion():
-    with pytest.raises(ValueError, match=r"exclude pattern 'embd' matches no parameter \(did you mean [^)]*'embed'"):
+    with pytest.raises(
+        ValueError, match=r"exclude pattern 'embd' matches no parameter \(did you mean [^)]*'embed'"
+    ):
         fr.decay_mask(Net(), exclude=["embd"])
-    with pytest.raises(ValueError, match=r"exclude pattern 'zzz' matches no parameter \(names are: [^)]*'embed"):
+    with pytest.raises(
+        ValueError, match=r"exclude pattern 'zzz' matches no parameter \(names are: [^)]*'embed"
+    ):
         fr.decay_mask(Net(), exclude=["zzz"])
     # a module prefix is a whole dotted component: "emb" is not "embed"
     with pytest.raises(ValueError, match="'emb'"):
@@ -149,7 +153,10 @@ def test_decay_mask_root_model_class_name_does_not_make_its_weights_norm_paramet
 
 def test_decay_mask_on_a_parameter_tree_uses_names_and_ndim():
     params = {
-        "encoder": {"linear": {"weight": torch.zeros(3, 3), "bias": torch.zeros(3)}, "norm": {"weight": torch.zeros(3, 3)}},
+        "encoder": {
+            "linear": {"weight": torch.zeros(3, 3), "bias": torch.zeros(3)},
+            "norm": {"weight": torch.zeros(3, 3)},
+        },
         "scale": torch.zeros(3),
         "blocks": [{"ln_1": {"weight": torch.zeros(2, 2)}, "mlp": {"weight": torch.zeros(2, 3)}}],
     }
@@ -183,7 +190,9 @@ def test_by_name_globs_prefixes_and_exclude():
 
 def test_by_name_errors():
     model = Net()
-    with pytest.raises(ValueError, match=re.escape("by_name pattern 'hed.*' matches no parameter (did you mean")):
+    with pytest.raises(
+        ValueError, match=re.escape("by_name pattern 'hed.*' matches no parameter (did you mean")
+    ):
         fr.by_name("hed.*")(model)
     with pytest.raises(ValueError, match="exclude pattern 'nothing' matches no parameter"):
         fr.by_name("*", exclude=["nothing"])(model)
@@ -210,9 +219,17 @@ def test_by_predicate():
 @settings(deadline=None, max_examples=50, suppress_health_check=SLOW_OK)
 @given(data=st.data())
 def test_selection_not_and_or(data):
-    names = data.draw(st.lists(st.from_regex(r"[a-z]{1,4}(\.[a-z]{1,3})?", fullmatch=True), min_size=1, max_size=6, unique=True))
-    a = fr.Selection(dict(zip(names, data.draw(st.lists(st.booleans(), min_size=len(names), max_size=len(names))))))
-    b = fr.Selection(dict(zip(names, data.draw(st.lists(st.booleans(), min_size=len(names), max_size=len(names))))))
+    names = data.draw(
+        st.lists(
+            st.from_regex(r"[a-z]{1,4}(\.[a-z]{1,3})?", fullmatch=True), min_size=1, max_size=6, unique=True
+        )
+    )
+    a = fr.Selection(
+        dict(zip(names, data.draw(st.lists(st.booleans(), min_size=len(names), max_size=len(names)))))
+    )
+    b = fr.Selection(
+        dict(zip(names, data.draw(st.lists(st.booleans(), min_size=len(names), max_size=len(names)))))
+    )
     assert dict(~a) == {n: not a[n] for n in names}
     assert dict(a & b) == {n: a[n] and b[n] for n in names}
     assert dict(a | b) == {n: a[n] or b[n] for n in names}
@@ -317,7 +334,8 @@ def test_story4_weight_decay_1_shrinks_w_compared_with_0():
     opt_model = Tiny()
     opt_model.load_state_dict(model.state_dict())
     opt = torch.optim.SGD(
-        [{"params": [opt_model.W], "weight_decay": 1.0}, {"params": [opt_model.bias], "weight_decay": 0.0}], lr=0.1
+        [{"params": [opt_model.W], "weight_decay": 1.0}, {"params": [opt_model.bias], "weight_decay": 0.0}],
+        lr=0.1,
     )
     opt_model(x).sum().backward()
     opt.step()
@@ -406,19 +424,25 @@ class TimmConvNeXt(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "make", [TimmViT, lambda: TimmViT(distilled=True), TimmSwin, TimmConvNeXt], ids=["vit", "deit", "swin", "convnext"]
+    "make",
+    [TimmViT, lambda: TimmViT(distilled=True), TimmSwin, TimmConvNeXt],
+    ids=["vit", "deit", "swin", "convnext"],
 )
 def test_decay_mask_matches_timm_with_the_models_no_weight_decay(make):
     model = make()
     listed = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     keywords = set(model.no_weight_decay_keywords()) if hasattr(model, "no_weight_decay_keywords") else set()
-    timm = timm_no_decay(model, listed) | {n for n, _ in model.named_parameters() if any(k in n for k in keywords)}
+    timm = timm_no_decay(model, listed) | {
+        n for n, _ in model.named_parameters() if any(k in n for k in keywords)
+    }
     sel = fr.decay_mask(model)
     assert set(sel.unselected) == timm
     if isinstance(model, TimmViT):
         assert sel.reason("cls_token") == "model.no_weight_decay() lists 'cls_token'"
         if not hasattr(model, "dist_token"):  # listed but absent: tolerated, and reported
-            assert sel.notes == ("model.no_weight_decay() lists 'dist_token', which matches no parameter of this model (ignored)",)
+            assert sel.notes == (
+                "model.no_weight_decay() lists 'dist_token', which matches no parameter of this model (ignored)",
+            )
             assert "note: model.no_weight_decay() lists 'dist_token'" in str(sel)
     # the name rules alone reach the same decision (a model that lists nothing, or a parameter tree)
     assert set(fr.decay_mask(model, model_rules=False).unselected) == timm
@@ -435,7 +459,9 @@ def test_decay_mask_honours_no_weight_decay_of_submodules_and_keeps_user_exclude
     sel = fr.decay_mask(Wrapper())
     assert not sel["backbone.cls_token"] and not sel["backbone.pos_embed"]
     assert sel.reason("backbone.pos_embed") == "backbone.no_weight_decay() lists 'pos_embed'"
-    assert sel.notes == ("backbone.no_weight_decay() lists 'dist_token', which matches no parameter of this model (ignored)",)
+    assert sel.notes == (
+        "backbone.no_weight_decay() lists 'dist_token', which matches no parameter of this model (ignored)",
+    )
     # what used to be the workaround: an explicit exclude of names the model lacks stays an error
     vit = TimmViT()
     with pytest.raises(ValueError, match="exclude pattern 'dist_token' matches no parameter"):
@@ -450,7 +476,9 @@ def test_decay_mask_name_rules_for_tokens_relative_positions_and_layer_scale():
             super().__init__()
             self.embeddings = nn.Module()
             self.embeddings.cls_token = nn.Parameter(torch.zeros(1, 1, 4))
-            self.embeddings.position_embeddings = nn.Parameter(torch.zeros(1, 3, 4))  # HF ViT: a bare parameter
+            self.embeddings.position_embeddings = nn.Parameter(
+                torch.zeros(1, 3, 4)
+            )  # HF ViT: a bare parameter
             self.embeddings.word = nn.Embedding(10, 4)
             self.pos = nn.Module()
             self.pos.position_embeddings = nn.Embedding(8, 4)  # BERT: an Embedding table, decayed
@@ -465,8 +493,13 @@ def test_decay_mask_name_rules_for_tokens_relative_positions_and_layer_scale():
     sel = fr.decay_mask(Model())
     assert sel.selected == ["embeddings.word.weight", "pos.position_embeddings.weight", "layer.dense.weight"]
     assert sel.reason("embeddings.cls_token") == "token or position embedding ('cls_token')"
-    assert sel.reason("embeddings.position_embeddings") == "token or position embedding ('position_embeddings')"
-    assert sel.reason("attention.relative_attention_bias.weight") == "relative position bias ('relative_attention_bias')"
+    assert (
+        sel.reason("embeddings.position_embeddings") == "token or position embedding ('position_embeddings')"
+    )
+    assert (
+        sel.reason("attention.relative_attention_bias.weight")
+        == "relative position bias ('relative_attention_bias')"
+    )
     assert sel.reason("attention.rel_pos_h") == "relative position bias ('rel_pos_h')"
     assert sel.reason("layer.layer_scale_parameter") == "layer scale ('layer_scale_parameter')"
     assert sel.reason("layer.lambda1") == "layer scale ('lambda1')"
@@ -499,7 +532,9 @@ def test_decay_mask_on_parametrized_weights():
         torch.testing.assert_close(model[2].weight, w2, atol=1e-6, rtol=1e-6)
     # the old hook-based helpers, named weight_g/weight_v and weight_orig
     with pytest.warns(FutureWarning):
-        old = nn.Sequential(torch.nn.utils.weight_norm(nn.Linear(3, 4)), torch.nn.utils.spectral_norm(nn.Linear(4, 2)))
+        old = nn.Sequential(
+            torch.nn.utils.weight_norm(nn.Linear(3, 4)), torch.nn.utils.spectral_norm(nn.Linear(4, 2))
+        )
     assert fr.decay_mask(old).selected == ["0.weight_g"]
 
 
@@ -526,14 +561,24 @@ def test_by_module_selects_kernels_and_gives_keras_l2():
     params = fr.params_of(model)
     kernels = fr.by_module(nn.Linear, nn.Conv2d)(model)
     assert kernels.selected == ["conv.weight", "dense.weight", "out.weight"]
-    assert kernels.reason("conv.weight") == "weight of Conv2d" and kernels.reason("ln.weight") == "not in a Linear, Conv2d module"
+    assert (
+        kernels.reason("conv.weight") == "weight of Conv2d"
+        and kernels.reason("ln.weight") == "not in a Linear, Conv2d module"
+    )
     l2 = 0.01
     # Keras L2(l2) as kernel_regularizer on every Dense and Conv layer: l2 * sum(kernel ** 2), no 1/2
-    keras = l2 * sum(m.weight.detach().square().sum() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    keras = l2 * sum(
+        m.weight.detach().square().sum() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+    )
     assert_tensors_close(fr.l2(2 * l2, mask=kernels)(params), keras, "Keras L2 on kernels")
     # the translation the guide used to give also penalizes the LayerNorm and BatchNorm scales (and the embedding)
     assert fr.l2(2 * l2, mask=fr.by_name("*.weight"))(params) > keras * 1.2
-    assert fr.by_module(nn.Linear, params="all")(model).selected == ["dense.weight", "dense.bias", "out.weight", "out.bias"]
+    assert fr.by_module(nn.Linear, params="all")(model).selected == [
+        "dense.weight",
+        "dense.bias",
+        "out.weight",
+        "out.bias",
+    ]
     assert fr.by_module(nn.Conv2d, params=("bias",))(model).selected == ["conv.bias"]
 
 

@@ -11,7 +11,10 @@ from hypothesis import strategies as st
 
 from funcreg.testing import DTYPES, gradient_sequences, gradients_like, like, param_trees, tensors
 
-SMALLEST_NORMAL = {torch.float32: torch.finfo(torch.float32).tiny, torch.float64: torch.finfo(torch.float64).tiny}
+SMALLEST_NORMAL = {
+    torch.float32: torch.finfo(torch.float32).tiny,
+    torch.float64: torch.finfo(torch.float64).tiny,
+}
 
 
 def check_elements(x: torch.Tensor, max_abs: float) -> None:
@@ -62,7 +65,12 @@ def seen_by(strategy, n=100):
     seen = []
 
     @settings(
-        max_examples=n, database=None, derandomize=True, deadline=None, phases=[Phase.generate], suppress_health_check=SLOW_OK
+        max_examples=n,
+        database=None,
+        derandomize=True,
+        deadline=None,
+        phases=[Phase.generate],
+        suppress_health_check=SLOW_OK,
     )
     @given(strategy)
     def collect(x):

@@ -79,7 +79,9 @@ def _run(model, opt, batches, scheds=(), each_step=None):
 
 def _assert_same_params(a: nn.Module, b: nn.Module, atol=ATOL, rtol=RTOL) -> None:
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(q.detach(), p.detach(), atol=atol, rtol=rtol, msg=lambda m, n=n: f"{n}: {m}")
+        torch.testing.assert_close(
+            q.detach(), p.detach(), atol=atol, rtol=rtol, msg=lambda m, n=n: f"{n}: {m}"
+        )
 
 
 def _assert_equal_params(a: nn.Module, b: nn.Module) -> None:
@@ -161,23 +163,33 @@ def test_hf_style_groups_and_kwargs():
 
 def test_a_group_option_the_factory_ignores_raises():
     model = _net()
-    with pytest.raises(TypeError, match=r"param group 0 sets 'weight_decay'=0\.1, which the factory does not take"):
-        fr.TorchOptimizer([{"params": model.parameters(), "weight_decay": 0.1}], lambda lr: fr.adamw(lr), lr=0.1)
+    with pytest.raises(
+        TypeError, match=r"param group 0 sets 'weight_decay'=0\.1, which the factory does not take"
+    ):
+        fr.TorchOptimizer(
+            [{"params": model.parameters(), "weight_decay": 0.1}], lambda lr: fr.adamw(lr), lr=0.1
+        )
     with pytest.raises(ValueError, match="the factory needs 'weight_decay'"):
-        fr.TorchOptimizer(model.parameters(), lambda lr, weight_decay: fr.adamw(lr, weight_decay=weight_decay), lr=0.1)
+        fr.TorchOptimizer(
+            model.parameters(), lambda lr, weight_decay: fr.adamw(lr, weight_decay=weight_decay), lr=0.1
+        )
     with pytest.raises(ValueError, match="takes no options"):
         fr.TorchOptimizer([{"params": model.parameters(), "weight_decay": 0.1}], fr.adamw(0.1))
     # a weight-decay schedule on an optimizer whose factory has the decay built in: an error, not a no-op
     opt = fr.TorchOptimizer(model.parameters(), lambda lr: fr.adamw(lr, weight_decay=0.1), lr=0.1)
     opt.param_groups[0]["weight_decay"] = 0.05
     _loss(model, _batches(1)[0]).backward()
-    with pytest.raises(RuntimeError, match="'weight_decay'=0.05, which is not an option of this TorchOptimizer"):
+    with pytest.raises(
+        RuntimeError, match="'weight_decay'=0.05, which is not an option of this TorchOptimizer"
+    ):
         opt.step()
 
 
 def test_a_failing_factory_names_the_group():
     model = _net()
-    with pytest.raises(ValueError, match=r"param group 1: the factory failed with options \(lr=0.1, weight_decay=-1"):
+    with pytest.raises(
+        ValueError, match=r"param group 1: the factory failed with options \(lr=0.1, weight_decay=-1"
+    ):
         fr.TorchOptimizer(_groups(model, [{}, {"weight_decay": -1.0}, {}]), adamw_factory, lr=0.1)
     with pytest.raises(ValueError, match="param group 2: Invalid lr value"):
         fr.TorchOptimizer(_groups(model, [{}, {}, {"lr": float("nan")}]), adamw_factory, lr=0.1)
@@ -191,7 +203,9 @@ def test_duplicate_parameters_are_refused():
     with pytest.raises(ValueError, match="lists parameter '1' twice"):
         fr.TorchOptimizer([w, w], fr.sgd(0.1))
     v = nn.Parameter(torch.ones(2))
-    with pytest.raises(ValueError, match=r"parameter '2' of param group 1 is already in param group 0 \(as '0'\)"):
+    with pytest.raises(
+        ValueError, match=r"parameter '2' of param group 1 is already in param group 0 \(as '0'\)"
+    ):
         fr.TorchOptimizer([{"params": [w]}, {"params": [v, w]}], fr.sgd(0.1))
     with pytest.raises(ValueError, match="the parameter name 'a' is used twice"):
         fr.TorchOptimizer([("a", w), ("a", v)], fr.sgd(0.1))
@@ -200,7 +214,9 @@ def test_duplicate_parameters_are_refused():
         t = torch.optim.SGD([w, w], lr=0.1)
     w.grad = torch.ones(2)
     t.step()
-    torch.testing.assert_close(w.detach(), torch.full((2,), 1.0 - 0.1 - 0.1), atol=1e-7, rtol=1e-6)  # two steps
+    torch.testing.assert_close(
+        w.detach(), torch.full((2,), 1.0 - 0.1 - 0.1), atol=1e-7, rtol=1e-6
+    )  # two steps
 
 
 def test_add_param_group_follows_torch():
@@ -209,7 +225,9 @@ def test_add_param_group_follows_torch():
     for m in (m1, m2):
         m.body.requires_grad_(False)
     reference = torch.optim.AdamW([p for n, p in m1.named_parameters() if not n.startswith("body")], lr=0.01)
-    ours = fr.TorchOptimizer([(n, p) for n, p in m2.named_parameters() if not n.startswith("body")], "adamw", lr=0.01)
+    ours = fr.TorchOptimizer(
+        [(n, p) for n, p in m2.named_parameters() if not n.startswith("body")], "adamw", lr=0.01
+    )
     batches = _batches(6)
     for model, opt in ((m1, reference), (m2, ours)):
         _run(model, opt, batches[:3])
@@ -303,7 +321,10 @@ def test_an_option_that_changes_a_state_structure_raises():
     _loss(model, _batches(1)[0]).backward()
     opt.step()
     opt.param_groups[0]["amsgrad"] = True
-    with pytest.raises(ValueError, match="param group 0: changing amsgrad changes the structure of the transform's ScaleByAdamState"):
+    with pytest.raises(
+        ValueError,
+        match="param group 0: changing amsgrad changes the structure of the transform's ScaleByAdamState",
+    ):
         opt.step()
 
 
@@ -318,7 +339,7 @@ def test_state_holds_torch_names_and_is_the_source_of_truth():
     x = _batches(1)[0]
     for model, opt in ((m1, reference), (m2, ours)):
         _run(model, opt, [x, x])
-    for (n, p), q in zip(m1.named_parameters(), m2.parameters()):
+    for (_n, p), q in zip(m1.named_parameters(), m2.parameters()):
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
             torch.testing.assert_close(ours.state[q][key], reference.state[p][key], atol=ATOL, rtol=RTOL)
         assert int(ours.state[q]["step"]) == int(reference.state[p]["step"]) == 2
@@ -397,7 +418,9 @@ def _state_dicts_equal(a, b) -> bool:
         return False
     for k in a["state"]:
         sa, sb = a["state"][k], b["state"][k]
-        if list(sa) != list(sb) or not all(torch.equal(sa[x], sb[x]) and sa[x].dtype == sb[x].dtype for x in sa):
+        if list(sa) != list(sb) or not all(
+            torch.equal(sa[x], sb[x]) and sa[x].dtype == sb[x].dtype for x in sa
+        ):
             return False
     return True
 
@@ -409,12 +432,16 @@ def test_load_state_dict_refuses_what_does_not_fit_and_leaves_the_optimizer_as_i
     sd = opt.state_dict()
     other = fr.create_optimizer(_net(), "sgd", lr=0.3, momentum=0.9)
     snapshot = copy.deepcopy(other.state_dict())
-    with pytest.raises(ValueError, match="param group 0 has 'betas'=\\(0.9, 0.999\\), which is not an option"):
+    with pytest.raises(
+        ValueError, match="param group 0 has 'betas'=\\(0.9, 0.999\\), which is not an option"
+    ):
         other.load_state_dict(sd)  # an AdamW checkpoint into SGD
     assert _state_dicts_equal(other.state_dict(), snapshot)
     other = fr.create_optimizer(_net(), "adamw", lr=0.3, penalty=fr.l1(1e-3))  # a chain with a PenaltyState
     snapshot = copy.deepcopy(other.state_dict())
-    with pytest.raises(ValueError, match="state_dict has no '.+' for parameter 'body.weight' \\(param group 0\\)"):
+    with pytest.raises(
+        ValueError, match="state_dict has no '.+' for parameter 'body.weight' \\(param group 0\\)"
+    ):
         other.load_state_dict(sd)
     assert _state_dicts_equal(other.state_dict(), snapshot)
     with pytest.raises(ValueError, match="state_dict has 1 param groups, this optimizer has 2"):
@@ -425,7 +452,9 @@ def test_load_state_dict_refuses_what_does_not_fit_and_leaves_the_optimizer_as_i
         opt.load_state_dict(renamed)
     bad = copy.deepcopy(sd)
     bad["state"][0]["exp_avg"] = bad["state"][0]["exp_avg"].float()
-    with pytest.raises(ValueError, match="'exp_avg' of parameter 'body.weight' has shape \\(4, 3\\) and dtype torch.float32"):
+    with pytest.raises(
+        ValueError, match="'exp_avg' of parameter 'body.weight' has shape \\(4, 3\\) and dtype torch.float32"
+    ):
         opt.load_state_dict(bad)
     with pytest.raises(ValueError, match="not an optimizer state_dict"):
         opt.load_state_dict({"funcreg": 1})
@@ -486,7 +515,10 @@ def test_groups_are_fr_partition_with_group_labels():
     # a penalty over each group's own parameters, and a decay masked by the whole-model selection
     factory = lambda lr: fr.chain(fr.add_penalty_grad(fr.l1(1e-2)), fr.adamw(lr, mask=mask))  # noqa: E731
     opt = fr.TorchOptimizer(
-        [{"params": [(n, p) for n, p in model.named_parameters() if n.startswith(k)], **o} for k, o in zip(("body", "norm", "head"), options)],
+        [
+            {"params": [(n, p) for n, p in model.named_parameters() if n.startswith(k)], **o}
+            for k, o in zip(("body", "norm", "head"), options)
+        ],
         factory,
     )
     params = {k: v.clone() for k, v in fr.params_of(model).items()}
@@ -550,7 +582,10 @@ def test_deepcopy_is_an_independent_optimizer():
     twin_model = copy.deepcopy(model)
     pair = copy.deepcopy({"model": model, "opt": opt})  # deepcopy keeps params and state together
     twin_model, twin = pair["model"], pair["opt"]
-    assert twin.selection is not None and twin.param_groups[0]["param_names"] == opt.param_groups[0]["param_names"]
+    assert (
+        twin.selection is not None
+        and twin.param_groups[0]["param_names"] == opt.param_groups[0]["param_names"]
+    )
     _run(model, opt, _batches(2, seed=9))
     _run(twin_model, twin, _batches(2, seed=9))
     _assert_equal_params(model, twin_model)

@@ -12,13 +12,13 @@ import copy
 import numpy as np
 import pytest
 import torch
+from helpers import assert_step_close as assert_close
+from helpers import check_compiled_matches_eager, leaves
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import funcreg as fr
-from helpers import assert_step_close as assert_close
-from helpers import check_compiled_matches_eager, leaves
 
 FORMS = ("loss", "coupled", "decoupled", "proximal")
 FEW = settings(deadline=None, max_examples=6, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -61,7 +61,10 @@ def regression_data(draw, dtype=torch.float64, n=5):
 
 def fixed_batches(steps: int, dtype=torch.float64, n=5, seed=0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, 3, generator=g, dtype=dtype), torch.randn(n, 2, generator=g, dtype=dtype)) for _ in range(steps)]
+    return [
+        (torch.randn(n, 3, generator=g, dtype=dtype), torch.randn(n, 2, generator=g, dtype=dtype))
+        for _ in range(steps)
+    ]
 
 
 # --- metrics ----------------------------------------------------------------------------------------
@@ -73,7 +76,9 @@ def fixed_batches(steps: int, dtype=torch.float64, n=5, seed=0) -> list[tuple[to
 def test_metrics_of_every_form_report_the_penalty_at_the_start_of_the_step(form, batches):
     model = mlp()
     loss = mse_loss_of(model)
-    step = fr.make_step(loss, fr.sgd(LR, momentum=0.9), penalty=the_penalty(model), form=form, learning_rate=LR)
+    step = fr.make_step(
+        loss, fr.sgd(LR, momentum=0.9), penalty=the_penalty(model), form=form, learning_rate=LR
+    )
     state = step.init(fr.params_of(model))
     for t, (x, y) in enumerate(batches):
         before = {k: v.clone() for k, v in state.params.items()}
@@ -93,7 +98,7 @@ def test_metrics_of_every_form_report_the_penalty_at_the_start_of_the_step(form,
 def test_metrics_without_a_penalty_hold_only_the_data_loss():
     model = mlp()
     step = fr.make_step(mse_loss_of(model), fr.adamw(1e-2))
-    (x, y), = fixed_batches(1)
+    ((x, y),) = fixed_batches(1)
     _, metrics = step(step.init(fr.params_of(model)), x, y)
     assert sorted(metrics) == ["data_loss"]
 
@@ -106,7 +111,7 @@ def test_has_aux_reports_aux_in_the_metrics():
         return torch.nn.functional.mse_loss(out, y), out.detach()
 
     step = fr.make_step(loss, fr.sgd(LR), has_aux=True)
-    (x, y), = fixed_batches(1)
+    ((x, y),) = fixed_batches(1)
     params = fr.params_of(model)
     _, metrics = step(step.init(params), x, y)
     assert_close(metrics["aux"], model(x).detach(), "aux")
@@ -125,10 +130,14 @@ def recording():
 @given(data=st.data())
 def test_loss_form_gradient_equals_autograd_of_loss_plus_penalty(dtype, data):
     model = mlp(dtype)
-    elements = st.floats(-1.5, 1.5, allow_nan=False, allow_subnormal=False, width=32).filter(lambda v: abs(v) > 1e-3)
+    elements = st.floats(-1.5, 1.5, allow_nan=False, allow_subnormal=False, width=32).filter(
+        lambda v: abs(v) > 1e-3
+    )
     # weights away from 0: |w| has a kink there, and both sides would pick the subgradient 0 anyway
     params = {
-        k: torch.from_numpy(data.draw(arrays(np.float32, tuple(p.shape), elements=elements), label=k)).to(dtype)
+        k: torch.from_numpy(data.draw(arrays(np.float32, tuple(p.shape), elements=elements), label=k)).to(
+            dtype
+        )
         for k, p in fr.params_of(model).items()
     }
     x, y = data.draw(regression_data(dtype), label="batch")
@@ -136,8 +145,11 @@ def test_loss_form_gradient_equals_autograd_of_loss_plus_penalty(dtype, data):
     state, metrics = step(step.init(params), x, y)
 
     leaves_ = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    out = torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(x, leaves_["0.weight"], leaves_["0.bias"])),
-                                     leaves_["2.weight"], leaves_["2.bias"])
+    out = torch.nn.functional.linear(
+        torch.tanh(torch.nn.functional.linear(x, leaves_["0.weight"], leaves_["0.bias"])),
+        leaves_["2.weight"],
+        leaves_["2.bias"],
+    )
     pen = hand_penalty(leaves_)
     total = torch.nn.functional.mse_loss(out, y) + pen["l2"] + pen["l1"]
     expected = dict(zip(leaves_, torch.autograd.grad(total, list(leaves_.values()))))
@@ -167,14 +179,16 @@ def test_metrics_report_the_step_penalty_when_tx_holds_another_penalty_form(form
 
 def bn_model(dtype=torch.float64) -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(3, 4, bias=False), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)).to(dtype)
+    return torch.nn.Sequential(
+        torch.nn.Linear(3, 4, bias=False), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)
+    ).to(dtype)
 
 
 def test_functional_model_leaves_the_callers_buffers_alone_but_functional_call_does_not():
     model = bn_model()
     params, buffers = fr.params_of(model), fr.buffers_of(model)
     original = {k: v.clone() for k, v in buffers.items()}
-    (x, _), = fixed_batches(1)
+    ((x, _),) = fixed_batches(1)
 
     _, new = fr.functional_model(model)(params, buffers, x)
     for k in buffers:
@@ -198,7 +212,9 @@ def test_a_step_with_buffers_mutates_neither_the_state_nor_the_module():
         out, new_buffers = apply(params, buffers, x)
         return torch.nn.functional.mse_loss(out, y), new_buffers
 
-    step = fr.make_step(loss, fr.sgd(LR, momentum=0.9), penalty=fr.l2(L2), form="decoupled", learning_rate=LR, buffers=True)
+    step = fr.make_step(
+        loss, fr.sgd(LR, momentum=0.9), penalty=fr.l2(L2), form="decoupled", learning_rate=LR, buffers=True
+    )
     buffers = fr.buffers_of(model)  # shares memory with the module
     snapshot = {k: v.clone() for k, v in buffers.items()}
     state0 = step.init(fr.params_of(model), buffers)
@@ -272,7 +288,9 @@ def test_compiled_step_equals_eager_and_compiles_once():
 
 def test_history_collects_metrics_over_steps():
     model = mlp()
-    step = fr.make_step(mse_loss_of(model), fr.sgd(LR), penalty=the_penalty(model), form="proximal", learning_rate=LR)
+    step = fr.make_step(
+        mse_loss_of(model), fr.sgd(LR), penalty=the_penalty(model), form="proximal", learning_rate=LR
+    )
     state = step.init(fr.params_of(model))
     history, seen = fr.History(), []
     for x, y in fixed_batches(4):
@@ -311,4 +329,3 @@ def test_history_skips_metrics_that_are_not_one_value_per_run_or_member():
     df = history.to_dataframe()
     assert len(df) == 2 and list(df.columns) == ["step", "data_loss"], df
     assert len(ensemble.to_dataframe()) == 3
-

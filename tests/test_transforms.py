@@ -207,7 +207,9 @@ def test_add_decayed_weights_adds_wd_times_w(problem, wd):
     params, grads = problem
     out, _ = updates_of(fr.add_decayed_weights(wd), params, grads)
     for u, g in zip(out, grads):
-        assert_lists_close(leaves(u), [x + wd * w for x, w in zip(leaves(g), leaves(params))], "add_decayed_weights")
+        assert_lists_close(
+            leaves(u), [x + wd * w for x, w in zip(leaves(g), leaves(params))], "add_decayed_weights"
+        )
 
 
 @PROPERTY
@@ -263,7 +265,11 @@ def test_clip_by_global_norm_matches_clip_grad_norm(foreach, problem, max_norm):
 )
 def test_apply_if_finite_skips_non_finite_updates_and_keeps_inner_state(problem, max_errors, data):
     params, grads = problem
-    bad = data.draw(st.lists(st.sampled_from([None, math.nan, math.inf, -math.inf]), min_size=len(grads), max_size=len(grads)))
+    bad = data.draw(
+        st.lists(
+            st.sampled_from([None, math.nan, math.inf, -math.inf]), min_size=len(grads), max_size=len(grads)
+        )
+    )
     corrupted = []
     for g, b in zip(grads, bad):
         g = {k: v.clone() for k, v in g.items()}
@@ -350,12 +356,16 @@ def transforms_under_test(names):
         "trace_nesterov": fr.trace(0.9, nesterov=True),
         "adam": fr.scale_by_adam(amsgrad=True),
         "add_decayed_weights": fr.add_decayed_weights(0.1),
-        "decoupled": fr.decoupled_weight_decay(0.1, learning_rate=fr.linear_schedule(0.5, 2.0, 3), scale_by="schedule"),
+        "decoupled": fr.decoupled_weight_decay(
+            0.1, learning_rate=fr.linear_schedule(0.5, 2.0, 3), scale_by="schedule"
+        ),
         "clip": fr.clip_by_global_norm(1.0),
         "masked": fr.masked(fr.trace(0.9), lambda tree: {k: k in chosen for k in tree}),
         "if_finite": fr.apply_if_finite(fr.scale_by_adam(), 2),
         "chain": fr.chain(fr.add_decayed_weights(0.1), fr.trace(0.5), fr.scale_by_learning_rate(0.1)),
-        "named_chain": fr.named_chain(("decay_step", fr.add_decayed_weights(0.1)), ("adam_step", fr.scale_by_adam())),
+        "named_chain": fr.named_chain(
+            ("decay_step", fr.add_decayed_weights(0.1)), ("adam_step", fr.scale_by_adam())
+        ),
         "sgd": fr.sgd(0.1, momentum=0.9, weight_decay=0.1),
         "adam_alias": fr.adam(0.1, weight_decay=0.1, amsgrad=True),
         "adamw_alias": fr.adamw(0.1, weight_decay=0.1),
@@ -518,7 +528,10 @@ def test_vmap_trace_keeps_float64_precision():
     """Under vmap the count is traced; momentum 0.9 must not be rounded to float32 (it was, once)."""
     tx = fr.trace(0.9, dampening=0.1)
     params = {"w": torch.zeros(2, dtype=torch.float64)}
-    grads = [{"w": torch.tensor([1.0, 2.0], dtype=torch.float64)}, {"w": torch.tensor([3.0, -1.0], dtype=torch.float64)}]
+    grads = [
+        {"w": torch.tensor([1.0, 2.0], dtype=torch.float64)},
+        {"w": torch.tensor([3.0, -1.0], dtype=torch.float64)},
+    ]
     # by hand: b1 = g1; b2 = 0.9 * g1 + (1 - 0.1) * g2
     expected = 0.9 * grads[0]["w"] + (1 - 0.1) * grads[1]["w"]
     batched = pytree.tree_map(lambda x: x.unsqueeze(0), tx.init(params))

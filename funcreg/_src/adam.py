@@ -6,7 +6,7 @@ trajectories; in a donated step the moments are updated in place, as torch does.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 
@@ -34,7 +34,7 @@ class ScaleByAdamState(NamedTuple):
     count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count, as in optax
     mu: PyTree
     nu: PyTree
-    nu_max: Optional[PyTree]
+    nu_max: PyTree | None
     steps: PyTree
 
 
@@ -80,11 +80,13 @@ def scale_by_adam(
         )
 
     def update(
-        updates: PyTree, state: ScaleByAdamState, params: Optional[PyTree] = None
+        updates: PyTree, state: ScaleByAdamState, params: PyTree | None = None
     ) -> tuple[PyTree, ScaleByAdamState]:
         expect_state(state, ScaleByAdamState, "scale_by_adam")
         f = flat(updates, params, "scale_by_adam")
-        mu, denom, t, new_state = adam_moments(f, state, f.present_updates(), b1, b2, amsgrad, "scale_by_adam")
+        mu, denom, t, new_state = adam_moments(
+            f, state, f.present_updates(), b1, b2, amsgrad, "scale_by_adam"
+        )
         bias_correction1 = leafwise.per_value(lambda x: 1 - leafwise.scalar_power(b1, x), t)
         bias_correction2 = leafwise.per_value(lambda x: 1 - leafwise.scalar_power(b2, x), t)
         leafwise.div_scalar_(denom, leafwise.per_value(leafwise.scalar_sqrt, bias_correction2))
@@ -95,7 +97,12 @@ def scale_by_adam(
 
     # complex parameters: Adam's g * g and sqrt(v) act on the real and imaginary parts, as in torch
     return configured(
-        as_real(GradientTransformation(init, update)), "scale_by_adam", b1=b1, b2=b2, eps=eps, amsgrad=amsgrad or None
+        as_real(GradientTransformation(init, update)),
+        "scale_by_adam",
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        amsgrad=amsgrad or None,
     )
 
 

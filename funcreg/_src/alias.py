@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -115,8 +115,15 @@ def adam(
     """
     tx = _adam_family("adam", learning_rate, betas, eps, weight_decay, False, amsgrad, maximize, None, fused)
     return configured(
-        tx, "adam", learning_rate, betas=betas, eps=eps, weight_decay=weight_decay,
-        amsgrad=amsgrad or None, maximize=maximize or None, fused=fused or None,
+        tx,
+        "adam",
+        learning_rate,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        amsgrad=amsgrad or None,
+        maximize=maximize or None,
+        fused=fused or None,
     )
 
 
@@ -127,7 +134,7 @@ def adamw(
     weight_decay: float = 1e-2,
     amsgrad: bool = False,
     maximize: bool = False,
-    mask: Optional[Any] = None,
+    mask: Any | None = None,
     fused: bool = False,
 ) -> GradientTransformation:
     """``torch.optim.AdamW``: Adam plus decoupled decay ``w <- w - lr_t * wd * w`` (lr-scaled, as torch).
@@ -153,8 +160,16 @@ def adamw(
     """
     tx = _adam_family("adamw", learning_rate, betas, eps, weight_decay, True, amsgrad, maximize, mask, fused)
     return configured(
-        tx, "adamw", learning_rate, betas=betas, eps=eps, weight_decay=weight_decay,
-        amsgrad=amsgrad or None, maximize=maximize or None, mask=mask, fused=fused or None,
+        tx,
+        "adamw",
+        learning_rate,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        amsgrad=amsgrad or None,
+        maximize=maximize or None,
+        mask=mask,
+        fused=fused or None,
     )
 
 
@@ -167,7 +182,7 @@ def _adam_family(
     decoupled: bool,
     amsgrad: bool,
     maximize: bool,
-    mask: Optional[Any],
+    mask: Any | None,
     fused: bool = False,
 ) -> GradientTransformation:
     """Adam/AdamW in one transform, equal to the chain in the docstrings but with fewer passes.
@@ -188,7 +203,9 @@ def _adam_family(
     moments = scale_by_adam(b1, b2, eps, amsgrad)  # its init is the state this transform keeps
     has_decay = not is_zero(weight_decay)
 
-    def update(updates: PyTree, state: ScaleByAdamState, params: Optional[PyTree] = None) -> tuple[PyTree, ScaleByAdamState]:
+    def update(
+        updates: PyTree, state: ScaleByAdamState, params: PyTree | None = None
+    ) -> tuple[PyTree, ScaleByAdamState]:
         expect_state(state, ScaleByAdamState, who)
         f = flat(updates, params, who, needs_params=has_decay)
         grads = f.present_updates()
@@ -199,7 +216,9 @@ def _adam_family(
         mu, denom, t, new_state = adam_moments(f, state, grads, b1, b2, amsgrad, who)
         lr = schedule_value(learning_rate, leafwise.concrete(state.count))
         bias_correction1 = leafwise.per_value(lambda x: 1 - leafwise.scalar_power(b1, x), t)
-        bias_correction2_sqrt = leafwise.per_value(lambda x: leafwise.scalar_sqrt(1 - leafwise.scalar_power(b2, x)), t)
+        bias_correction2_sqrt = leafwise.per_value(
+            lambda x: leafwise.scalar_sqrt(1 - leafwise.scalar_power(b2, x)), t
+        )
         # m / (sqrt(v) / c + eps) == c * m / (sqrt(v) + eps * c) with c = sqrt(1 - b2^t): one pass
         # over the moments fewer than torch's sqrt-div-add, equal up to rounding
         leafwise.add_scalar_(denom, leafwise.per_value(lambda c: eps * c, bias_correction2_sqrt))
@@ -229,6 +248,8 @@ def _adam_family(
     # moments.init is already complex-aware; the update views complex leaves as real, as torch does
     tx = as_real(GradientTransformation(moments.init, update))
     # a donated step runs torch.optim's own kernels (fused, or its foreach sequence): see _src/fused.py
-    kernel = AdamKernel(who, learning_rate, b1, b2, eps, weight_decay, decoupled, amsgrad, maximize, mask, fused)
+    kernel = AdamKernel(
+        who, learning_rate, b1, b2, eps, weight_decay, decoupled, amsgrad, maximize, mask, fused
+    )
     setattr(tx.update, FUSED_ATTR, kernel)
     return tx

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional, Protocol, cast
+from typing import Any, NamedTuple, Protocol, cast
 
 import torch
 
@@ -22,7 +22,7 @@ class TransformInitFn(Protocol):
 class TransformUpdateFn(Protocol):
     """``update(updates, state, params=None) -> (updates, state)``."""
 
-    def __call__(self, updates: PyTree, state: Any, params: Optional[PyTree] = None) -> tuple[PyTree, Any]: ...
+    def __call__(self, updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, Any]: ...
 
 
 class GradientTransformation(NamedTuple):
@@ -75,7 +75,7 @@ def identity() -> GradientTransformation:
         del params
         return EmptyState()
 
-    def update(updates: PyTree, state: EmptyState, params: Optional[PyTree] = None) -> tuple[PyTree, EmptyState]:
+    def update(updates: PyTree, state: EmptyState, params: PyTree | None = None) -> tuple[PyTree, EmptyState]:
         del params
         return updates, state
 
@@ -102,7 +102,7 @@ class Flat(NamedTuple):
     """
 
     updates: list[Any]
-    params: Optional[list[Any]]
+    params: list[Any] | None
     spec: TreeSpec
     index: list[int]  # type: ignore[assignment]  # a field named like tuple.index, on purpose
 
@@ -128,11 +128,11 @@ class Flat(NamedTuple):
             out[i] = v
         return out
 
-    def tree(self, values: list[Any], base: Optional[list[Any]] = None) -> PyTree:
+    def tree(self, values: list[Any], base: list[Any] | None = None) -> PyTree:
         """A tree with ``values`` at the present positions and ``base`` (default: the updates) elsewhere."""
         return unflatten(self.replace(self.updates if base is None else base, values), self.spec)
 
-    def restrict(self, leaves: Optional[list[Any]], keep: list[bool]) -> PyTree:
+    def restrict(self, leaves: list[Any] | None, keep: list[bool]) -> PyTree:
         """The tree of ``leaves`` with ``None`` wherever ``keep`` is false (``None`` for no leaves)."""
         if leaves is None:
             return None
@@ -160,7 +160,9 @@ class Flat(NamedTuple):
                     "but it now has an update)"
                 )
             if not isinstance(s, torch.Tensor):
-                raise LeafTypeError(f"{who} state {field!r} for {self.name(i)!r} is {_kind(s)}, expected a tensor")
+                raise LeafTypeError(
+                    f"{who} state {field!r} for {self.name(i)!r} is {_kind(s)}, expected a tensor"
+                )
             if not per_element:
                 if s.ndim != 0:
                     raise ContractError(
@@ -183,7 +185,9 @@ class Flat(NamedTuple):
 
 def _check_update(u: Any, spec: TreeSpec, n: int, i: int, who: str) -> None:
     if not isinstance(u, torch.Tensor):
-        raise LeafTypeError(f"{who}: the update for {_name_at(spec, n, i)!r} is {_kind(u)}, expected a tensor or None")
+        raise LeafTypeError(
+            f"{who}: the update for {_name_at(spec, n, i)!r} is {_kind(u)}, expected a tensor or None"
+        )
     if not (u.is_floating_point() or u.is_complex()):
         raise LeafTypeError(
             f"{who}: the update for {_name_at(spec, n, i)!r} has dtype {u.dtype}, expected a floating-point "
@@ -213,7 +217,7 @@ def _check_param(p: Any, u: torch.Tensor, spec: TreeSpec, n: int, i: int, who: s
         )
 
 
-def flat(updates: PyTree, params: Optional[PyTree], who: str, needs_params: bool = False) -> Flat:
+def flat(updates: PyTree, params: PyTree | None, who: str, needs_params: bool = False) -> Flat:
     """Flattens ``updates`` (and ``params``) and enforces the per-parameter contract.
 
     The one piece of tree plumbing every transform, combinator, form and :func:`funcreg.apply_updates`
@@ -235,18 +239,28 @@ def flat(updates: PyTree, params: Optional[PyTree], who: str, needs_params: bool
         check_same_spec(p_spec, spec, "params", "updates")
         for i in index:
             _check_param(p_leaves[i], u_leaves[i], spec, n, i, who)
-        if dtensor_type() is not None:  # DTensor leaves (FSDP2, tensor parallel): updates take their parameter's layout
+        # DTensor leaves (FSDP2, tensor parallel): updates take their parameter's layout
+        dtensor = dtensor_type()
+        if dtensor is not None:
             for i in index:
+                if not (isinstance(u_leaves[i], dtensor) or isinstance(p_leaves[i], dtensor)):
+                    continue
                 # cast: mypy cannot infer a lambda with a default argument against Callable[[], str]
                 u_leaves[i] = match_layout(
-                    u_leaves[i], p_leaves[i], cast("Callable[[], str]", lambda i=i: _name_at(spec, n, i)), who
+                    u_leaves[i],
+                    p_leaves[i],
+                    dtensor,
+                    cast("Callable[[], str]", lambda i=i: _name_at(spec, n, i)),
+                    who,
                 )
     elif needs_params:
         raise ValueError(f"{who} needs the parameters: call update(updates, state, params)")
     return Flat(u_leaves, p_leaves, spec, index)
 
 
-def begin(updates: PyTree, state: Any, params: Optional[PyTree], cls: type, who: str, needs_params: bool = False) -> Flat:
+def begin(
+    updates: PyTree, state: Any, params: PyTree | None, cls: type, who: str, needs_params: bool = False
+) -> Flat:
     """The first lines of a stateful ``update``: the state is the ``cls`` its ``init`` returns, and the
     trees keep the per-parameter contract (:func:`flat`)."""
     expect_state(state, cls, who)
@@ -287,7 +301,10 @@ def find_states(state: Any, cls: type) -> list[Any]:
 def per_param_zeros(params: PyTree) -> PyTree:
     """A state tree of zeros shaped like each parameter (``None`` stays ``None``)."""
     leaves, spec = flatten(params)
-    return unflatten([None if p is None else torch.zeros_like(p, memory_format=torch.preserve_format) for p in leaves], spec)
+    return unflatten(
+        [None if p is None else torch.zeros_like(p, memory_format=torch.preserve_format) for p in leaves],
+        spec,
+    )
 
 
 def per_param_counts(params: PyTree) -> PyTree:
@@ -297,7 +314,9 @@ def per_param_counts(params: PyTree) -> PyTree:
     not stepped, so its Adam bias corrections and its first momentum step come later than others'.
     """
     leaves, spec = flatten(params)
-    return unflatten([None if p is None else torch.zeros((), dtype=torch.int64, device=p.device) for p in leaves], spec)
+    return unflatten(
+        [None if p is None else torch.zeros((), dtype=torch.int64, device=p.device) for p in leaves], spec
+    )
 
 
 def advance_steps(f: Flat, steps: PyTree, who: str) -> tuple[list[Any], list[torch.Tensor], Any]:

@@ -39,7 +39,9 @@ def state_dict(state: PyTree) -> dict[str, Any]:
     names = leaf_names(state)
     for name, leaf in zip(names, leaves):
         if leaf is not None and not isinstance(leaf, torch.Tensor):
-            raise TypeError(f"state leaf {name!r} is a {type(leaf).__name__}; a checkpoint holds tensors only")
+            raise TypeError(
+                f"state leaf {name!r} is a {type(leaf).__name__}; a checkpoint holds tensors only"
+            )
     return {
         "format": FORMAT,
         "structure": _structure(state),
@@ -93,7 +95,9 @@ def load_state_dict(template: PyTree, checkpoint: dict[str, Any]) -> PyTree:
     for name, ref in zip(t_names, t_leaves):
         value = by_name[name]
         if (ref is None) != (value is None):
-            raise ValueError(f"checkpoint entry {name!r} is {'None' if value is None else 'a tensor'}, the state's is not")
+            raise ValueError(
+                f"checkpoint entry {name!r} is {'None' if value is None else 'a tensor'}, the state's is not"
+            )
         if ref is not None:
             if value.shape != ref.shape or value.dtype != ref.dtype:
                 raise ValueError(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Union
 
 from funcreg._src.base import GradientTransformation, expect_state, flat
 from funcreg._src.describe import configured
@@ -33,10 +33,14 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def init(params: PyTree) -> tuple[Any, ...]:
         return tuple(tx.init(params) for tx in transforms)
 
-    def update(updates: PyTree, state: tuple[Any, ...], params: Optional[PyTree] = None) -> tuple[PyTree, tuple[Any, ...]]:
+    def update(
+        updates: PyTree, state: tuple[Any, ...], params: PyTree | None = None
+    ) -> tuple[PyTree, tuple[Any, ...]]:
         if not isinstance(state, tuple) or hasattr(state, "_fields"):
             got = "None (call tx.init(params) first)" if state is None else f"a {type(state).__name__}"
-            raise LeafTypeError(f"chain of {len(transforms)} transforms expects a tuple of their states, got {got}")
+            raise LeafTypeError(
+                f"chain of {len(transforms)} transforms expects a tuple of their states, got {got}"
+            )
         if len(state) != len(transforms):
             raise ValueError(f"chain of {len(transforms)} transforms got a state with {len(state)} entries")
         new_states = []
@@ -69,7 +73,9 @@ def named_chain(*named_transforms: tuple[str, GradientTransformation]) -> Gradie
     def init(params: PyTree) -> dict[str, Any]:
         return {name: tx.init(params) for name, tx in named_transforms}
 
-    def update(updates: PyTree, state: dict[str, Any], params: Optional[PyTree] = None) -> tuple[PyTree, dict[str, Any]]:
+    def update(
+        updates: PyTree, state: dict[str, Any], params: PyTree | None = None
+    ) -> tuple[PyTree, dict[str, Any]]:
         if not isinstance(state, dict):
             got = "None (call tx.init(params) first)" if state is None else f"a {type(state).__name__}"
             raise LeafTypeError(f"named_chain expects a dict of its transforms' states, got {got}")
@@ -140,10 +146,15 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labels) 
         values = resolve(params)
         leaves, spec = flatten(params)
         return PartitionState(
-            {label: tx.init(unflatten(restrict(leaves, values, label), spec)) for label, tx in transforms.items()}
+            {
+                label: tx.init(unflatten(restrict(leaves, values, label), spec))
+                for label, tx in transforms.items()
+            }
         )
 
-    def update(updates: PyTree, state: PartitionState, params: Optional[PyTree] = None) -> tuple[PyTree, PartitionState]:
+    def update(
+        updates: PyTree, state: PartitionState, params: PyTree | None = None
+    ) -> tuple[PyTree, PartitionState]:
         expect_state(state, PartitionState, "partition")
         f = flat(updates, params, "partition")
         # a group whose gradients are all None at this step (frozen, unused) is fine here: the
@@ -153,7 +164,9 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labels) 
         new_states = {}
         for label, tx in transforms.items():
             keep = [v == label for v in values]
-            sub, new_states[label] = tx.update(f.restrict(f.updates, keep), state.inner_states[label], f.restrict(f.params, keep))
+            sub, new_states[label] = tx.update(
+                f.restrict(f.updates, keep), state.inner_states[label], f.restrict(f.params, keep)
+            )
             for i, n in enumerate(f.merge(sub, keep, f"partition transform {label!r}'s updates")):
                 if keep[i]:
                     out[i] = n

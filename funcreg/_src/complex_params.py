@@ -9,7 +9,7 @@ applies the same view. Squaring a complex gradient directly would be silently wr
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -49,7 +49,7 @@ def as_real(tx: GradientTransformation) -> GradientTransformation:
             return tx.init(params)
         return tx.init(unflatten(_real(leaves), spec))
 
-    def update(updates: PyTree, state: Any, params: Optional[PyTree] = None) -> tuple[PyTree, Any]:
+    def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, Any]:
         u_leaves, spec = flatten(updates)
         p_leaves = None if params is None else flatten(params)[0]
         if not _has_complex(u_leaves) and (p_leaves is None or not _has_complex(p_leaves)):
@@ -58,7 +58,9 @@ def as_real(tx: GradientTransformation) -> GradientTransformation:
         out, state = tx.update(unflatten(_real(u_leaves), spec), state, real_params)
         o_leaves, o_spec = flatten(out)
         back = [
-            torch.view_as_complex(o if o.is_contiguous() else o.contiguous()) if isinstance(u, torch.Tensor) and u.is_complex() and o is not None else o
+            torch.view_as_complex(o if o.is_contiguous() else o.contiguous())
+            if isinstance(u, torch.Tensor) and u.is_complex() and o is not None
+            else o
             for o, u in zip(o_leaves, u_leaves)
         ]
         return unflatten(back, o_spec), state

@@ -27,7 +27,11 @@ def fmt(value: Any) -> str:
     if isinstance(value, float):
         return repr(value)  # the shortest text that reads back as the same float
     if isinstance(value, torch.Tensor):
-        if value.ndim == 0 and not torch._C._functorch.is_functorch_wrapped_tensor(value) and value.device.type != "meta":
+        if (
+            value.ndim == 0
+            and not torch._C._functorch.is_functorch_wrapped_tensor(value)
+            and value.device.type != "meta"
+        ):
             return f"tensor({value.item()!r})"
         return f"tensor(shape={tuple(value.shape)})"
     if isinstance(value, tuple) and getattr(value, "_fields", None) == ("init", "update"):

@@ -229,7 +229,8 @@ def sparsity(
             a = a.to(torch.float64)  # compare exact values: float32(0.1) > 0.1
         if x.numel() == 0:
             count = 0
-        elif relative_threshold is not None:  # full_value: a sharded (DTensor) leaf's global count, not its shard's
+        elif relative_threshold is not None:
+            # full_value: a sharded (DTensor) leaf's global count, not its shard's
             cutoff = full_value(a.max()) * relative_threshold
             count = int(full_value(((a < cutoff) | (a == 0)).sum()))
         else:

@@ -9,7 +9,7 @@ with one batch shared by all members or one batch per member, and per-member ran
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from funcreg._src.training import Step, TrainState
 from funcreg._src.tree import PyTree, check_same_spec, flatten, leaf_names, unflatten
 
 Batch = Literal["shared", "per_member"]
+
 
 def stack(trees: Sequence[PyTree]) -> PyTree:
     """Stacks trees of the same structure and shapes along a new leading axis.
@@ -74,7 +75,7 @@ def num_members(tree: PyTree) -> int:
     """
     leaves, _ = flatten(tree)
     names = leaf_names(tree)
-    n: Optional[int] = None
+    n: int | None = None
     first_name = ""
     for name, x in zip(names, leaves):
         if not isinstance(x, torch.Tensor):
@@ -84,13 +85,17 @@ def num_members(tree: PyTree) -> int:
         if n is None:
             n, first_name = x.shape[0], name
         elif x.shape[0] != n:
-            raise ValueError(f"{name!r} has {x.shape[0]} members along its leading axis, {first_name!r} has {n}")
+            raise ValueError(
+                f"{name!r} has {x.shape[0]} members along its leading axis, {first_name!r} has {n}"
+            )
     if n is None:
         raise ValueError("the tree has no tensors")
     return n
 
 
-def init_members(make_model: Callable[[], nn.Module], seeds: Iterable[int]) -> tuple[PyTree, PyTree, nn.Module]:
+def init_members(
+    make_model: Callable[[], nn.Module], seeds: Iterable[int]
+) -> tuple[PyTree, PyTree, nn.Module]:
     """Builds one model per seed (outside vmap) and returns their stacked params and buffers.
 
     ``make_model()`` is called after ``torch.manual_seed(seed)`` for each seed; torch's global random
@@ -123,7 +128,7 @@ def init_members(make_model: Callable[[], nn.Module], seeds: Iterable[int]) -> t
     return params, buffers, models[0]
 
 
-def vmap(fn: Callable[..., Any], in_dims: Union[int, None, Sequence[Optional[int]]] = 0) -> Callable[..., Any]:
+def vmap(fn: Callable[..., Any], in_dims: int | None | Sequence[int | None] = 0) -> Callable[..., Any]:
     """``torch.func.vmap`` for functions whose argument and result trees hold ``None`` leaves.
 
     ``torch.func.vmap`` accepts only tensors as leaves, but funcreg states hold ``None`` for
@@ -154,9 +159,11 @@ def vmap(fn: Callable[..., Any], in_dims: Union[int, None, Sequence[Optional[int
             raise TypeError(f"in_dims has {len(dims_given)} entries for {len(args)} arguments")
         for d in dims_given:
             if d not in (0, None):
-                raise ValueError(f"Invalid in_dims entry: {d!r} (funcreg's vmap maps over axis 0 or shares: 0 or None)")
+                raise ValueError(
+                    f"Invalid in_dims entry: {d!r} (funcreg's vmap maps over axis 0 or shares: 0 or None)"
+                )
         leaves: list[Any] = []
-        dims: list[Optional[int]] = []
+        dims: list[int | None] = []
         specs = []
         for arg, dim in zip(args, dims_given):
             arg_leaves, arg_spec = flatten(arg)
@@ -177,7 +184,9 @@ def vmap(fn: Callable[..., Any], in_dims: Union[int, None, Sequence[Optional[int
             out_leaves, out_spec = flatten(fn(*rebuilt))
             for x in out_leaves:
                 if x is not None and not isinstance(x, torch.Tensor):
-                    raise TypeError(f"a vmapped step may only return tensors and None, got {type(x).__name__}")
+                    raise TypeError(
+                        f"a vmapped step may only return tensors and None, got {type(x).__name__}"
+                    )
             out_layout["spec"] = out_spec
             out_layout["tensor"] = [x is not None for x in out_leaves]
             return tuple(x for x in out_leaves if x is not None)
@@ -199,7 +208,9 @@ class EnsembleStep:
         self.batch = batch
         self._donations = DonationTracker()
 
-    def init(self, params: PyTree, buffers: Optional[PyTree] = None, hparams: Optional[dict[str, Any]] = None) -> TrainState:
+    def init(
+        self, params: PyTree, buffers: PyTree | None = None, hparams: dict[str, Any] | None = None
+    ) -> TrainState:
         """The stacked :class:`funcreg.TrainState` of all members.
 
         ``params`` (and ``buffers``) are stacked trees; each ``hparams`` value is a float (shared by

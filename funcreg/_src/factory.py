@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional, cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -48,7 +48,7 @@ class OptimizerSpec:
     form: str
     lr: float = 1e-3
     weight_decay: float = 0.0
-    fused: Optional[Callable[..., GradientTransformation]] = None
+    fused: Callable[..., GradientTransformation] | None = None
     description: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -102,8 +102,14 @@ _register(
 )
 
 
-def _torch_like(name: str, build: Callable[..., GradientTransformation], hyperparameters: dict[str, Any], lr: float,
-                form: str = "coupled", description: str = "") -> None:
+def _torch_like(
+    name: str,
+    build: Callable[..., GradientTransformation],
+    hyperparameters: dict[str, Any],
+    lr: float,
+    form: str = "coupled",
+    description: str = "",
+) -> None:
     """An optimizer whose alias takes torch's arguments (``weight_decay``, ``maximize`` included)."""
     _register(
         OptimizerSpec(
@@ -112,7 +118,9 @@ def _torch_like(name: str, build: Callable[..., GradientTransformation], hyperpa
             hyperparameters=hyperparameters,
             form=form,
             lr=lr,
-            fused=lambda lr, weight_decay, maximize, **h: build(lr, weight_decay=weight_decay, maximize=maximize, **h),
+            fused=lambda lr, weight_decay, maximize, **h: build(
+                lr, weight_decay=weight_decay, maximize=maximize, **h
+            ),
             description=description or f"torch.optim.{name}: weight_decay is {form} L2",
         )
     )
@@ -121,11 +129,19 @@ def _torch_like(name: str, build: Callable[..., GradientTransformation], hyperpa
 _torch_like("adamax", alias_torch.adamax, {"betas": (0.9, 0.999), "eps": 1e-8}, 2e-3)
 _torch_like("nadam", alias_torch.nadam, {"betas": (0.9, 0.999), "eps": 1e-8, "momentum_decay": 4e-3}, 2e-3)
 _torch_like("radam", alias_torch.radam, {"betas": (0.9, 0.999), "eps": 1e-8}, 1e-3)
-_torch_like("rmsprop", alias_torch.rmsprop, {"alpha": 0.99, "eps": 1e-8, "momentum": 0.0, "centered": False}, 1e-2)
-_torch_like("adagrad", alias_torch.adagrad, {"lr_decay": 0.0, "initial_accumulator_value": 0.0, "eps": 1e-10}, 1e-2)
+_torch_like(
+    "rmsprop", alias_torch.rmsprop, {"alpha": 0.99, "eps": 1e-8, "momentum": 0.0, "centered": False}, 1e-2
+)
+_torch_like(
+    "adagrad", alias_torch.adagrad, {"lr_decay": 0.0, "initial_accumulator_value": 0.0, "eps": 1e-10}, 1e-2
+)
 _torch_like("adadelta", alias_torch.adadelta, {"rho": 0.9, "eps": 1e-6}, 1.0)
 _torch_like(
-    "lion", alias_recent.lion, {"betas": (0.9, 0.99)}, 1e-4, form="decoupled",
+    "lion",
+    alias_recent.lion,
+    {"betas": (0.9, 0.99)},
+    1e-4,
+    form="decoupled",
     description="Lion (Chen et al., 2023): weight_decay is decoupled, w <- w - lr * wd * w",
 )
 
@@ -157,9 +173,9 @@ def build_transform(
     spec: OptimizerSpec,
     lr: ScalarOrSchedule,
     weight_decay: Any = 0.0,
-    mask: Optional[MaskLike] = None,
-    penalty: Optional[Penalty] = None,
-    form: Optional[str] = None,
+    mask: MaskLike | None = None,
+    penalty: Penalty | None = None,
+    form: str | None = None,
     maximize: bool = False,
     **hyperparameters: Any,
 ) -> GradientTransformation:
@@ -179,7 +195,9 @@ def build_transform(
     if form not in FORMS:
         raise ValueError(f"Invalid form value: {form!r} (expected one of {', '.join(map(repr, FORMS))})")
     if penalty is not None and not isinstance(penalty, Penalty):
-        raise TypeError(f"penalty must be a funcreg penalty (fr.l1(...), fr.l2(...), ...), got {type(penalty).__name__}")
+        raise TypeError(
+            f"penalty must be a funcreg penalty (fr.l1(...), fr.l2(...), ...), got {type(penalty).__name__}"
+        )
     check_number("weight_decay", weight_decay, low=0.0)
     hp = _check_hyperparameters(spec, hyperparameters)
     has_decay = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
@@ -223,9 +241,9 @@ def group_factory(name: str) -> tuple[Callable[..., GradientTransformation], dic
     def factory(
         lr: float,
         weight_decay: float = spec.weight_decay,
-        penalty: Optional[Penalty] = None,
-        form: Optional[str] = None,
-        mask: Optional[MaskLike] = None,
+        penalty: Penalty | None = None,
+        form: str | None = None,
+        mask: MaskLike | None = None,
         maximize: bool = False,
         **options: Any,
     ) -> GradientTransformation:
@@ -252,7 +270,7 @@ def _names_and_tree(model_or_params: Any) -> tuple[Any, list[tuple[str, torch.Te
     )
 
 
-def _selection(decay: Any, source: Any, names: list[str], weight_decay: Any) -> Optional[Selection]:
+def _selection(decay: Any, source: Any, names: list[str], weight_decay: Any) -> Selection | None:
     """The decay selection as a :class:`Selection` over ``names`` (``None``: no decay at all)."""
     if decay is None:
         try:
@@ -268,24 +286,29 @@ def _selection(decay: Any, source: Any, names: list[str], weight_decay: Any) -> 
     if isinstance(decay, Selection):
         decay.resolve({n: None for n in names})  # every name present, no extra: raises otherwise
         return decay
-    tree = {n: p.detach() for n, p in (source.named_parameters() if isinstance(source, nn.Module) else source.items())}
+    tree = {
+        n: p.detach()
+        for n, p in (source.named_parameters() if isinstance(source, nn.Module) else source.items())
+    }
     produced = decay(source) if callable(decay) else decay
     if isinstance(produced, Selection):
         produced.resolve(tree)
         return produced
     keep = resolve_mask(produced, tree, "decay")
-    return Selection(dict(zip(leaf_names(tree), keep)), reasons={n: "decay mask" for n in names}, label="decay")
+    return Selection(
+        dict(zip(leaf_names(tree), keep)), reasons={n: "decay mask" for n in names}, label="decay"
+    )
 
 
 def create_optimizer(
     model_or_params: Any,
     name: str = "adamw",
-    lr: Optional[float] = None,
-    weight_decay: Optional[float] = None,
+    lr: float | None = None,
+    weight_decay: float | None = None,
     *,
     decay: Any = None,
-    penalty: Optional[Penalty] = None,
-    form: Optional[str] = None,
+    penalty: Penalty | None = None,
+    form: str | None = None,
     **hyperparameters: Any,
 ) -> Any:
     """A ready :class:`funcreg.TorchOptimizer` in one line: ``fr.create_optimizer(model, "adamw", lr=1e-3)``.
@@ -351,11 +374,17 @@ def create_optimizer(
     if form is not None:
         options["form"] = form
     if selection is None or all(selection.values()):
-        groups: list[dict[str, Any]] = [{"params": named, "name": "decay" if selection is not None else "all"}]
+        groups: list[dict[str, Any]] = [
+            {"params": named, "name": "decay" if selection is not None else "all"}
+        ]
     else:
         groups = [
             {"params": [(n, p) for n, p in named if selection[n]], "name": "decay"},
-            {"params": [(n, p) for n, p in named if not selection[n]], "name": "no_decay", "weight_decay": 0.0},
+            {
+                "params": [(n, p) for n, p in named if not selection[n]],
+                "name": "no_decay",
+                "weight_decay": 0.0,
+            },
         ]
         if not groups[0]["params"]:
             groups = groups[1:]
@@ -368,12 +397,12 @@ def create_optimizer(
 def create_transform(
     model_or_params: Any,
     name: str = "adamw",
-    lr: Optional[ScalarOrSchedule] = None,
-    weight_decay: Optional[float] = None,
+    lr: ScalarOrSchedule | None = None,
+    weight_decay: float | None = None,
     *,
     decay: Any = None,
-    penalty: Optional[Penalty] = None,
-    form: Optional[str] = None,
+    penalty: Penalty | None = None,
+    form: str | None = None,
     **hyperparameters: Any,
 ) -> GradientTransformation:
     """The functional twin of :func:`create_optimizer`: the same optimizer as one transform.
@@ -398,5 +427,5 @@ def create_transform(
     maximize = hyperparameters.pop("maximize", False)
     source, named = _names_and_tree(model_or_params)
     selection = _selection(decay, source, [n for n, _ in named], weight_decay)
-    mask: Optional[Selection] = None if selection is None or all(selection.values()) else selection
+    mask: Selection | None = None if selection is None or all(selection.values()) else selection
     return build_transform(spec, lr, weight_decay, mask, penalty, form, maximize, **hyperparameters)

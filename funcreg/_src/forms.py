@@ -18,7 +18,7 @@ For plain SGD without momentum the coupled edit also equals the decoupled update
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -56,7 +56,9 @@ def penalty_metrics(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _check_penalty(penalty: Any, who: str) -> None:
     if not isinstance(penalty, Penalty):
-        raise TypeError(f"{who} expects a funcreg penalty (fr.l2, fr.l1, fr.penalty, ...), got {type(penalty).__name__}")
+        raise TypeError(
+            f"{who} expects a funcreg penalty (fr.l2, fr.l1, fr.penalty, ...), got {type(penalty).__name__}"
+        )
 
 
 def _report(penalty: Penalty, fp: FlatParams, count: torch.Tensor) -> PenaltyState:
@@ -127,16 +129,22 @@ def add_penalty_grad(penalty: Penalty) -> GradientTransformation:
         (tensor([-0.1000,  0.1000]), tensor(0.5000))
     """
     _check_penalty(penalty, "add_penalty_grad")
-    return configured(_gradient_edit(penalty, "add_penalty_grad", lambda count: 1.0), "add_penalty_grad", penalty)
+    return configured(
+        _gradient_edit(penalty, "add_penalty_grad", lambda count: 1.0), "add_penalty_grad", penalty
+    )
 
 
-def _gradient_edit(penalty: Penalty, who: str, alpha: Callable[[torch.Tensor], Any]) -> GradientTransformation:
+def _gradient_edit(
+    penalty: Penalty, who: str, alpha: Callable[[torch.Tensor], Any]
+) -> GradientTransformation:
     """``u <- u + alpha(count) * grad P(w)``: the coupled form (alpha 1) and the decoupled one (-s_t)."""
 
     def init(params: PyTree) -> PenaltyState:
         return _report(penalty, FlatParams.of(params), init_count(params))
 
-    def update(updates: PyTree, state: PenaltyState, params: Optional[PyTree] = None) -> tuple[PyTree, PenaltyState]:
+    def update(
+        updates: PyTree, state: PenaltyState, params: PyTree | None = None
+    ) -> tuple[PyTree, PenaltyState]:
         expect_state(state, PenaltyState, who)
         f = flat(updates, params, who, needs_params=True)
         fp = FlatParams.of(params)
@@ -145,20 +153,22 @@ def _gradient_edit(penalty: Penalty, who: str, alpha: Callable[[torch.Tensor], A
         idx = [i for i in f.index if grads[i] is not None]
         out = list(f.updates)
         present_grads = cast("list[torch.Tensor]", [grads[i] for i in idx])  # idx: where grads are not None
-        for i, n in zip(idx, leafwise.add([f.updates[i] for i in idx], present_grads, alpha=alpha(state.count))):
+        for i, n in zip(
+            idx, leafwise.add([f.updates[i] for i in idx], present_grads, alpha=alpha(state.count))
+        ):
             out[i] = n
         return f.tree([out[i] for i in f.index]), _report(penalty, fp, state.count + 1)
 
     return GradientTransformation(init, update)
 
 
-def _step_size(learning_rate: Optional[ScalarOrSchedule], count: torch.Tensor) -> Any:
+def _step_size(learning_rate: ScalarOrSchedule | None, count: torch.Tensor) -> Any:
     if learning_rate is None:
         return 1.0
     return schedule_value(learning_rate, leafwise.concrete(count))
 
 
-def decoupled(penalty: Penalty, learning_rate: Optional[ScalarOrSchedule] = None) -> GradientTransformation:
+def decoupled(penalty: Penalty, learning_rate: ScalarOrSchedule | None = None) -> GradientTransformation:
     """The decoupled form: ``u <- u - s_t * grad P(w)``, placed after the learning-rate scaling.
 
     ``s_t`` follows :func:`funcreg.decoupled_weight_decay`: the learning rate (or schedule value) at
@@ -198,7 +208,9 @@ def proximal(penalty: Penalty, learning_rate: ScalarOrSchedule) -> GradientTrans
     _check_penalty(penalty, "proximal")
     check_rate("learning_rate", learning_rate)
     if not penalty.has_prox:
-        raise NotImplementedError(f"penalty {penalty.name!r} has no closed-form proximal map; use another form")
+        raise NotImplementedError(
+            f"penalty {penalty.name!r} has no closed-form proximal map; use another form"
+        )
 
     def init(params: PyTree) -> PenaltyState:
         fp = FlatParams.of(params)
@@ -209,7 +221,9 @@ def proximal(penalty: Penalty, learning_rate: ScalarOrSchedule) -> GradientTrans
             raise NotImplementedError(reason)
         return _report(penalty, fp, init_count(params))
 
-    def update(updates: PyTree, state: PenaltyState, params: Optional[PyTree] = None) -> tuple[PyTree, PenaltyState]:
+    def update(
+        updates: PyTree, state: PenaltyState, params: PyTree | None = None
+    ) -> tuple[PyTree, PenaltyState]:
         expect_state(state, PenaltyState, "proximal")
         f = flat(updates, params, "proximal", needs_params=True)
         fp = FlatParams.of(params)

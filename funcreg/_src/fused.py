@@ -13,7 +13,7 @@ falls back to the generic donated step, which equals the pure one bit for bit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -42,12 +42,16 @@ class AdamKernel:
     mask: Any
     fused: bool
 
-    def __call__(self, grads: PyTree, state: Any, params: PyTree) -> Optional[tuple[PyTree, Any]]:
+    def __call__(self, grads: PyTree, state: Any, params: PyTree) -> tuple[PyTree, Any] | None:
         """One donated step in the fused kernel, or ``None`` where the kernel does not apply."""
         from funcreg._src.selection import resolve_mask
         from funcreg._src.transform import ScaleByAdamState
 
-        if compiling() or torch._C._are_functorch_transforms_active() or isinstance(self.weight_decay, torch.Tensor):
+        if (
+            compiling()
+            or torch._C._are_functorch_transforms_active()
+            or isinstance(self.weight_decay, torch.Tensor)
+        ):
             return None
         expect_state(state, ScaleByAdamState, self.who)
         f = flat(grads, params, self.who, needs_params=True)
@@ -66,27 +70,54 @@ class AdamKernel:
         wd = float(self.weight_decay)
         if self.mask is not None and self.decoupled:
             keep = f.present(resolve_mask(self.mask, params))
-            groups = [([i for i, k in enumerate(keep) if k], wd), ([i for i, k in enumerate(keep) if not k], 0.0)]
+            groups = [
+                ([i for i, k in enumerate(keep) if k], wd),
+                ([i for i, k in enumerate(keep) if not k], 0.0),
+            ]
         else:
             groups = [(list(range(len(ps))), wd)]
         for index, group_wd in groups:
             if not index:
                 continue
-            pick = lambda xs: [xs[i] for i in index]  # noqa: E731
-            group = (pick(ps), pick(gs), pick(mu), pick(nu), pick(nu_max) if nu_max is not None else [], pick(steps))
+            pick = lambda xs, index=index: [xs[i] for i in index]  # noqa: E731
+            group = (
+                pick(ps),
+                pick(gs),
+                pick(mu),
+                pick(nu),
+                pick(nu_max) if nu_max is not None else [],
+                pick(steps),
+            )
             (self._fused if self.fused else self._foreach)(*group, lr, group_wd)
         state.count.add_(1)
         return params, state
 
-    def _fused(self, ps: list, gs: list, mu: list, nu: list, nu_max: list, steps: list, lr: float, wd: float) -> None:
+    def _fused(
+        self, ps: list, gs: list, mu: list, nu: list, nu_max: list, steps: list, lr: float, wd: float
+    ) -> None:
         torch._foreach_add_(steps, 1)
         kernel = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
         kernel(
-            ps, gs, mu, nu, nu_max, steps, lr=lr, beta1=self.b1, beta2=self.b2, weight_decay=wd, eps=self.eps,
-            amsgrad=self.amsgrad, maximize=self.maximize, grad_scale=None, found_inf=None,
+            ps,
+            gs,
+            mu,
+            nu,
+            nu_max,
+            steps,
+            lr=lr,
+            beta1=self.b1,
+            beta2=self.b2,
+            weight_decay=wd,
+            eps=self.eps,
+            amsgrad=self.amsgrad,
+            maximize=self.maximize,
+            grad_scale=None,
+            found_inf=None,
         )
 
-    def _foreach(self, ps: list, gs: list, mu: list, nu: list, nu_max: list, steps: list, lr: float, wd: float) -> None:
+    def _foreach(
+        self, ps: list, gs: list, mu: list, nu: list, nu_max: list, steps: list, lr: float, wd: float
+    ) -> None:
         """``torch.optim.adam._multi_tensor_adam``'s operations, in its order (eager, not capturable)."""
         if self.maximize:
             gs = list(torch._foreach_neg(gs))

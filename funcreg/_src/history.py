@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -35,7 +35,7 @@ class History:
         self._rows: list[dict[str, torch.Tensor]] = []
         self._steps: list[int] = []
 
-    def append(self, metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
+    def append(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Records one step's metrics (``step`` defaults to the number of records so far)."""
         if not isinstance(metrics, Mapping):
             raise TypeError(f"History.append expects a dict of metrics, got {type(metrics).__name__}")
@@ -70,7 +70,9 @@ class History:
         try:
             import pandas as pd
         except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError("History.to_dataframe needs pandas: pip install pandas (or the 'examples' extra)") from err
+            raise ImportError(
+                "History.to_dataframe needs pandas: pip install pandas (or the 'examples' extra)"
+            ) from err
         records = []
         for step, row in zip(self._steps, self._rows):
             ensemble = any(v.ndim == 1 for v in row.values())

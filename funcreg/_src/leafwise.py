@@ -37,7 +37,7 @@ def _is_compiling() -> bool:
     return bool(fn()) if fn is not None else False
 
 
-def can_foreach(xs: Tensors, *others: Union[Tensors, Scalar]) -> bool:
+def can_foreach(xs: Tensors, *others: Tensors | Scalar) -> bool:
     """Whether to use ``torch._foreach_*`` on ``xs``: eager, non-empty, not wrapped by vmap or grad,
     and not recorded by autograd (``others``: the other operands, tensors or scalars).
 
@@ -56,7 +56,7 @@ def _never(x: torch.Tensor) -> bool:
     return False
 
 
-def writable(*groups: Union[Tensors, Scalar]) -> bool:
+def writable(*groups: Tensors | Scalar) -> bool:
     """Whether the ``_`` helpers may write in place: no tensor is wrapped by vmap or grad, and no
     autograd history would be overwritten (grad mode on and some tensor requires grad; an in-place
     write into a tensor whose old value the backward pass needs fails at ``backward``)."""
@@ -76,13 +76,13 @@ def writable(*groups: Union[Tensors, Scalar]) -> bool:
     return True
 
 
-def owned(*groups: Union[Tensors, Scalar]) -> bool:
+def owned(*groups: Tensors | Scalar) -> bool:
     """Whether a donated step may write into these *state or parameter* tensors: donation is on
     (:func:`funcreg._src.donation.donating`) and writing in place is safe (:func:`writable`)."""
     return donating() and writable(*groups)
 
 
-def _recorded(*groups: Union[Tensors, Scalar]) -> bool:
+def _recorded(*groups: Tensors | Scalar) -> bool:
     """Whether autograd records these operations (grad mode on and some tensor requires grad): the
     foreach kernels are then avoided, as their backward does not support every scalar-tensor form."""
     if not torch.is_grad_enabled():

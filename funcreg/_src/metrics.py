@@ -17,7 +17,9 @@ from funcreg._src.forms import penalty_metrics, penalty_states
 from funcreg._src.wrappers import ApplyIfFiniteState
 
 # group keys that are bookkeeping of schedulers, not hyperparameters
-_SKIP = frozenset({"params", "param_names", "initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"})
+_SKIP = frozenset(
+    {"params", "param_names", "initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"}
+)
 
 
 def _put(out: dict[str, float], key: str, value: Any) -> None:

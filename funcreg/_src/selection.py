@@ -11,7 +11,7 @@ import difflib
 import fnmatch
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple, Optional, Union, cast
+from typing import Any, NamedTuple, Union, cast
 
 import torch
 from torch import nn
@@ -118,9 +118,13 @@ class Selection(Mapping[str, bool]):
         """The selection as a text table: name, shape, decision, reason."""
         rows = [("name", "shape", self.label, "reason")]
         for name, keep in self._decisions.items():
-            rows.append((name, self._shapes.get(name, ""), "yes" if keep else "no", self._reasons.get(name, "")))
+            rows.append(
+                (name, self._shapes.get(name, ""), "yes" if keep else "no", self._reasons.get(name, ""))
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip() for r in rows]
+        lines = [
+            f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip() for r in rows
+        ]
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
@@ -142,7 +146,12 @@ class Selection(Mapping[str, bool]):
             raise ImportError("Selection.to_dataframe needs pandas: pip install pandas") from err
         return pd.DataFrame.from_records(
             [
-                {"name": n, "shape": self._shapes.get(n, ""), self.label: keep, "reason": self._reasons.get(n, "")}
+                {
+                    "name": n,
+                    "shape": self._shapes.get(n, ""),
+                    self.label: keep,
+                    "reason": self._reasons.get(n, ""),
+                }
                 for n, keep in self._decisions.items()
             ],
             columns=["name", "shape", self.label, "reason"],
@@ -215,7 +224,9 @@ def _check_patterns(patterns: Iterable[str], names: Sequence[str], what: str) ->
         if not any(_matches(pat, n) for n in names):
             # suggest module prefixes too: a typo'd "haed" should point at "head", not only at "head.weight"
             prefixes = sorted({".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 1)})
-            raise ValueError(f"{what} pattern {pat!r} matches no parameter{_suggest(pat, prefixes + list(names))}")
+            raise ValueError(
+                f"{what} pattern {pat!r} matches no parameter{_suggest(pat, prefixes + list(names))}"
+            )
     return patterns
 
 
@@ -280,10 +291,22 @@ RELATIVE_POSITION_MODULES = frozenset({"relative_attention_bias"})
 # Layer scale (per-channel residual gains): timm's LayerScale and ConvNeXt (gamma), CaiT (gamma_1/2),
 # HF ConvNeXt (layer_scale_parameter), HF DINOv2 and BEiT (lambda1, lambda_1, ...).
 LAYER_SCALE_NAMES = frozenset(
-    {"gamma", "gamma_1", "gamma_2", "layer_scale", "layer_scale_parameter", "lambda1", "lambda2", "lambda_1", "lambda_2"}
+    {
+        "gamma",
+        "gamma_1",
+        "gamma_2",
+        "layer_scale",
+        "layer_scale_parameter",
+        "lambda1",
+        "lambda2",
+        "lambda_1",
+        "lambda_2",
+    }
 )
 
-_PARAMETRIZED = re.compile(r"^(?P<owner>(?:.*\.)?)parametrizations\.(?P<tensor>[^.]+)\.(?P<orig>original\d*)$")
+_PARAMETRIZED = re.compile(
+    r"^(?P<owner>(?:.*\.)?)parametrizations\.(?P<tensor>[^.]+)\.(?P<orig>original\d*)$"
+)
 
 
 class _Parametrized(NamedTuple):
@@ -293,7 +316,7 @@ class _Parametrized(NamedTuple):
     what: str  # the parametrization, for the reason
 
 
-def _parametrization(name: str, modules: Mapping[str, nn.Module]) -> Optional[_Parametrized]:
+def _parametrization(name: str, modules: Mapping[str, nn.Module]) -> _Parametrized | None:
     """What a ``torch.nn.utils.parametrize`` original (or an old-style ``weight_g``/``weight_v``/``weight_orig``) is."""
     m = _PARAMETRIZED.match(name)
     if m is not None:
@@ -310,7 +333,9 @@ def _parametrization(name: str, modules: Mapping[str, nn.Module]) -> Optional[_P
             kind = "spectral_norm"
         else:
             kind = "other"
-        return _Parametrized(owner, m["tensor"], kind, " + ".join(k.lstrip("_") for k in kinds) or "parametrization")
+        return _Parametrized(
+            owner, m["tensor"], kind, " + ".join(k.lstrip("_") for k in kinds) or "parametrization"
+        )
     owner, _, attr = name.rpartition(".")
     module = modules.get(owner)
     if module is None:
@@ -347,7 +372,9 @@ def _listed_by_model(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, 
             listed = [listed] if isinstance(listed, str) else list(listed or ())
             for entry in listed:
                 if not isinstance(entry, str):
-                    raise TypeError(f"decay_mask: {who} returned {entry!r}; expected parameter names (strings)")
+                    raise TypeError(
+                        f"decay_mask: {who} returned {entry!r}; expected parameter names (strings)"
+                    )
                 if method == "no_weight_decay":
                     hits = [n for n in names if _matches(prefix + entry, n)]
                 else:
@@ -359,7 +386,9 @@ def _listed_by_model(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, 
     return excluded, notes
 
 
-def decay_mask(model: nn.Module | PyTree, exclude: Iterable[str] = (), *, model_rules: bool = True) -> Selection:
+def decay_mask(
+    model: nn.Module | PyTree, exclude: Iterable[str] = (), *, model_rules: bool = True
+) -> Selection:
     """The usual weight-decay selection: weight matrices, conv kernels and embeddings, nothing else.
 
     Rules, first match wins:
@@ -438,7 +467,9 @@ def decay_mask(model: nn.Module | PyTree, exclude: Iterable[str] = (), *, model_
         shapes[name] = _shape_text(leaf)
         decisions[name], reasons[name] = _decide(name, leaf, patterns, listed, modules)
     if not any(decisions.values()):
-        raise ValueError("decay_mask selects no parameter: every parameter is a bias, a norm parameter, 1-D or excluded")
+        raise ValueError(
+            "decay_mask selects no parameter: every parameter is a bias, a norm parameter, 1-D or excluded"
+        )
     return Selection(decisions, shapes, reasons, label="decay", notes=notes)
 
 
@@ -472,7 +503,10 @@ def _decide(
     if param is not None and param.kind == "weight_norm_direction":
         return False, f"weight_norm direction v of {owner!r}: the weight does not depend on its norm"
     if param is not None and param.kind == "orthogonal":
-        return False, f"orthogonal parametrization of {owner!r}: the weight is orthogonal whatever its original is"
+        return (
+            False,
+            f"orthogonal parametrization of {owner!r}: the weight is orthogonal whatever its original is",
+        )
     if param is not None and param.kind == "spectral_norm":
         return False, f"spectral_norm of {owner!r}: W / sigma(W) does not depend on the scale of W"
     if ndim < 2:
@@ -484,7 +518,7 @@ def _decide(
     return True, f"weight with ndim {ndim}"
 
 
-def by_module(*types: type, params: Union[str, Sequence[str]] = "weight") -> "Selector":
+def by_module(*types: type, params: str | Sequence[str] = "weight") -> Selector:
     """Selects parameters by the type of the module that holds them: Keras' "kernels only".
 
     ``fr.by_module(nn.Linear, nn.Conv2d)`` selects the ``weight`` of every ``nn.Linear`` and
@@ -511,7 +545,7 @@ def by_module(*types: type, params: Union[str, Sequence[str]] = "weight") -> "Se
         if not (isinstance(t, type) and issubclass(t, nn.Module)):
             raise TypeError(f"by_module expects torch.nn.Module subclasses such as nn.Linear, got {t!r}")
     if isinstance(params, str) and params != "all":
-        wanted: Optional[tuple[str, ...]] = (params,)
+        wanted: tuple[str, ...] | None = (params,)
     elif isinstance(params, str):
         wanted = None
     else:
@@ -558,9 +592,9 @@ class Selector:
 
     def __init__(
         self,
-        rule: Optional[Callable[[list[str], list[Any]], Selection]],
+        rule: Callable[[list[str], list[Any]], Selection] | None,
         description: str,
-        module_rule: Optional[Callable[[nn.Module], Selection]] = None,
+        module_rule: Callable[[nn.Module], Selection] | None = None,
     ) -> None:
         if rule is None and module_rule is None:
             raise ValueError("a Selector needs a rule over names and tensors, or one over a module")
@@ -608,7 +642,9 @@ def by_name(*patterns: str, exclude: Iterable[str] = ()) -> Selector:
             inc = next((p for p in include if _matches(p, n)), None)
             exc = next((p for p in drop if _matches(p, n)), None)
             decisions[n] = inc is not None and exc is None
-            reasons[n] = f"excluded by {exc!r}" if exc else (f"matches {inc!r}" if inc else "matches no pattern")
+            reasons[n] = (
+                f"excluded by {exc!r}" if exc else (f"matches {inc!r}" if inc else "matches no pattern")
+            )
         if not any(decisions.values()):
             raise ValueError(f"by_name{patterns!r} with exclude={list(exclude)!r} selects no parameter")
         return Selection(decisions, {n: _shape_text(x) for n, x in zip(names, leaves)}, reasons)

@@ -17,7 +17,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable
 from itertools import chain
-from typing import Any, NamedTuple, Optional, Union, cast
+from typing import Any, NamedTuple, Union, cast
 
 import torch
 from torch import nn
@@ -80,7 +80,11 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return False
-        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a.detach().cpu(), b.detach().cpu()))
+        return (
+            a.shape == b.shape
+            and a.dtype == b.dtype
+            and bool(torch.equal(a.detach().cpu(), b.detach().cpu()))
+        )
     if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
         if not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple))) or len(a) != len(b):
             return False
@@ -111,7 +115,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _factory_signature(factory: Callable[..., Any]) -> tuple[Optional[frozenset[str]], frozenset[str]]:
+def _factory_signature(factory: Callable[..., Any]) -> tuple[frozenset[str] | None, frozenset[str]]:
     """The keyword arguments the factory accepts (``None``: any, it has ``**kwargs``) and requires."""
     try:
         sig = inspect.signature(factory)
@@ -156,11 +160,13 @@ def _as_groups(params: Any) -> list[dict[str, Any]]:
     if all(dicts):
         return [dict(g) for g in items]
     if any(dicts):
-        raise TypeError("TorchOptimizer got a list mixing param-group dicts with tensors; give only dicts or only tensors")
+        raise TypeError(
+            "TorchOptimizer got a list mixing param-group dicts with tensors; give only dicts or only tensors"
+        )
     return [{"params": items}]
 
 
-def _param_items(params: Any, g: int) -> list[tuple[Optional[str], Any]]:
+def _param_items(params: Any, g: int) -> list[tuple[str | None, Any]]:
     if isinstance(params, nn.Module):
         return list(params.named_parameters())
     if isinstance(params, torch.Tensor):
@@ -173,8 +179,10 @@ def _param_items(params: Any, g: int) -> list[tuple[Optional[str], Any]]:
     try:
         items = list(params)
     except TypeError:
-        raise TypeError(f"param group {g}: 'params' is a {type(params).__name__}, not an iterable of tensors") from None
-    out: list[tuple[Optional[str], Any]] = []
+        raise TypeError(
+            f"param group {g}: 'params' is a {type(params).__name__}, not an iterable of tensors"
+        ) from None
+    out: list[tuple[str | None, Any]] = []
     for k, item in enumerate(items):
         if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
             out.append((item[0], item[1]))
@@ -243,10 +251,10 @@ class TorchOptimizer(torch.optim.Optimizer):
         (0.005, ['count', 'exp_avg', 'exp_avg_sq', 'step'])
     """
 
-    def __init__(self, params: Any, tx: TransformOrFactory, lr: Optional[Any] = None, **options: Any) -> None:
-        self._fr_fixed: Optional[GradientTransformation] = None
-        self._fr_factory: Optional[Callable[..., GradientTransformation]] = None
-        self._fr_name: Optional[str] = None
+    def __init__(self, params: Any, tx: TransformOrFactory, lr: Any | None = None, **options: Any) -> None:
+        self._fr_fixed: GradientTransformation | None = None
+        self._fr_factory: Callable[..., GradientTransformation] | None = None
+        self._fr_name: str | None = None
         if isinstance(tx, str):
             from funcreg._src.factory import group_factory
 
@@ -257,7 +265,9 @@ class TorchOptimizer(torch.optim.Optimizer):
             options = {**table_defaults, **options}
         if isinstance(tx, GradientTransformation):
             if lr is not None:
-                raise ValueError("lr is for a factory of options -> transform; this transform has its learning rate built in")
+                raise ValueError(
+                    "lr is for a factory of options -> transform; this transform has its learning rate built in"
+                )
             if options:
                 raise ValueError(
                     f"options {sorted(options)} are for a factory of options -> transform; this transform has "
@@ -266,7 +276,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             self._fr_fixed = tx
             # a fixed transform reports nan as its lr, so that a scheduler changing it is detected
             defaults: dict[str, Any] = {"lr": float("nan")}
-            self._fr_accepted: Optional[frozenset[str]] = frozenset()
+            self._fr_accepted: frozenset[str] | None = frozenset()
             self._fr_required: frozenset[str] = frozenset()
         elif callable(tx):
             self._fr_factory = tx
@@ -282,7 +292,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 f"optimizer name such as 'adamw'; got {tx!r}"
             )
         self._fr_option_keys: list[tuple[str, ...]] = []
-        self._fr_built: list[Optional[_Built]] = []
+        self._fr_built: list[_Built | None] = []
         self._fr_written: dict[int, Any] = {}
         self.selection: Any = None
         """The decay selection this optimizer applies, when :func:`funcreg.create_optimizer` made it."""
@@ -353,7 +363,11 @@ class TorchOptimizer(torch.optim.Optimizer):
         if ignored:
             k = ignored[0]
             if k in keys:
-                takes = "any keyword" if self._fr_accepted is None else ", ".join(sorted(self._fr_accepted)) or "nothing"
+                takes = (
+                    "any keyword"
+                    if self._fr_accepted is None
+                    else ", ".join(sorted(self._fr_accepted)) or "nothing"
+                )
                 raise TypeError(
                     f"param group {g} sets {k!r}={_short(group[k])}, which the factory does not take (it takes: "
                     f"{takes}), so it would be ignored; add {k!r} (or **options) to the factory's parameters"
@@ -381,14 +395,16 @@ class TorchOptimizer(torch.optim.Optimizer):
         given_names = group.get("param_names")
         if given_names is not None:
             if any(n is not None for n, _ in items) or len(given_names) != len(items):
-                raise ValueError(f"param group {g}: 'param_names' must name each of its {len(items)} unnamed parameters")
+                raise ValueError(
+                    f"param group {g}: 'param_names' must name each of its {len(items)} unnamed parameters"
+                )
             items = [(str(n), p) for n, (_, p) in zip(given_names, items)]
         named = [n is not None for n, _ in items]
         if any(named) and not all(named):
             raise ValueError(f"param group {g}: give every parameter a name or none")
         existing: dict[int, tuple[int, str]] = {}
         taken: set[str] = set()
-        n: Optional[str]  # a name here, then an item's (maybe None) in the loop below
+        n: str | None  # a name here, then an item's (maybe None) in the loop below
         for gi in range(g):
             for n, p in zip(self._group_names(gi), self.param_groups[gi]["params"]):
                 existing[id(p)] = (gi, n)
@@ -407,7 +423,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                 )
             if id(p) in existing:
                 gi, other = existing[id(p)]
-                raise ValueError(f"parameter {name!r} of param group {g} is already in param group {gi} (as {other!r})")
+                raise ValueError(
+                    f"parameter {name!r} of param group {g} is already in param group {gi} (as {other!r})"
+                )
             if name in taken or name in names:
                 raise ValueError(f"param group {g}: the parameter name {name!r} is used twice")
             seen[id(p)] = name
@@ -433,7 +451,9 @@ class TorchOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------------
     # building a group's transform, and its state in self.state
 
-    def _trees(self, g: int, names: tuple[str, ...], grads: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _trees(
+        self, g: int, names: tuple[str, ...], grads: bool = False
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         group = self.param_groups[g]
         params: dict[str, Any] = dict.fromkeys(names)
         gs: dict[str, Any] = dict.fromkeys(names)
@@ -462,7 +482,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                 raise err from None
             raise wrapped from err
         if not isinstance(tx, GradientTransformation):
-            raise TypeError(f"param group {g}: the factory returned a {type(tx).__name__}, not a GradientTransformation")
+            raise TypeError(
+                f"param group {g}: the factory returned a {type(tx).__name__}, not a GradientTransformation"
+            )
         return tx
 
     def _meta_template(self, tx: GradientTransformation, g: int, names: tuple[str, ...]) -> Any:
@@ -491,10 +513,14 @@ class TorchOptimizer(torch.optim.Optimizer):
         tx = cached.tx if cached is not None and same_options else self._make_tx(g, options)
         layout = torch_state.build_layout(self._meta_template(tx, g, names), names, self._group_names(g))
         if cached is not None and same_params and layout.signature != cached.layout.signature:
-            changed = [k for k in options if k not in cached.options or not _same(cached.options[k], options[k])]
+            changed = [
+                k for k in options if k not in cached.options or not _same(cached.options[k], options[k])
+            ]
             old_state = self._read(g, cached)
             params, _ = self._trees(g, names)
-            new_state = torch_state.carry(old_state, tx.init(params), f"param group {g}: changing {', '.join(changed)}")
+            new_state = torch_state.carry(
+                old_state, tx.init(params), f"param group {g}: changing {', '.join(changed)}"
+            )
             torch_state.write(layout, new_state, self._dict_of(g), self._group_names(g), clear=True)
         built = _Built(tx, layout, {k: _snapshot(v) for k, v in options.items()}, ids, names)
         self._fr_built[g] = built
@@ -506,8 +532,12 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     def _read(self, g: int, built: _Built) -> Any:
         last = self._fr_written.get(g)
-        if last is not None and last[0] is built and all(
-            self.state.get(p) is d and cast("dict[str, Any]", d).get(k) is t for p, d, k, t in last[2]
+        if (
+            last is not None
+            and last[0] is built
+            and all(
+                self.state.get(p) is d and cast("dict[str, Any]", d).get(k) is t for p, d, k, t in last[2]
+            )
         ):
             return last[1]  # optimizer.state holds what the last step wrote: its tree, unchanged
         by_name = dict(zip(self._group_names(g), self.param_groups[g]["params"]))
@@ -516,7 +546,9 @@ class TorchOptimizer(torch.optim.Optimizer):
             params, _ = self._trees(g, built.names)
             return built.tx.init(params)
 
-        return torch_state.read(built.layout, lambda n: self.state.get(by_name[n]), self._group_names(g), fresh)
+        return torch_state.read(
+            built.layout, lambda n: self.state.get(by_name[n]), self._group_names(g), fresh
+        )
 
     def _write(self, g: int, built: _Built, state: Any, clear: bool = False) -> None:
         names = self._group_names(g)
@@ -539,7 +571,7 @@ class TorchOptimizer(torch.optim.Optimizer):
     # the step
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Runs ``closure`` (if given, with grad enabled), then one update of each group from ``.grad``."""
         loss = None
         if closure is not None:
@@ -565,7 +597,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         """The transforms' current state: a group's state, or with several groups a
         :class:`funcreg.PartitionState` keyed by group index (the state of the equivalent ``fr.partition``)."""
         states = {
-            str(g): self._read(g, self._prepare(g)) for g, group in enumerate(self.param_groups) if group["params"]
+            str(g): self._read(g, self._prepare(g))
+            for g, group in enumerate(self.param_groups)
+            if group["params"]
         }
         if len(states) == 1:
             return next(iter(states.values()))
@@ -593,7 +627,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         if isinstance(sd, dict) and isinstance(sd.get("state"), dict):
             # copies: steps write into the state tensors in place
             sd["state"] = {
-                k: {n: t.clone() if isinstance(t, torch.Tensor) else t for n, t in v.items()} if isinstance(v, dict) else v
+                k: {n: t.clone() if isinstance(t, torch.Tensor) else t for n, t in v.items()}
+                if isinstance(v, dict)
+                else v
                 for k, v in sd["state"].items()
             }
         if isinstance(sd, dict) and isinstance(sd.get("param_groups"), list):
@@ -635,7 +671,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         groups = self.param_groups
         saved_groups = copy.deepcopy(sd["param_groups"])
         if len(saved_groups) != len(groups):
-            raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer has {len(groups)}")
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups, this optimizer has {len(groups)}"
+            )
         for g, (group, saved) in enumerate(zip(groups, saved_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
@@ -653,7 +691,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         known = set(chain.from_iterable(saved["params"] for saved in saved_groups))
         stray = [k for k in saved_state if k not in known]
         if stray:
-            raise ValueError(f"state_dict has state for parameter id {stray[0]!r}, which is in no param group")
+            raise ValueError(
+                f"state_dict has state for parameter id {stray[0]!r}, which is in no param group"
+            )
         new_groups = []
         for group, saved in zip(groups, saved_groups):
             merged = dict(group)
@@ -691,7 +731,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                             f"state_dict has {extra[0]!r} for parameter {n!r} (param group {g}), which this "
                             f"optimizer's transform does not keep (it keeps: {expected})"
                         )
-                    loaded[n] = {k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+                    loaded[n] = {
+                        k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in entry.items()
+                    }
 
                 def fresh() -> Any:  # pragma: no cover - every entry was checked to be present
                     raise AssertionError("incomplete state_dict entry")
@@ -713,7 +755,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         """A state_dict of funcreg 0.1 (``{"funcreg_state", "lr", "names"}``, one group)."""
         groups = [g for g, group in enumerate(self.param_groups) if group["params"]]
         if len(groups) != 1:
-            raise ValueError("a funcreg 0.1 TorchOptimizer state_dict has one param group; this optimizer has several")
+            raise ValueError(
+                "a funcreg 0.1 TorchOptimizer state_dict has one param group; this optimizer has several"
+            )
         g = groups[0]
         names = self._group_names(g)
         if list(sd.get("names", [])) != names:

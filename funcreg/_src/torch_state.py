@@ -20,7 +20,7 @@ lives there:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -28,7 +28,13 @@ import torch.utils._pytree as pytree
 from funcreg._src.tree import PyTree, TreeSpec, flatten, unflatten
 
 # torch.optim's names for funcreg's per-parameter state fields (Adam's moments, SGD's buffer, steps)
-TORCH_NAMES = {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq", "trace": "momentum_buffer", "steps": "step"}
+TORCH_NAMES = {
+    "mu": "exp_avg",
+    "nu": "exp_avg_sq",
+    "nu_max": "max_exp_avg_sq",
+    "trace": "momentum_buffer",
+    "steps": "step",
+}
 
 
 class Entry(NamedTuple):
@@ -40,11 +46,11 @@ class Entry(NamedTuple):
     """
 
     kind: str
-    name: Optional[str]
-    key: Optional[str]
-    keys: Optional[dict[str, str]]
-    shape: Optional[tuple[int, ...]]
-    dtype: Optional[torch.dtype]
+    name: str | None
+    key: str | None
+    keys: dict[str, str] | None
+    shape: tuple[int, ...] | None
+    dtype: torch.dtype | None
 
 
 class Layout(NamedTuple):
@@ -62,7 +68,7 @@ def _is_none(x: Any) -> bool:
 def signature(state: PyTree) -> tuple[Any, ...]:
     """The structure of a state with the shape and dtype of each leaf (device left out)."""
     leaves, spec = flatten(state)
-    described: list[Optional[tuple[Any, ...]]] = []
+    described: list[tuple[Any, ...] | None] = []
     for leaf in leaves:
         if leaf is None:
             described.append(None)
@@ -117,10 +123,10 @@ def build_layout(template: PyTree, names: Sequence[str], group_names: Sequence[s
     """
     names_t = tuple(names)
     paths_and_leaves, spec = pytree.tree_flatten_with_path(template, is_leaf=_is_none)
-    raw: list[tuple[str, Optional[str], list[tuple[str, str]], Any]] = []
+    raw: list[tuple[str, str | None, list[tuple[str, str]], Any]] = []
     for path, leaf in paths_and_leaves:
         node = template
-        owner: Optional[str] = None
+        owner: str | None = None
         parts: list[tuple[str, str]] = []
         for j, key in enumerate(path):
             if (
@@ -139,7 +145,9 @@ def build_layout(template: PyTree, names: Sequence[str], group_names: Sequence[s
             raise TypeError(
                 f"transform state leaf {where!r} is a {type(leaf).__name__}; a TorchOptimizer stores tensors only"
             )
-        raw.append(("none" if leaf is None else ("param" if owner is not None else "group"), owner, parts, leaf))
+        raw.append(
+            ("none" if leaf is None else ("param" if owner is not None else "group"), owner, parts, leaf)
+        )
 
     # keys of each parameter's dict: the short name, or the long one where two entries would collide
     group_raw = [(i, _names_of(parts)) for i, (kind, _, parts, _) in enumerate(raw) if kind == "group"]
@@ -200,7 +208,7 @@ def check_value(value: Any, entry: Entry, name: str, key: str, where: str) -> No
 
 def read(
     layout: Layout,
-    lookup: Callable[[str], Optional[dict[str, Any]]],
+    lookup: Callable[[str], dict[str, Any] | None],
     group_names: Sequence[str],
     fresh: Callable[[], PyTree],
     where: str = "optimizer.state",
@@ -360,6 +368,6 @@ def carry(old: PyTree, new: PyTree, what: str) -> PyTree:
     return go(new)
 
 
-def meta_like(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def meta_like(x: torch.Tensor | None) -> torch.Tensor | None:
     """A tensor of ``x``'s shape and dtype on the meta device (no memory), or ``None``."""
     return None if x is None else torch.empty_like(x.detach(), device="meta")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, NamedTuple, Optional, Union, get_args
+from typing import Any, Literal, NamedTuple, Union, get_args
 
 import torch
 from torch import nn
@@ -92,7 +92,9 @@ def functional_model(model: nn.Module) -> Callable[..., tuple[Any, dict[str, tor
     if not isinstance(model, nn.Module):
         raise TypeError(f"functional_model expects a torch.nn.Module, got {type(model).__name__}")
 
-    def apply(params: PyTree, buffers: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    def apply(
+        params: PyTree, buffers: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any
+    ) -> tuple[Any, dict[str, torch.Tensor]]:
         own = {name: b.clone() for name, b in buffers.items()}
         if _is_compiling():
             return torch.func.functional_call(model, (params, own), args, kwargs), own
@@ -118,7 +120,7 @@ class Step:
         tx: TransformLike,
         penalty: PenaltyLike,
         form: Form,
-        learning_rate: Union[None, str, ScalarOrSchedule],
+        learning_rate: None | str | ScalarOrSchedule,
         has_aux: bool,
         buffers: bool,
         donate: bool = False,
@@ -145,7 +147,9 @@ class Step:
             raise TypeError(f"tx (or tx(hparams)) must be a GradientTransformation, got {type(tx).__name__}")
         penalty = _resolve(self.penalty, hparams)
         if penalty is not None and not isinstance(penalty, Penalty):
-            raise TypeError(f"penalty (or penalty(hparams)) must be a funcreg penalty, got {type(penalty).__name__}")
+            raise TypeError(
+                f"penalty (or penalty(hparams)) must be a funcreg penalty, got {type(penalty).__name__}"
+            )
         if penalty is None or self.form == "loss":
             return tx
         if self.form == "coupled":
@@ -164,7 +168,9 @@ class Step:
             )
         return hparams[self.learning_rate]
 
-    def init(self, params: PyTree, buffers: Optional[PyTree] = None, hparams: Optional[Hyperparams] = None) -> TrainState:
+    def init(
+        self, params: PyTree, buffers: PyTree | None = None, hparams: Hyperparams | None = None
+    ) -> TrainState:
         """The initial :class:`TrainState` for ``params`` (and ``buffers``, ``hparams``)."""
         if self.buffers and buffers is None:
             raise ValueError("this step was built with buffers=True: pass init(params, buffers)")
@@ -176,9 +182,13 @@ class Step:
             # tensors (fr.params_of(model) shares storage with the module)
             params = _copy_tree(params)
             buffers = None if buffers is None else {k: v.clone() for k, v in buffers.items()}
-        return TrainState(params, self.transform(hp).init(params), {} if buffers is None else dict(buffers), hp)
+        return TrainState(
+            params, self.transform(hp).init(params), {} if buffers is None else dict(buffers), hp
+        )
 
-    def _data_loss(self, params: PyTree, buffers: PyTree, batch: tuple[Any, ...]) -> tuple[torch.Tensor, tuple[Any, Any]]:
+    def _data_loss(
+        self, params: PyTree, buffers: PyTree, batch: tuple[Any, ...]
+    ) -> tuple[torch.Tensor, tuple[Any, Any]]:
         """``loss_fn`` in one shape: ``(loss, (new_buffers, aux))``."""
         if self.buffers:
             out = self.loss_fn(params, buffers, *batch)
@@ -200,11 +210,15 @@ class Step:
             raise TypeError(f"loss_fn must return a 0-d tensor loss, got {loss!r}")
         return loss, (new_buffers, aux)
 
-    def _objective(self, params: PyTree, buffers: PyTree, hparams: Hyperparams, batch: tuple[Any, ...]) -> tuple[torch.Tensor, Any]:
+    def _objective(
+        self, params: PyTree, buffers: PyTree, hparams: Hyperparams, batch: tuple[Any, ...]
+    ) -> tuple[torch.Tensor, Any]:
         penalty = _resolve(self.penalty, hparams)
         if penalty is not None and self.form == "loss":
             # the loss-term form is fr.penalized itself
-            total, metrics = penalized(lambda p: self._data_loss(p, buffers, batch), penalty, has_aux=True)(params)
+            total, metrics = penalized(lambda p: self._data_loss(p, buffers, batch), penalty, has_aux=True)(
+                params
+            )
             new_buffers, aux = metrics.pop("aux")
             del metrics["total"]  # recomputed in __call__ for every form alike
         else:
@@ -249,7 +263,9 @@ class Step:
 def _is_vmapped(params: PyTree) -> bool:
     """Inside fr.ensemble_step's vmap each call sees a new state object: the ensemble tracks it."""
     leaves, _ = flatten(params)
-    return any(isinstance(x, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x) for x in leaves)
+    return any(
+        isinstance(x, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x) for x in leaves
+    )
 
 
 def _copy_tree(tree: PyTree) -> PyTree:
@@ -262,7 +278,7 @@ def make_step(
     tx: TransformLike,
     penalty: PenaltyLike = None,
     form: Form = "loss",
-    learning_rate: Union[None, str, ScalarOrSchedule] = None,
+    learning_rate: None | str | ScalarOrSchedule = None,
     has_aux: bool = False,
     buffers: bool = False,
     donate: bool = False,

@@ -6,7 +6,7 @@ Operation order follows ``torch.optim``'s foreach implementations (``torch/optim
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 
@@ -50,7 +50,7 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
         del params
         return EmptyState()
 
-    def update(updates: PyTree, state: EmptyState, params: Optional[PyTree] = None) -> tuple[PyTree, EmptyState]:
+    def update(updates: PyTree, state: EmptyState, params: PyTree | None = None) -> tuple[PyTree, EmptyState]:
         f = flat(updates, params, "scale")
         return f.tree(leafwise.mul(f.present_updates(), step_size)), state
 
@@ -85,13 +85,18 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, flip_sign: bool = Tr
     sign = -1 if flip_sign else 1
 
     if not callable(learning_rate) or isinstance(learning_rate, torch.Tensor):
-        return configured(scale(sign * learning_rate), "scale_by_learning_rate", learning_rate, flip_sign=None if flip_sign else False)
+        return configured(
+            scale(sign * learning_rate),
+            "scale_by_learning_rate",
+            learning_rate,
+            flip_sign=None if flip_sign else False,
+        )
 
     def init(params: PyTree) -> ScaleByScheduleState:
         return ScaleByScheduleState(count=init_count(params))
 
     def update(
-        updates: PyTree, state: ScaleByScheduleState, params: Optional[PyTree] = None
+        updates: PyTree, state: ScaleByScheduleState, params: PyTree | None = None
     ) -> tuple[PyTree, ScaleByScheduleState]:
         expect_state(state, ScaleByScheduleState, "scale_by_learning_rate")
         f = flat(updates, params, "scale_by_learning_rate")
@@ -100,7 +105,10 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, flip_sign: bool = Tr
         return f.tree(new), ScaleByScheduleState(count=next_count(state.count))
 
     return configured(
-        GradientTransformation(init, update), "scale_by_learning_rate", learning_rate, flip_sign=None if flip_sign else False
+        GradientTransformation(init, update),
+        "scale_by_learning_rate",
+        learning_rate,
+        flip_sign=None if flip_sign else False,
     )
 
 
@@ -149,7 +157,7 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
             count=init_count(params), trace=per_param_zeros(params), steps=per_param_counts(params)
         )
 
-    def update(updates: PyTree, state: TraceState, params: Optional[PyTree] = None) -> tuple[PyTree, TraceState]:
+    def update(updates: PyTree, state: TraceState, params: PyTree | None = None) -> tuple[PyTree, TraceState]:
         expect_state(state, TraceState, "trace")
         f = flat(updates, params, "trace")
         buf_leaves = f.state_leaves(state.trace, "trace", "trace")
@@ -186,12 +194,18 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
         else:
             out = list(new_bufs) if leafwise.owned(new_bufs) else leafwise.clone(new_bufs)
         new_state = TraceState(
-            count=next_count(state.count), trace=f.tree(new_bufs, buf_leaves), steps=f.tree(new_steps, step_leaves)
+            count=next_count(state.count),
+            trace=f.tree(new_bufs, buf_leaves),
+            steps=f.tree(new_steps, step_leaves),
         )
         return f.tree(out), new_state
 
     return configured(
-        GradientTransformation(init, update), "trace", momentum, dampening=dampening or None, nesterov=nesterov or None
+        GradientTransformation(init, update),
+        "trace",
+        momentum,
+        dampening=dampening or None,
+        nesterov=nesterov or None,
     )
 
 
@@ -222,12 +236,15 @@ def add_decayed_weights(weight_decay: float | torch.Tensor, mask: Any = None) ->
         del params
         return EmptyState()
 
-    def update(updates: PyTree, state: EmptyState, params: Optional[PyTree] = None) -> tuple[PyTree, EmptyState]:
+    def update(updates: PyTree, state: EmptyState, params: PyTree | None = None) -> tuple[PyTree, EmptyState]:
         f = flat(updates, params, "add_decayed_weights", needs_params=True)
         return f.tree(leafwise.add(f.present_updates(), f.present_params(), alpha=weight_decay)), state
 
     return configured(
-        _maybe_masked(GradientTransformation(init, update), mask), "add_decayed_weights", weight_decay, mask=mask
+        _maybe_masked(GradientTransformation(init, update), mask),
+        "add_decayed_weights",
+        weight_decay,
+        mask=mask,
     )
 
 
@@ -239,7 +256,7 @@ class DecoupledWeightDecayState(NamedTuple):
 
 def decoupled_weight_decay(
     weight_decay: float | torch.Tensor,
-    learning_rate: Optional[ScalarOrSchedule] = None,
+    learning_rate: ScalarOrSchedule | None = None,
     mask: Any = None,
     *,
     scale_by: str,
@@ -294,8 +311,14 @@ def decoupled_weight_decay(
                 "learning rate: leave learning_rate out, or use scale_by='learning_rate')"
             )
     elif learning_rate is None:
-        what = "the learning rate (torch AdamW's lr)" if scale_by == "learning_rate" else "a schedule count -> eta_t"
-        raise ValueError(f"Invalid learning_rate value: None (scale_by={scale_by!r} needs {what} as learning_rate=)")
+        what = (
+            "the learning rate (torch AdamW's lr)"
+            if scale_by == "learning_rate"
+            else "a schedule count -> eta_t"
+        )
+        raise ValueError(
+            f"Invalid learning_rate value: None (scale_by={scale_by!r} needs {what} as learning_rate=)"
+        )
     else:
         check_rate("learning_rate", learning_rate)
         if scale_by == "schedule" and not scheduled:
@@ -309,7 +332,7 @@ def decoupled_weight_decay(
     def init(params: PyTree) -> Any:
         return DecoupledWeightDecayState(count=init_count(params)) if scheduled else EmptyState()
 
-    def update(updates: PyTree, state: Any, params: Optional[PyTree] = None) -> tuple[PyTree, Any]:
+    def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, Any]:
         f = flat(updates, params, "decoupled_weight_decay", needs_params=True)
         if scheduled:
             assert learning_rate is not None  # scheduled: it is a schedule
@@ -345,7 +368,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         del params
         return EmptyState()
 
-    def update(updates: PyTree, state: EmptyState, params: Optional[PyTree] = None) -> tuple[PyTree, EmptyState]:
+    def update(updates: PyTree, state: EmptyState, params: PyTree | None = None) -> tuple[PyTree, EmptyState]:
         f = flat(updates, params, "clip_by_global_norm")
         grads = f.present_updates()
         if not grads:

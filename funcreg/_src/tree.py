@@ -190,10 +190,7 @@ def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree, names: Sequenc
         this = names[i + 1] if len(names) > i + 1 else f"tree {i + 1}"
         check_same_spec(spec, other_spec, ref, this)
         rest_leaves.append(other_leaves)
-    out = [
-        None if leaf is None else fn(leaf, *(r[j] for r in rest_leaves))
-        for j, leaf in enumerate(leaves)
-    ]
+    out = [None if leaf is None else fn(leaf, *(r[j] for r in rest_leaves)) for j, leaf in enumerate(leaves)]
     return unflatten(out, spec)
 
 
@@ -202,7 +199,9 @@ def _is_value(x: Any) -> bool:
     return x is None or pytree.tree_is_leaf(x)
 
 
-def broadcast_prefix(prefix: PyTree, tree: PyTree, what: str = "mask", tree_name: str = "params") -> list[Any]:
+def broadcast_prefix(
+    prefix: PyTree, tree: PyTree, what: str = "mask", tree_name: str = "params"
+) -> list[Any]:
     """Broadcasts a prefix tree to the leaves of ``tree``.
 
     ``prefix`` has the structure of ``tree`` or of a prefix of it: ``True`` stands for every leaf,

@@ -69,7 +69,9 @@ def check_donatable(what: str, tree: PyTree, unique: bool = False) -> None:
             )
         if unique and id(x) in seen:
             names = leaf_names(tree)
-            raise ValueError(f"cannot donate {what}: {names[seen[id(x)]]!r} and {names[i]!r} are the same tensor")
+            raise ValueError(
+                f"cannot donate {what}: {names[seen[id(x)]]!r} and {names[i]!r} are the same tensor"
+            )
         seen[id(x)] = i
 
 
@@ -102,7 +104,9 @@ def donated_update(
         >>> params["w"], params["w"] is buffer  # 1 - 0.1 * 0.5: written into the donated tensor
         (tensor([0.9500, 0.9500]), True)
     """
-    if not compiling():  # under torch.compile the checks ran when the caller was traced eagerly, or not at all
+    if (
+        not compiling()
+    ):  # under torch.compile the checks ran when the caller was traced eagerly, or not at all
         check_donatable("params", params, unique=True)
         check_donatable("state", state)
     return donated_step(tx, grads, state, params)

@@ -118,7 +118,9 @@ def schedule_value(
     if not (callable(learning_rate) and not isinstance(learning_rate, torch.Tensor)):
         return learning_rate
     value = learning_rate(count)
-    where = f"{name} schedule (at count {count!r})" if not isinstance(count, torch.Tensor) else f"{name} schedule"
+    where = (
+        f"{name} schedule (at count {count!r})" if not isinstance(count, torch.Tensor) else f"{name} schedule"
+    )
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(f"Invalid {where} value: {value!r} (a schedule returns a number or a 0-d tensor)")
     check_number(where, value, low=0.0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 
@@ -49,11 +49,15 @@ def masked(inner: GradientTransformation, mask: MaskLike) -> GradientTransformat
         leaves, spec = flatten(params)
         return MaskedState(inner_state=inner.init(unflatten(_hide(leaves, keep), spec)))
 
-    def update(updates: PyTree, state: MaskedState, params: Optional[PyTree] = None) -> tuple[PyTree, MaskedState]:
+    def update(
+        updates: PyTree, state: MaskedState, params: PyTree | None = None
+    ) -> tuple[PyTree, MaskedState]:
         expect_state(state, MaskedState, "masked")
         f = flat(updates, params, "masked")
         keep = resolve_mask(mask, params if params is not None else updates)
-        new_inner, inner_state = inner.update(f.restrict(f.updates, keep), state.inner_state, f.restrict(f.params, keep))
+        new_inner, inner_state = inner.update(
+            f.restrict(f.updates, keep), state.inner_state, f.restrict(f.params, keep)
+        )
         out = f.merge(new_inner, keep, "masked inner transform's updates")
         return unflatten(out, f.spec), MaskedState(inner_state=inner_state)
 
@@ -99,10 +103,12 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
         leaves, _ = flatten(params)
         device = next((p.device for p in leaves if isinstance(p, torch.Tensor)), None)
         zero = torch.zeros((), dtype=torch.int64, device=device)
-        return ApplyIfFiniteState(zero, torch.ones((), dtype=torch.bool, device=device), zero.clone(), inner.init(params))
+        return ApplyIfFiniteState(
+            zero, torch.ones((), dtype=torch.bool, device=device), zero.clone(), inner.init(params)
+        )
 
     def update(
-        updates: PyTree, state: ApplyIfFiniteState, params: Optional[PyTree] = None
+        updates: PyTree, state: ApplyIfFiniteState, params: PyTree | None = None
     ) -> tuple[PyTree, ApplyIfFiniteState]:
         expect_state(state, ApplyIfFiniteState, "apply_if_finite")
         if donating():
@@ -120,11 +126,15 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
             if decided:
                 tried = inner.update(updates, state.inner_state, params)
                 # what the inner transform produced counts too (a schedule or state gone non-finite)
-                finite = leafwise.all_finite(flat(tried[0], None, "apply_if_finite inner").present_updates()).to(device)
+                finite = leafwise.all_finite(
+                    flat(tried[0], None, "apply_if_finite inner").present_updates()
+                ).to(device)
             notfinite_count = torch.where(finite, 0, state.notfinite_count + 1)
             apply: bool | torch.Tensor = bool(finite) or int(notfinite_count) > max_consecutive_errors
             if apply:
-                new_updates, inner_state = tried if tried is not None else inner.update(updates, state.inner_state, params)
+                new_updates, inner_state = (
+                    tried if tried is not None else inner.update(updates, state.inner_state, params)
+                )
             else:
                 new_updates, inner_state = zeros, state.inner_state
         else:  # traced (vmap, compile): compute both and select without a host sync

@@ -15,26 +15,19 @@ plain tensor functions), ``leaf`` (leafwise penalties described by a :class:`Lea
 max-norm, non-negativity) and ``custom`` (:func:`penalty`).
 """
 
-from funcreg._src.penalties.base import Coefficient
-from funcreg._src.penalties.base import FlatParams
-from funcreg._src.penalties.base import Penalty
-from funcreg._src.penalties.base import SumPenalty
-from funcreg._src.penalties.base import check_coefficient
-from funcreg._src.penalties.base import records_call
-from funcreg._src.penalties.base import selection
-from funcreg._src.penalties.custom import CustomPenalty
-from funcreg._src.penalties.custom import penalty
-from funcreg._src.penalties.elementwise import anchor
-from funcreg._src.penalties.elementwise import elastic_net
-from funcreg._src.penalties.elementwise import l1
-from funcreg._src.penalties.elementwise import l2
-from funcreg._src.penalties.elementwise import lp
-from funcreg._src.penalties.leaf import LeafPenalty
-from funcreg._src.penalties.leaf import LeafRule
-from funcreg._src.penalties.structural import group_lasso
-from funcreg._src.penalties.structural import max_norm
-from funcreg._src.penalties.structural import non_negative
-from funcreg._src.penalties.structural import orthogonal
+from funcreg._src.penalties.base import (
+    Coefficient,
+    FlatParams,
+    Penalty,
+    SumPenalty,
+    check_coefficient,
+    records_call,
+    selection,
+)
+from funcreg._src.penalties.custom import CustomPenalty, penalty
+from funcreg._src.penalties.elementwise import anchor, elastic_net, l1, l2, lp
+from funcreg._src.penalties.leaf import LeafPenalty, LeafRule
+from funcreg._src.penalties.structural import group_lasso, max_norm, non_negative, orthogonal
 
 __all__ = [
     "Coefficient",

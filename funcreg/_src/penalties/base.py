@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Union, cast
+from typing import Any, Union, cast
 
 import torch
 
@@ -102,7 +102,7 @@ def check_coefficient(name: str, coeff: Coefficient) -> None:
 
 
 def selection(
-    name: str, mask: Optional[MaskLike], fp: FlatParams, default: Optional[Callable[[torch.Tensor], bool]] = None
+    name: str, mask: MaskLike | None, fp: FlatParams, default: Callable[[torch.Tensor], bool] | None = None
 ) -> list[bool]:
     """Which leaves a penalty touches: its mask, or ``default`` (all tensors when ``None``); never none."""
     if mask is None:
@@ -139,8 +139,8 @@ class Penalty:
     """
 
     name: str = "penalty"
-    config: Optional[str] = None
-    recipe: Optional[tuple[Callable[..., Penalty], tuple[Any, ...], dict[str, Any]]] = None
+    config: str | None = None
+    recipe: tuple[Callable[..., Penalty], tuple[Any, ...], dict[str, Any]] | None = None
 
     def __reduce__(self) -> Any:
         """Built-in penalties pickle as the factory call that built them (Lightning, multiprocessing
@@ -159,17 +159,19 @@ class Penalty:
         """The value of each named term, as 0-d tensors autograd can differentiate."""
         raise NotImplementedError
 
-    def grad_flat(self, fp: FlatParams) -> list[Optional[torch.Tensor]]:
+    def grad_flat(self, fp: FlatParams) -> list[torch.Tensor | None]:
         """The gradient per leaf; ``None`` where the penalty does not touch the leaf."""
         raise NotImplementedError(f"penalty {self.name!r} has no gradient")
 
-    def why_no_prox(self, fp: FlatParams) -> Optional[str]:
+    def why_no_prox(self, fp: FlatParams) -> str | None:
         """``None`` when :meth:`prox_flat` has a closed form for these parameters, else the reason."""
         return f"penalty {self.name!r} has no closed-form proximal map"
 
-    def prox_flat(self, fp: FlatParams, step: Any) -> list[Optional[torch.Tensor]]:
+    def prox_flat(self, fp: FlatParams, step: Any) -> list[torch.Tensor | None]:
         """The prox per leaf; ``None`` where the leaf is left as it is."""
-        raise NotImplementedError(self.why_no_prox(fp) or f"penalty {self.name!r} has no closed-form proximal map")
+        raise NotImplementedError(
+            self.why_no_prox(fp) or f"penalty {self.name!r} has no closed-form proximal map"
+        )
 
     @property
     def has_prox(self) -> bool:
@@ -203,7 +205,10 @@ class Penalty:
         """
         fp = FlatParams.of(params)
         grads = self.grad_flat(fp)
-        out = [None if leaf is None else (torch.zeros_like(leaf) if g is None else g) for leaf, g in zip(fp.leaves, grads)]
+        out = [
+            None if leaf is None else (torch.zeros_like(leaf) if g is None else g)
+            for leaf, g in zip(fp.leaves, grads)
+        ]
         return unflatten(out, fp.spec)
 
     def prox(self, params: PyTree, step: float | torch.Tensor) -> PyTree:
@@ -316,8 +321,8 @@ class SumPenalty(Penalty):
             out.append((name, v if self._is_one(scale) else scale * v))
         return out
 
-    def grad_flat(self, fp: FlatParams) -> list[Optional[torch.Tensor]]:
-        total: list[Optional[torch.Tensor]] = [None] * len(fp.leaves)
+    def grad_flat(self, fp: FlatParams) -> list[torch.Tensor | None]:
+        total: list[torch.Tensor | None] = [None] * len(fp.leaves)
         for scale, p in self.parts:
             for i, g in enumerate(p.grad_flat(fp)):
                 if g is None:
@@ -326,8 +331,8 @@ class SumPenalty(Penalty):
                 total[i] = g if total[i] is None else cast(torch.Tensor, total[i]) + g
         return total
 
-    def why_no_prox(self, fp: FlatParams) -> Optional[str]:
-        owner: list[Optional[str]] = [None] * len(fp.leaves)
+    def why_no_prox(self, fp: FlatParams) -> str | None:
+        owner: list[str | None] = [None] * len(fp.leaves)
         for name, (_, p) in zip(self._names, self.parts):
             reason = p.why_no_prox(fp)
             if reason is not None:
@@ -342,11 +347,11 @@ class SumPenalty(Penalty):
                     owner[i] = name
         return None
 
-    def prox_flat(self, fp: FlatParams, step: Any) -> list[Optional[torch.Tensor]]:
+    def prox_flat(self, fp: FlatParams, step: Any) -> list[torch.Tensor | None]:
         reason = self.why_no_prox(fp)
         if reason is not None:
             raise NotImplementedError(reason)
-        out: list[Optional[torch.Tensor]] = [None] * len(fp.leaves)
+        out: list[torch.Tensor | None] = [None] * len(fp.leaves)
         for scale, p in self.parts:
             for i, n in enumerate(p.prox_flat(fp, step if self._is_one(scale) else step * scale)):
                 if n is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -19,9 +19,9 @@ class CustomPenalty(Penalty):
         self,
         fn: Callable[[PyTree], torch.Tensor],
         name: str,
-        grad: Optional[Callable[[PyTree], PyTree]],
-        prox: Optional[Callable[[PyTree, Any], PyTree]],
-        mask: Optional[MaskLike],
+        grad: Callable[[PyTree], PyTree] | None,
+        prox: Callable[[PyTree, Any], PyTree] | None,
+        mask: MaskLike | None,
     ) -> None:
         self.fn = fn
         self.name = name
@@ -40,12 +40,19 @@ class CustomPenalty(Penalty):
         """The selected tree handed to the user's functions."""
         if self.mask is None:
             return unflatten(leaves, fp.spec)
-        if isinstance(fp.tree, dict) and all(not isinstance(v, (dict, list, tuple)) for v in fp.tree.values()):
+        if isinstance(fp.tree, dict) and all(
+            not isinstance(v, (dict, list, tuple)) for v in fp.tree.values()
+        ):
             return {n: x for n, x, k in zip(fp.names, leaves, keep) if k}
         return unflatten([x if k else None for x, k in zip(leaves, keep)], fp.spec)
 
-    def _unview(self, fp: FlatParams, tree: PyTree, keep: list[bool], what: str) -> list[Optional[torch.Tensor]]:
-        if self.mask is not None and isinstance(tree, dict) and isinstance(fp.tree, dict) and set(tree) != set(fp.tree):
+    def _unview(self, fp: FlatParams, tree: PyTree, keep: list[bool], what: str) -> list[torch.Tensor | None]:
+        if (
+            self.mask is not None
+            and isinstance(tree, dict)
+            and isinstance(fp.tree, dict)
+            and set(tree) != set(fp.tree)
+        ):
             expected = [n for n, k in zip(fp.names, keep) if k]
             if sorted(tree) != sorted(expected):
                 raise ValueError(f"{self.name} {what} returned keys {sorted(tree)}, expected {expected}")
@@ -61,7 +68,7 @@ class CustomPenalty(Penalty):
             raise TypeError(f"penalty {self.name!r} must return a 0-d tensor, got {value!r}")
         return [(self.name, value)]
 
-    def grad_flat(self, fp: FlatParams) -> list[Optional[torch.Tensor]]:
+    def grad_flat(self, fp: FlatParams) -> list[torch.Tensor | None]:
         keep = self.selected_flat(fp)
         if self._grad is not None:
             return self._unview(fp, self._grad(self._view(fp, fp.leaves, keep)), keep, "grad")
@@ -74,19 +81,21 @@ class CustomPenalty(Penalty):
             return self.fn(self._view(fp, leaves, keep))
 
         grads = torch.func.grad(value_of)([fp.leaves[i] for i in idx])
-        out: list[Optional[torch.Tensor]] = [None] * len(fp.leaves)
+        out: list[torch.Tensor | None] = [None] * len(fp.leaves)
         for i, g in zip(idx, grads):
             out[i] = g
         return out
 
-    def why_no_prox(self, fp: FlatParams) -> Optional[str]:
+    def why_no_prox(self, fp: FlatParams) -> str | None:
         if self._prox is None:
             return f"penalty {self.name!r} has no closed-form proximal map (pass prox=...)"
         return None
 
-    def prox_flat(self, fp: FlatParams, step: Any) -> list[Optional[torch.Tensor]]:
+    def prox_flat(self, fp: FlatParams, step: Any) -> list[torch.Tensor | None]:
         if self._prox is None:
-            raise NotImplementedError(f"penalty {self.name!r} has no closed-form proximal map (pass prox=...)")
+            raise NotImplementedError(
+                f"penalty {self.name!r} has no closed-form proximal map (pass prox=...)"
+            )
         keep = self.selected_flat(fp)
         return self._unview(fp, self._prox(self._view(fp, fp.leaves, keep), step), keep, "prox")
 
@@ -95,9 +104,9 @@ class CustomPenalty(Penalty):
 def penalty(
     fn: Callable[[PyTree], torch.Tensor],
     name: str = "penalty",
-    grad: Optional[Callable[[PyTree], PyTree]] = None,
-    prox: Optional[Callable[[PyTree, Any], PyTree]] = None,
-    mask: Optional[MaskLike] = None,
+    grad: Callable[[PyTree], PyTree] | None = None,
+    prox: Callable[[PyTree, Any], PyTree] | None = None,
+    mask: MaskLike | None = None,
 ) -> Penalty:
     """A penalty from its value function ``fn(params) -> 0-d tensor``; gradient by autodiff.
 

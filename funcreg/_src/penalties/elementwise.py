@@ -8,7 +8,7 @@ modulus: ``|w|^2`` and ``|w|``.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -36,7 +36,11 @@ def _sum_of_norms(ws: list[torch.Tensor], ord: float) -> torch.Tensor:
 
 def _l1_prox_many(vs: list[torch.Tensor], t: float) -> list[torch.Tensor]:
     # softshrink is sign(v) * max(|v| - t, 0) to the bit, in one kernel instead of four
-    return [torch.nn.functional.softshrink(v, t) for v in vs] if t >= 0 else [proxes.soft_threshold(v, t) for v in vs]
+    return (
+        [torch.nn.functional.softshrink(v, t) for v in vs]
+        if t >= 0
+        else [proxes.soft_threshold(v, t) for v in vs]
+    )
 
 
 L2 = LeafRule(
@@ -65,7 +69,7 @@ ELASTIC_NET = LeafRule(
 
 
 @records_call
-def l2(coeff: Coefficient, mask: Optional[MaskLike] = None, name: str = "l2") -> Penalty:
+def l2(coeff: Coefficient, mask: MaskLike | None = None, name: str = "l2") -> Penalty:
     """Squared L2: ``coeff/2 * sum ||w||^2``; gradient ``coeff * w``; prox ``v / (1 + step*coeff)``.
 
     The 1/2 makes ``coeff`` mean what torch's ``weight_decay=coeff`` means: adding this to the loss
@@ -90,7 +94,7 @@ def l2(coeff: Coefficient, mask: Optional[MaskLike] = None, name: str = "l2") ->
 
 
 @records_call
-def l1(coeff: Coefficient, mask: Optional[MaskLike] = None, name: str = "l1") -> Penalty:
+def l1(coeff: Coefficient, mask: MaskLike | None = None, name: str = "l1") -> Penalty:
     """L1: ``coeff * sum |w|``; subgradient ``coeff * sign(w)`` (0 at 0); prox soft-thresholding.
 
     The prox ``sign(v) * max(|v| - step*coeff, 0)`` (:func:`funcreg.proxes.soft_threshold`) produces
@@ -107,7 +111,9 @@ def l1(coeff: Coefficient, mask: Optional[MaskLike] = None, name: str = "l1") ->
 
 
 @records_call
-def elastic_net(l1: Coefficient, l2: Coefficient, mask: Optional[MaskLike] = None, name: str = "elastic_net") -> Penalty:
+def elastic_net(
+    l1: Coefficient, l2: Coefficient, mask: MaskLike | None = None, name: str = "elastic_net"
+) -> Penalty:
     """Elastic net: ``l1 * sum |w| + l2/2 * sum ||w||^2``; prox ``softthreshold(v, s*l1) / (1 + s*l2)``.
 
     Each coefficient is a float, a 0-d tensor or a tree of per-leaf values.
@@ -124,7 +130,7 @@ def elastic_net(l1: Coefficient, l2: Coefficient, mask: Optional[MaskLike] = Non
 
 
 @records_call
-def lp(coeff: Coefficient, p: float, mask: Optional[MaskLike] = None, name: Optional[str] = None) -> Penalty:
+def lp(coeff: Coefficient, p: float, mask: MaskLike | None = None, name: str | None = None) -> Penalty:
     """``coeff/p * sum |w|^p`` for ``p >= 1``; gradient ``coeff * |w|^(p-1) * sign(w)``.
 
     With this scaling ``lp(c, 2)`` equals ``l2(c)`` and ``lp(c, 1)`` equals ``l1(c)`` (and has their
@@ -172,14 +178,16 @@ def owned_tree(argument: str, tree: PyTree, non_negative: bool = False) -> PyTre
     """
     leaves, spec = flatten(tree)
     names = leaf_names(tree)
-    out: list[Optional[torch.Tensor]] = []
+    out: list[torch.Tensor | None] = []
     for name, leaf in zip(names, leaves):
         if leaf is None:
             out.append(None)
             continue
         if not isinstance(leaf, torch.Tensor) or not (leaf.is_floating_point() or leaf.is_complex()):
             what = type(leaf).__name__ if not isinstance(leaf, torch.Tensor) else f"a {leaf.dtype} tensor"
-            raise LeafTypeError(f"Invalid {argument} value for {name!r}: {what} (expected a floating-point tensor)")
+            raise LeafTypeError(
+                f"Invalid {argument} value for {name!r}: {what} (expected a floating-point tensor)"
+            )
         if not is_traced(leaf):
             bad = ~torch.isfinite(leaf)
             if non_negative:
@@ -195,8 +203,8 @@ def owned_tree(argument: str, tree: PyTree, non_negative: bool = False) -> PyTre
 def anchor(
     coeff: Coefficient,
     reference: PyTree,
-    precision: Optional[PyTree] = None,
-    mask: Optional[MaskLike] = None,
+    precision: PyTree | None = None,
+    mask: MaskLike | None = None,
     name: str = "anchor",
 ) -> Penalty:
     """Decay toward reference weights: ``coeff/2 * sum precision * (w - ref)^2``.

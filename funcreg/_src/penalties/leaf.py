@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, cast
+from typing import Any, cast
 
 import torch
 
@@ -36,15 +36,15 @@ class LeafRule:
     """
 
     value: Callable[..., torch.Tensor]
-    grad: Optional[Callable[..., torch.Tensor]] = None
-    prox: Optional[Callable[..., torch.Tensor]] = None
-    check: Optional[Callable[[str, torch.Tensor], None]] = None
-    default_select: Optional[Callable[[torch.Tensor], bool]] = None
+    grad: Callable[..., torch.Tensor] | None = None
+    prox: Callable[..., torch.Tensor] | None = None
+    check: Callable[[str, torch.Tensor], None] | None = None
+    default_select: Callable[[torch.Tensor], bool] | None = None
     differentiable: bool = True
     complex_ok: bool = True
-    value_many: Optional[Callable[..., torch.Tensor]] = None
-    grad_many: Optional[Callable[..., list[torch.Tensor]]] = None
-    prox_many: Optional[Callable[..., list[torch.Tensor]]] = None
+    value_many: Callable[..., torch.Tensor] | None = None
+    grad_many: Callable[..., list[torch.Tensor]] | None = None
+    prox_many: Callable[..., list[torch.Tensor]] | None = None
 
 
 def in_dtype_of(coeff: Any, w: torch.Tensor) -> Any:
@@ -52,7 +52,11 @@ def in_dtype_of(coeff: Any, w: torch.Tensor) -> Any:
     float32 parameter's gradient and prox float32 (0-d tensors would otherwise promote 0-d leaves)."""
     if isinstance(coeff, torch.Tensor):
         dtype = w.real.dtype if w.is_complex() else w.dtype
-        return coeff if coeff.dtype == dtype and coeff.device == w.device else coeff.to(dtype=dtype, device=w.device)
+        return (
+            coeff
+            if coeff.dtype == dtype and coeff.device == w.device
+            else coeff.to(dtype=dtype, device=w.device)
+        )
     return coeff
 
 
@@ -72,9 +76,9 @@ class LeafPenalty(Penalty):
         self,
         name: str,
         coefficients: Sequence[Coefficient],
-        mask: Optional[MaskLike],
+        mask: MaskLike | None,
         rule: LeafRule,
-        aux: Optional[Mapping[str, PyTree]] = None,
+        aux: Mapping[str, PyTree] | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise TypeError(f"penalty name must be a non-empty string, got {name!r}")
@@ -99,7 +103,9 @@ class LeafPenalty(Penalty):
                 continue
             if not isinstance(leaf, torch.Tensor) or not (leaf.is_floating_point() or leaf.is_complex()):
                 what = type(leaf).__name__ if not isinstance(leaf, torch.Tensor) else f"a {leaf.dtype} tensor"
-                raise LeafTypeError(f"penalty {self.name!r}: parameter {name!r} is {what}, expected a floating-point tensor")
+                raise LeafTypeError(
+                    f"penalty {self.name!r}: parameter {name!r} is {what}, expected a floating-point tensor"
+                )
             if leaf.is_complex() and not self.rule.complex_ok:
                 raise LeafTypeError(
                     f"penalty {self.name!r} is not defined for complex parameters ({name!r} is {leaf.dtype}); "
@@ -111,7 +117,9 @@ class LeafPenalty(Penalty):
 
     def _per_leaf_coefficients(self, fp: FlatParams) -> list[tuple[Any, ...]]:
         columns = [
-            [c] * len(fp.leaves) if is_scalar(c) else broadcast_prefix(c, fp.tree, what=f"{self.name} coefficient")
+            [c] * len(fp.leaves)
+            if is_scalar(c)
+            else broadcast_prefix(c, fp.tree, what=f"{self.name} coefficient")
             for c in self.coefficients
         ]
         return [tuple(col[i] for col in columns) for i in range(len(fp.leaves))]
@@ -127,7 +135,9 @@ class LeafPenalty(Penalty):
                 if a is None:
                     raise ValueError(f"{self.name} {aux_name} is None for selected parameter {fp.names[i]!r}")
                 if not isinstance(a, torch.Tensor):
-                    raise TypeError(f"{self.name} {aux_name} for {fp.names[i]!r} must be a tensor, got {type(a).__name__}")
+                    raise TypeError(
+                        f"{self.name} {aux_name} for {fp.names[i]!r} must be a tensor, got {type(a).__name__}"
+                    )
                 if a.shape != leaf.shape:
                     raise ValueError(
                         f"{self.name} {aux_name} for {fp.names[i]!r} has shape {tuple(a.shape)}, "
@@ -155,7 +165,7 @@ class LeafPenalty(Penalty):
             if keep[i]
         ]
 
-    def _shared(self, fp: FlatParams) -> Optional[tuple[list[int], list[torch.Tensor], tuple[Any, ...]]]:
+    def _shared(self, fp: FlatParams) -> tuple[list[int], list[torch.Tensor], tuple[Any, ...]] | None:
         """The selected leaves and their one set of coefficients, where the list rules apply: scalar
         coefficients, no per-leaf aux, real tensors of one dtype and device, none wrapped by vmap."""
         if self._aux or not all(is_scalar(c) for c in self.coefficients):
@@ -163,9 +173,16 @@ class LeafPenalty(Penalty):
         keep = self.selected_flat(fp)
         index = [i for i, k in enumerate(keep) if k]
         ws = [fp.leaves[i] for i in index]
-        if not can_foreach(ws, *self.coefficients) or len({(w.dtype, w.device) for w in ws}) != 1 or ws[0].is_complex():
+        if (
+            not can_foreach(ws, *self.coefficients)
+            or len({(w.dtype, w.device) for w in ws}) != 1
+            or ws[0].is_complex()
+        ):
             return None
-        if any(isinstance(c, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(c) for c in self.coefficients):
+        if any(
+            isinstance(c, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(c)
+            for c in self.coefficients
+        ):
             return None  # one coefficient per vmapped member: the per-tensor rules batch, foreach does not
         return index, ws, tuple(in_dtype_of(c, ws[0]) for c in self.coefficients)
 
@@ -176,18 +193,20 @@ class LeafPenalty(Penalty):
                 return [(self.name, full_value(self.rule.value_many(shared[1], *shared[2])))]
         total = None
         for i, w, c, aux in self._items(fp):
-            v = self._apply("its value", fp.names[i], w, lambda w=w, c=c, aux=aux: self.rule.value(w, *c, **aux))
+            v = self._apply(
+                "its value", fp.names[i], w, lambda w=w, c=c, aux=aux: self.rule.value(w, *c, **aux)
+            )
             total = v if total is None else total + v
         assert total is not None
         # over DTensor leaves the sum is a partial (per-shard) one: reduce it, so the value is global
         return [(self.name, full_value(total))]
 
-    def grad_flat(self, fp: FlatParams) -> list[Optional[torch.Tensor]]:
+    def grad_flat(self, fp: FlatParams) -> list[torch.Tensor | None]:
         if not self.rule.differentiable:
             raise NotImplementedError(
                 f"{self.name!r} is a constraint: it has a projection but no gradient; apply it with fr.proximal"
             )
-        out: list[Optional[torch.Tensor]] = [None] * len(fp.leaves)
+        out: list[torch.Tensor | None] = [None] * len(fp.leaves)
         shared = self._shared(fp) if self.rule.grad_many is not None else None
         if shared is not None:
             assert self.rule.grad_many is not None  # shared is only computed when it is
@@ -197,19 +216,27 @@ class LeafPenalty(Penalty):
         rule_grad = self.rule.grad
         for i, w, c, aux in self._items(fp):
             if rule_grad is not None:
-                out[i] = self._apply("its gradient", fp.names[i], w, lambda w=w, c=c, aux=aux: rule_grad(w, *c, **aux))
+                out[i] = self._apply(
+                    "its gradient", fp.names[i], w, lambda w=w, c=c, aux=aux: rule_grad(w, *c, **aux)
+                )
             else:
                 out[i] = torch.func.grad(lambda x, c=c, aux=aux: self.rule.value(x, *c, **aux))(w)
         return out
 
-    def why_no_prox(self, fp: FlatParams) -> Optional[str]:
-        return None if self.rule.prox is not None else f"penalty {self.name!r} has no closed-form proximal map"
+    def why_no_prox(self, fp: FlatParams) -> str | None:
+        return (
+            None if self.rule.prox is not None else f"penalty {self.name!r} has no closed-form proximal map"
+        )
 
-    def prox_flat(self, fp: FlatParams, step: Any) -> list[Optional[torch.Tensor]]:
+    def prox_flat(self, fp: FlatParams, step: Any) -> list[torch.Tensor | None]:
         if self.rule.prox is None:
             raise NotImplementedError(f"penalty {self.name!r} has no closed-form proximal map")
-        out: list[Optional[torch.Tensor]] = [None] * len(fp.leaves)
-        shared = self._shared(fp) if self.rule.prox_many is not None and not isinstance(step, torch.Tensor) else None
+        out: list[torch.Tensor | None] = [None] * len(fp.leaves)
+        shared = (
+            self._shared(fp)
+            if self.rule.prox_many is not None and not isinstance(step, torch.Tensor)
+            else None
+        )
         if shared is not None and all(not isinstance(c, torch.Tensor) for c in shared[2]):
             assert self.rule.prox_many is not None  # shared is only computed when it is
             for i, z in zip(shared[0], self.rule.prox_many(shared[1], *(step * x for x in shared[2]))):
@@ -219,7 +246,10 @@ class LeafPenalty(Penalty):
             t = tuple(step * x for x in c)
             # cast: for mypy the check above (prox is not None) does not reach into the lambda
             out[i] = self._apply(
-                "its prox", fp.names[i], v, lambda v=v, t=t, aux=aux: cast(Callable, self.rule.prox)(v, *t, **aux)
+                "its prox",
+                fp.names[i],
+                v,
+                lambda v=v, t=t, aux=aux: cast(Callable, self.rule.prox)(v, *t, **aux),
             )
         return out
 

@@ -7,7 +7,7 @@ behind the built-in penalties, importable and testable on their own (``fr.proxes
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -109,7 +109,9 @@ def project_non_negative(v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(v, min=0)
 
 
-def anchor_prox(v: torch.Tensor, t: Any, reference: torch.Tensor, precision: Optional[torch.Tensor] = None) -> torch.Tensor:
+def anchor_prox(
+    v: torch.Tensor, t: Any, reference: torch.Tensor, precision: torch.Tensor | None = None
+) -> torch.Tensor:
     """The prox of ``t/2 * sum F (v - ref)^2``: ``(v + t F ref) / (1 + t F)`` (``F = 1`` without precision).
 
     Examples:

@@ -5,7 +5,7 @@ of a ``Linear`` weight, filters of a ``Conv`` kernel), ``axis=1`` each input (co
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -45,7 +45,9 @@ def _indicator(violated: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @records_call
-def group_lasso(coeff: Coefficient, axis: int = 0, mask: Optional[MaskLike] = None, name: str = "group_lasso") -> Penalty:
+def group_lasso(
+    coeff: Coefficient, axis: int = 0, mask: MaskLike | None = None, name: str = "group_lasso"
+) -> Penalty:
     """Group lasso: ``coeff * sum_g sqrt(|g|) * ||w_g||_2`` over the slices of each tensor along ``axis``.
 
     ``|g|`` is the number of elements in a group. The prox
@@ -116,7 +118,7 @@ ORTHOGONAL = LeafRule(
 
 
 @records_call
-def orthogonal(coeff: Coefficient, mask: Optional[MaskLike] = None, name: str = "orthogonal") -> Penalty:
+def orthogonal(coeff: Coefficient, mask: MaskLike | None = None, name: str = "orthogonal") -> Penalty:
     """Soft orthogonality: ``coeff * ||W^T W - I||_F^2`` for each selected matrix.
 
     A tensor of shape ``(out, ...)`` is reshaped to ``(out, rest)`` (conv kernels: one row per
@@ -134,7 +136,9 @@ def orthogonal(coeff: Coefficient, mask: Optional[MaskLike] = None, name: str = 
 
 
 @records_call
-def max_norm(max_value: float, axis: int = 0, mask: Optional[MaskLike] = None, name: str = "max_norm") -> Penalty:
+def max_norm(
+    max_value: float, axis: int = 0, mask: MaskLike | None = None, name: str = "max_norm"
+) -> Penalty:
     """Constraint ``||w_g||_2 <= max_value`` for each slice ``g`` along ``axis`` (a projection only).
 
     Its value is 0 where the constraint holds and ``inf`` where it does not (the indicator function);
@@ -159,7 +163,9 @@ def max_norm(max_value: float, axis: int = 0, mask: Optional[MaskLike] = None, n
     def prox(v: torch.Tensor) -> torch.Tensor:
         return proxes.project_group_norm(v, max_value, axis)  # a projection does not depend on the step
 
-    rule = LeafRule(value, None, prox, check=_axis_check(axis), default_select=_is_matrix, differentiable=False)
+    rule = LeafRule(
+        value, None, prox, check=_axis_check(axis), default_select=_is_matrix, differentiable=False
+    )
     return LeafPenalty(name, (), mask, rule)
 
 
@@ -172,7 +178,7 @@ NON_NEGATIVE = LeafRule(
 
 
 @records_call
-def non_negative(mask: Optional[MaskLike] = None, name: str = "non_negative") -> Penalty:
+def non_negative(mask: MaskLike | None = None, name: str = "non_negative") -> Penalty:
     """Constraint ``w >= 0`` (a projection only): value 0 or ``inf``; prox ``max(v, 0)``.
 
     Examples:

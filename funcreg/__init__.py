@@ -3,26 +3,19 @@
 Penalties, gradient transformations and optimizers as pure functions over parameter trees.
 """
 
-from funcreg import (
-    distributed,  # noqa: E402  (torch.distributed: fr.distributed.mean_gradients, sweeps)
-    proxes,  # noqa: E402  (a module of plain functions: fr.proxes.soft_threshold)
-)
-from funcreg._src.adam_variants import (
-    ScaleByAdamaxState,
-    ScaleByNadamState,
-    ScaleByRadamState,
-    scale_by_adamax,
-    scale_by_nadam,
-    scale_by_radam,
-)
-from funcreg._src.adaptive import (
-    ScaleByAdadeltaState,
-    ScaleByAdagradState,
-    ScaleByRmsState,
-    scale_by_adadelta,
-    scale_by_adagrad,
-    scale_by_rms,
-)
+from funcreg import proxes  # a namespace of plain functions: fr.proxes.soft_threshold
+from funcreg._src.adam_variants import ScaleByAdamaxState
+from funcreg._src.adam_variants import ScaleByNadamState
+from funcreg._src.adam_variants import ScaleByRadamState
+from funcreg._src.adam_variants import scale_by_adamax
+from funcreg._src.adam_variants import scale_by_nadam
+from funcreg._src.adam_variants import scale_by_radam
+from funcreg._src.adaptive import ScaleByAdadeltaState
+from funcreg._src.adaptive import ScaleByAdagradState
+from funcreg._src.adaptive import ScaleByRmsState
+from funcreg._src.adaptive import scale_by_adadelta
+from funcreg._src.adaptive import scale_by_adagrad
+from funcreg._src.adaptive import scale_by_rms
 from funcreg._src.alias import adam, adamw, sgd
 from funcreg._src.alias_recent import lion, muon
 from funcreg._src.alias_torch import adadelta, adafactor, adagrad, adamax, nadam, radam, rmsprop, rprop
@@ -32,87 +25,73 @@ from funcreg._src.combine import PartitionState, chain, named_chain, partition
 from funcreg._src.diagnostics import NormReport, SparsityReport, norms, sparsity
 from funcreg._src.ensemble import EnsembleStep, ensemble_step, init_members, num_members, stack, unstack, vmap
 from funcreg._src.errors import ContractError, LeafTypeError, SelectionError, StructureError
-from funcreg._src.factored import (
-    ScaleByAdafactorState,
-    ScaleByRelativeStepState,
-    scale_by_adafactor,
-    scale_by_relative_step,
-)
+from funcreg._src.factored import ScaleByAdafactorState
+from funcreg._src.factored import ScaleByRelativeStepState
+from funcreg._src.factored import scale_by_adafactor
+from funcreg._src.factored import scale_by_relative_step
 from funcreg._src.factory import create_optimizer, create_transform
 from funcreg._src.fista import FistaState, fista, fista_iterate
-from funcreg._src.forms import (
-    PenaltyState,
-    add_penalty_grad,
-    decoupled,
-    penalized,
-    penalty_metrics,
-    penalty_states,
-    proximal,
-)
+from funcreg._src.forms import PenaltyState
+from funcreg._src.forms import add_penalty_grad
+from funcreg._src.forms import decoupled
+from funcreg._src.forms import penalized
+from funcreg._src.forms import penalty_metrics
+from funcreg._src.forms import penalty_states
+from funcreg._src.forms import proximal
 from funcreg._src.history import History
-from funcreg._src.hypergrad import (
-    Hypergradient,
-    TuneResult,
-    hypergradient,
-    implicit_hypergradient,
-    tune_coefficient,
-)
+from funcreg._src.hypergrad import Hypergradient
+from funcreg._src.hypergrad import TuneResult
+from funcreg._src.hypergrad import hypergradient
+from funcreg._src.hypergrad import implicit_hypergradient
+from funcreg._src.hypergrad import tune_coefficient
 from funcreg._src.metrics import metrics
 from funcreg._src.orthogonalize import ScaleByMuonState, scale_by_muon
 from funcreg._src.paths import RegularizationPath, kfold, regularization_path
-from funcreg._src.penalties import (
-    FlatParams,
-    LeafRule,
-    Penalty,
-    anchor,
-    elastic_net,
-    group_lasso,
-    l1,
-    l2,
-    lp,
-    max_norm,
-    non_negative,
-    orthogonal,
-    penalty,
-)
+from funcreg._src.penalties import FlatParams
+from funcreg._src.penalties import LeafRule
+from funcreg._src.penalties import Penalty
+from funcreg._src.penalties import anchor
+from funcreg._src.penalties import elastic_net
+from funcreg._src.penalties import group_lasso
+from funcreg._src.penalties import l1
+from funcreg._src.penalties import l2
+from funcreg._src.penalties import lp
+from funcreg._src.penalties import max_norm
+from funcreg._src.penalties import non_negative
+from funcreg._src.penalties import orthogonal
+from funcreg._src.penalties import penalty
 from funcreg._src.preconditioned import proximal_adam
 from funcreg._src.probe import DecayKind, ProbeResult, probe
 from funcreg._src.prune import PruneReport, prune, prune_report
-from funcreg._src.schedules import (
-    constant_schedule,
-    cosine_decay_schedule,
-    join_schedules,
-    linear_schedule,
-    linear_warmup,
-    warmup_cosine_decay_schedule,
-)
-from funcreg._src.selection import (
-    Selection,
-    Selector,
-    buffers_of,
-    by_module,
-    by_name,
-    by_predicate,
-    decay_mask,
-    params_of,
-)
+from funcreg._src.schedules import constant_schedule
+from funcreg._src.schedules import cosine_decay_schedule
+from funcreg._src.schedules import join_schedules
+from funcreg._src.schedules import linear_schedule
+from funcreg._src.schedules import linear_warmup
+from funcreg._src.schedules import warmup_cosine_decay_schedule
+from funcreg._src.selection import Selection
+from funcreg._src.selection import Selector
+from funcreg._src.selection import buffers_of
+from funcreg._src.selection import by_module
+from funcreg._src.selection import by_name
+from funcreg._src.selection import by_predicate
+from funcreg._src.selection import decay_mask
+from funcreg._src.selection import params_of
 from funcreg._src.sign_methods import ScaleByLionState, ScaleByRpropState, scale_by_lion, scale_by_rprop
 from funcreg._src.spectral import max_spectral_norm, nuclear_norm, orthogonal_cosine, spectral_norm
 from funcreg._src.torch_optimizer import TorchOptimizer
 from funcreg._src.training import Step, TrainState, functional_model, make_step
-from funcreg._src.transform import (
-    DecoupledWeightDecayState,
-    ScaleByAdamState,
-    ScaleByScheduleState,
-    TraceState,
-    add_decayed_weights,
-    clip_by_global_norm,
-    decoupled_weight_decay,
-    scale,
-    scale_by_adam,
-    scale_by_learning_rate,
-    trace,
-)
+from funcreg._src.transform import DecoupledWeightDecayState
+from funcreg._src.transform import ScaleByAdamState
+from funcreg._src.transform import ScaleByScheduleState
+from funcreg._src.transform import TraceState
+from funcreg._src.transform import add_decayed_weights
+from funcreg._src.transform import clip_by_global_norm
+from funcreg._src.transform import decoupled_weight_decay
+from funcreg._src.transform import scale
+from funcreg._src.transform import scale_by_adam
+from funcreg._src.transform import scale_by_learning_rate
+from funcreg._src.transform import trace
 from funcreg._src.tree import leaf_names as tree_names
 from funcreg._src.update import apply_updates, donated_update
 from funcreg._src.wrappers import ApplyIfFiniteState, MaskedState, apply_if_finite, masked

@@ -6,16 +6,14 @@ Examples:
     tensor([-1.5000,  0.0000])
 """
 
-from funcreg._src.penalties.proxes import (
-    anchor_prox,
-    elastic_net_prox,
-    group_norms,
-    group_soft_threshold,
-    project_group_norm,
-    project_non_negative,
-    shrink,
-    soft_threshold,
-)
+from funcreg._src.penalties.proxes import anchor_prox
+from funcreg._src.penalties.proxes import elastic_net_prox
+from funcreg._src.penalties.proxes import group_norms
+from funcreg._src.penalties.proxes import group_soft_threshold
+from funcreg._src.penalties.proxes import project_group_norm
+from funcreg._src.penalties.proxes import project_non_negative
+from funcreg._src.penalties.proxes import shrink
+from funcreg._src.penalties.proxes import soft_threshold
 from funcreg._src.preconditioned import diagonal_elastic_net_prox
 from funcreg._src.spectral import clip_singular_values, singular_value_thresholding, spectral_prox
 

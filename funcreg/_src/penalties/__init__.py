@@ -15,15 +15,13 @@ plain tensor functions), ``leaf`` (leafwise penalties described by a :class:`Lea
 max-norm, non-negativity) and ``custom`` (:func:`penalty`).
 """
 
-from funcreg._src.penalties.base import (
-    Coefficient,
-    FlatParams,
-    Penalty,
-    SumPenalty,
-    check_coefficient,
-    records_call,
-    selection,
-)
+from funcreg._src.penalties.base import Coefficient
+from funcreg._src.penalties.base import FlatParams
+from funcreg._src.penalties.base import Penalty
+from funcreg._src.penalties.base import SumPenalty
+from funcreg._src.penalties.base import check_coefficient
+from funcreg._src.penalties.base import records_call
+from funcreg._src.penalties.base import selection
 from funcreg._src.penalties.custom import CustomPenalty, penalty
 from funcreg._src.penalties.elementwise import anchor, elastic_net, l1, l2, lp
 from funcreg._src.penalties.leaf import LeafPenalty, LeafRule

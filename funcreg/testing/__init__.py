@@ -1,7 +1,10 @@
 """Testing helpers for funcreg and for code built on it: Hypothesis strategies over parameter trees,
 and property checks for penalties (``check_penalty``, ``check_forms_agree``).
 
-Needs ``hypothesis`` (``pip install -e ".[test]"``).
+The checks are sound at kinks of non-smooth penalties (a gradient difference passes only where the
+closed form lies between the one-sided partial derivatives; the forms step from a common point each
+step), build their Hypothesis settings on top of the loaded profile, and take ``seed=`` to replay a
+search. Needs ``hypothesis`` (``pip install -e ".[test]"``).
 """
 
 from funcreg.testing.checks import check_forms_agree

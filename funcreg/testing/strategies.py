@@ -48,7 +48,7 @@ DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
-DTypeLike = Optional[Union[torch.dtype, st.SearchStrategy]]
+DTypeLike = Optional[Union[torch.dtype, st.SearchStrategy]]  # noqa: UP045  (a runtime alias)
 
 # Leaf names: identifiers, optionally dotted like the names of ``funcreg.params_of`` ("0.weight").
 _NAMES = st.from_regex(r"[a-z][a-z0-9_]{0,5}(\.[a-z0-9_]{1,6}){0,2}", fullmatch=True)
@@ -62,7 +62,9 @@ def _numpy_dtype(dtype: torch.dtype) -> Any:
 
 
 def _check_max_abs(max_abs: float) -> None:
-    if not (isinstance(max_abs, (int, float)) and not isinstance(max_abs, bool) and 0 < max_abs < float("inf")):
+    if not (
+        isinstance(max_abs, (int, float)) and not isinstance(max_abs, bool) and 0 < max_abs < float("inf")
+    ):
         raise ValueError(f"Invalid max_abs value: {max_abs!r} (must be a finite number > 0)")
 
 
@@ -72,7 +74,12 @@ def _elements(dtype: torch.dtype, max_abs: float) -> st.SearchStrategy[float]:
         if float(bound) > max_abs:
             bound = np.nextafter(bound, np.float32(0))
         return st.floats(
-            -float(bound), float(bound), allow_nan=False, allow_infinity=False, allow_subnormal=False, width=32
+            -float(bound),
+            float(bound),
+            allow_nan=False,
+            allow_infinity=False,
+            allow_subnormal=False,
+            width=32,
         )
     return st.floats(-max_abs, max_abs, allow_nan=False, allow_infinity=False, allow_subnormal=False)
 
@@ -196,7 +203,9 @@ def param_trees(
             f"Invalid min_side/max_side values: {min_side!r}, {max_side!r} (need 0 <= min_side <= max_side)"
         )
     _check_max_abs(max_abs)
-    return _param_trees(_dtypes(dtype), min_leaves, max_leaves, min_ndim, max_ndim, min_side, max_side, nested, max_abs)
+    return _param_trees(
+        _dtypes(dtype), min_leaves, max_leaves, min_ndim, max_ndim, min_side, max_side, nested, max_abs
+    )
 
 
 @st.composite
@@ -249,11 +258,13 @@ def like(tree: PyTree, max_abs: float = 10.0, allow_none: bool = False) -> st.Se
     leaves, spec = flatten(tree)
     for leaf in leaves:
         if leaf is not None and not isinstance(leaf, torch.Tensor):
-            raise TypeError(f"like expects a tree of tensors and None, got a leaf of type {type(leaf).__name__}")
+            raise TypeError(
+                f"like expects a tree of tensors and None, got a leaf of type {type(leaf).__name__}"
+            )
         if leaf is not None:
             _numpy_dtype(leaf.dtype)
 
-    def draw_leaf(leaf: Optional[torch.Tensor]) -> st.SearchStrategy[Optional[torch.Tensor]]:
+    def draw_leaf(leaf: torch.Tensor | None) -> st.SearchStrategy[torch.Tensor | None]:
         if leaf is None:
             return st.none()
         drawn = tensors(tuple(leaf.shape), leaf.dtype, max_abs).map(lambda x: x.to(leaf.device))
@@ -262,7 +273,9 @@ def like(tree: PyTree, max_abs: float = 10.0, allow_none: bool = False) -> st.Se
     return st.tuples(*[draw_leaf(leaf) for leaf in leaves]).map(lambda xs: unflatten(list(xs), spec))
 
 
-def gradients_like(params: PyTree, max_abs: float = 10.0, allow_none: bool = False) -> st.SearchStrategy[PyTree]:
+def gradients_like(
+    params: PyTree, max_abs: float = 10.0, allow_none: bool = False
+) -> st.SearchStrategy[PyTree]:
     """Gradient trees for ``params``: same structure, shapes and dtypes, bounded finite values.
 
     The same as :func:`like`; the name says what the tree is for. With ``allow_none=True`` some

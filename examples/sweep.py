@@ -26,7 +26,15 @@ nothing more.
 The figure (``sweep.png``): test accuracy against the coefficient (error bars: std over seeds) and
 the final weight norm.
 
-    python examples/sweep.py [--quick] [--out DIR] [--epochs N] [--seeds N]
+With ``--distributed``, under ``torchrun``, the members are split across the processes: each rank
+trains the members ``fr.distributed.sweep_members(n)`` gives it (round robin, a pure function of the
+member index and the number of ranks) as one vmapped ensemble, and ``fr.distributed.gather_members``
+brings the per-member results and the ``fr.History`` of the training metrics to rank 0, which prints
+the same table as the single-process run (the vmapped-vs-sequential timing is left out there):
+
+    torchrun --nproc_per_node 2 --master_addr 127.0.0.1 examples/sweep.py --distributed
+
+    python examples/sweep.py [--quick] [--out DIR] [--epochs N] [--seeds N] [--distributed]
 """
 
 from __future__ import annotations
@@ -53,9 +61,29 @@ def main() -> None:
     def options(parser):  # noqa: ANN001, ANN202
         parser.add_argument("--epochs", type=int, default=150)
         parser.add_argument("--seeds", type=int, default=3)
-        parser.add_argument("--timing-steps", type=int, default=30, help="steps for the vmapped vs sequential timing")
+        parser.add_argument(
+            "--timing-steps", type=int, default=30, help="steps for the vmapped vs sequential timing"
+        )
+        parser.add_argument(
+            "--distributed",
+            action="store_true",
+            help="split the members across torchrun's processes (torchrun --nproc_per_node 2 examples/sweep.py --distributed)",
+        )
 
     args = _common.parse_args(__doc__, options)
+    rank, world = 0, 1
+    if args.distributed:
+        import os
+
+        import torch.distributed as dist
+
+        if "RANK" not in os.environ:
+            raise SystemExit(
+                "--distributed runs under torchrun, which sets up the processes: "
+                "torchrun --nproc_per_node 2 --master_addr 127.0.0.1 examples/sweep.py --distributed"
+            )
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
     wds, seeds, epochs, timing_steps = WDS, list(range(args.seeds)), args.epochs, args.timing_steps
     if args.quick:
         wds, seeds, epochs, timing_steps = [0.0, 1.0], [0, 1], 3, 3
@@ -73,23 +101,47 @@ def main() -> None:
 
     step = fr.make_step(loss_fn, lambda h: fr.adamw(LR, weight_decay=h["wd"]))
     ens = fr.ensemble_step(step, batch="per_member")
-    state = ens.init(params0, hparams={"wd": member_wd})
+    n = len(member_seed)
+    # this process's members: all of them, or with --distributed its round-robin share
+    mine = fr.distributed.sweep_members(n)
+    state = ens.init(fr.distributed.take_members(params0, mine), hparams={"wd": member_wd[mine]})
     batches = list(_common.member_batches(len(x_train), BATCH, member_seed, epochs))
-    print(
-        f"{len(wds)} coefficients x {len(seeds)} seeds = {len(member_seed)} members in one vmapped run; "
-        f"{len(batches)} AdamW steps (lr {LR}, batch {BATCH}, {len(x_train)} training images)"
-    )
+    if rank == 0:
+        where = (
+            f" per process, split across {world} processes ({len(mine)} on rank 0)"
+            if args.distributed
+            else ""
+        )
+        print(
+            f"{len(wds)} coefficients x {len(seeds)} seeds = {n} members in one vmapped run{where}; "
+            f"{len(batches)} AdamW steps (lr {LR}, batch {BATCH}, {len(x_train)} training images)"
+        )
+    history = fr.History()
     start = time.perf_counter()
     for idx in _common.progress(batches, desc="sweep"):
+        idx = idx[mine]
         state, metrics = ens(state, x_train[idx], y_train[idx])
+        history.append(metrics)
     sweep_time = time.perf_counter() - start
 
     with torch.no_grad():
         logits = torch.func.vmap(lambda p: functional_call(model, p, (x_test,)))(state.params)
         train_logits = torch.func.vmap(lambda p: functional_call(model, p, (x_train,)))(state.params)
-    test_acc = (logits.argmax(-1) == y_test).double().mean(dim=1).view(len(wds), len(seeds))
-    train_acc = (train_logits.argmax(-1) == y_train).double().mean(dim=1).view(len(wds), len(seeds))
-    norms = torch.tensor([fr.norms(m).total for m in fr.unstack(state.params)]).view(len(wds), len(seeds))
+    results = {
+        "test_acc": (logits.argmax(-1) == y_test).double().mean(dim=1),
+        "train_acc": (train_logits.argmax(-1) == y_train).double().mean(dim=1),
+        "norm": torch.tensor([fr.norms(m).total for m in fr.unstack(state.params)], dtype=torch.float64),
+    }
+    if args.distributed:  # every member's results, in member order, on rank 0
+        results = fr.distributed.gather_members(results, n)
+        history = fr.distributed.gather_members(history, n)
+        if rank != 0:
+            dist.destroy_process_group()
+            return
+    test_acc = results["test_acc"].view(len(wds), len(seeds))
+    train_acc = results["train_acc"].view(len(wds), len(seeds))
+    norms = results["norm"].view(len(wds), len(seeds))
+    final_loss = history["data_loss"][-1]
     rows = []
     for i, wd in enumerate(wds):
         std = test_acc[i].std().item() if len(seeds) > 1 else 0.0
@@ -100,47 +152,57 @@ def main() -> None:
                 "test acc": f"{test_acc[i].mean().item():.4f} +- {std:.4f}",
                 "train acc": train_acc[i].mean().item(),
                 "final ||w||": norms[i].mean().item(),
-                "final data loss": metrics["data_loss"].view(len(wds), len(seeds))[i].mean().item(),
+                "final data loss": final_loss.view(len(wds), len(seeds))[i].mean().item(),
             }
         )
     _common.print_table(
-        rows, title=f"test accuracy vs weight decay (fr.adamw, mean +- std over {len(seeds)} seeds)", float_format=".4g"
+        rows,
+        title=f"test accuracy vs weight decay (fr.adamw, mean +- std over {len(seeds)} seeds)",
+        float_format=".4g",
     )
     best = max(range(len(wds)), key=lambda i: test_acc[i].mean().item())
     print(f"\nbest mean test accuracy at weight_decay={wds[best]:g}; the whole sweep took {sweep_time:.1f} s")
 
     # Timing: the vmapped run against the same members stepped one by one (a few steps only).
-    few = batches[:timing_steps]
-    start = time.perf_counter()
-    vstate = ens.init(params0, hparams={"wd": member_wd})
-    for idx in few:
-        vstate, _ = ens(vstate, x_train[idx], y_train[idx])
-    vmapped_time = time.perf_counter() - start
-    start = time.perf_counter()
-    worst = 0.0
-    for m, member_params in enumerate(_common.progress(fr.unstack(params0), desc="sequential", total=len(member_seed))):
-        s = step.init(member_params, hparams={"wd": member_wd[m].item()})
+    if args.distributed:
+        print("(--distributed: the vmapped-vs-sequential timing is left to the single-process run)")
+        dist.destroy_process_group()
+    else:
+        few = batches[:timing_steps]
+        start = time.perf_counter()
+        vstate = ens.init(params0, hparams={"wd": member_wd})
         for idx in few:
-            s, _ = step(s, x_train[idx[m]], y_train[idx[m]])
-        worst = max(worst, max((s.params[k] - vstate.params[k][m]).abs().max().item() for k in s.params))
-    sequential_time = time.perf_counter() - start
-    _common.print_table(
-        [
-            {
-                "run": f"one vmapped ensemble ({len(member_seed)} members)",
-                "steps": len(few),
-                "wall time (s)": vmapped_time,
-            },
-            {
-                "run": f"{len(member_seed)} members one after another",
-                "steps": len(few),
-                "wall time (s)": sequential_time,
-            },
-        ],
-        title="wall time on this machine (1 thread)",
-        float_format=".3f",
-    )
-    print(f"largest weight difference between the two: {worst:.2e} (float32; vmap batches the same arithmetic)")
+            vstate, _ = ens(vstate, x_train[idx], y_train[idx])
+        vmapped_time = time.perf_counter() - start
+        start = time.perf_counter()
+        worst = 0.0
+        for m, member_params in enumerate(
+            _common.progress(fr.unstack(params0), desc="sequential", total=len(member_seed))
+        ):
+            s = step.init(member_params, hparams={"wd": member_wd[m].item()})
+            for idx in few:
+                s, _ = step(s, x_train[idx[m]], y_train[idx[m]])
+            worst = max(worst, max((s.params[k] - vstate.params[k][m]).abs().max().item() for k in s.params))
+        sequential_time = time.perf_counter() - start
+        _common.print_table(
+            [
+                {
+                    "run": f"one vmapped ensemble ({len(member_seed)} members)",
+                    "steps": len(few),
+                    "wall time (s)": vmapped_time,
+                },
+                {
+                    "run": f"{len(member_seed)} members one after another",
+                    "steps": len(few),
+                    "wall time (s)": sequential_time,
+                },
+            ],
+            title="wall time on this machine (1 thread)",
+            float_format=".3f",
+        )
+        print(
+            f"largest weight difference between the two: {worst:.2e} (float32; vmap batches the same arithmetic)"
+        )
 
     # Figure.
     plt = _common.pyplot()

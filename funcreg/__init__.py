@@ -3,6 +3,7 @@
 Penalties, gradient transformations and optimizers as pure functions over parameter trees.
 """
 
+from funcreg import distributed  # a namespace: fr.distributed.mean_gradients, sweeps
 from funcreg import proxes  # a namespace of plain functions: fr.proxes.soft_threshold
 from funcreg._src.adam_variants import ScaleByAdamaxState
 from funcreg._src.adam_variants import ScaleByNadamState
@@ -167,6 +168,7 @@ __all__ = [
     "decay_mask",
     "decoupled",
     "decoupled_weight_decay",
+    "distributed",
     "donated_update",
     "elastic_net",
     "ensemble_step",

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from funcreg._src.errors import LeafTypeError
 
 
-def dtensor_type() -> Optional[type]:
+def dtensor_type() -> type | None:
     """``torch.distributed.tensor.DTensor`` when that module is loaded, else ``None``."""
     mod = sys.modules.get("torch.distributed.tensor")
     return None if mod is None else getattr(mod, "DTensor", None)
@@ -40,7 +40,7 @@ def is_dtensor(x: Any) -> bool:
     return cls is not None and isinstance(x, cls)
 
 
-def layout(x: torch.Tensor) -> str:
+def layout(x: Any) -> str:
     """``"a DTensor with placements (Shard(dim=0),) on a mesh of 2 ranks"``, or ``"a plain tensor"``."""
     if not is_dtensor(x):
         return "a plain tensor"
@@ -64,15 +64,15 @@ def replicate_like(t: torch.Tensor, ref: Any) -> torch.Tensor:
     return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
-def match_layout(u: torch.Tensor, p: torch.Tensor, name: Callable[[], str], who: str) -> torch.Tensor:
-    """The update ``u`` in the layout of its parameter ``p``.
+def match_layout(u: Any, p: Any, cls: type, name: Callable[[], str], who: str) -> Any:
+    """The update ``u`` in the layout of its parameter ``p`` (``cls``: the ``DTensor`` class).
 
     Plain with plain, or a ``DTensor`` with the parameter's mesh and placements: ``u`` itself. A
     ``DTensor`` update with other placements (``Partial`` gradients of a ``Shard`` parameter) is
     redistributed to the parameter's placements (a collective, the same on every rank). A
     ``DTensor`` beside a plain tensor, or two meshes, raise ``LeafTypeError`` naming the key.
     """
-    u_dt, p_dt = is_dtensor(u), is_dtensor(p)
+    u_dt, p_dt = isinstance(u, cls), isinstance(p, cls)
     if not u_dt and not p_dt:
         return u
     if u_dt != p_dt:

@@ -10,6 +10,7 @@ import torch
 from funcreg._src.describe import configured, describe
 from funcreg._src.distributed.dtensor import dtensor_type, match_layout
 from funcreg._src.errors import ContractError, LeafTypeError
+from funcreg._src.schedules import Schedule  # noqa: F401  (defined once, there; re-exported for the transforms)
 from funcreg._src.tree import PyTree, TreeSpec, check_same_spec, flatten, leaf_names, unflatten
 
 
@@ -353,6 +354,3 @@ def init_count(params: PyTree) -> torch.Tensor:
     leaves, _ = flatten(params)
     device = next((p.device for p in leaves if isinstance(p, torch.Tensor)), None)
     return torch.zeros((), dtype=torch.int64, device=device)
-
-
-Schedule = Callable[[Any], Any]

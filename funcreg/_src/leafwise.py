@@ -260,11 +260,6 @@ def clone(xs: Tensors) -> list[torch.Tensor]:
     return [x.clone() for x in xs]
 
 
-def zeros_like(xs: Tensors) -> list[torch.Tensor]:
-    """Zeros shaped like each leaf."""
-    return [torch.zeros_like(x) for x in xs]
-
-
 def norms(xs: Tensors) -> list[torch.Tensor]:
     """The 2-norm of each leaf, as 0-d tensors."""
     if can_foreach(xs):
@@ -278,11 +273,6 @@ def all_finite(xs: Tensors) -> torch.Tensor:
         return torch.tensor(True)
     # full_value: a sharded (DTensor) leaf's flag for all its shards (stacking partial flags fails)
     return torch.stack([full_value(torch.isfinite(x).all()) for x in xs]).all()
-
-
-def where(cond: torch.Tensor, xs: Tensors, ys: Tensors) -> list[torch.Tensor]:
-    """``x if cond else y`` per leaf, for a 0-d bool ``cond`` (no host sync, so it works under vmap)."""
-    return [torch.where(cond, x, y) for x, y in zip(xs, ys)]
 
 
 def scalar_power(base: float, exponent: Scalar) -> Scalar:

@@ -1,7 +1,6 @@
 """A weight-decay probe: what does an optimizer's ``weight_decay`` actually do to a weight?
 
-Story 2 of ``shared/user-stories.md``: from known weights, step an optimizer and look at what happens
-to each weight. :func:`probe` does that for any ``torch.optim``-style optimizer and names the
+From known weights, step an optimizer and look at what happens to each weight. :func:`probe` does that for any ``torch.optim``-style optimizer and names the
 convention it finds (coupled L2, decoupled with or without the learning rate, an L1-like sign step, a
 constant shift, which is a bug, or a decay that depends on the weights' norm).
 

@@ -2,7 +2,8 @@
 
 A selection is a named yes/no per parameter that prints as a table, so the rule behind weight decay
 is visible. Rules that select nothing, and patterns that match no parameter, raise instead of
-silently doing nothing (the failure of story 4 in ``shared/user-stories.md``).
+silently doing nothing (a hand-written grouping loop with one misplaced ``if`` decays nothing, and
+nothing says so).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ that frozen parameters keep their position), how a leaf is named (its key path j
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,10 +23,8 @@ __all__ = [
     "PyTree",
     "TreeSpec",
     "broadcast_prefix",
-    "check_same_structure",
     "flatten",
     "leaf_names",
-    "tree_map",
     "unflatten",
 ]
 
@@ -151,24 +149,12 @@ def _first_difference(a: TreeSpec, b: TreeSpec, path: list[Any]) -> tuple[list[A
     return None
 
 
-def check_same_structure(
-    reference: PyTree,
-    other: PyTree,
-    reference_name: str = "params",
-    other_name: str = "updates",
-) -> None:
-    """Raises ``ValueError`` naming the first key where two trees differ in structure.
+def check_same_spec(spec_ref: TreeSpec, spec_other: TreeSpec, reference_name: str, other_name: str) -> None:
+    """Raises ``StructureError`` naming the first key where two flattened trees differ in structure.
 
     ``None`` leaves count as leaves, so a gradient tree with ``None`` for a frozen parameter has the
     same structure as the parameter tree.
     """
-    _, spec_ref = flatten(reference)
-    _, spec_other = flatten(other)
-    check_same_spec(spec_ref, spec_other, reference_name, other_name)
-
-
-def check_same_spec(spec_ref: TreeSpec, spec_other: TreeSpec, reference_name: str, other_name: str) -> None:
-    """:func:`check_same_structure` for already flattened trees."""
     if spec_ref == spec_other:
         return
     found = _first_difference(spec_ref, spec_other, [])
@@ -180,24 +166,6 @@ def check_same_spec(spec_ref: TreeSpec, spec_other: TreeSpec, reference_name: st
         f"{other_name} does not match the structure of {reference_name} at key "
         f"{_path_name([str(k) for k in path])!r}: {why}"
     )
-
-
-def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree, names: Sequence[str] = ()) -> PyTree:
-    """Maps ``fn`` over the leaves of ``tree`` and trees of the same structure.
-
-    ``None`` leaves of ``tree`` stay ``None`` without calling ``fn``. ``names`` names ``tree`` and then
-    each of ``rest`` in structure errors.
-    """
-    leaves, spec = flatten(tree)
-    rest_leaves = []
-    for i, other in enumerate(rest):
-        other_leaves, other_spec = flatten(other)
-        ref = names[0] if names else "the first tree"
-        this = names[i + 1] if len(names) > i + 1 else f"tree {i + 1}"
-        check_same_spec(spec, other_spec, ref, this)
-        rest_leaves.append(other_leaves)
-    out = [None if leaf is None else fn(leaf, *(r[j] for r in rest_leaves)) for j, leaf in enumerate(leaves)]
-    return unflatten(out, spec)
 
 
 def _is_value(x: Any) -> bool:

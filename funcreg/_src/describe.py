@@ -12,12 +12,9 @@ from typing import Any
 
 import torch
 
+from funcreg._src.tree import compiling
+
 CONFIG_ATTR = "__funcreg_config__"
-
-
-def compiling() -> bool:
-    fn = getattr(torch.compiler, "is_compiling", None)
-    return bool(fn()) if fn is not None else False
 
 
 def fmt(value: Any) -> str:

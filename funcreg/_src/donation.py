@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
+from funcreg._src.tree import compiling
 
 
 class _Donation(threading.local):
@@ -36,14 +36,9 @@ _FLAG = _Donation()
 _TRACED = _TracedDonation()
 
 
-def _compiling() -> bool:
-    fn = getattr(torch.compiler, "is_compiling", None)
-    return bool(fn()) if fn is not None else False
-
-
 def donating() -> bool:
     """Whether the current thread runs a donated step (state and params may be written into)."""
-    return _TRACED.active if _compiling() else _FLAG.active
+    return _TRACED.active if compiling() else _FLAG.active
 
 
 @contextmanager
@@ -60,7 +55,7 @@ def donation(active: bool = True) -> Iterator[None]:
 def set_donating(active: bool) -> bool:
     """Sets the flag and returns its previous value (for code that ``torch.compile`` traces, where a
     plain ``try``/``finally`` is simpler to trace than a context manager)."""
-    flag = _TRACED if _compiling() else _FLAG
+    flag = _TRACED if compiling() else _FLAG
     previous = flag.active
     flag.active = active
     return previous

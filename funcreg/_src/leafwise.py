@@ -26,15 +26,10 @@ import torch
 
 from funcreg._src.distributed.dtensor import full_value
 from funcreg._src.donation import donating
-from funcreg._src.tree import is_functorch_tensor
+from funcreg._src.tree import compiling, is_functorch_tensor
 
 Scalar = Union[float, int, torch.Tensor]
 Tensors = Sequence[torch.Tensor]
-
-
-def _is_compiling() -> bool:
-    fn = getattr(torch.compiler, "is_compiling", None)
-    return bool(fn()) if fn is not None else False
 
 
 def can_foreach(xs: Tensors, *others: Tensors | Scalar) -> bool:
@@ -44,7 +39,7 @@ def can_foreach(xs: Tensors, *others: Tensors | Scalar) -> bool:
     Under ``torch.compile`` the per-tensor ops are used: inductor fuses them into fewer loops than the
     foreach kernels make.
     """
-    if _is_compiling():
+    if compiling():
         return False
     if not xs or _recorded(xs, *others):
         return False
@@ -63,7 +58,7 @@ def writable(*groups: Tensors | Scalar) -> bool:
     grad_on = torch.is_grad_enabled()
     # under torch.compile writes are functionalized (and functorch's query cannot be traced); with no
     # vmap/grad transform active no tensor is wrapped
-    if _is_compiling() or not torch._C._are_functorch_transforms_active():
+    if compiling() or not torch._C._are_functorch_transforms_active():
         if not grad_on:
             return True
         wrapped = _never
@@ -116,7 +111,7 @@ def concrete(x: Scalar) -> Scalar:
     """
     if not isinstance(x, torch.Tensor):
         return x
-    if _is_compiling() or x.ndim != 0 or is_functorch_tensor(x):
+    if compiling() or x.ndim != 0 or is_functorch_tensor(x):
         return x
     return x.item()
 

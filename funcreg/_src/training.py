@@ -23,7 +23,7 @@ from funcreg._src.forms import PenaltyState, add_penalty_grad, decoupled, penali
 from funcreg._src.hparams import Hyperparams, as_hparams, float_dtype
 from funcreg._src.penalties import Penalty
 from funcreg._src.transform import ScalarOrSchedule
-from funcreg._src.tree import PyTree, flatten, unflatten
+from funcreg._src.tree import PyTree, compiling, flatten, unflatten
 from funcreg._src.update import apply_updates, check_donatable, donated_step
 from funcreg._src.validation import check_bool, check_rate
 
@@ -63,11 +63,6 @@ def _module_lock(model: nn.Module) -> threading.RLock:
         return lock
 
 
-def _is_compiling() -> bool:
-    fn = getattr(torch.compiler, "is_compiling", None)
-    return bool(fn()) if fn is not None else False
-
-
 def functional_model(model: nn.Module) -> Callable[..., tuple[Any, dict[str, torch.Tensor]]]:
     """A pure function ``apply(params, buffers, *args, **kwargs) -> (output, new_buffers)`` of ``model``.
 
@@ -96,7 +91,7 @@ def functional_model(model: nn.Module) -> Callable[..., tuple[Any, dict[str, tor
         params: PyTree, buffers: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any
     ) -> tuple[Any, dict[str, torch.Tensor]]:
         own = {name: b.clone() for name, b in buffers.items()}
-        if _is_compiling():
+        if compiling():
             return torch.func.functional_call(model, (params, own), args, kwargs), own
         with _module_lock(model):
             out = torch.func.functional_call(model, (params, own), args, kwargs)
@@ -235,7 +230,7 @@ class Step:
         grads, extra = torch.func.grad(self._objective, has_aux=True)(params, buffers, hparams, batch)
         metrics, new_buffers = extra[0], extra[1]
         tx = self.transform(hparams)
-        tracked = self.donate and not _is_compiling() and not _is_vmapped(params)
+        tracked = self.donate and not compiling() and not _is_vmapped(params)
         if self.donate:
             if tracked:
                 self._donations.consume(train_state)

@@ -52,7 +52,8 @@ def _flat_dict_spec(tree: dict, values: list[Any]) -> TreeSpec:
     return spec
 
 
-def _compiling() -> bool:
+def compiling() -> bool:
+    """Whether ``torch.compile`` is tracing the caller (older torch versions lack the query: never)."""
     fn = getattr(torch.compiler, "is_compiling", None)
     return bool(fn()) if fn is not None else False
 
@@ -60,7 +61,7 @@ def _compiling() -> bool:
 def flatten(tree: PyTree) -> tuple[list[Any], TreeSpec]:
     """Flattens ``tree`` into its leaves, keeping ``None`` leaves in place."""
     # (the cache is eager only: Dynamo cannot trace id() of a spec it has not seen)
-    if type(tree) is dict and not _compiling():
+    if type(tree) is dict and not compiling():
         values = list(tree.values())
         if all(v is None or isinstance(v, torch.Tensor) for v in values):
             return values, _flat_dict_spec(tree, values)
@@ -69,7 +70,7 @@ def flatten(tree: PyTree) -> tuple[list[Any], TreeSpec]:
 
 def unflatten(leaves: Sequence[Any], spec: TreeSpec) -> PyTree:
     """Inverse of :func:`flatten`."""
-    keys = None if _compiling() else _FLAT_DICT_KEYS.get(id(spec))
+    keys = None if compiling() else _FLAT_DICT_KEYS.get(id(spec))
     if keys is not None and _FLAT_DICT_SPECS.get(keys) is spec:
         if len(leaves) != len(keys):
             raise ValueError(f"{len(leaves)} leaves for a tree with {len(keys)}")

@@ -93,7 +93,7 @@ from funcreg._src.transform import scale
 from funcreg._src.transform import scale_by_adam
 from funcreg._src.transform import scale_by_learning_rate
 from funcreg._src.transform import trace
-from funcreg._src.tree import leaf_names as tree_names
+from funcreg._src.tree import tree_names
 from funcreg._src.update import apply_updates, donated_update
 from funcreg._src.wrappers import ApplyIfFiniteState, MaskedState, apply_if_finite, masked
 

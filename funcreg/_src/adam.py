@@ -24,7 +24,7 @@ from funcreg._src.base import (
 )
 from funcreg._src.complex_params import as_real
 from funcreg._src.describe import configured
-from funcreg._src.tree import PyTree
+from funcreg._src.typing import PyTree
 from funcreg._src.validation import check_bool, check_number
 
 

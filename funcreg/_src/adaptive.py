@@ -21,7 +21,8 @@ from funcreg._src.base import (
     per_param_zeros,
 )
 from funcreg._src.block_utils import per_leaf, reject_complex, with_config
-from funcreg._src.tree import PyTree, flatten, unflatten
+from funcreg._src.tree import flatten, unflatten
+from funcreg._src.typing import PyTree
 from funcreg._src.validation import check_bool, check_number
 
 

@@ -14,7 +14,6 @@ from funcreg._src.describe import configured
 from funcreg._src.fused import FUSED_ATTR, AdamKernel
 from funcreg._src.selection import resolve_mask
 from funcreg._src.transform import (
-    ScalarOrSchedule,
     ScaleByAdamState,
     adam_moments,
     add_decayed_weights,
@@ -23,7 +22,7 @@ from funcreg._src.transform import (
     scale_by_learning_rate,
     trace,
 )
-from funcreg._src.tree import PyTree
+from funcreg._src.typing import MaskLike, PyTree, ScalarOrSchedule
 from funcreg._src.validation import check_bool, check_number, check_rate, is_zero, schedule_value
 
 
@@ -134,7 +133,7 @@ def adamw(
     weight_decay: float = 1e-2,
     amsgrad: bool = False,
     maximize: bool = False,
-    mask: Any | None = None,
+    mask: MaskLike | None = None,
     fused: bool = False,
 ) -> GradientTransformation:
     """``torch.optim.AdamW``: Adam plus decoupled decay ``w <- w - lr_t * wd * w`` (lr-scaled, as torch).
@@ -182,7 +181,7 @@ def _adam_family(
     decoupled: bool,
     amsgrad: bool,
     maximize: bool,
-    mask: Any | None,
+    mask: MaskLike | None,
     fused: bool = False,
 ) -> GradientTransformation:
     """Adam/AdamW in one transform, equal to the chain in the docstrings but with fewer passes.

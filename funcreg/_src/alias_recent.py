@@ -15,8 +15,9 @@ from funcreg._src.block_utils import with_config
 from funcreg._src.combine import chain
 from funcreg._src.orthogonalize import NS_COEFFICIENTS, AdjustLr, scale_by_muon
 from funcreg._src.sign_methods import scale_by_lion
-from funcreg._src.transform import ScalarOrSchedule, scale_by_learning_rate
-from funcreg._src.tree import PyTree, flatten, unflatten
+from funcreg._src.transform import scale_by_learning_rate
+from funcreg._src.tree import flatten, unflatten
+from funcreg._src.typing import PyTree, ScalarOrSchedule
 from funcreg._src.validation import check_rate
 
 

@@ -22,13 +22,13 @@ from funcreg._src.combine import chain
 from funcreg._src.factored import scale_by_adafactor, scale_by_relative_step
 from funcreg._src.sign_methods import scale_by_rprop
 from funcreg._src.transform import (
-    ScalarOrSchedule,
     add_decayed_weights,
     decoupled_weight_decay,
     scale,
     scale_by_learning_rate,
     trace,
 )
+from funcreg._src.typing import ScalarOrSchedule
 from funcreg._src.validation import check_bool, check_number, check_rate, is_zero
 
 

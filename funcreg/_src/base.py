@@ -10,8 +10,8 @@ import torch
 from funcreg._src.describe import configured, describe
 from funcreg._src.distributed.dtensor import dtensor_type, match_layout
 from funcreg._src.errors import ContractError, LeafTypeError
-from funcreg._src.schedules import Schedule  # noqa: F401  (defined once, there; re-exported for the transforms)
-from funcreg._src.tree import PyTree, TreeSpec, check_same_spec, flatten, leaf_names, unflatten
+from funcreg._src.tree import TreeSpec, check_same_spec, flatten, tree_names, unflatten
+from funcreg._src.typing import PyTree
 
 
 class TransformInitFn(Protocol):
@@ -85,7 +85,7 @@ def identity() -> GradientTransformation:
 
 def _name_at(spec: TreeSpec, n: int, i: int) -> str:
     """The name of leaf ``i`` of a tree with ``spec`` (computed only for error messages)."""
-    return leaf_names(unflatten([None] * n, spec))[i]
+    return tree_names(unflatten([None] * n, spec))[i]
 
 
 def _kind(x: Any) -> str:

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from funcreg._src.errors import ContractError
-from funcreg._src.tree import PyTree, check_same_spec, flatten, leaf_names, unflatten
+from funcreg._src.tree import check_same_spec, flatten, tree_names, unflatten
+from funcreg._src.typing import PyTree
 
 
 def reject_complex(params: PyTree, who: str) -> None:
@@ -22,7 +23,7 @@ def reject_complex(params: PyTree, who: str) -> None:
     blocks do not do that themselves, and refuse rather than compute something else.
     """
     leaves, _ = flatten(params)
-    for name, p in zip(leaf_names(params), leaves):
+    for name, p in zip(tree_names(params), leaves):
         if isinstance(p, torch.Tensor) and p.is_complex():
             raise TypeError(
                 f"{who}: parameter {name!r} is complex ({p.dtype}); this transform handles real tensors "
@@ -55,7 +56,7 @@ def loose_state_leaves(f: Any, tree: PyTree, who: str, field: str) -> list[Any]:
     check_same_spec(f.spec, spec, "updates", f"{who} state {field!r}")
     for i in f.index:
         if not isinstance(leaves[i], torch.Tensor):
-            name = leaf_names(unflatten(f.updates, f.spec))[i]
+            name = tree_names(unflatten(f.updates, f.spec))[i]
             raise ContractError(
                 f"{who}: no {field!r} state for {name!r} (its parameter was None or masked out at init)"
             )

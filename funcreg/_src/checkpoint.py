@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from funcreg._src.tree import PyTree, flatten, leaf_names, unflatten
+from funcreg._src.tree import flatten, tree_names, unflatten
+from funcreg._src.typing import PyTree
 
 FORMAT = "funcreg-state-v1"
 
@@ -36,7 +37,7 @@ def state_dict(state: PyTree) -> dict[str, Any]:
         ('ScaleByAdamState', tensor([0., 0.]))
     """
     leaves, _ = flatten(state)
-    names = leaf_names(state)
+    names = tree_names(state)
     for name, leaf in zip(names, leaves):
         if leaf is not None and not isinstance(leaf, torch.Tensor):
             raise TypeError(
@@ -63,7 +64,7 @@ def load_state_dict(template: PyTree, checkpoint: dict[str, Any]) -> PyTree:
         if key not in checkpoint:
             raise ValueError(f"funcreg state checkpoint has no {key!r} entry")
     t_leaves, spec = flatten(template)
-    t_names = leaf_names(template)
+    t_names = tree_names(template)
     names = list(checkpoint["names"])
     leaves = list(checkpoint["leaves"])
     if len(names) != len(leaves):

@@ -8,7 +8,8 @@ from typing import Any, NamedTuple, Union
 from funcreg._src.base import GradientTransformation, expect_state, flat
 from funcreg._src.describe import configured
 from funcreg._src.errors import LeafTypeError
-from funcreg._src.tree import PyTree, broadcast_prefix, flatten, leaf_names, unflatten
+from funcreg._src.tree import broadcast_prefix, flatten, tree_names, unflatten
+from funcreg._src.typing import PyTree
 
 
 def _check_transform(tx: Any, where: str) -> None:
@@ -125,7 +126,7 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labels) 
     def resolve(tree: PyTree, check_unused: bool = True) -> list[Any]:
         given = labels(tree) if callable(labels) else labels
         values = broadcast_prefix(given, tree, what="labels")
-        names = leaf_names(tree)
+        names = tree_names(tree)
         leaves, _ = flatten(tree)
         for name, value, leaf in zip(names, values, leaves):
             if leaf is not None and value not in transforms:

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from funcreg._src.base import GradientTransformation
-from funcreg._src.tree import PyTree, flatten, unflatten
+from funcreg._src.tree import flatten, unflatten
+from funcreg._src.typing import PyTree
 
 
 def _has_complex(leaves: list[Any]) -> bool:

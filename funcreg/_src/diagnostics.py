@@ -18,7 +18,8 @@ from torch import nn
 
 from funcreg._src.distributed.dtensor import full_value
 from funcreg._src.selection import params_of
-from funcreg._src.tree import PyTree, flatten, leaf_names
+from funcreg._src.tree import flatten, tree_names
+from funcreg._src.typing import PyTree
 from funcreg._src.validation import check_number
 
 __all__ = [
@@ -37,7 +38,7 @@ def _named_tensors(params: PyTree, fn: str) -> list[tuple[str, torch.Tensor]]:
         params = params_of(params)
     leaves, _ = flatten(params)
     out = []
-    for name, leaf in zip(leaf_names(params), leaves):
+    for name, leaf in zip(tree_names(params), leaves):
         if leaf is None:
             continue
         if not isinstance(leaf, torch.Tensor):

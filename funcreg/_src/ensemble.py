@@ -18,7 +18,8 @@ from funcreg._src.donation import DonationTracker
 from funcreg._src.hparams import as_hparams, float_dtype
 from funcreg._src.selection import buffers_of, params_of
 from funcreg._src.training import Step, TrainState
-from funcreg._src.tree import PyTree, check_same_spec, flatten, leaf_names, unflatten
+from funcreg._src.tree import check_same_spec, flatten, tree_names, unflatten
+from funcreg._src.typing import PyTree
 
 Batch = Literal["shared", "per_member"]
 
@@ -37,7 +38,7 @@ def stack(trees: Sequence[PyTree]) -> PyTree:
     if not trees:
         raise ValueError("stack needs at least one tree")
     first, spec = flatten(trees[0])
-    names = leaf_names(trees[0])
+    names = tree_names(trees[0])
     columns: list[list[Any]] = [[x] for x in first]
     for m, tree in enumerate(trees[1:], start=1):
         leaves, other = flatten(tree)
@@ -74,7 +75,7 @@ def num_members(tree: PyTree) -> int:
     Raises ``ValueError`` naming a key whose leading size differs, or a 0-d tensor.
     """
     leaves, _ = flatten(tree)
-    names = leaf_names(tree)
+    names = tree_names(tree)
     n: int | None = None
     first_name = ""
     for name, x in zip(names, leaves):

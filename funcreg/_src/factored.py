@@ -20,7 +20,8 @@ from funcreg._src.block_utils import (
     reject_complex,
     with_config,
 )
-from funcreg._src.tree import PyTree, flatten, unflatten
+from funcreg._src.tree import flatten, unflatten
+from funcreg._src.typing import PyTree
 from funcreg._src.validation import check_number, check_rate, schedule_value
 
 

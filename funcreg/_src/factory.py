@@ -22,9 +22,10 @@ from funcreg._src.base import GradientTransformation
 from funcreg._src.combine import chain
 from funcreg._src.forms import add_penalty_grad, decoupled, proximal
 from funcreg._src.penalties import Penalty, l2
-from funcreg._src.selection import MaskLike, Selection, decay_mask, resolve_mask
-from funcreg._src.transform import ScalarOrSchedule, add_decayed_weights, decoupled_weight_decay, scale
-from funcreg._src.tree import leaf_names
+from funcreg._src.selection import Selection, decay_mask, resolve_mask
+from funcreg._src.transform import add_decayed_weights, decoupled_weight_decay, scale
+from funcreg._src.tree import tree_names
+from funcreg._src.typing import MaskLike, ScalarOrSchedule
 from funcreg._src.validation import check_number
 
 FORMS = ("coupled", "decoupled", "proximal")
@@ -296,7 +297,7 @@ def _selection(decay: Any, source: Any, names: list[str], weight_decay: Any) -> 
         return produced
     keep = resolve_mask(produced, tree, "decay")
     return Selection(
-        dict(zip(leaf_names(tree), keep)), reasons={n: "decay mask" for n in names}, label="decay"
+        dict(zip(tree_names(tree), keep)), reasons={n: "decay mask" for n in names}, label="decay"
     )
 
 

@@ -19,8 +19,8 @@ from funcreg._src import leafwise
 from funcreg._src.base import GradientTransformation, begin, find_states, init_count
 from funcreg._src.block_utils import with_config
 from funcreg._src.penalties.base import Penalty
-from funcreg._src.transform import ScalarOrSchedule
-from funcreg._src.tree import PyTree, flatten, unflatten
+from funcreg._src.tree import flatten, unflatten
+from funcreg._src.typing import PyTree, ScalarOrSchedule
 from funcreg._src.validation import check_rate, schedule_value
 
 Restart = Literal["gradient", "function"] | None

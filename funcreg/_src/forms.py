@@ -26,8 +26,7 @@ from funcreg._src import leafwise
 from funcreg._src.base import GradientTransformation, expect_state, find_states, flat, init_count
 from funcreg._src.describe import configured
 from funcreg._src.penalties import FlatParams, Penalty
-from funcreg._src.transform import ScalarOrSchedule
-from funcreg._src.tree import PyTree
+from funcreg._src.typing import PyTree, ScalarOrSchedule
 from funcreg._src.validation import check_bool, check_rate, schedule_value
 
 

@@ -20,7 +20,7 @@ import torch
 from funcreg._src import leafwise
 from funcreg._src.base import expect_state, flat
 from funcreg._src.describe import compiling
-from funcreg._src.tree import PyTree
+from funcreg._src.typing import MaskLike, PyTree
 from funcreg._src.validation import schedule_value
 
 FUSED_ATTR = "__funcreg_fused__"
@@ -39,7 +39,7 @@ class AdamKernel:
     decoupled: bool
     amsgrad: bool
     maximize: bool
-    mask: Any
+    mask: MaskLike
     fused: bool
 
     def __call__(self, grads: PyTree, state: Any, params: PyTree) -> tuple[PyTree, Any] | None:

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from funcreg._src.tree import PyTree, flatten, is_functorch_tensor
+from funcreg._src.tree import flatten, is_functorch_tensor
+from funcreg._src.typing import PyTree
 
 Hyperparams = Mapping[str, Any]
 

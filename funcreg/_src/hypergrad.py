@@ -26,7 +26,8 @@ import torch
 
 from funcreg._src.hparams import float_dtype
 from funcreg._src.training import Step
-from funcreg._src.tree import PyTree, flatten, unflatten
+from funcreg._src.tree import flatten, unflatten
+from funcreg._src.typing import PyTree
 from funcreg._src.validation import check_int, check_number
 
 __all__ = ["Hypergradient", "TuneResult", "hypergradient", "implicit_hypergradient", "tune_coefficient"]

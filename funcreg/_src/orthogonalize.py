@@ -16,7 +16,8 @@ import torch
 
 from funcreg._src.base import GradientTransformation, begin, init_count, per_param_zeros
 from funcreg._src.block_utils import reject_complex, with_config
-from funcreg._src.tree import PyTree, flatten, leaf_names
+from funcreg._src.tree import flatten, tree_names
+from funcreg._src.typing import PyTree
 from funcreg._src.validation import check_bool, check_int, check_number
 
 NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
@@ -142,7 +143,7 @@ def scale_by_muon(
     def init(params: PyTree) -> ScaleByMuonState:
         reject_complex(params, "scale_by_muon")
         leaves, _ = flatten(params)
-        for name, p in zip(leaf_names(params), leaves):
+        for name, p in zip(tree_names(params), leaves):
             if p is not None and p.ndim != 2:
                 raise ValueError(
                     f"scale_by_muon: parameter {name!r} has shape {tuple(p.shape)}; Muon orthogonalizes "

@@ -26,8 +26,8 @@ import torch
 from funcreg._src.ensemble import ensemble_step, stack, unstack, vmap
 from funcreg._src.hparams import float_dtype
 from funcreg._src.training import Form, PenaltyLike, TrainState, TransformLike, make_step
-from funcreg._src.transform import ScalarOrSchedule
-from funcreg._src.tree import PyTree, flatten
+from funcreg._src.tree import flatten
+from funcreg._src.typing import PyTree, ScalarOrSchedule
 from funcreg._src.validation import check_bool, check_int
 
 __all__ = ["RegularizationPath", "kfold", "regularization_path"]

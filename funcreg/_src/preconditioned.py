@@ -23,8 +23,9 @@ from funcreg._src import leafwise
 from funcreg._src.base import GradientTransformation, begin
 from funcreg._src.block_utils import per_leaf, reject_complex, with_config
 from funcreg._src.selection import resolve_mask
-from funcreg._src.transform import ScalarOrSchedule, ScaleByAdamState, scale_by_adam
-from funcreg._src.tree import PyTree, flatten
+from funcreg._src.transform import ScaleByAdamState, scale_by_adam
+from funcreg._src.tree import flatten
+from funcreg._src.typing import MaskLike, PyTree, ScalarOrSchedule
 from funcreg._src.validation import check_number, check_rate, schedule_value
 
 
@@ -50,7 +51,7 @@ def proximal_adam(
     l2: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    mask: Any = None,
+    mask: MaskLike = None,
 ) -> GradientTransformation:
     """Adam with the elastic-net prox taken in Adam's metric (see the module docstring).
 

@@ -7,14 +7,13 @@ schedule returns a float for an int and a float64 tensor for a tensor, so the sa
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from funcreg._src.typing import Schedule
 from funcreg._src.validation import check_int, check_number
-
-Schedule = Callable[[Any], Any]
 
 
 def _as_float(count: Any) -> Any:

@@ -12,12 +12,13 @@ import difflib
 import fnmatch
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple, Union, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
 
-from funcreg._src.tree import PyTree, broadcast_prefix, flatten, leaf_names
+from funcreg._src.tree import broadcast_prefix, flatten, tree_names
+from funcreg._src.typing import MaskLike, PyTree
 
 
 def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -187,7 +188,7 @@ class Selection(Mapping[str, bool]):
 
     def resolve(self, tree: PyTree) -> list[bool]:
         """One bool per leaf of ``tree``, matched by leaf name; every name must be present in both."""
-        names = leaf_names(tree)
+        names = tree_names(tree)
         missing = [n for n in names if n not in self._decisions]
         if missing:
             raise ValueError(
@@ -236,7 +237,7 @@ def _named_leaves(tree_or_module: Any) -> tuple[list[str], list[Any]]:
         params = params_of(tree_or_module)
         return list(params), list(params.values())
     leaves, _ = flatten(tree_or_module)
-    return leaf_names(tree_or_module), leaves
+    return tree_names(tree_or_module), leaves
 
 
 _NORM_TYPES: tuple[type, ...] = tuple(
@@ -678,9 +679,6 @@ def by_predicate(predicate: Callable[[str, torch.Tensor], bool], description: st
     return Selector(rule, f"by_predicate({text})")
 
 
-MaskLike = Union[bool, PyTree, Selection, Selector, Callable[[PyTree], Any]]
-
-
 def _as_bool(value: Any, name: str, what: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -705,5 +703,5 @@ def resolve_mask(mask: MaskLike, tree: PyTree, what: str = "mask") -> list[bool]
             raise TypeError(f"{what} callable returned another callable ({produced!r}), not a mask")
         return resolve_mask(produced, tree, what)
     values = broadcast_prefix(mask, tree, what=what)
-    names = leaf_names(tree)
+    names = tree_names(tree)
     return [_as_bool(v, n, what) for v, n in zip(values, names)]

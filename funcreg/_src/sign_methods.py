@@ -19,7 +19,7 @@ from funcreg._src.base import (
     per_param_zeros,
 )
 from funcreg._src.block_utils import per_leaf, reject_complex, with_config
-from funcreg._src.tree import PyTree
+from funcreg._src.typing import PyTree
 from funcreg._src.validation import check_number, check_rate, schedule_value
 
 

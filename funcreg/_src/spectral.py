@@ -23,7 +23,7 @@ import torch
 
 from funcreg._src.penalties.base import Coefficient, Penalty, check_coefficient, records_call
 from funcreg._src.penalties.leaf import LeafPenalty, LeafRule
-from funcreg._src.selection import MaskLike
+from funcreg._src.typing import MaskLike
 from funcreg._src.validation import check_number
 
 

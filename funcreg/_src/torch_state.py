@@ -25,7 +25,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.utils._pytree as pytree
 
-from funcreg._src.tree import PyTree, TreeSpec, flatten, unflatten
+from funcreg._src.tree import TreeSpec, flatten, unflatten
+from funcreg._src.typing import PyTree
 
 # torch.optim's names for funcreg's per-parameter state fields (Adam's moments, SGD's buffer, steps)
 TORCH_NAMES = {

@@ -22,8 +22,8 @@ from funcreg._src.donation import DonationTracker
 from funcreg._src.forms import PenaltyState, add_penalty_grad, decoupled, penalized, penalty_metrics, proximal
 from funcreg._src.hparams import Hyperparams, as_hparams, float_dtype
 from funcreg._src.penalties import Penalty
-from funcreg._src.transform import ScalarOrSchedule
-from funcreg._src.tree import PyTree, compiling, flatten, unflatten
+from funcreg._src.tree import compiling, flatten, unflatten
+from funcreg._src.typing import PyTree, ScalarOrSchedule
 from funcreg._src.update import apply_updates, check_donatable, donated_step
 from funcreg._src.validation import check_bool, check_rate
 

@@ -6,7 +6,7 @@ Operation order follows ``torch.optim``'s foreach implementations (``torch/optim
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import torch
 
@@ -15,7 +15,6 @@ from funcreg._src.adam import ScaleByAdamState, adam_moments, scale_by_adam  # n
 from funcreg._src.base import (
     EmptyState,
     GradientTransformation,
-    Schedule,
     advance_steps,
     expect_state,
     flat,
@@ -26,10 +25,8 @@ from funcreg._src.base import (
     per_param_zeros,
 )
 from funcreg._src.describe import configured
-from funcreg._src.tree import PyTree
+from funcreg._src.typing import MaskLike, PyTree, ScalarOrSchedule
 from funcreg._src.validation import check_bool, check_number, check_rate, is_zero, schedule_value
-
-ScalarOrSchedule = Union[float, torch.Tensor, Schedule]
 
 
 def scale(step_size: float | torch.Tensor) -> GradientTransformation:
@@ -209,7 +206,7 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
     )
 
 
-def add_decayed_weights(weight_decay: float | torch.Tensor, mask: Any = None) -> GradientTransformation:
+def add_decayed_weights(weight_decay: float | torch.Tensor, mask: MaskLike = None) -> GradientTransformation:
     """Coupled L2: adds ``weight_decay * w`` to the updates, ``u <- u + wd * w``.
 
     Placed first in a chain this is ``torch.optim``'s ``weight_decay=`` (SGD, Adam): the gradient of
@@ -257,7 +254,7 @@ class DecoupledWeightDecayState(NamedTuple):
 def decoupled_weight_decay(
     weight_decay: float | torch.Tensor,
     learning_rate: ScalarOrSchedule | None = None,
-    mask: Any = None,
+    mask: MaskLike = None,
     *,
     scale_by: str,
 ) -> GradientTransformation:
@@ -380,7 +377,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     return configured(GradientTransformation(init, update), "clip_by_global_norm", max_norm)
 
 
-def _maybe_masked(tx: GradientTransformation, mask: Any) -> GradientTransformation:
+def _maybe_masked(tx: GradientTransformation, mask: MaskLike) -> GradientTransformation:
     if mask is None:
         return tx
     from funcreg._src.wrappers import masked

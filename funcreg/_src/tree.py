@@ -15,8 +15,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from funcreg._src.errors import StructureError
+from funcreg._src.typing import PyTree
 
-PyTree = Any
 TreeSpec = pytree.TreeSpec
 
 __all__ = [
@@ -24,7 +24,7 @@ __all__ = [
     "TreeSpec",
     "broadcast_prefix",
     "flatten",
-    "leaf_names",
+    "tree_names",
     "unflatten",
 ]
 
@@ -89,11 +89,16 @@ def _path_name(path: Sequence[Any]) -> str:
     return ".".join(str(k) for k in path) if path else "<root>"
 
 
-def leaf_names(tree: PyTree) -> list[str]:
+def tree_names(tree: PyTree) -> list[str]:
     """Names of the leaves of ``tree`` in flattening order: key paths joined with dots.
 
     For the flat dict returned by :func:`funcreg.params_of` these are the parameter names; for a nested
     dict ``{"enc": {"w": t}}`` the name is ``"enc.w"``; a bare tensor is ``"<root>"``.
+
+    Examples:
+        >>> import torch, funcreg as fr
+        >>> fr.tree_names({"enc": {"w": torch.ones(1), "b": None}, "head": [torch.ones(2)]})
+        ['enc.w', 'enc.b', 'head.0']
     """
     paths, _ = pytree.tree_flatten_with_path(tree, is_leaf=_is_none)
     return [_path_name([_key_str(k) for k in path]) for path, _ in paths]

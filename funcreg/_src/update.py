@@ -11,7 +11,8 @@ from funcreg._src.base import GradientTransformation, flat
 from funcreg._src.describe import compiling
 from funcreg._src.donation import set_donating
 from funcreg._src.fused import FUSED_ATTR
-from funcreg._src.tree import PyTree, flatten, leaf_names
+from funcreg._src.tree import flatten, tree_names
+from funcreg._src.typing import PyTree
 
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
@@ -64,11 +65,11 @@ def check_donatable(what: str, tree: PyTree, unique: bool = False) -> None:
             continue
         if (grad_on and x.requires_grad) or torch._C._functorch.is_gradtrackingtensor(x):
             raise ValueError(
-                f"cannot donate {what} {leaf_names(tree)[i]!r}: autograd needs its value (differentiating "
+                f"cannot donate {what} {tree_names(tree)[i]!r}: autograd needs its value (differentiating "
                 "through the step); use the pure path, or run the step under torch.no_grad()"
             )
         if unique and id(x) in seen:
-            names = leaf_names(tree)
+            names = tree_names(tree)
             raise ValueError(
                 f"cannot donate {what}: {names[seen[id(x)]]!r} and {names[i]!r} are the same tensor"
             )

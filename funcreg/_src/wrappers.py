@@ -10,8 +10,9 @@ from funcreg._src import leafwise
 from funcreg._src.base import GradientTransformation, expect_state, flat
 from funcreg._src.describe import configured
 from funcreg._src.donation import donating, donation
-from funcreg._src.selection import MaskLike, resolve_mask
-from funcreg._src.tree import PyTree, flatten, unflatten
+from funcreg._src.selection import resolve_mask
+from funcreg._src.tree import flatten, unflatten
+from funcreg._src.typing import MaskLike, PyTree
 from funcreg._src.validation import check_int
 
 

@@ -35,7 +35,8 @@ from funcreg._src.combine import chain
 from funcreg._src.errors import SelectionError
 from funcreg._src.forms import add_penalty_grad, decoupled, penalized
 from funcreg._src.penalties import Penalty, SumPenalty
-from funcreg._src.tree import PyTree, flatten, leaf_names, unflatten
+from funcreg._src.tree import flatten, tree_names, unflatten
+from funcreg._src.typing import PyTree
 from funcreg._src.update import apply_updates
 from funcreg.testing.strategies import like, param_trees, tensors
 
@@ -114,7 +115,7 @@ def _check_seed(seed: int | None) -> None:
 def _assert_trees_close(actual: PyTree, expected: PyTree, atol: float, rtol: float, what: str) -> None:
     a_leaves, _ = flatten(actual)
     e_leaves, _ = flatten(expected)
-    names = leaf_names(expected)
+    names = tree_names(expected)
     for name, a, e in zip(names, a_leaves, e_leaves):
         if a is None and e is None:
             continue
@@ -424,7 +425,7 @@ def _forms_gradient(
     c_leaves, _ = flatten(closed)
     out = [
         None if x is None else (x if d is None else (d + c.to(d.dtype) if selected[name] else d))
-        for name, x, d, c in zip(leaf_names(params), g_leaves, d_leaves, c_leaves)
+        for name, x, d, c in zip(tree_names(params), g_leaves, d_leaves, c_leaves)
     ]
     return unflatten(out, spec)
 
@@ -522,7 +523,7 @@ def check_forms_agree(
     def run(data: Any) -> None:
         p0 = data.draw(strategy, label="params")
         selected = penalty.selection(p0)
-        names = leaf_names(p0)
+        names = tree_names(p0)
         states = {"loss term": optimizer.init(p0), **{form: tx.init(p0) for form, tx in others.items()}}
         p = p0  # the common point: the loss-term form's parameters
         for t in range(steps):

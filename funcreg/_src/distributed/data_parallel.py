@@ -22,7 +22,8 @@ from funcreg._src import leafwise
 from funcreg._src.base import EmptyState, GradientTransformation, flat
 from funcreg._src.describe import compiling, configured
 from funcreg._src.distributed.dtensor import is_dtensor, layout
-from funcreg._src.tree import PyTree, is_functorch_tensor
+from funcreg._src.tree import is_functorch_tensor
+from funcreg._src.typing import PyTree
 
 Group = Any  # a torch.distributed ProcessGroup, or None for the default group
 
@@ -189,14 +190,14 @@ def broadcast(tree: PyTree, src: int = 0, group: Any | None = None) -> PyTree:
         {'w': tensor([1., 1.]), 'frozen': None}
         >>> dist.destroy_process_group()
     """
-    from funcreg._src.tree import flatten, leaf_names, unflatten
+    from funcreg._src.tree import flatten, tree_names, unflatten
 
     _check_group(group, "broadcast")
     group_size(group, "broadcast")
     dist = _dist()
     leaves, spec = flatten(tree)
     out: list[Any] = []
-    for name, x in zip(leaf_names(tree), leaves):
+    for name, x in zip(tree_names(tree), leaves):
         if x is None:
             out.append(None)
             continue

@@ -15,7 +15,8 @@ import torch
 
 from funcreg._src.distributed.data_parallel import _check_group, _dist, group_size
 from funcreg._src.history import History
-from funcreg._src.tree import PyTree, flatten, leaf_names, unflatten
+from funcreg._src.tree import flatten, tree_names, unflatten
+from funcreg._src.typing import PyTree
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
@@ -91,7 +92,7 @@ def take_members(tree: PyTree, members: list[int]) -> PyTree:
         raise TypeError(f"Invalid members value: {members!r} (expected a list of member indices)")
     leaves, spec = flatten(tree)
     out: list[Any] = []
-    for name, x in zip(leaf_names(tree), leaves):
+    for name, x in zip(tree_names(tree), leaves):
         if x is None:
             out.append(None)
             continue
@@ -116,7 +117,7 @@ def _order(n: int, world: int) -> list[int]:
 def _merge_trees(parts: list[Any], order: list[int], n: int) -> PyTree:
     present = [p for p in parts if p is not None]
     leaves0, spec = flatten(present[0])
-    names = leaf_names(present[0])
+    names = tree_names(present[0])
     columns: list[list[Any]] = [[] for _ in leaves0]
     for p in present:
         leaves, other = flatten(p)

@@ -28,8 +28,9 @@ import torch
 
 from funcreg._src.describe import call_text, compiling, fmt
 from funcreg._src.errors import SelectionError
-from funcreg._src.selection import MaskLike, resolve_mask
-from funcreg._src.tree import PyTree, TreeSpec, flatten, leaf_names, unflatten
+from funcreg._src.selection import resolve_mask
+from funcreg._src.tree import TreeSpec, flatten, tree_names, unflatten
+from funcreg._src.typing import MaskLike, PyTree
 from funcreg._src.validation import check_number
 
 Coefficient = Union[float, torch.Tensor, PyTree]
@@ -58,7 +59,7 @@ class FlatParams:
     def of(cls, tree: PyTree) -> FlatParams:
         """Flattens ``tree`` (``None`` leaves kept in place)."""
         leaves, spec = flatten(tree)
-        return cls(tree, leaves, spec, leaf_names(tree))
+        return cls(tree, leaves, spec, tree_names(tree))
 
     def with_leaves(self, leaves: list[Any]) -> FlatParams:
         """The same tree structure and names with other leaves (e.g. the moved point of a prox step)."""

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from funcreg._src.penalties.base import FlatParams, Penalty, records_call, selection
-from funcreg._src.selection import MaskLike
-from funcreg._src.tree import PyTree, check_same_spec, flatten, unflatten
+from funcreg._src.tree import check_same_spec, flatten, unflatten
+from funcreg._src.typing import MaskLike, PyTree
 
 
 class CustomPenalty(Penalty):

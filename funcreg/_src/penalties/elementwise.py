@@ -16,8 +16,8 @@ from funcreg._src.errors import LeafTypeError
 from funcreg._src.penalties import proxes
 from funcreg._src.penalties.base import Coefficient, Penalty, check_coefficient, records_call
 from funcreg._src.penalties.leaf import LeafPenalty, LeafRule
-from funcreg._src.selection import MaskLike
-from funcreg._src.tree import PyTree, flatten, leaf_names, unflatten
+from funcreg._src.tree import flatten, tree_names, unflatten
+from funcreg._src.typing import MaskLike, PyTree
 from funcreg._src.validation import check_number, is_traced
 
 
@@ -177,7 +177,7 @@ def owned_tree(argument: str, tree: PyTree, non_negative: bool = False) -> PyTre
     the module, and training in place would otherwise move it with the weights.
     """
     leaves, spec = flatten(tree)
-    names = leaf_names(tree)
+    names = tree_names(tree)
     out: list[torch.Tensor | None] = []
     for name, leaf in zip(names, leaves):
         if leaf is None:

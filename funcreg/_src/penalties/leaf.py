@@ -12,8 +12,8 @@ from funcreg._src.distributed.dtensor import check_same_kind, full_value, is_dte
 from funcreg._src.errors import LeafTypeError
 from funcreg._src.leafwise import can_foreach
 from funcreg._src.penalties.base import Coefficient, FlatParams, Penalty, is_scalar, selection
-from funcreg._src.selection import MaskLike
-from funcreg._src.tree import PyTree, broadcast_prefix
+from funcreg._src.tree import broadcast_prefix
+from funcreg._src.typing import MaskLike, PyTree
 
 
 @dataclass(frozen=True)

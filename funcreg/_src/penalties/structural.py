@@ -13,7 +13,7 @@ from funcreg._src.distributed.dtensor import replicate_like
 from funcreg._src.penalties import proxes
 from funcreg._src.penalties.base import Coefficient, Penalty, check_coefficient, records_call
 from funcreg._src.penalties.leaf import LeafPenalty, LeafRule
-from funcreg._src.selection import MaskLike
+from funcreg._src.typing import MaskLike
 from funcreg._src.validation import check_number
 
 

@@ -12,7 +12,7 @@ falls back to the generic donated step, which equals the pure one bit for bit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ import torch
 from funcreg._src import leafwise
 from funcreg._src.base import expect_state, flat
 from funcreg._src.describe import compiling
+from funcreg._src.mask_cache import CachedMask
 from funcreg._src.typing import MaskLike, PyTree
 from funcreg._src.validation import schedule_value
 
@@ -41,10 +42,14 @@ class AdamKernel:
     maximize: bool
     mask: MaskLike
     fused: bool
+    _mask: CachedMask | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # resolved once per parameter structure, not at every step (see _src/mask_cache.py)
+        object.__setattr__(self, "_mask", None if self.mask is None else CachedMask(self.mask))
 
     def __call__(self, grads: PyTree, state: Any, params: PyTree) -> tuple[PyTree, Any] | None:
         """One donated step in the fused kernel, or ``None`` where the kernel does not apply."""
-        from funcreg._src.selection import resolve_mask
         from funcreg._src.transform import ScaleByAdamState
 
         if (
@@ -69,7 +74,8 @@ class AdamKernel:
         steps = f.present(f.state_leaves(state.steps, self.who, "steps", per_element=False))
         wd = float(self.weight_decay)
         if self.mask is not None and self.decoupled:
-            keep = f.present(resolve_mask(self.mask, params))
+            assert self._mask is not None  # built from mask in __post_init__
+            keep = f.present(self._mask(params))
             groups = [
                 ([i for i, k in enumerate(keep) if k], wd),
                 ([i for i, k in enumerate(keep) if not k], 0.0),

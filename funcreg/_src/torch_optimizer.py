@@ -11,192 +11,33 @@ transform, built from the group's options by a factory; together they are
 
 from __future__ import annotations
 
-import copy
-import inspect
-import math
-from collections import defaultdict
 from collections.abc import Callable
-from itertools import chain
-from typing import Any, NamedTuple, Union, cast
+from typing import Any, Union
 
 import torch
-from torch import nn
 
-from funcreg._src import torch_state
+# the names imported `as` themselves were defined here before the torch_optimizer_* modules split
+# this one: they are re-exported, so that their old import path keeps working
 from funcreg._src.base import GradientTransformation
-from funcreg._src.checkpoint import load_state_dict as _load_funcreg_state
 from funcreg._src.combine import PartitionState
+from funcreg._src.torch_optimizer_build import _Built as _Built
+from funcreg._src.torch_optimizer_build import _factory_signature
+from funcreg._src.torch_optimizer_build import _same as _same
+from funcreg._src.torch_optimizer_build import _snapshot as _snapshot
+from funcreg._src.torch_optimizer_groups import _BOOKKEEPING as _BOOKKEEPING
+from funcreg._src.torch_optimizer_groups import _FIXED_LR_MESSAGE as _FIXED_LR_MESSAGE
+from funcreg._src.torch_optimizer_groups import WATCHED as WATCHED
+from funcreg._src.torch_optimizer_groups import _as_groups, _short
+from funcreg._src.torch_optimizer_groups import _param_items as _param_items
+from funcreg._src.torch_optimizer_state_dict import _plain as _plain
+from funcreg._src.torch_optimizer_state_dict import _saved, _StateDictLoading
 from funcreg._src.update import donated_step
 from funcreg._src.validation import check_rate
 
 TransformOrFactory = Union[GradientTransformation, Callable[..., GradientTransformation], str]
 
-# Options that change what an optimizer does: a group holding one that its factory never receives is
-# an error, not a setting silently ignored (a weight-decay schedule on a transform with its decay built in).
-WATCHED = (
-    "lr",
-    "weight_decay",
-    "momentum",
-    "dampening",
-    "nesterov",
-    "betas",
-    "eps",
-    "amsgrad",
-    "maximize",
-    "penalty",
-    "form",
-    "mask",
-)
-# Keys that schedulers and torch itself put into groups: not options of a group added behind our back.
-_BOOKKEEPING = frozenset(
-    {"params", "param_names", "initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr"}
-)
-_FIXED_LR_MESSAGE = (
-    "the param group's lr was changed (by a scheduler?), but this TorchOptimizer wraps a transform with "
-    "a fixed learning rate; pass a factory: TorchOptimizer(params, lambda lr: fr.adamw(lr, ...), lr=...), "
-    "or give the transform a funcreg schedule"
-)
 
-
-class _Built(NamedTuple):
-    """A group's transform, the layout of its state in ``optimizer.state``, and what it was built from."""
-
-    tx: GradientTransformation
-    layout: torch_state.Layout
-    options: dict[str, Any]
-    ids: tuple[int, ...]
-    names: tuple[str, ...]
-
-
-def _snapshot(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, (list, tuple)):
-        return tuple(_snapshot(v) for v in value)
-    return value
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-            return False
-        return (
-            a.shape == b.shape
-            and a.dtype == b.dtype
-            and bool(torch.equal(a.detach().cpu(), b.detach().cpu()))
-        )
-    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-        if not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple))) or len(a) != len(b):
-            return False
-        return all(_same(x, y) for x, y in zip(a, b))
-    if a is b:
-        return True
-    try:
-        return type(a) is type(b) and bool(a == b)
-    except Exception:  # noqa: BLE001 - an object whose == does not give a bool is a different object
-        return False
-
-
-def _plain(value: Any) -> bool:
-    """Whether ``torch.load(weights_only=True)`` reads the value back (and it means the same)."""
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_plain(v) for v in value)
-    if type(value) is dict:
-        return all(isinstance(k, (str, int)) and _plain(v) for k, v in value.items())
-    return False
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return f"tensor({value.item():g})"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _factory_signature(factory: Callable[..., Any]) -> tuple[frozenset[str] | None, frozenset[str]]:
-    """The keyword arguments the factory accepts (``None``: any, it has ``**kwargs``) and requires."""
-    try:
-        sig = inspect.signature(factory)
-    except (TypeError, ValueError):
-        return None, frozenset()
-    accepted, required, any_keyword = set(), set(), False
-    for p in sig.parameters.values():
-        if p.kind is p.VAR_KEYWORD:
-            any_keyword = True
-        elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-            accepted.add(p.name)
-            if p.default is p.empty:
-                required.add(p.name)
-        elif p.kind is p.POSITIONAL_ONLY and p.default is p.empty:
-            raise TypeError(
-                f"the factory's parameter {p.name!r} is positional-only; TorchOptimizer calls the factory "
-                "with each group's options as keyword arguments (factory(lr=..., weight_decay=...))"
-            )
-    return (None if any_keyword else frozenset(accepted)), frozenset(required)
-
-
-def _as_groups(params: Any) -> list[dict[str, Any]]:
-    if isinstance(params, torch.Tensor):
-        raise TypeError(
-            "TorchOptimizer expects an iterable of tensors, (name, tensor) pairs or param-group dicts, or a "
-            f"module; got a single tensor of shape {tuple(params.shape)} (wrap it in a list)"
-        )
-    if isinstance(params, nn.Module):
-        return [{"params": list(params.named_parameters())}]
-    if isinstance(params, dict):
-        return [dict(params)]
-    try:
-        items = list(params)
-    except TypeError:
-        raise TypeError(
-            "TorchOptimizer expects a module, tensors, (name, tensor) pairs such as model.named_parameters(), "
-            f"or param-group dicts [{{'params': [...], 'lr': ...}}, ...]; got a {type(params).__name__}"
-        ) from None
-    if not items:
-        raise ValueError("TorchOptimizer got an empty parameter list")
-    dicts = [isinstance(x, dict) for x in items]
-    if all(dicts):
-        return [dict(g) for g in items]
-    if any(dicts):
-        raise TypeError(
-            "TorchOptimizer got a list mixing param-group dicts with tensors; give only dicts or only tensors"
-        )
-    return [{"params": items}]
-
-
-def _param_items(params: Any, g: int) -> list[tuple[str | None, Any]]:
-    if isinstance(params, nn.Module):
-        return list(params.named_parameters())
-    if isinstance(params, torch.Tensor):
-        return [(None, params)]
-    if isinstance(params, set):
-        raise TypeError(
-            f"param group {g}: parameters must be an ordered collection (a list), not a set, whose order "
-            "changes between runs"
-        )
-    try:
-        items = list(params)
-    except TypeError:
-        raise TypeError(
-            f"param group {g}: 'params' is a {type(params).__name__}, not an iterable of tensors"
-        ) from None
-    out: list[tuple[str | None, Any]] = []
-    for k, item in enumerate(items):
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-            out.append((item[0], item[1]))
-        elif isinstance(item, torch.Tensor):
-            out.append((None, item))
-        else:
-            raise TypeError(
-                f"param group {g}: entry {k} is a {type(item).__name__}; TorchOptimizer expects a module, "
-                "tensors, or (name, tensor) pairs such as model.named_parameters()"
-            )
-    return out
-
-
-class TorchOptimizer(torch.optim.Optimizer):
+class TorchOptimizer(_StateDictLoading):
     """A ``torch.optim.Optimizer`` that runs a funcreg transform per parameter group.
 
     Args:
@@ -252,8 +93,9 @@ class TorchOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Any, tx: TransformOrFactory, lr: Any | None = None, **options: Any) -> None:
-        self._fr_fixed: GradientTransformation | None = None
-        self._fr_factory: Callable[..., GradientTransformation] | None = None
+        # the types of the _fr_ attributes are declared on the bases (_GroupOptions, _GroupBuilds)
+        self._fr_fixed = None
+        self._fr_factory = None
         self._fr_name: str | None = None
         if isinstance(tx, str):
             from funcreg._src.factory import group_factory
@@ -276,8 +118,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             self._fr_fixed = tx
             # a fixed transform reports nan as its lr, so that a scheduler changing it is detected
             defaults: dict[str, Any] = {"lr": float("nan")}
-            self._fr_accepted: frozenset[str] | None = frozenset()
-            self._fr_required: frozenset[str] = frozenset()
+            self._fr_accepted = frozenset()
+            self._fr_required = frozenset()
         elif callable(tx):
             self._fr_factory = tx
             self._fr_accepted, self._fr_required = _factory_signature(tx)
@@ -291,9 +133,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                 f"tx must be a GradientTransformation, a factory of a group's options -> transform, or an "
                 f"optimizer name such as 'adamw'; got {tx!r}"
             )
-        self._fr_option_keys: list[tuple[str, ...]] = []
-        self._fr_built: list[_Built | None] = []
-        self._fr_written: dict[int, Any] = {}
+        self._fr_option_keys = []
+        self._fr_built = []
+        self._fr_written = {}
         self.selection: Any = None
         """The decay selection this optimizer applies, when :func:`funcreg.create_optimizer` made it."""
         # the groups' transforms are built once every group is in: a mask over the whole model (a
@@ -307,76 +149,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 self._write(g, built, self._read(g, built))
 
     # ------------------------------------------------------------------------------------------------
-    # groups, names and options
-
-    def _group_names(self, g: int) -> list[str]:
-        group = self.param_groups[g]
-        names = group.get("param_names")
-        if names is None or len(names) != len(group["params"]):
-            # a group put into param_groups directly, without names: name its parameters by position
-            start = sum(len(x["params"]) for x in self.param_groups[:g])
-            names = [str(start + k) for k in range(len(group["params"]))]
-            group["param_names"] = names
-        return list(names)
-
-    def _all_names(self) -> tuple[str, ...]:
-        return tuple(chain.from_iterable(self._group_names(g) for g in range(len(self.param_groups))))
-
-    def _option_keys(self, g: int) -> tuple[str, ...]:
-        while len(self._fr_option_keys) <= g:  # groups assigned to param_groups directly
-            group = self.param_groups[len(self._fr_option_keys)]
-            keys = [*self.defaults, *(k for k in group if k not in _BOOKKEEPING)]
-            self._fr_option_keys.append(tuple(dict.fromkeys(keys)))
-        while len(self._fr_built) < len(self.param_groups):
-            self._fr_built.append(None)
-        return self._fr_option_keys[g]
-
-    def _passed_keys(self, g: int) -> tuple[str, ...]:
-        if self._fr_fixed is not None:
-            return ()
-        keys = self._option_keys(g)
-        return tuple(k for k in keys if self._fr_accepted is None or k in self._fr_accepted)
-
-    def _check_options(self, g: int) -> None:
-        group = self.param_groups[g]
-        keys = self._option_keys(g)
-        if self._fr_fixed is not None:
-            lr = group.get("lr", float("nan"))
-            if "initial_lr" in group or not (isinstance(lr, float) and math.isnan(lr)):
-                raise RuntimeError(f"{_FIXED_LR_MESSAGE} (param group {g})")
-            extra = [k for k in keys if k != "lr"] + [k for k in group if k in WATCHED and k != "lr"]
-            if extra:
-                raise ValueError(
-                    f"param group {g} sets {extra[0]!r}, but this TorchOptimizer wraps a transform with its "
-                    "hyperparameters built in, which takes no options; pass a factory of the group's options "
-                    f"(TorchOptimizer(params, lambda lr, {extra[0]}: ..., lr=...))"
-                )
-            return
-        missing = [k for k in sorted(self._fr_required) if k not in group]
-        if missing:
-            raise ValueError(
-                f"the factory needs {missing[0]!r}, which param group {g} does not have: pass "
-                f"{missing[0]}=... to TorchOptimizer (the default of every group) or put it in the group"
-            )
-        passed = self._passed_keys(g)
-        ignored = [k for k in group if k in WATCHED and k not in passed]
-        if ignored:
-            k = ignored[0]
-            if k in keys:
-                takes = (
-                    "any keyword"
-                    if self._fr_accepted is None
-                    else ", ".join(sorted(self._fr_accepted)) or "nothing"
-                )
-                raise TypeError(
-                    f"param group {g} sets {k!r}={_short(group[k])}, which the factory does not take (it takes: "
-                    f"{takes}), so it would be ignored; add {k!r} (or **options) to the factory's parameters"
-                )
-            raise RuntimeError(
-                f"param group {g} has {k!r}={_short(group[k])}, which is not an option of this TorchOptimizer: "
-                f"its factory never receives it, so setting it (a {k} schedule?) would do nothing. Pass "
-                f"{k}=... to TorchOptimizer(...) so that every group has it and the factory receives it"
-            )
+    # adding a group
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a parameter group (torch.optim's ``add_param_group``), with its options and fresh state.
@@ -389,50 +162,10 @@ class TorchOptimizer(torch.optim.Optimizer):
             raise TypeError(f"param_group must be a dict, got a {type(param_group).__name__}")
         g = len(self.param_groups)
         group = dict(param_group)
-        if "params" not in group:
-            raise ValueError(f"param group {g} has no 'params' entry")
-        items = _param_items(group["params"], g)
-        given_names = group.get("param_names")
-        if given_names is not None:
-            if any(n is not None for n, _ in items) or len(given_names) != len(items):
-                raise ValueError(
-                    f"param group {g}: 'param_names' must name each of its {len(items)} unnamed parameters"
-                )
-            items = [(str(n), p) for n, (_, p) in zip(given_names, items)]
-        named = [n is not None for n, _ in items]
-        if any(named) and not all(named):
-            raise ValueError(f"param group {g}: give every parameter a name or none")
-        existing: dict[int, tuple[int, str]] = {}
-        taken: set[str] = set()
-        n: str | None  # a name here, then an item's (maybe None) in the loop below
-        for gi in range(g):
-            for n, p in zip(self._group_names(gi), self.param_groups[gi]["params"]):
-                existing[id(p)] = (gi, n)
-                taken.add(n)
-        start = len(existing)
-        names: list[str] = []
-        seen: dict[int, str] = {}
-        for k, (n, p) in enumerate(items):
-            name = n if n is not None else str(start + k)
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"param group {g}: parameter {name!r} is a {type(p).__name__}, not a tensor")
-            if id(p) in seen:
-                raise ValueError(
-                    f"param group {g} lists parameter {name!r} twice (also as {seen[id(p)]!r}); each parameter "
-                    "may appear once (torch.optim would update it twice per step)"
-                )
-            if id(p) in existing:
-                gi, other = existing[id(p)]
-                raise ValueError(
-                    f"parameter {name!r} of param group {g} is already in param group {gi} (as {other!r})"
-                )
-            if name in taken or name in names:
-                raise ValueError(f"param group {g}: the parameter name {name!r} is used twice")
-            seen[id(p)] = name
-            names.append(name)
+        named = self._named_params(group, g)
         user_keys = [k for k in group if k not in ("params", "param_names")]
         group.pop("param_names", None)
-        group["params"] = [(n, p) for n, (_, p) in zip(names, items)]  # torch stores the names as param_names
+        group["params"] = named  # torch stores the names as param_names
         super().add_param_group(group)
         self._fr_option_keys.append(tuple(dict.fromkeys([*self.defaults, *user_keys])))
         self._fr_built.append(None)
@@ -447,125 +180,6 @@ class TorchOptimizer(torch.optim.Optimizer):
             self._fr_option_keys.pop()
             self._fr_built.pop()
             raise
-
-    # ------------------------------------------------------------------------------------------------
-    # building a group's transform, and its state in self.state
-
-    def _trees(
-        self, g: int, names: tuple[str, ...], grads: bool = False
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        group = self.param_groups[g]
-        params: dict[str, Any] = dict.fromkeys(names)
-        gs: dict[str, Any] = dict.fromkeys(names)
-        for n, p in zip(self._group_names(g), group["params"]):
-            params[n] = p.detach()
-            if grads:
-                gs[n] = None if p.grad is None else p.grad.detach()
-        return params, gs
-
-    def _make_tx(self, g: int, options: dict[str, Any]) -> GradientTransformation:
-        if self._fr_fixed is not None:
-            return self._fr_fixed
-        assert self._fr_factory is not None
-        if "lr" in options:
-            try:
-                check_rate("lr", options["lr"])
-            except (TypeError, ValueError) as err:
-                raise type(err)(f"param group {g}: {err}") from err
-        try:
-            tx = self._fr_factory(**options)
-        except (TypeError, ValueError) as err:
-            shown = ", ".join(f"{k}={_short(v)}" for k, v in options.items())
-            try:
-                wrapped = type(err)(f"param group {g}: the factory failed with options ({shown}): {err}")
-            except Exception:  # noqa: BLE001 - an exception type with another constructor: keep it as it is
-                raise err from None
-            raise wrapped from err
-        if not isinstance(tx, GradientTransformation):
-            raise TypeError(
-                f"param group {g}: the factory returned a {type(tx).__name__}, not a GradientTransformation"
-            )
-        return tx
-
-    def _meta_template(self, tx: GradientTransformation, g: int, names: tuple[str, ...]) -> Any:
-        params, _ = self._trees(g, names)
-        try:
-            return tx.init({n: torch_state.meta_like(p) for n, p in params.items()})
-        except Exception:  # noqa: BLE001 - an init that reads values: run it on the real parameters
-            return tx.init(params)
-
-    def _prepare(self, g: int) -> _Built:
-        """The group's transform and state layout, rebuilt when its options or parameters changed."""
-        group = self.param_groups[g]
-        self._check_options(g)
-        names = self._all_names()
-        options = {k: group[k] for k in self._passed_keys(g) if k in group}
-        ids = tuple(id(p) for p in group["params"])
-        cached = self._fr_built[g]
-        same_params = cached is not None and cached.ids == ids and cached.names == names
-        same_options = (
-            cached is not None
-            and cached.options.keys() == options.keys()
-            and all(_same(cached.options[k], v) for k, v in options.items())
-        )
-        if cached is not None and same_params and same_options:
-            return cached
-        tx = cached.tx if cached is not None and same_options else self._make_tx(g, options)
-        layout = torch_state.build_layout(self._meta_template(tx, g, names), names, self._group_names(g))
-        if cached is not None and same_params and layout.signature != cached.layout.signature:
-            changed = [
-                k for k in options if k not in cached.options or not _same(cached.options[k], options[k])
-            ]
-            old_state = self._read(g, cached)
-            params, _ = self._trees(g, names)
-            new_state = torch_state.carry(
-                old_state, tx.init(params), f"param group {g}: changing {', '.join(changed)}"
-            )
-            torch_state.write(layout, new_state, self._dict_of(g), self._group_names(g), clear=True)
-        built = _Built(tx, layout, {k: _snapshot(v) for k, v in options.items()}, ids, names)
-        self._fr_built[g] = built
-        return built
-
-    def _dict_of(self, g: int) -> Callable[[str], dict[str, Any]]:
-        by_name = dict(zip(self._group_names(g), self.param_groups[g]["params"]))
-        return lambda n: self.state[by_name[n]]
-
-    def _read(self, g: int, built: _Built) -> Any:
-        last = self._fr_written.get(g)
-        if (
-            last is not None
-            and last[0] is built
-            and all(
-                self.state.get(p) is d and cast("dict[str, Any]", d).get(k) is t for p, d, k, t in last[2]
-            )
-        ):
-            return last[1]  # optimizer.state holds what the last step wrote: its tree, unchanged
-        by_name = dict(zip(self._group_names(g), self.param_groups[g]["params"]))
-
-        def fresh() -> Any:
-            params, _ = self._trees(g, built.names)
-            return built.tx.init(params)
-
-        return torch_state.read(
-            built.layout, lambda n: self.state.get(by_name[n]), self._group_names(g), fresh
-        )
-
-    def _write(self, g: int, built: _Built, state: Any, clear: bool = False) -> None:
-        names = self._group_names(g)
-        leaves = torch_state.write(built.layout, state, self._dict_of(g), names, clear=clear)
-        # remember what was written, for the fast path of _read: (parameter, its dict, key, tensor)
-        by_name = dict(zip(names, self.param_groups[g]["params"]))
-        slots = []
-        for e, value in zip(built.layout.entries, leaves):
-            if e.kind == "param" and value is not None:
-                assert e.name is not None  # a "param" entry names its parameter
-                p = by_name[e.name]
-                slots.append((p, self.state[p], e.key, value))
-            elif e.kind == "group" and value is not None and names:
-                p = by_name[names[0]]
-                assert e.keys is not None  # a "group" entry has its keys
-                slots.append((p, self.state[p], e.keys[names[0]], value))
-        self._fr_written[g] = (built, state, slots)
 
     # ------------------------------------------------------------------------------------------------
     # the step
@@ -623,21 +237,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             if group["params"]:  # a group changed or added since the last step: its state in place
                 built = self._prepare(g)
                 self._write(g, built, self._read(g, built))
-        sd = super().state_dict()
-        if isinstance(sd, dict) and isinstance(sd.get("state"), dict):
-            # copies: steps write into the state tensors in place
-            sd["state"] = {
-                k: {n: t.clone() if isinstance(t, torch.Tensor) else t for n, t in v.items()}
-                if isinstance(v, dict)
-                else v
-                for k, v in sd["state"].items()
-            }
-        if isinstance(sd, dict) and isinstance(sd.get("param_groups"), list):
-            sd["param_groups"] = [
-                {k: v for k, v in group.items() if k in ("params", "param_names") or _plain(v)}
-                for group in sd["param_groups"]
-            ]
-        return sd
+        return _saved(super().state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a ``state_dict()`` of an optimizer with the same groups, transforms and parameters.
@@ -662,118 +262,6 @@ class TorchOptimizer(torch.optim.Optimizer):
             self._load(sd)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
-
-    def _load(self, sd: dict[str, Any]) -> None:
-        if "state" not in sd or "param_groups" not in sd:
-            raise ValueError(
-                f"not an optimizer state_dict: expected the keys 'state' and 'param_groups', got {sorted(map(str, sd))}"
-            )
-        groups = self.param_groups
-        saved_groups = copy.deepcopy(sd["param_groups"])
-        if len(saved_groups) != len(groups):
-            raise ValueError(
-                f"state_dict has {len(saved_groups)} param groups, this optimizer has {len(groups)}"
-            )
-        for g, (group, saved) in enumerate(zip(groups, saved_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"param group {g} has {len(saved['params'])} parameters in the state_dict, {len(group['params'])} here"
-                )
-            ours = self._group_names(g)
-            theirs = saved.get("param_names")
-            if theirs is not None and list(theirs) != ours:
-                k = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
-                raise ValueError(
-                    f"state_dict is for other parameters: param group {g}'s parameter {k} is {theirs[k]!r} there, "
-                    f"{ours[k]!r} here"
-                )
-        saved_state = sd["state"]
-        known = set(chain.from_iterable(saved["params"] for saved in saved_groups))
-        stray = [k for k in saved_state if k not in known]
-        if stray:
-            raise ValueError(
-                f"state_dict has state for parameter id {stray[0]!r}, which is in no param group"
-            )
-        new_groups = []
-        for group, saved in zip(groups, saved_groups):
-            merged = dict(group)
-            merged.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
-            merged["params"] = group["params"]
-            merged["param_names"] = group["param_names"]
-            new_groups.append(merged)
-        old = (self.param_groups, self.state, self._fr_built)
-        new_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
-        self.param_groups = new_groups
-        self._fr_built = [None] * len(new_groups)
-        self._fr_written = {}
-        try:
-            for g, (group, saved) in enumerate(zip(new_groups, saved_groups)):
-                if not group["params"]:
-                    continue
-                try:
-                    built = self._prepare(g)
-                except (RuntimeError, TypeError) as err:  # the loaded options do not fit this optimizer
-                    raise ValueError(f"the state_dict's options do not fit this optimizer: {err}") from err
-                names = self._group_names(g)
-                loaded: dict[str, dict[str, Any]] = {}
-                for n, pid, p in zip(names, saved["params"], group["params"]):
-                    entry = saved_state.get(pid, {})
-                    expected = torch_state.keys_of(built.layout, n)
-                    missing = [k for k in expected if k not in entry]
-                    if missing:
-                        raise ValueError(
-                            f"state_dict has no {missing[0]!r} for parameter {n!r} (param group {g}); it was saved "
-                            f"from another transform or with other options (it has: {sorted(map(str, entry))})"
-                        )
-                    extra = [k for k in entry if k not in expected]
-                    if extra:
-                        raise ValueError(
-                            f"state_dict has {extra[0]!r} for parameter {n!r} (param group {g}), which this "
-                            f"optimizer's transform does not keep (it keeps: {expected})"
-                        )
-                    loaded[n] = {
-                        k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in entry.items()
-                    }
-
-                def fresh() -> Any:  # pragma: no cover - every entry was checked to be present
-                    raise AssertionError("incomplete state_dict entry")
-
-                state = torch_state.read(built.layout, loaded.get, names, fresh, where="state_dict entry")
-                by_name = dict(zip(names, group["params"]))
-                # cast: mypy cannot infer a lambda with a default argument against Callable[[str], dict]
-                dict_of = cast("Callable[[str], dict]", lambda n, by_name=by_name: new_state[by_name[n]])
-                torch_state.write(built.layout, state, dict_of, names)
-            for group in new_groups:
-                for p in group["params"]:
-                    new_state[p]  # every parameter has a (possibly empty) entry, as after construction
-        except BaseException:
-            self.param_groups, self.state, self._fr_built = old
-            raise
-        self.state = new_state
-
-    def _load_legacy(self, sd: dict[str, Any]) -> None:
-        """A state_dict of funcreg 0.1 (``{"funcreg_state", "lr", "names"}``, one group)."""
-        groups = [g for g, group in enumerate(self.param_groups) if group["params"]]
-        if len(groups) != 1:
-            raise ValueError(
-                "a funcreg 0.1 TorchOptimizer state_dict has one param group; this optimizer has several"
-            )
-        g = groups[0]
-        names = self._group_names(g)
-        if list(sd.get("names", [])) != names:
-            raise ValueError(f"state_dict is for parameters {sd.get('names')}, this optimizer has {names}")
-        group = self.param_groups[g]
-        previous_lr = group.get("lr")
-        if self._fr_factory is not None:
-            group["lr"] = sd["lr"]
-        try:
-            built = self._prepare(g)
-            params, _ = self._trees(g, built.names)
-            state = _load_funcreg_state(built.tx.init(params), sd["funcreg_state"])
-        except BaseException:
-            group["lr"] = previous_lr
-            raise
-        torch_state.write(built.layout, state, self._dict_of(g), names, clear=True)
 
     # ------------------------------------------------------------------------------------------------
     # copying and printing

@@ -68,6 +68,26 @@ def flatten(tree: PyTree) -> tuple[list[Any], TreeSpec]:
     return pytree.tree_flatten(tree, is_leaf=_is_none)
 
 
+def tensors_of(tree: PyTree) -> list[torch.Tensor]:
+    """Every tensor in ``tree``, without building a spec: a walk over plain dicts, lists, tuples and
+    NamedTuples (optimizer states are these), pytree's own flattening for anything else. For checks
+    that read every tensor of a state at each step; the order is not :func:`flatten`'s."""
+    out: list[torch.Tensor] = []
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        kind = type(node)
+        if isinstance(node, torch.Tensor):
+            out.append(node)
+        elif kind is dict:
+            stack.extend(node.values())
+        elif kind is list or kind is tuple or (isinstance(node, tuple) and hasattr(kind, "_fields")):
+            stack.extend(node)
+        elif node is not None and not isinstance(node, (bool, int, float, str)):
+            out.extend(x for x in pytree.tree_leaves(node, is_leaf=_is_none) if isinstance(x, torch.Tensor))
+    return out
+
+
 def unflatten(leaves: Sequence[Any], spec: TreeSpec) -> PyTree:
     """Inverse of :func:`flatten`."""
     keys = None if compiling() else _FLAT_DICT_KEYS.get(id(spec))
@@ -76,6 +96,14 @@ def unflatten(leaves: Sequence[Any], spec: TreeSpec) -> PyTree:
             raise ValueError(f"{len(leaves)} leaves for a tree with {len(keys)}")
         return dict(zip(keys, leaves))
     return pytree.tree_unflatten(list(leaves), spec)
+
+
+def spec_key(spec: TreeSpec) -> Any:
+    """A cheap hashable stand-in for ``spec``: the id of a cached flat-dict spec (alive as long as the
+    cache, so never reused), else the spec itself (hashing a spec walks it)."""
+    return (
+        ("flat-dict", id(spec)) if _FLAT_DICT_SPECS.get(_FLAT_DICT_KEYS.get(id(spec), ())) is spec else spec
+    )
 
 
 def _key_str(key: Any) -> str:

@@ -11,7 +11,7 @@ from funcreg._src.base import GradientTransformation, flat
 from funcreg._src.describe import compiling
 from funcreg._src.donation import set_donating
 from funcreg._src.fused import FUSED_ATTR
-from funcreg._src.tree import flatten, tree_names
+from funcreg._src.tree import flatten, tensors_of, tree_names
 from funcreg._src.typing import PyTree
 
 
@@ -55,25 +55,39 @@ def check_donatable(what: str, tree: PyTree, unique: bool = False) -> None:
     """Raises ``ValueError`` where writing into ``tree``'s tensors would be wrong: autograd needs their
     values (grad mode on and a tensor requires grad, or ``torch.func.grad`` is tracing them), or, with
     ``unique``, one tensor appears twice (a parameter listed twice would be stepped twice)."""
-    leaves, _ = flatten(tree)
-    seen: dict[int, int] = {}
     grad_on = torch.is_grad_enabled()
-    if not grad_on and not unique and not torch._C._are_functorch_transforms_active():
+    functorch = torch._C._are_functorch_transforms_active()
+    if not grad_on and not unique and not functorch:
         return
+    # the common case in one cheap pass over the tensors; the named error from a second, full one
+    tensors = tensors_of(tree)
+    if grad_on and any(x.requires_grad for x in tensors):
+        _raise_undonatable(what, tree, unique)
+    if functorch and any(torch._C._functorch.is_gradtrackingtensor(x) for x in tensors):
+        _raise_undonatable(what, tree, unique)
+    if unique and len({id(x) for x in tensors}) != len(tensors):
+        _raise_undonatable(what, tree, unique)
+
+
+def _raise_undonatable(what: str, tree: PyTree, unique: bool) -> None:
+    leaves, _ = flatten(tree)
+    names = tree_names(tree)
+    grad_on = torch.is_grad_enabled()
+    seen: dict[int, int] = {}
     for i, x in enumerate(leaves):
         if not isinstance(x, torch.Tensor):
             continue
         if (grad_on and x.requires_grad) or torch._C._functorch.is_gradtrackingtensor(x):
             raise ValueError(
-                f"cannot donate {what} {tree_names(tree)[i]!r}: autograd needs its value (differentiating "
+                f"cannot donate {what} {names[i]!r}: autograd needs its value (differentiating "
                 "through the step); use the pure path, or run the step under torch.no_grad()"
             )
         if unique and id(x) in seen:
-            names = tree_names(tree)
             raise ValueError(
                 f"cannot donate {what}: {names[seen[id(x)]]!r} and {names[i]!r} are the same tensor"
             )
         seen[id(x)] = i
+    raise AssertionError(f"cannot donate {what}")  # unreachable: the caller found a reason
 
 
 def donated_update(

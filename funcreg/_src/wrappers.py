@@ -10,7 +10,7 @@ from funcreg._src import leafwise
 from funcreg._src.base import GradientTransformation, expect_state, flat
 from funcreg._src.describe import configured
 from funcreg._src.donation import donating, donation
-from funcreg._src.selection import resolve_mask
+from funcreg._src.mask_cache import CachedMask
 from funcreg._src.tree import flatten, unflatten
 from funcreg._src.typing import MaskLike, PyTree
 from funcreg._src.validation import check_int
@@ -44,9 +44,10 @@ def masked(inner: GradientTransformation, mask: MaskLike) -> GradientTransformat
     """
     if not isinstance(inner, GradientTransformation):
         raise TypeError(f"masked expects a GradientTransformation, got {type(inner).__name__}")
+    resolve = CachedMask(mask)
 
     def init(params: PyTree) -> MaskedState:
-        keep = resolve_mask(mask, params)
+        keep = resolve(params)
         leaves, spec = flatten(params)
         return MaskedState(inner_state=inner.init(unflatten(_hide(leaves, keep), spec)))
 
@@ -55,7 +56,7 @@ def masked(inner: GradientTransformation, mask: MaskLike) -> GradientTransformat
     ) -> tuple[PyTree, MaskedState]:
         expect_state(state, MaskedState, "masked")
         f = flat(updates, params, "masked")
-        keep = resolve_mask(mask, params if params is not None else updates)
+        keep = resolve(params if params is not None else updates)
         new_inner, inner_state = inner.update(
             f.restrict(f.updates, keep), state.inner_state, f.restrict(f.params, keep)
         )

@@ -28,6 +28,7 @@ import torch
 
 from funcreg._src.describe import call_text, compiling, fmt
 from funcreg._src.errors import SelectionError
+from funcreg._src.mask_cache import CachedMask
 from funcreg._src.selection import resolve_mask
 from funcreg._src.tree import TreeSpec, flatten, tree_names, unflatten
 from funcreg._src.typing import MaskLike, PyTree
@@ -109,7 +110,9 @@ def selection(
     if mask is None:
         keep = [leaf is not None and (default is None or default(leaf)) for leaf in fp.leaves]
     else:
-        resolved = resolve_mask(mask, fp.tree, what=f"{name} mask")
+        resolved = (
+            mask(fp.tree) if isinstance(mask, CachedMask) else resolve_mask(mask, fp.tree, f"{name} mask")
+        )
         keep = [k and leaf is not None for k, leaf in zip(resolved, fp.leaves)]
     if not any(keep):
         raise SelectionError(f"penalty {name!r} selects no parameter")

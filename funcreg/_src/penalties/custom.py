@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from funcreg._src.mask_cache import CachedMask
 from funcreg._src.penalties.base import FlatParams, Penalty, records_call, selection
 from funcreg._src.tree import check_same_spec, flatten, unflatten
 from funcreg._src.typing import MaskLike, PyTree
@@ -28,13 +29,14 @@ class CustomPenalty(Penalty):
         self._grad = grad
         self._prox = prox
         self.mask = mask
+        self._selection_mask = None if mask is None else CachedMask(mask, f"{name} mask")
 
     @property
     def has_prox(self) -> bool:
         return self._prox is not None
 
     def selected_flat(self, fp: FlatParams) -> list[bool]:
-        return selection(self.name, self.mask, fp)
+        return selection(self.name, self._selection_mask, fp)
 
     def _view(self, fp: FlatParams, leaves: list[Any], keep: list[bool]) -> PyTree:
         """The selected tree handed to the user's functions."""

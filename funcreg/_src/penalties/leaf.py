@@ -11,6 +11,7 @@ import torch
 from funcreg._src.distributed.dtensor import check_same_kind, full_value, is_dtensor, unsupported
 from funcreg._src.errors import LeafTypeError
 from funcreg._src.leafwise import can_foreach
+from funcreg._src.mask_cache import CachedMask
 from funcreg._src.penalties.base import Coefficient, FlatParams, Penalty, is_scalar, selection
 from funcreg._src.tree import broadcast_prefix
 from funcreg._src.typing import MaskLike, PyTree
@@ -85,6 +86,7 @@ class LeafPenalty(Penalty):
         self.name = name
         self.coefficients = tuple(coefficients)
         self.mask = mask
+        self._selection_mask = None if mask is None else CachedMask(mask, f"{name} mask")
         self.rule = rule
         self._aux = {k: v for k, v in (aux or {}).items() if v is not None}
 
@@ -97,7 +99,7 @@ class LeafPenalty(Penalty):
         return self.rule.differentiable
 
     def selected_flat(self, fp: FlatParams) -> list[bool]:
-        keep = selection(self.name, self.mask, fp, self.rule.default_select)
+        keep = selection(self.name, self._selection_mask, fp, self.rule.default_select)
         for name, leaf, k in zip(fp.names, fp.leaves, keep):
             if not k:
                 continue

@@ -6,24 +6,23 @@ trajectories; in a donated step the moments are updated in place, as torch does.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from funcreg._src import leafwise
-from funcreg._src.base import (
-    Flat,
-    GradientTransformation,
+from funcreg._src.base import Flat, GradientTransformation, expect_state, flat, per_param_zeros
+from funcreg._src.complex_params import as_real
+from funcreg._src.describe import configured
+from funcreg._src.steps import (
+    StepCount,
     advance_steps,
-    expect_state,
-    flat,
     init_count,
     next_count,
     per_param_counts,
-    per_param_zeros,
+    power_at,
+    sqrt_at,
 )
-from funcreg._src.complex_params import as_real
-from funcreg._src.describe import configured
 from funcreg._src.typing import PyTree
 from funcreg._src.validation import check_bool, check_number
 
@@ -84,12 +83,11 @@ def scale_by_adam(
     ) -> tuple[PyTree, ScaleByAdamState]:
         expect_state(state, ScaleByAdamState, "scale_by_adam")
         f = flat(updates, params, "scale_by_adam")
-        mu, denom, t, new_state = adam_moments(
-            f, state, f.present_updates(), b1, b2, amsgrad, "scale_by_adam"
+        mu, denom, steps, new_state = adam_moments(
+            f, state, f.present_updates(), b1=b1, b2=b2, amsgrad=amsgrad, who="scale_by_adam"
         )
-        bias_correction1 = leafwise.per_value(lambda x: 1 - leafwise.scalar_power(b1, x), t)
-        bias_correction2 = leafwise.per_value(lambda x: 1 - leafwise.scalar_power(b2, x), t)
-        leafwise.div_scalar_(denom, leafwise.per_value(leafwise.scalar_sqrt, bias_correction2))
+        bias_correction1 = steps.map(lambda t: 1 - power_at(b1, t))
+        leafwise.div_scalar_(denom, steps.map(lambda t: sqrt_at(1 - power_at(b2, t))))
         leafwise.add_scalar_(denom, eps)
         out = leafwise.div(mu, denom)
         leafwise.div_scalar_(out, bias_correction1)
@@ -107,13 +105,20 @@ def scale_by_adam(
 
 
 def adam_moments(
-    f: Flat, state: ScaleByAdamState, grads: list[torch.Tensor], b1: float, b2: float, amsgrad: bool, who: str
-) -> tuple[list[torch.Tensor], list[torch.Tensor], Any, ScaleByAdamState]:
+    f: Flat,
+    state: ScaleByAdamState,
+    grads: list[torch.Tensor],
+    *,
+    b1: float,
+    b2: float,
+    amsgrad: bool,
+    who: str,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], StepCount, ScaleByAdamState]:
     """Adam's moment updates, shared by :func:`scale_by_adam` and the fused ``adam``/``adamw``.
 
     Returns the new first moments, ``sqrt`` of the (running max of the) second moments as a fresh
-    buffer for the caller to finish the denominator in, the per-parameter step ``t`` (see
-    :func:`funcreg._src.base.advance_steps`), and the new state.
+    buffer for the caller to finish the denominator in, the parameters' steps (for the bias
+    corrections), and the new state.
     """
     mu_leaves = f.state_leaves(state.mu, who, "mu")
     nu_leaves = f.state_leaves(state.nu, who, "nu")
@@ -137,7 +142,7 @@ def adam_moments(
         denom = leafwise.sqrt(nu_max)
     else:
         denom = leafwise.sqrt(nu)
-    step_leaves, new_steps, t = advance_steps(f, state.steps, who)
+    step_leaves, new_steps, steps = advance_steps(f, state.steps, who)
     new_state = ScaleByAdamState(
         count=next_count(state.count),
         mu=f.tree(mu, mu_leaves),
@@ -145,4 +150,4 @@ def adam_moments(
         nu_max=nu_max_tree,
         steps=f.tree(new_steps, step_leaves),
     )
-    return mu, denom, t, new_state
+    return mu, denom, steps, new_state

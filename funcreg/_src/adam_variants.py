@@ -13,21 +13,9 @@ from typing import NamedTuple
 import torch
 
 from funcreg._src import leafwise
-from funcreg._src.base import (
-    GradientTransformation,
-    advance_steps,
-    begin,
-    init_count,
-    per_param_counts,
-    per_param_zeros,
-)
-from funcreg._src.block_utils import (
-    loose_state_leaves,
-    per_leaf,
-    reject_complex,
-    torch_scalar_dtype,
-    with_config,
-)
+from funcreg._src.base import GradientTransformation, begin, per_param_zeros
+from funcreg._src.block_utils import loose_state_leaves, reject_complex, torch_scalar_dtype, with_config
+from funcreg._src.steps import Step, advance_steps, init_count, per_param_counts
 from funcreg._src.tree import flatten, unflatten
 from funcreg._src.typing import PyTree
 from funcreg._src.validation import check_number
@@ -82,13 +70,13 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
         grads = f.present_updates()
         mu_leaves = f.state_leaves(state.mu, "scale_by_adamax", "mu")
         nu_leaves = f.state_leaves(state.nu, "scale_by_adamax", "nu")
-        step_leaves, new_steps, t = advance_steps(f, state.steps, "scale_by_adamax")
+        step_leaves, new_steps, steps = advance_steps(f, state.steps, "scale_by_adamax")
         mu = leafwise.lerp(f.present(mu_leaves), grads, 1 - b1)
         abs_g = [torch.abs(g) for g in grads]
         leafwise.add_scalar_(abs_g, eps)
         nu = leafwise.maximum(leafwise.mul(f.present(nu_leaves), b2), abs_g)
         out = leafwise.div(mu, nu)
-        leafwise.div_scalar_(out, [1 - b1**ti for ti in per_leaf(t, len(grads))])
+        leafwise.div_scalar_(out, [1 - b1**t for t in steps.per_leaf()])
         new_state = ScaleByAdamaxState(
             state.count + 1, f.tree(mu, mu_leaves), f.tree(nu, nu_leaves), f.tree(new_steps, step_leaves)
         )
@@ -146,7 +134,7 @@ def scale_by_nadam(
     check_number("eps", eps, low=0.0, allow_tensor=False)
     check_number("momentum_decay", momentum_decay, low=0.0, allow_tensor=False)
 
-    def momentum_at(t: int) -> float:
+    def momentum_at(t: Step) -> float | torch.Tensor:
         return b1 * (1.0 - 0.5 * (0.96 ** (t * momentum_decay)))
 
     def init(params: PyTree) -> ScaleByNadamState:
@@ -171,18 +159,17 @@ def scale_by_nadam(
         mu_leaves = f.state_leaves(state.mu, who, "mu")
         nu_leaves = f.state_leaves(state.nu, who, "nu")
         prod_leaves = loose_state_leaves(f, state.mu_product, who, "mu_product")
-        step_leaves, new_steps, t = advance_steps(f, state.steps, who)
-        ts = per_leaf(t, len(grads))
+        step_leaves, new_steps, steps = advance_steps(f, state.steps, who)
         mu = leafwise.lerp(f.present(mu_leaves), grads, 1 - b1)
         nu = leafwise.mul(f.present(nu_leaves), b2)
         leafwise.addcmul_(nu, grads, grads, 1 - b2)
         out, products = [], []
-        for g, m, v, p, ti in zip(grads, mu, nu, f.present(prod_leaves), ts):
-            mu_t, mu_next = momentum_at(ti), momentum_at(ti + 1)
+        for g, m, v, p, t in zip(grads, mu, nu, f.present(prod_leaves), steps.per_leaf()):
+            mu_t, mu_next = momentum_at(t), momentum_at(t + 1)
             product = p * mu_t  # in torch's scalar dtype, as torch's ``mu_product *= mu``
             products.append(product)
             prod = leafwise.concrete(product)
-            denom = torch.sqrt(v / (1 - b2**ti)) + eps
+            denom = torch.sqrt(v / (1 - b2**t)) + eps
             step = torch.div(g, denom) * ((1.0 - mu_t) / (1.0 - prod))
             out.append(step + m / denom * (mu_next / (1.0 - prod * mu_next)))
         new_state = ScaleByNadamState(
@@ -212,7 +199,7 @@ class ScaleByRadamState(NamedTuple):
     steps: PyTree
 
 
-def radam_rectification(b2: float, t: int) -> float:
+def radam_rectification(b2: float, t: Step) -> float | torch.Tensor:
     """RAdam's variance rectification ``r_t`` at step ``t``, or ``0.0`` while ``rho_t <= 5``.
 
     ``rho_inf = 2 / (1 - b2) - 1``, ``rho_t = rho_inf - 2 t b2^t / (1 - b2^t)`` and
@@ -266,16 +253,16 @@ def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gra
         grads = f.present_updates()
         mu_leaves = f.state_leaves(state.mu, who, "mu")
         nu_leaves = f.state_leaves(state.nu, who, "nu")
-        step_leaves, new_steps, t = advance_steps(f, state.steps, who)
+        step_leaves, new_steps, steps = advance_steps(f, state.steps, who)
         mu = leafwise.lerp(f.present(mu_leaves), grads, 1 - b1)
         nu = leafwise.mul(f.present(nu_leaves), b2)
         leafwise.addcmul_(nu, grads, grads, 1 - b2)
         out = []
-        for m, v, ti in zip(mu, nu, per_leaf(t, len(grads))):
-            m_hat = m / (1 - b1**ti)
-            rect = radam_rectification(b2, ti)
+        for m, v, t in zip(mu, nu, steps.per_leaf()):
+            m_hat = m / (1 - b1**t)
+            rect = radam_rectification(b2, t)
             if rect > 0.0:
-                adaptive = (1 - b2**ti) ** 0.5 / (torch.sqrt(v) + eps)  # ** 0.5 as torch, not math.sqrt
+                adaptive = (1 - b2**t) ** 0.5 / (torch.sqrt(v) + eps)  # ** 0.5 as torch, not math.sqrt
                 out.append(m_hat * adaptive * rect)
             else:
                 out.append(m_hat)

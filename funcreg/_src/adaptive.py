@@ -12,15 +12,9 @@ from typing import NamedTuple
 import torch
 
 from funcreg._src import leafwise
-from funcreg._src.base import (
-    GradientTransformation,
-    advance_steps,
-    begin,
-    init_count,
-    per_param_counts,
-    per_param_zeros,
-)
-from funcreg._src.block_utils import per_leaf, reject_complex, with_config
+from funcreg._src.base import GradientTransformation, begin, per_param_zeros
+from funcreg._src.block_utils import reject_complex, with_config
+from funcreg._src.steps import advance_steps, init_count, per_param_counts
 from funcreg._src.tree import flatten, unflatten
 from funcreg._src.typing import PyTree
 from funcreg._src.validation import check_bool, check_number
@@ -144,14 +138,14 @@ def scale_by_adagrad(
         f = begin(updates, state, params, ScaleByAdagradState, "scale_by_adagrad")
         grads = f.present_updates()
         sum_leaves = f.state_leaves(state.sum_of_squares, "scale_by_adagrad", "sum_of_squares")
-        step_leaves, new_steps, t = advance_steps(f, state.steps, "scale_by_adagrad")
+        step_leaves, new_steps, steps = advance_steps(f, state.steps, "scale_by_adagrad")
         sums = leafwise.clone(f.present(sum_leaves))
         leafwise.addcmul_(sums, grads, grads, 1.0)
         std = leafwise.sqrt(sums)
         leafwise.add_scalar_(std, eps)
         out = leafwise.div(grads, std)
         if lr_decay != 0:
-            leafwise.div_scalar_(out, [1 + (ti - 1) * lr_decay for ti in per_leaf(t, len(grads))])
+            leafwise.div_scalar_(out, [1 + (t - 1) * lr_decay for t in steps.per_leaf()])
         new_state = ScaleByAdagradState(
             state.count + 1, f.tree(sums, sum_leaves), f.tree(new_steps, step_leaves)
         )

@@ -12,7 +12,8 @@ from funcreg._src.combine import chain
 from funcreg._src.complex_params import as_real
 from funcreg._src.describe import configured
 from funcreg._src.fused import FUSED_ATTR, AdamKernel
-from funcreg._src.selection import resolve_mask
+from funcreg._src.mask_cache import CachedMask
+from funcreg._src.steps import Step, power_at, sqrt_at
 from funcreg._src.transform import (
     ScaleByAdamState,
     adam_moments,
@@ -112,7 +113,18 @@ def adam(
         >>> u["w"]  # the first step is lr * sign(-g)
         tensor([0.1000])
     """
-    tx = _adam_family("adam", learning_rate, betas, eps, weight_decay, False, amsgrad, maximize, None, fused)
+    tx = _adam_family(
+        "adam",
+        learning_rate=learning_rate,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled=False,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        mask=None,
+        fused=fused,
+    )
     return configured(
         tx,
         "adam",
@@ -157,7 +169,18 @@ def adamw(
         >>> u["w"]  # zero gradient: only the decay, -0.1 * 0.5 * 1
         tensor([-0.0500])
     """
-    tx = _adam_family("adamw", learning_rate, betas, eps, weight_decay, True, amsgrad, maximize, mask, fused)
+    tx = _adam_family(
+        "adamw",
+        learning_rate=learning_rate,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled=True,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        mask=mask,
+        fused=fused,
+    )
     return configured(
         tx,
         "adamw",
@@ -174,6 +197,7 @@ def adamw(
 
 def _adam_family(
     who: str,
+    *,
     learning_rate: ScalarOrSchedule,
     betas: Any,
     eps: float,
@@ -182,7 +206,7 @@ def _adam_family(
     amsgrad: bool,
     maximize: bool,
     mask: MaskLike | None,
-    fused: bool = False,
+    fused: bool,
 ) -> GradientTransformation:
     """Adam/AdamW in one transform, equal to the chain in the docstrings but with fewer passes.
 
@@ -201,6 +225,10 @@ def _adam_family(
     check_bool("fused", fused)
     moments = scale_by_adam(b1, b2, eps, amsgrad)  # its init is the state this transform keeps
     has_decay = not is_zero(weight_decay)
+    decay_mask = None if mask is None else CachedMask(mask)
+
+    def bias_correction2_sqrt(t: Step) -> float | torch.Tensor:
+        return sqrt_at(1 - power_at(b2, t))
 
     def update(
         updates: PyTree, state: ScaleByAdamState, params: PyTree | None = None
@@ -212,23 +240,14 @@ def _adam_family(
             grads = leafwise.mul(grads, -1.0)
         if has_decay and not decoupled:
             grads = leafwise.add(grads, f.present_params(), alpha=weight_decay)
-        mu, denom, t, new_state = adam_moments(f, state, grads, b1, b2, amsgrad, who)
+        mu, denom, steps, new_state = adam_moments(f, state, grads, b1=b1, b2=b2, amsgrad=amsgrad, who=who)
         lr = schedule_value(learning_rate, leafwise.concrete(state.count))
-        bias_correction1 = leafwise.per_value(lambda x: 1 - leafwise.scalar_power(b1, x), t)
-        bias_correction2_sqrt = leafwise.per_value(
-            lambda x: leafwise.scalar_sqrt(1 - leafwise.scalar_power(b2, x)), t
-        )
         # m / (sqrt(v) / c + eps) == c * m / (sqrt(v) + eps * c) with c = sqrt(1 - b2^t): one pass
         # over the moments fewer than torch's sqrt-div-add, equal up to rounding
-        leafwise.add_scalar_(denom, leafwise.per_value(lambda c: eps * c, bias_correction2_sqrt))
-        if isinstance(t, list):
-            # per_value of a per-leaf list is a list
-            assert isinstance(bias_correction2_sqrt, list) and isinstance(bias_correction1, list)
-            step_size = [-lr * c / b for c, b in zip(bias_correction2_sqrt, bias_correction1)]
-        else:
-            step_size = -lr * bias_correction2_sqrt / bias_correction1
+        leafwise.add_scalar_(denom, steps.map(lambda t: eps * bias_correction2_sqrt(t)))
+        step_size = steps.map(lambda t: -lr * bias_correction2_sqrt(t) / (1 - power_at(b1, t)))
         if has_decay and decoupled:
-            keep = resolve_mask(mask, params) if mask is not None else None
+            keep = decay_mask(params) if decay_mask is not None else None
             present_keep = [True] * len(f.index) if keep is None else f.present(keep)
             params_present = f.present_params()
             decayed = [i for i, k in enumerate(present_keep) if k]

@@ -10,6 +10,10 @@ import torch
 from funcreg._src.describe import configured, describe
 from funcreg._src.distributed.dtensor import dtensor_type, match_layout
 from funcreg._src.errors import ContractError, LeafTypeError
+from funcreg._src.steps import advance_steps as advance_steps
+from funcreg._src.steps import init_count as init_count
+from funcreg._src.steps import next_count as next_count
+from funcreg._src.steps import per_param_counts as per_param_counts
 from funcreg._src.tree import TreeSpec, check_same_spec, flatten, tree_names, unflatten
 from funcreg._src.typing import PyTree
 
@@ -306,51 +310,3 @@ def per_param_zeros(params: PyTree) -> PyTree:
         [None if p is None else torch.zeros_like(p, memory_format=torch.preserve_format) for p in leaves],
         spec,
     )
-
-
-def per_param_counts(params: PyTree) -> PyTree:
-    """A tree of 0-d int64 step counters, one per parameter (``None`` stays ``None``).
-
-    ``torch.optim`` counts steps per parameter: a parameter whose gradient is ``None`` at a step is
-    not stepped, so its Adam bias corrections and its first momentum step come later than others'.
-    """
-    leaves, spec = flatten(params)
-    return unflatten(
-        [None if p is None else torch.zeros((), dtype=torch.int64, device=p.device) for p in leaves], spec
-    )
-
-
-def advance_steps(f: Flat, steps: PyTree, who: str) -> tuple[list[Any], list[torch.Tensor], Any]:
-    """Steps the per-parameter counters of the present leaves.
-
-    Returns the full leaf list of counters (for :meth:`Flat.tree`), the new counters of the present
-    leaves, and their values: one Python int when they all agree (the usual case, eager), else a list
-    with one value per present leaf (ints eager, tensors under vmap or torch.compile).
-    """
-    from funcreg._src import leafwise
-
-    leaves = f.state_leaves(steps, who, "steps", per_element=False)
-    present = f.present(leaves)
-    if leafwise.owned(present):  # a donated step counts in place
-        leafwise.add_scalar_(present, 1)
-        new = present
-    else:
-        new = [s + 1 for s in present]
-    values = [leafwise.concrete(s) for s in new]
-    if values and all(isinstance(v, int) for v in values) and len(set(values)) == 1:
-        return leaves, new, values[0]
-    return leaves, new, values
-
-
-def next_count(count: torch.Tensor) -> torch.Tensor:
-    """``count + 1``: in place in a donated step."""
-    from funcreg._src import leafwise
-
-    return count.add_(1) if leafwise.owned([count]) else count + 1
-
-
-def init_count(params: PyTree) -> torch.Tensor:
-    """A 0-d int64 step counter on the device of the parameters."""
-    leaves, _ = flatten(params)
-    device = next((p.device for p in leaves if isinstance(p, torch.Tensor)), None)
-    return torch.zeros((), dtype=torch.int64, device=device)

@@ -31,11 +31,6 @@ def reject_complex(params: PyTree, who: str) -> None:
             )
 
 
-def per_leaf(t: Any, n: int) -> list[Any]:
-    """The per-parameter step of each of ``n`` present leaves (from ``base.advance_steps``)."""
-    return list(t) if isinstance(t, list) else [t] * n
-
-
 def torch_scalar_dtype() -> torch.dtype:
     """The dtype torch.optim keeps its scalar state in (``_get_scalar_dtype``): float64 only when the
     default dtype is float64."""

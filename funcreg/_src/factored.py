@@ -12,14 +12,9 @@ from typing import Any, NamedTuple
 import torch
 
 from funcreg._src import leafwise
-from funcreg._src.base import GradientTransformation, advance_steps, begin, init_count, per_param_counts
-from funcreg._src.block_utils import (
-    empty_like_none,
-    loose_state_leaves,
-    per_leaf,
-    reject_complex,
-    with_config,
-)
+from funcreg._src.base import GradientTransformation, begin
+from funcreg._src.block_utils import empty_like_none, loose_state_leaves, reject_complex, with_config
+from funcreg._src.steps import advance_steps, init_count, per_param_counts
 from funcreg._src.tree import flatten, unflatten
 from funcreg._src.typing import PyTree
 from funcreg._src.validation import check_number, check_rate, schedule_value
@@ -112,14 +107,14 @@ def scale_by_adafactor(
         row_leaves = loose_state_leaves(f, state.row_var, who, "row_var")
         col_leaves = loose_state_leaves(f, state.col_var, who, "col_var")
         var_leaves = loose_state_leaves(f, state.variance, who, "variance")
-        step_leaves, new_steps, t = advance_steps(f, state.steps, who)
+        step_leaves, new_steps, steps = advance_steps(f, state.steps, who)
         rows, cols, fulls, out = [], [], [], []
         zipped = zip(
             grads, f.present_params(), f.present(row_leaves), f.present(col_leaves), f.present(var_leaves)
         )
-        for (g, w, row, col, var), ti in zip(zipped, per_leaf(t, len(grads))):
+        for (g, w, row, col, var), t in zip(zipped, steps.per_leaf()):
             e1 = torch.finfo(w.dtype).eps if eps1 is None else eps1
-            b_t = ti**beta2_decay
+            b_t = t**beta2_decay
             if g.ndim >= 2:
                 row = torch.lerp(row, torch.norm(g, dim=-1, keepdim=True).square() / g.size(-1), b_t)
                 col = torch.lerp(col, torch.norm(g, dim=-2, keepdim=True).square() / g.size(-2), b_t)
@@ -187,11 +182,11 @@ def scale_by_relative_step(learning_rate: Any) -> GradientTransformation:
         updates: PyTree, state: ScaleByRelativeStepState, params: PyTree | None = None
     ) -> tuple[PyTree, ScaleByRelativeStepState]:
         f = begin(updates, state, params, ScaleByRelativeStepState, "scale_by_relative_step")
-        step_leaves, new_steps, t = advance_steps(f, state.steps, "scale_by_relative_step")
+        step_leaves, new_steps, steps = advance_steps(f, state.steps, "scale_by_relative_step")
         lr = schedule_value(learning_rate, leafwise.concrete(state.count))
         factors = []
-        for ti in per_leaf(t, len(f.index)):
-            cap = 1 / (ti**0.5)
+        for t in steps.per_leaf():
+            cap = 1 / (t**0.5)
             factors.append(-(torch.clamp(lr, max=cap) if isinstance(lr, torch.Tensor) else min(lr, cap)))
         out = [u * s for u, s in zip(f.present_updates(), factors)]
         return f.tree(out), ScaleByRelativeStepState(state.count + 1, f.tree(new_steps, step_leaves))

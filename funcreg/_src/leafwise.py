@@ -18,8 +18,7 @@ respect to a learning rate or a coefficient) and vmap always see out-of-place op
 # mypy: disable-error-code="call-overload,arg-type,list-item"
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Union
 
 import torch
@@ -270,18 +269,6 @@ def all_finite(xs: Tensors) -> torch.Tensor:
     return torch.stack([full_value(torch.isfinite(x).all()) for x in xs]).all()
 
 
-def scalar_power(base: float, exponent: Scalar) -> Scalar:
-    """``base ** exponent`` for a Python or tensor exponent (bias corrections from the step count)."""
-    if isinstance(exponent, torch.Tensor):
-        return torch.pow(torch.as_tensor(base, dtype=torch.float64, device=exponent.device), exponent)
-    return base**exponent
-
-
-def scalar_sqrt(x: Scalar) -> Scalar:
-    """``sqrt`` for a Python number or a tensor."""
-    return torch.sqrt(x) if isinstance(x, torch.Tensor) else math.sqrt(x)
-
-
 def addcdiv_(xs: list[torch.Tensor], ys: Tensors, zs: Tensors, value: ScalarOrList = 1.0) -> None:
     """``x += value * y / z`` per leaf, in place (replacing list entries where in place has no vmap rule);
     ``value`` is one scalar or a list with one per leaf."""
@@ -293,8 +280,3 @@ def addcdiv_(xs: list[torch.Tensor], ys: Tensors, zs: Tensors, value: ScalarOrLi
             xs[i] = torch.addcdiv(x, y, z, value=v)
         else:
             xs[i] = x + (y / z) * _like(v, x)
-
-
-def per_value(fn: Callable[[Scalar], Scalar], value: ScalarOrList) -> ScalarOrList:
-    """``fn`` of one scalar, or of each entry of a per-leaf list."""
-    return [fn(v) for v in value] if isinstance(value, list) else fn(value)

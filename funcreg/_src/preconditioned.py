@@ -21,8 +21,8 @@ import torch
 
 from funcreg._src import leafwise
 from funcreg._src.base import GradientTransformation, begin
-from funcreg._src.block_utils import per_leaf, reject_complex, with_config
-from funcreg._src.selection import resolve_mask
+from funcreg._src.block_utils import reject_complex, with_config
+from funcreg._src.mask_cache import CachedMask
 from funcreg._src.transform import ScaleByAdamState, scale_by_adam
 from funcreg._src.tree import flatten
 from funcreg._src.typing import MaskLike, PyTree, ScalarOrSchedule
@@ -87,6 +87,8 @@ def proximal_adam(
     b1, b2 = betas
     adam = scale_by_adam(b1, b2, eps)
 
+    cached = None if mask is None else CachedMask(mask)
+
     def init(params: PyTree) -> ScaleByAdamState:
         reject_complex(params, "proximal_adam")
         return adam.init(params)
@@ -98,13 +100,13 @@ def proximal_adam(
         assert f.params is not None
         lr = schedule_value(learning_rate, leafwise.concrete(state.count))
         direction, new_state = adam.update(updates, state, params)
-        keep = [True] * len(f.updates) if mask is None else resolve_mask(mask, params)
+        keep = [True] * len(f.updates) if cached is None else cached(params)
         u_leaves, _ = flatten(direction)
         nu_leaves, _ = flatten(new_state.nu)
         step_leaves, _ = flatten(new_state.steps)
-        ts = per_leaf([leafwise.concrete(step_leaves[i]) for i in f.index], len(f.index))
         out = []
-        for i, t in zip(f.index, ts):
+        for i in f.index:
+            t = leafwise.concrete(step_leaves[i])
             w, u = f.params[i], u_leaves[i]
             if not keep[i]:
                 out.append(-lr * u)

@@ -10,15 +10,9 @@ from typing import Any, NamedTuple
 import torch
 
 from funcreg._src import leafwise
-from funcreg._src.base import (
-    GradientTransformation,
-    advance_steps,
-    begin,
-    init_count,
-    per_param_counts,
-    per_param_zeros,
-)
-from funcreg._src.block_utils import per_leaf, reject_complex, with_config
+from funcreg._src.base import GradientTransformation, begin, per_param_zeros
+from funcreg._src.block_utils import reject_complex, with_config
+from funcreg._src.steps import advance_steps, init_count, per_param_counts
 from funcreg._src.typing import PyTree
 from funcreg._src.validation import check_number, check_rate, schedule_value
 
@@ -90,15 +84,15 @@ def scale_by_rprop(
         grads = f.present_updates()
         prev_leaves = f.state_leaves(state.prev, who, "prev")
         size_leaves = f.state_leaves(state.step_size, who, "step_size")
-        step_leaves, new_steps, t = advance_steps(f, state.steps, who)
+        step_leaves, new_steps, steps = advance_steps(f, state.steps, who)
         first = schedule_value(initial_step_size, leafwise.concrete(state.count))
         outs, prevs, sizes = [], [], []
-        for g, prev, size, ti in zip(
-            grads, f.present(prev_leaves), f.present(size_leaves), per_leaf(t, len(grads))
+        for g, prev, size, is_first in zip(
+            grads, f.present(prev_leaves), f.present(size_leaves), steps.first_per_leaf()
         ):
-            if not isinstance(ti, int):  # traced step (vmap, compile): select without a branch
-                size = torch.where(ti == 1, torch.zeros_like(g) + first, size)
-            elif ti == 1:
+            if isinstance(is_first, torch.Tensor):  # traced step (vmap, compile): select without a branch
+                size = torch.where(is_first, torch.zeros_like(g) + first, size)
+            elif is_first:
                 size = torch.zeros_like(g) + first  # torch.full_like(grad, lr), lr read now
             sign = torch.sign(g * prev)
             ones = torch.ones_like(g)  # the factors in g's dtype, as torch's ``sign[sign.gt(0)] = etaplus``

@@ -15,16 +15,13 @@ from funcreg._src.adam import ScaleByAdamState, adam_moments, scale_by_adam  # n
 from funcreg._src.base import (
     EmptyState,
     GradientTransformation,
-    advance_steps,
     expect_state,
     flat,
     identity,
-    init_count,
-    next_count,
-    per_param_counts,
     per_param_zeros,
 )
 from funcreg._src.describe import configured
+from funcreg._src.steps import advance_steps, init_count, next_count, per_param_counts
 from funcreg._src.typing import MaskLike, PyTree, ScalarOrSchedule
 from funcreg._src.validation import check_bool, check_number, check_rate, is_zero, schedule_value
 
@@ -158,17 +155,18 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
         expect_state(state, TraceState, "trace")
         f = flat(updates, params, "trace")
         buf_leaves = f.state_leaves(state.trace, "trace", "trace")
-        step_leaves, new_steps, t = advance_steps(f, state.steps, "trace")
+        step_leaves, new_steps, steps = advance_steps(f, state.steps, "trace")
         grads = f.present_updates()
         bufs = f.present(buf_leaves)
         donated = leafwise.owned(bufs)
-        if t == 1 and donated:  # every present parameter's first step: the buffer starts as the gradient
+        first = steps.is_first  # at their first step the buffers start as the gradients
+        if first is True and donated:
             for b, g in zip(bufs, grads):
                 b.copy_(g)
             new_bufs = bufs
-        elif t == 1:
+        elif first is True:
             new_bufs = leafwise.clone(grads)
-        elif isinstance(t, int):
+        elif first is False:
             if donated:
                 new_bufs = bufs
                 leafwise.mul_(new_bufs, momentum)
@@ -177,10 +175,10 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
             leafwise.add_(new_bufs, grads, alpha=1 - dampening)
         else:  # steps differ between parameters, or are traced (vmap, compile): select per leaf
             new_bufs = [
-                (g.clone() if ti == 1 else torch.add(b * momentum, g, alpha=1 - dampening))
-                if isinstance(ti, int)
-                else torch.where(ti == 1, g, torch.add(b * momentum, g, alpha=1 - dampening))
-                for b, g, ti in zip(bufs, grads, t)
+                torch.where(leaf_first, g, torch.add(b * momentum, g, alpha=1 - dampening))
+                if isinstance(leaf_first, torch.Tensor)
+                else (g.clone() if leaf_first else torch.add(b * momentum, g, alpha=1 - dampening))
+                for b, g, leaf_first in zip(bufs, grads, first)
             ]
         # the update must not be the state's own buffer: a caller editing its updates in place would
         # rewrite the momentum

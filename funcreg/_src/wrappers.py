@@ -33,7 +33,8 @@ def masked(inner: GradientTransformation, mask: MaskLike) -> GradientTransformat
     them. ``mask`` is a bool tree (the structure of the parameters or a prefix of it), a
     :class:`funcreg.Selection`, or a callable ``params -> mask`` (evaluated on the params, or on the
     updates when ``update`` is called without params). A mask that does not fit the tree raises
-    ``ValueError`` naming the key.
+    ``ValueError`` naming the key. The mask is resolved once per parameter structure, so a mask
+    function is called again only when the names, shapes or dtypes change (see the guarantees page).
 
     Examples:
         >>> import torch, funcreg as fr

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple, Union
 from funcreg._src.base import GradientTransformation, expect_state, flat
 from funcreg._src.describe import configured
 from funcreg._src.errors import LeafTypeError
+from funcreg._src.mask_cache import PerStructure
 from funcreg._src.tree import broadcast_prefix, flatten, tree_names, unflatten
 from funcreg._src.typing import PyTree
 
@@ -140,6 +141,9 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labels) 
             raise ValueError(f"partition transform {unused[0]!r} is given no parameter by labels")
         return values
 
+    # labels depend on the structure only: resolved once per structure at update (init checks more)
+    cached = PerStructure(labels, lambda _, tree: resolve(tree, check_unused=False))
+
     def restrict(leaves: list[Any], values: list[Any], label: str) -> list[Any]:
         return [x if v == label else None for x, v in zip(leaves, values)]
 
@@ -160,7 +164,7 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labels) 
         f = flat(updates, params, "partition")
         # a group whose gradients are all None at this step (frozen, unused) is fine here: the
         # "transform without parameters" check belongs to init
-        values = resolve(params if params is not None else updates, check_unused=False)
+        values = cached(params if params is not None else updates)
         out = list(f.updates)
         new_states = {}
         for label, tx in transforms.items():

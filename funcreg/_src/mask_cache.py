@@ -1,12 +1,12 @@
-"""Masks resolved once per parameter structure instead of at every step.
+"""Masks (and partition labels) resolved once per parameter structure instead of at every step.
 
 Resolving a mask (:func:`funcreg._src.selection.resolve_mask`) matches it to the tree by leaf name:
 a key-path walk and a check per leaf, which on a tree of thousands of small tensors costs more than
 the optimizer's arithmetic. The structure of the parameters does not change between steps, so the
 answer is kept, keyed by what it depends on:
 
-- a bool, or a bool tree: the tree's structure and the mask's own leaves (a mask edited in place is
-  resolved again; one holding tensors is not cached);
+- a bool, or a bool tree (a string tree, for labels): the tree's structure and the mask's own leaves
+  (a mask edited in place is resolved again; one holding tensors is not cached);
 - a :class:`funcreg.Selection`: the tree's structure (a selection is matched by name only);
 - a callable (``fr.decay_mask(model)``, a ``by_*`` selector, a function): the tree's structure and
   every leaf's shape and dtype. A mask function is therefore called once per structure, not at every
@@ -18,7 +18,7 @@ fast path of :mod:`funcreg._src.tree`).
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -28,6 +28,9 @@ from funcreg._src.tree import compiling, flatten, spec_key
 from funcreg._src.typing import MaskLike, PyTree
 
 _ENTRIES = 4  # structures remembered per mask: the parameters, and the updates when called without them
+
+
+_PLAIN = (bool, str, int)  # leaf values of a mask or labels tree that can be part of a key
 
 
 def _key(mask: Any, tree: PyTree) -> Hashable | None:
@@ -41,15 +44,46 @@ def _key(mask: Any, tree: PyTree) -> Hashable | None:
     if callable(mask):
         meta = tuple((x.shape, x.dtype) if isinstance(x, torch.Tensor) else type(x) for x in leaves)
         return (structure, meta)
-    if type(mask) is dict and all(type(v) is bool for v in mask.values()):
-        return (structure, tuple(mask.items()))  # the common flat dict of bools, without a pytree walk
+    if type(mask) is dict and all(type(v) in _PLAIN for v in mask.values()):
+        return (structure, tuple(mask.items()))  # the common flat dict, without a pytree walk
     mask_leaves, mask_spec = flatten(mask)
-    if not all(type(v) is bool for v in mask_leaves):
+    if not all(type(v) in _PLAIN for v in mask_leaves):
         return None
     return (structure, mask_spec, tuple(mask_leaves))
 
 
-class CachedMask:
+class PerStructure:
+    """``resolve(source, tree)`` kept per structure of ``tree`` (see the module for the key).
+
+    Examples:
+        >>> import torch
+        >>> from funcreg._src.mask_cache import PerStructure
+        >>> count = PerStructure({"w": "a", "b": "b"}, lambda labels, tree: [labels[k] for k in tree])
+        >>> count({"w": torch.ones(1), "b": torch.ones(1)})
+        ['a', 'b']
+    """
+
+    def __init__(self, source: Any, resolve: Callable[[Any, PyTree], list[Any]]) -> None:
+        self.source = source
+        self.resolve = resolve
+        self._resolved: dict[Hashable, tuple[Any, ...]] = {}
+
+    def __call__(self, tree: PyTree) -> list[Any]:
+        """``resolve(source, tree)``, from the cache when the structure was seen before."""
+        key = None if compiling() else _key(self.source, tree)
+        if key is None:
+            return self.resolve(self.source, tree)
+        hit = self._resolved.get(key)
+        if hit is not None:
+            return list(hit)
+        resolved = self.resolve(self.source, tree)
+        if len(self._resolved) >= _ENTRIES:  # a structure that keeps changing: start over (no lock needed)
+            self._resolved = {}
+        self._resolved[key] = tuple(resolved)
+        return resolved
+
+
+class CachedMask(PerStructure):
     """A mask with its resolution (:func:`funcreg._src.selection.resolve_mask`) kept per structure.
 
     Built once by the transform or penalty that takes the mask, so the cache lives and dies with it.
@@ -63,23 +97,9 @@ class CachedMask:
     """
 
     def __init__(self, mask: MaskLike, what: str = "mask") -> None:
+        super().__init__(mask, lambda m, tree: resolve_mask(m, tree, what))
         self.mask = mask
         self.what = what
-        self._resolved: dict[Hashable, tuple[bool, ...]] = {}
-
-    def __call__(self, tree: PyTree) -> list[bool]:
-        """One bool per leaf of ``tree``, as ``resolve_mask(mask, tree, what)`` returns it."""
-        key = None if compiling() else _key(self.mask, tree)
-        if key is None:
-            return resolve_mask(self.mask, tree, self.what)
-        hit = self._resolved.get(key)
-        if hit is not None:
-            return list(hit)
-        resolved = resolve_mask(self.mask, tree, self.what)
-        if len(self._resolved) >= _ENTRIES:  # a structure that keeps changing: start over (no lock needed)
-            self._resolved = {}
-        self._resolved[key] = tuple(resolved)
-        return resolved
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (CachedMask, (self.mask, self.what))  # pickles and copies without its cache

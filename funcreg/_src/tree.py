@@ -128,6 +128,8 @@ def tree_names(tree: PyTree) -> list[str]:
         >>> fr.tree_names({"enc": {"w": torch.ones(1), "b": None}, "head": [torch.ones(2)]})
         ['enc.w', 'enc.b', 'head.0']
     """
+    if type(tree) is dict and all(v is None or isinstance(v, torch.Tensor) for v in tree.values()):
+        return [str(k) for k in tree]  # a flat dict (fr.params_of): its keys, without a key-path walk
     paths, _ = pytree.tree_flatten_with_path(tree, is_leaf=_is_none)
     return [_path_name([_key_str(k) for k in path]) for path, _ in paths]
 

@@ -120,7 +120,6 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
                 return update(updates, state, params)
         f = flat(updates, params, "apply_if_finite")
         device = state.last_finite.device
-        zeros = f.tree([torch.zeros_like(u) for u in f.present_updates()])
         finite_in = leafwise.all_finite(f.present_updates()).to(device)
         decided = leafwise.concrete(finite_in)
         if isinstance(decided, bool):  # eager: run the inner transform only when its result can be used
@@ -139,7 +138,8 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
                     tried if tried is not None else inner.update(updates, state.inner_state, params)
                 )
             else:
-                new_updates, inner_state = zeros, state.inner_state
+                new_updates = f.tree([torch.zeros_like(u) for u in f.present_updates()])
+                inner_state = state.inner_state
         else:  # traced (vmap, compile): compute both and select without a host sync
             tried, tried_state = inner.update(updates, state.inner_state, params)
             t = flat(tried, None, "apply_if_finite inner")

@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 import funcreg as fr
 from funcreg.testing import tensors
 
-# aliases whose donated step runs torch.optim's own arithmetic (see funcreg/_src/fused.py): equal to
-# the pure update to rounding, and to torch.optim bit for bit (tested below)
-TORCH_KERNELS = {"adam", "adamw", "adamw_amsgrad_masked"}
+# aliases (and alias + penalty-form chains) whose donated step runs torch.optim's own arithmetic
+# (funcreg/_src/fused.py, fused_forms.py): equal to the pure update to rounding, and to torch.optim
+# bit for bit (tested below and in test_fused_forms.py)
+TORCH_KERNELS = {"adam", "adamw", "adamw_amsgrad_masked", "sgd", "sgd_momentum", "proximal_l1", "coupled_l2"}
 
 F32, F64 = torch.float32, torch.float64
 
@@ -125,8 +126,10 @@ def test_make_step_donate_equals_the_pure_step(form, make_tx):
         for _ in range(4):
             state, metrics = step(state, X, y)
         states.append((state, metrics))
-    # adamw's donated step is torch's arithmetic (equal to rounding); sgd's is the pure one (bitwise)
-    same = assert_trees_close if "adamw" in repr(make_tx()) else _assert_equal_trees
+    # the donated adamw and sgd steps, alone or with an L1 prox folded in, are torch's arithmetic
+    # (equal to rounding); the L1 coupled/decoupled chains run the generic donated path (bitwise,
+    # tested over TRANSFORMS above)
+    same = assert_trees_close
     same(states[1][0].params, states[0][0].params, "params")
     same(states[1][0].opt_state, states[0][0].opt_state, "opt_state")
     same(states[1][1], states[0][1], "metrics")

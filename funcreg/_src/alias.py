@@ -11,7 +11,7 @@ from funcreg._src.base import GradientTransformation, expect_state, flat
 from funcreg._src.combine import chain
 from funcreg._src.complex_params import as_real
 from funcreg._src.describe import configured
-from funcreg._src.fused import FUSED_ATTR, AdamKernel
+from funcreg._src.fused import FUSED_ATTR, AdamKernel, SgdKernel
 from funcreg._src.mask_cache import CachedMask
 from funcreg._src.steps import Step, power_at, sqrt_at
 from funcreg._src.transform import (
@@ -75,8 +75,12 @@ def sgd(
     if momentum != 0:
         parts.append(trace(momentum, dampening, nesterov))
     parts.append(scale_by_learning_rate(learning_rate))
+    tx = chain(*parts)
+    # a donated step runs torch.optim's foreach SGD sequence (see _src/fused.py)
+    kernel = SgdKernel(learning_rate, momentum, dampening, nesterov, weight_decay, maximize, len(parts))
+    setattr(tx.update, FUSED_ATTR, kernel)
     return configured(
-        chain(*parts),
+        tx,
         "sgd",
         learning_rate,
         momentum=momentum or None,

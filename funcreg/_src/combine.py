@@ -51,7 +51,18 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_states.append(s)
         return updates, tuple(new_states)
 
+    _fold_forms(update, transforms, None)
     return configured(GradientTransformation(init, update), "chain", *transforms)
+
+
+def _fold_forms(update: Any, transforms: tuple[GradientTransformation, ...], names: Any) -> None:
+    """Attaches the folded donated step of ``[form, alias]`` / ``[alias, form]`` (_src/fused_forms.py)."""
+    from funcreg._src.fused import FUSED_ATTR
+    from funcreg._src.fused_forms import form_kernel
+
+    kernel = form_kernel(transforms, names)
+    if kernel is not None:
+        setattr(update, FUSED_ATTR, kernel)
 
 
 def named_chain(*named_transforms: tuple[str, GradientTransformation]) -> GradientTransformation:
@@ -88,6 +99,7 @@ def named_chain(*named_transforms: tuple[str, GradientTransformation]) -> Gradie
             updates, new_state[name] = tx.update(updates, state[name], params)
         return updates, new_state
 
+    _fold_forms(update, tuple(tx for _, tx in named_transforms), tuple(names))
     return configured(GradientTransformation(init, update), "named_chain", *named_transforms)
 
 

@@ -25,6 +25,7 @@ import torch
 from funcreg._src import leafwise
 from funcreg._src.base import GradientTransformation, expect_state, find_states, flat, init_count
 from funcreg._src.describe import configured
+from funcreg._src.fused_forms import FORM_ATTR, Form
 from funcreg._src.penalties import FlatParams, Penalty
 from funcreg._src.typing import PyTree, ScalarOrSchedule
 from funcreg._src.validation import check_bool, check_rate, schedule_value
@@ -128,9 +129,9 @@ def add_penalty_grad(penalty: Penalty) -> GradientTransformation:
         (tensor([-0.1000,  0.1000]), tensor(0.5000))
     """
     _check_penalty(penalty, "add_penalty_grad")
-    return configured(
-        _gradient_edit(penalty, "add_penalty_grad", lambda count: 1.0), "add_penalty_grad", penalty
-    )
+    tx = _gradient_edit(penalty, "add_penalty_grad", lambda count: 1.0)
+    setattr(tx.update, FORM_ATTR, Form("coupled", penalty, None))  # see _src/fused_forms.py
+    return configured(tx, "add_penalty_grad", penalty)
 
 
 def _gradient_edit(
@@ -185,6 +186,7 @@ def decoupled(penalty: Penalty, learning_rate: ScalarOrSchedule | None = None) -
     if learning_rate is not None:
         check_rate("learning_rate", learning_rate)
     tx = _gradient_edit(penalty, "decoupled", lambda count: -_step_size(learning_rate, count))
+    setattr(tx.update, FORM_ATTR, Form("decoupled", penalty, learning_rate))
     return configured(tx, "decoupled", penalty, learning_rate=learning_rate)
 
 
@@ -238,6 +240,7 @@ def proximal(penalty: Penalty, learning_rate: ScalarOrSchedule) -> GradientTrans
             out.append(f.updates[i] if proxed[i] is None else proxed[i] - f.params[i])
         return f.tree(out), report
 
+    setattr(update, FORM_ATTR, Form("proximal", penalty, learning_rate))
     return configured(GradientTransformation(init, update), "proximal", penalty, learning_rate=learning_rate)
 
 

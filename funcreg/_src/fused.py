@@ -28,6 +28,17 @@ FUSED_ATTR = "__funcreg_fused__"
 
 
 @dataclass(frozen=True)
+class ExtraDecay:
+    """Weight decay a penalty form adds to a kernel's own, one coefficient per leaf (0 where the
+    penalty selects nothing): ``coupled`` is added to the gradient, ``decoupled`` decays the weights
+    by ``rate * coefficient``."""
+
+    coupled: list[float] | None = None
+    decoupled: list[float] | None = None
+    rate: float = 1.0
+
+
+@dataclass(frozen=True)
 class AdamKernel:
     """The hyperparameters of an ``adam``/``adamw`` alias, as the fused kernel takes them."""
 
@@ -48,8 +59,14 @@ class AdamKernel:
         # resolved once per parameter structure, not at every step (see _src/mask_cache.py)
         object.__setattr__(self, "_mask", None if self.mask is None else CachedMask(self.mask))
 
-    def __call__(self, grads: PyTree, state: Any, params: PyTree) -> tuple[PyTree, Any] | None:
-        """One donated step in the fused kernel, or ``None`` where the kernel does not apply."""
+    def __call__(
+        self, grads: PyTree, state: Any, params: PyTree, extra: ExtraDecay | None = None
+    ) -> tuple[PyTree, Any] | None:
+        """One donated step in the fused kernel, or ``None`` where the kernel does not apply.
+
+        ``extra``: weight decay folded in from a penalty form around the alias (see
+        :mod:`funcreg._src.fused_forms`), one coefficient per leaf of the tree.
+        """
         from funcreg._src.transform import ScaleByAdamState
 
         if (
@@ -68,23 +85,14 @@ class AdamKernel:
         lr = schedule_value(self.learning_rate, leafwise.concrete(state.count))
         if isinstance(lr, torch.Tensor):
             return None
+        groups = self._groups(f, params, lr, extra)
+        if groups is None:
+            return None
         mu = f.present(f.state_leaves(state.mu, self.who, "mu"))
         nu = f.present(f.state_leaves(state.nu, self.who, "nu"))
         nu_max = f.present(f.state_leaves(state.nu_max, self.who, "nu_max")) if self.amsgrad else None
         steps = f.present(f.state_leaves(state.steps, self.who, "steps", per_element=False))
-        wd = float(self.weight_decay)
-        if self.mask is not None and self.decoupled:
-            assert self._mask is not None  # built from mask in __post_init__
-            keep = f.present(self._mask(params))
-            groups = [
-                ([i for i, k in enumerate(keep) if k], wd),
-                ([i for i, k in enumerate(keep) if not k], 0.0),
-            ]
-        else:
-            groups = [(list(range(len(ps))), wd)]
-        for index, group_wd in groups:
-            if not index:
-                continue
+        for (group_wd, decoupled), index in groups.items():
             pick = lambda xs, index=index: [xs[i] for i in index]  # noqa: E731
             group = (
                 pick(ps),
@@ -94,15 +102,55 @@ class AdamKernel:
                 pick(nu_max) if nu_max is not None else [],
                 pick(steps),
             )
-            (self._fused if self.fused else self._foreach)(*group, lr, group_wd)
+            (self._fused if self.fused else self._foreach)(*group, lr, group_wd, decoupled)
         state.count.add_(1)
         return params, state
 
+    def _groups(
+        self, f: Any, params: PyTree, lr: float, extra: ExtraDecay | None
+    ) -> dict[tuple[float, bool], list[int]] | None:
+        """The present leaves grouped by ``(weight_decay, decoupled)``, as torch's param groups would be
+        (``None`` where one leaf would need both a coupled and a decoupled decay: the kernels take one)."""
+        n = len(f.index)
+        wd = float(self.weight_decay)
+        if self.decoupled:
+            keep = [True] * n if self._mask is None else f.present(self._mask(params))
+            coupled, decoupled = [0.0] * n, [wd if k else 0.0 for k in keep]
+        else:
+            coupled, decoupled = [wd] * n, [0.0] * n
+        if extra is not None:
+            if extra.coupled is not None:
+                coupled = [c + x for c, x in zip(coupled, f.present(extra.coupled))]
+            if extra.decoupled is not None:
+                if lr == 0:
+                    return None
+                # the kernel decays by lr * wd: a form decaying by s * c is wd = s * c / lr (c when s == lr)
+                decoupled = [
+                    d + (x if extra.rate == lr else extra.rate * x / lr)
+                    for d, x in zip(decoupled, f.present(extra.decoupled))
+                ]
+        groups: dict[tuple[float, bool], list[int]] = {}
+        for i, (c, d) in enumerate(zip(coupled, decoupled)):
+            if c and d:
+                return None
+            key = (c, False) if c else (d, True) if d else (0.0, self.decoupled)
+            groups.setdefault(key, []).append(i)
+        return groups
+
     def _fused(
-        self, ps: list, gs: list, mu: list, nu: list, nu_max: list, steps: list, lr: float, wd: float
+        self,
+        ps: list,
+        gs: list,
+        mu: list,
+        nu: list,
+        nu_max: list,
+        steps: list,
+        lr: float,
+        wd: float,
+        decoupled: bool,
     ) -> None:
         torch._foreach_add_(steps, 1)
-        kernel = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
+        kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
         kernel(
             ps,
             gs,
@@ -122,14 +170,23 @@ class AdamKernel:
         )
 
     def _foreach(
-        self, ps: list, gs: list, mu: list, nu: list, nu_max: list, steps: list, lr: float, wd: float
+        self,
+        ps: list,
+        gs: list,
+        mu: list,
+        nu: list,
+        nu_max: list,
+        steps: list,
+        lr: float,
+        wd: float,
+        decoupled: bool,
     ) -> None:
         """``torch.optim.adam._multi_tensor_adam``'s operations, in its order (eager, not capturable)."""
         if self.maximize:
             gs = list(torch._foreach_neg(gs))
         torch._foreach_add_(steps, 1)
         if wd != 0:
-            if self.decoupled:
+            if decoupled:
                 torch._foreach_mul_(ps, 1 - lr * wd)
             elif self.maximize:
                 torch._foreach_add_(gs, ps, alpha=wd)
@@ -151,3 +208,121 @@ class AdamKernel:
         torch._foreach_div_(denom, bias_correction2_sqrt)
         torch._foreach_add_(denom, self.eps)
         torch._foreach_addcdiv_(ps, mu, denom, step_size)
+
+
+@dataclass(frozen=True)
+class SgdKernel:
+    """The hyperparameters of an ``sgd`` alias, for ``torch.optim.sgd._multi_tensor_sgd``'s sequence.
+
+    The alias is the chain ``[scale(-1)] -> [add_decayed_weights] -> [trace] -> scale_by_learning_rate``;
+    its state is the tuple of their states, updated here in place (the trace's buffers, counters and
+    per-parameter steps; the schedule's count).
+    """
+
+    learning_rate: Any
+    momentum: float
+    dampening: float
+    nesterov: bool
+    weight_decay: Any
+    maximize: bool
+    parts: int  # the number of transforms in the alias's chain (the length of its state)
+
+    def __call__(
+        self, grads: PyTree, state: Any, params: PyTree, extra: ExtraDecay | None = None
+    ) -> tuple[PyTree, Any] | None:
+        """One donated step, or ``None`` where the kernel does not apply."""
+        from funcreg._src.transform import ScaleByScheduleState, TraceState
+
+        if (
+            compiling()
+            or torch._C._are_functorch_transforms_active()
+            or isinstance(self.weight_decay, torch.Tensor)
+            or not isinstance(state, tuple)
+            or hasattr(state, "_fields")
+            or len(state) != self.parts
+        ):
+            return None
+        trace = state[-2] if self.momentum != 0 and len(state) >= 2 else None
+        if self.momentum != 0 and not isinstance(trace, TraceState):
+            return None
+        f = flat(grads, params, "sgd", needs_params=True)
+        ps, gs = f.present_params(), f.present_updates()
+        if not ps or any(p.is_complex() for p in ps) or len({(p.device, p.dtype) for p in ps}) != 1:
+            return None
+        schedule = state[-1] if isinstance(state[-1], ScaleByScheduleState) else None
+        lr = schedule_value(self.learning_rate, 0 if schedule is None else leafwise.concrete(schedule.count))
+        if isinstance(lr, torch.Tensor):
+            return None
+        n = len(ps)
+        coupled = [float(self.weight_decay)] * n
+        if extra is not None and extra.coupled is not None:
+            coupled = [c + x for c, x in zip(coupled, f.present(extra.coupled))]
+        decay = [0.0] * n
+        if extra is not None and extra.decoupled is not None:
+            decay = [extra.rate * x for x in f.present(extra.decoupled)]
+        bufs = steps = None
+        if trace is not None:
+            bufs = f.present(f.state_leaves(trace.trace, "trace", "trace"))
+            steps = f.present(f.state_leaves(trace.steps, "trace", "steps", per_element=False))
+        for index in _groups_by(list(zip(coupled, decay))):
+            pick = lambda xs, index=index: [xs[i] for i in index]  # noqa: E731
+            self._step(
+                pick(ps),
+                pick(gs),
+                pick(bufs) if bufs is not None else None,
+                pick(steps) if steps is not None else None,
+                lr,
+                coupled[index[0]],
+                decay[index[0]],
+            )
+        if trace is not None:
+            trace.count.add_(1)
+        if schedule is not None:
+            schedule.count.add_(1)
+        return params, state
+
+    def _step(
+        self,
+        ps: list,
+        gs: list,
+        bufs: list | None,
+        steps: list | None,
+        lr: float,
+        wd: float,
+        decay: float,
+    ) -> None:
+        """``_multi_tensor_sgd``'s operations in its order, never writing into the caller's gradients."""
+        if self.maximize:
+            gs = list(torch._foreach_neg(gs))
+        if wd != 0:
+            if self.maximize:
+                torch._foreach_add_(gs, ps, alpha=wd)
+            else:
+                gs = list(torch._foreach_add(gs, ps, alpha=wd))
+        if bufs is not None and steps is not None:
+            first = [int(s) == 0 for s in steps]
+            torch._foreach_add_(steps, 1)
+            if not any(first):
+                torch._foreach_mul_(bufs, self.momentum)
+                torch._foreach_add_(bufs, gs, alpha=1 - self.dampening)
+            else:  # a parameter's first step: its buffer starts as the gradient, as torch's does
+                for b, g, is_first in zip(bufs, gs, first):
+                    if is_first:
+                        b.copy_(g)
+                    else:
+                        b.mul_(self.momentum).add_(g, alpha=1 - self.dampening)
+            if self.nesterov:
+                gs = list(torch._foreach_add(gs, bufs, alpha=self.momentum))
+            else:
+                gs = bufs
+        if decay != 0:
+            torch._foreach_mul_(ps, 1 - decay)
+        torch._foreach_add_(ps, gs, alpha=-lr)
+
+
+def _groups_by(keys: list[Any]) -> list[list[int]]:
+    """The positions of ``keys``, grouped by value (first appearance first)."""
+    groups: dict[Any, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    return list(groups.values())

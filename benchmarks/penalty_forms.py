@@ -1,0 +1,140 @@
+"""The cost of a penalty form over the bare donated step, beside what torch.optim pays for its decay.
+
+The model is the MLP of ``adamw_step.py`` (1024-1024-1024-10, 2.11M float32 parameters); gradients
+are fixed random tensors, so only the optimizer step is timed. Every funcreg variant runs
+``params, state = fr.donated_update(tx, grads, state, params)``; the variants run round-robin in a
+new random order each round, in one process with ``torch.set_num_threads(1)``. Each group's ratios
+are to its bare step:
+
+* ``adam``: ``fr.adam(lr)`` bare; with ``add_penalty_grad(l2)`` first (coupled), with
+  ``decoupled(l2, lr)`` after (decoupled), with ``proximal(l1, lr)`` after; torch's Adam without and
+  with ``weight_decay`` (what torch pays for a coupled decay), and AdamW (a decoupled one);
+* ``sgd``: ``fr.sgd(lr)`` and the same three forms, beside torch's SGD without and with
+  ``weight_decay``.
+
+    python benchmarks/penalty_forms.py            # 100 rounds
+    python benchmarks/penalty_forms.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import time
+
+import torch
+from _machine import cpu_model
+from adamw_step import make_model
+
+import funcreg as fr
+
+LR, WD, L1 = 1e-3, 1e-2, 1e-5
+
+
+class Funcreg:
+    def __init__(self, params: dict, grads: dict, tx: fr.GradientTransformation) -> None:
+        self.params = {k: v.detach().clone() for k, v in params.items()}
+        self.grads, self.tx = grads, tx
+        self.state = tx.init(self.params)
+
+    def step(self) -> None:
+        self.params, self.state = fr.donated_update(self.tx, self.grads, self.state, self.params)
+
+
+class Torch:
+    def __init__(self, params: dict, grads: dict, make) -> None:
+        self.params = [v.detach().clone().requires_grad_(True) for v in params.values()]
+        for p, g in zip(self.params, grads.values()):
+            p.grad = g.clone()
+        self.opt = make(self.params)
+
+    def step(self) -> None:
+        self.opt.step()
+
+
+def run(variants: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
+    for v in variants.values():
+        for _ in range(warmup):
+            v.step()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    rng = random.Random(0)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            t0 = time.perf_counter()
+            variants[name].step()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def report(title: str, times: dict[str, list[float]], reference: str) -> None:
+    def p10(ts: list[float]) -> float:
+        return sorted(ts)[len(ts) // 10]
+
+    ref, ref10 = statistics.median(times[reference]), p10(times[reference])
+    print(f"\n{title} (ratios to {reference})")
+    print(f"{'variant':<36} {'median ms':>10} {'p10 ms':>8} {'median ratio':>13} {'p10 ratio':>10}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(
+            f"{name:<36} {med * 1e3:>10.3f} {p10(ts) * 1e3:>8.3f} {med / ref:>12.2f}x {p10(ts) / ref10:>9.2f}x"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 3 rounds, 1 warm-up step")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.warmup = 3, 1
+    torch.set_num_threads(1)
+    model = make_model(0)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    gen = torch.Generator().manual_seed(1)
+    grads = {k: torch.randn(v.shape, generator=gen) * 1e-2 for k, v in params.items()}
+    print(f"machine: {cpu_model()}, torch {torch.__version__}, 1 thread, load {os.getloadavg()[0]:.2f}")
+    print(f"model:   MLP 1024-1024-1024-10, {sum(p.numel() for p in params.values()):,} parameters")
+
+    adam = {
+        "fr.adam bare": Funcreg(params, grads, fr.adam(LR)),
+        "fr.adam + coupled l2": Funcreg(params, grads, fr.chain(fr.add_penalty_grad(fr.l2(WD)), fr.adam(LR))),
+        "fr.adam + decoupled l2": Funcreg(
+            params, grads, fr.chain(fr.adam(LR), fr.decoupled(fr.l2(WD), learning_rate=LR))
+        ),
+        "fr.adam + proximal l1": Funcreg(
+            params, grads, fr.chain(fr.adam(LR), fr.proximal(fr.l1(L1), learning_rate=LR))
+        ),
+        "torch Adam foreach": Torch(params, grads, lambda p: torch.optim.Adam(p, lr=LR, foreach=True)),
+        "torch Adam foreach, weight_decay": Torch(
+            params, grads, lambda p: torch.optim.Adam(p, lr=LR, weight_decay=WD, foreach=True)
+        ),
+        "torch AdamW foreach": Torch(
+            params, grads, lambda p: torch.optim.AdamW(p, lr=LR, weight_decay=WD, foreach=True)
+        ),
+    }
+    report("Adam and its penalty forms", run(adam, args.rounds, args.warmup), "fr.adam bare")
+
+    sgd = {
+        "fr.sgd bare": Funcreg(params, grads, fr.sgd(LR)),
+        "fr.sgd + coupled l2": Funcreg(params, grads, fr.chain(fr.add_penalty_grad(fr.l2(WD)), fr.sgd(LR))),
+        "fr.sgd + decoupled l2": Funcreg(
+            params, grads, fr.chain(fr.sgd(LR), fr.decoupled(fr.l2(WD), learning_rate=LR))
+        ),
+        "fr.sgd + proximal l1": Funcreg(
+            params, grads, fr.chain(fr.sgd(LR), fr.proximal(fr.l1(L1), learning_rate=LR))
+        ),
+        "torch SGD foreach": Torch(params, grads, lambda p: torch.optim.SGD(p, lr=LR, foreach=True)),
+        "torch SGD foreach, weight_decay": Torch(
+            params, grads, lambda p: torch.optim.SGD(p, lr=LR, weight_decay=WD, foreach=True)
+        ),
+    }
+    report("SGD and its penalty forms", run(sgd, args.rounds, args.warmup), "fr.sgd bare")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Donated steps on torch's own arithmetic: ``fr.sgd`` (``_multi_tensor_sgd``'s sequence) and the
+penalty forms folded into the adam/adamw/sgd kernels (``funcreg/_src/fused_forms.py``).
+
+Two oracles: torch.optim itself, bit for bit, where the chain *is* a torch.optim configuration
+(coupled L2 = ``weight_decay``, a decoupled L2 at the learning rate = AdamW's decay), and the pure
+path (``tx.update`` + ``apply_updates``) for every folded chain, to rounding: the fold reorders the
+same operations (``w * (1 - lr * c)`` instead of ``w - lr * c * w``), so the comparison uses atol+rtol
+sized for a few roundings per step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import SLOW_OK, assert_trees_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import funcreg as fr
+from funcreg._src.fused import FUSED_ATTR
+from funcreg._src.fused_forms import FormKernel
+from funcreg.testing import tensors
+
+F32, F64 = torch.float32, torch.float64
+SHAPES = {"w": (3, 2), "b": (2,), "k": (2, 2, 2)}
+MASK = {"w": True, "b": False, "k": True}
+
+
+def _clone(tree):
+    return torch.utils._pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def _draw_grads(data, dtype, allow_none=True):
+    grads = {k: data.draw(tensors(s, dtype=dtype, max_abs=2.0)) for k, s in SHAPES.items()}
+    if allow_none and data.draw(st.booleans()):
+        grads["b"] = None  # torch skips a parameter without a gradient; funcreg a None gradient
+    return grads
+
+
+def _lockstep(tx, opt, leaves, params, data, dtype):
+    state, current = tx.init(params), _clone(params)
+    for _ in range(data.draw(st.integers(1, 4))):
+        grads = _draw_grads(data, dtype)
+        for k, p in leaves.items():
+            p.grad = None if grads[k] is None else grads[k].clone()
+        opt.step()
+        current, state = fr.donated_update(tx, grads, state, current)
+    for k, p in leaves.items():
+        assert torch.equal(current[k], p.detach()), k
+    return state
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@settings(deadline=None, max_examples=8, suppress_health_check=SLOW_OK)
+@given(data=st.data())
+def test_donated_sgd_equals_torch_optim_bitwise(dtype, data):
+    params = {k: data.draw(tensors(s, dtype=dtype, max_abs=2.0)) for k, s in SHAPES.items()}
+    momentum = data.draw(st.sampled_from([0.0, 0.9]))
+    nesterov = momentum > 0 and data.draw(st.booleans())
+    dampening = 0.0 if nesterov or momentum == 0 else data.draw(st.sampled_from([0.0, 0.1]))
+    wd, maximize = data.draw(st.sampled_from([0.0, 0.01])), data.draw(st.booleans())
+    opts = dict(momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=wd, maximize=maximize)
+    leaves = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+    opt = torch.optim.SGD(leaves.values(), lr=0.1, foreach=True, **opts)
+    state = _lockstep(fr.sgd(0.1, **opts), opt, leaves, params, data, dtype)
+    if momentum:
+        trace = state[-2]
+        for k, p in leaves.items():
+            if p in opt.state and opt.state[p].get("momentum_buffer") is not None:
+                assert torch.equal(trace.trace[k], opt.state[p]["momentum_buffer"]), k
+
+
+@pytest.mark.parametrize("case", ["coupled_adam", "decoupled_adamw", "coupled_sgd"])
+@pytest.mark.parametrize("dtype", [F32, F64])
+@settings(deadline=None, max_examples=6, suppress_health_check=SLOW_OK)
+@given(data=st.data())
+def test_a_folded_form_is_torch_optims_weight_decay_bitwise(case, dtype, data):
+    """The chain is a torch.optim configuration: the donated step is that optimizer, bit for bit."""
+    params = {k: data.draw(tensors(s, dtype=dtype, max_abs=2.0)) for k, s in SHAPES.items()}
+    c, masked = data.draw(st.sampled_from([0.01, 0.3])), data.draw(st.booleans())
+    pen = fr.l2(c, mask=MASK if masked else None)
+    leaves = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+    decayed = [leaves[k] for k in SHAPES if not masked or MASK[k]]
+    plain = [leaves[k] for k in SHAPES if masked and not MASK[k]]
+    groups = [{"params": decayed, "weight_decay": c}] + (
+        [{"params": plain, "weight_decay": 0.0}] if plain else []
+    )
+    if case == "coupled_adam":
+        amsgrad = data.draw(st.booleans())
+        tx = fr.chain(fr.add_penalty_grad(pen), fr.adam(0.01, amsgrad=amsgrad))
+        opt = torch.optim.Adam(groups, lr=0.01, amsgrad=amsgrad, foreach=True)
+    elif case == "decoupled_adamw":
+        tx = fr.chain(fr.adamw(0.01, weight_decay=0.0), fr.decoupled(pen, learning_rate=0.01))
+        opt = torch.optim.AdamW(groups, lr=0.01, foreach=True)
+    else:
+        momentum = data.draw(st.sampled_from([0.0, 0.9]))
+        tx = fr.chain(fr.add_penalty_grad(pen), fr.sgd(0.1, momentum=momentum))
+        opt = torch.optim.SGD(groups, lr=0.1, momentum=momentum, foreach=True)
+    assert isinstance(getattr(tx.update, FUSED_ATTR), FormKernel)
+    _lockstep(tx, opt, leaves, params, data, dtype)
+
+
+def _lr(schedule):
+    return fr.linear_schedule(0.05, 0.005, 4) if schedule else 0.05
+
+
+FOLDED = {
+    "coupled_l2_adam": lambda s, m: fr.chain(fr.add_penalty_grad(fr.l2(0.1, mask=m)), fr.adam(_lr(s))),
+    "coupled_l2_adam_wd_fused": lambda s, m: fr.chain(
+        fr.add_penalty_grad(fr.l2(0.1, mask=m)), fr.adam(_lr(s), weight_decay=0.02, fused=True)
+    ),
+    "coupled_l2_sgd_nesterov": lambda s, m: fr.chain(
+        fr.add_penalty_grad(fr.l2(0.1, mask=m)), fr.sgd(_lr(s), momentum=0.9, nesterov=True)
+    ),
+    "adam_decoupled_l2": lambda s, m: fr.chain(
+        fr.adam(_lr(s)), fr.decoupled(fr.l2(0.1, mask=m), learning_rate=_lr(s))
+    ),
+    "adamw_decoupled_l2_no_rate": lambda s, m: fr.chain(
+        fr.adamw(_lr(s), weight_decay=0.01, amsgrad=True), fr.decoupled(fr.l2(0.1, mask=m))
+    ),
+    "sgd_decoupled_l2": lambda s, m: fr.chain(
+        fr.sgd(_lr(s), momentum=0.5), fr.decoupled(fr.l2(0.1, mask=m), learning_rate=_lr(s))
+    ),
+    "adamw_proximal_l1": lambda s, m: fr.chain(
+        fr.adamw(_lr(s), weight_decay=0.01), fr.proximal(fr.l1(0.5, mask=m), learning_rate=_lr(s))
+    ),
+    "adam_fused_proximal_l1": lambda s, m: fr.chain(
+        fr.adam(_lr(s), fused=True, maximize=True), fr.proximal(fr.l1(0.5, mask=m), learning_rate=_lr(s))
+    ),
+    "sgd_proximal_l1": lambda s, m: fr.chain(
+        fr.sgd(_lr(s)), fr.proximal(fr.l1(0.5, mask=m), learning_rate=_lr(s))
+    ),
+    "named_coupled_l2": lambda s, m: fr.named_chain(
+        ("penalty", fr.add_penalty_grad(fr.l2(0.1, mask=m))), ("optimizer", fr.adam(_lr(s)))
+    ),
+}
+
+
+def _close(dtype):
+    # a few roundings per step, accumulated over up to 5 steps of moments near 1
+    return dict(atol=1e-5, rtol=1e-4) if dtype == F32 else dict(atol=1e-12, rtol=1e-10)
+
+
+def _assert_close_trees(a, b, dtype, what):
+    la, lb = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+    assert len(la) == len(lb), what
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor):
+            torch.testing.assert_close(x, y, **_close(dtype), msg=what)
+
+
+@pytest.mark.parametrize("name", sorted(FOLDED))
+@pytest.mark.parametrize("dtype", [F32, F64])
+@settings(deadline=None, max_examples=6, suppress_health_check=SLOW_OK)
+@given(data=st.data())
+def test_a_folded_form_equals_the_pure_path(name, dtype, data):
+    schedule, masked = data.draw(st.booleans()), data.draw(st.booleans())
+    tx = FOLDED[name](schedule, MASK if masked else None)
+    kernel = getattr(tx.update, FUSED_ATTR)
+    assert isinstance(kernel, FormKernel)
+    params = {k: data.draw(tensors(s, dtype=dtype, max_abs=3.0)) for k, s in SHAPES.items()}
+    pure_p, pure_s = params, tx.init(params)
+    don_p, don_s = _clone(params), tx.init(params)
+    for t in range(data.draw(st.integers(1, 5))):
+        grads = _draw_grads(data, dtype)
+        kept = _clone(grads)
+        u, pure_s = tx.update(grads, pure_s, pure_p)
+        pure_p = fr.apply_updates(pure_p, u)
+        # the folded kernel itself runs (None would mean the generic path, tested elsewhere)
+        with torch.no_grad():
+            done = kernel(grads, don_s, don_p)
+        assert done is not None
+        don_p, don_s = done
+        _assert_close_trees(grads, kept, dtype, "the gradients are only read")
+        _assert_close_trees(don_p, pure_p, dtype, f"params after step {t + 1}")
+        _assert_close_trees(don_s, pure_s, dtype, f"state after step {t + 1}")
+    if "proximal" in name:
+        # the prox's exact zeros survive the fold: the same parameters are exactly zero
+        for k in SHAPES:
+            assert torch.equal(don_p[k] == 0, pure_p[k] == 0), k
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        # the chain negates the penalty's gradient with the loss's (maximize): torch's decay does not
+        lambda: fr.chain(fr.add_penalty_grad(fr.l2(0.1)), fr.adam(0.01, maximize=True)),
+        # a decoupled L1 and a coupled elastic net are no torch decay
+        lambda: fr.chain(fr.adam(0.01), fr.decoupled(fr.l1(0.1), learning_rate=0.01)),
+        lambda: fr.chain(fr.add_penalty_grad(fr.elastic_net(0.1, 0.1)), fr.sgd(0.1)),
+        # a coupled penalty beside AdamW's own decoupled decay: one leaf would need both kernels
+        lambda: fr.chain(fr.add_penalty_grad(fr.l2(0.1)), fr.adamw(0.01, weight_decay=0.1)),
+        # a tensor coefficient (a swept hyperparameter)
+        lambda: fr.chain(fr.add_penalty_grad(fr.l2(torch.tensor(0.1))), fr.adam(0.01)),
+    ],
+)
+def test_what_cannot_fold_runs_the_generic_donated_path_bit_for_bit(make):
+    tx = make()
+    params = {"w": torch.linspace(-1, 1, 6).reshape(3, 2), "b": torch.linspace(0.5, 1, 2)}
+    kernel = getattr(tx.update, FUSED_ATTR, None)
+    pure_p, pure_s = params, tx.init(params)
+    don_p, don_s = _clone(params), tx.init(params)
+    for t in range(3):
+        grads = {k: torch.full_like(v, 0.3 * (t + 1)) for k, v in params.items()}
+        if kernel is not None:
+            assert kernel(grads, don_s, don_p) is None
+        u, pure_s = tx.update(grads, pure_s, pure_p)
+        pure_p = fr.apply_updates(pure_p, u)
+        don_p, don_s = fr.donated_update(tx, grads, don_s, don_p)
+    for k in params:
+        assert torch.equal(don_p[k], pure_p[k]), k
+
+
+def test_make_step_with_a_foldable_form_uses_the_kernel_and_matches_the_pure_step():
+    torch.manual_seed(0)
+    X, y = torch.randn(16, 3), torch.randn(16, 2)
+    model = torch.nn.Linear(3, 2)
+
+    def loss(p, X, y):
+        return ((torch.func.functional_call(model, p, (X,)) - y) ** 2).mean()
+
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    for form in ("coupled", "decoupled"):
+        steps = [
+            fr.make_step(loss, fr.adam(0.05), penalty=fr.l2(0.1), form=form, donate=d, learning_rate=0.05)
+            for d in (False, True)
+        ]
+        assert isinstance(getattr(steps[1].transform({}).update, FUSED_ATTR, None), FormKernel)
+        states = [s.init(params) for s in steps]
+        for _ in range(4):
+            states = [s(st_, X, y)[0] for s, st_ in zip(steps, states)]
+        assert_trees_close(states[1].params, states[0].params, f"{form} params")

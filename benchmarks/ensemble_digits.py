@@ -8,7 +8,9 @@ members), with AdamW(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2) o
 * ``torch sequential``: the N models one after another, each an ``nn.Module`` with its own
   ``torch.optim.AdamW(foreach=True)`` and ordinary ``loss.backward()`` (what you would write today);
 * ``funcreg eager``: ``fr.ensemble_step(fr.make_step(loss, fr.adamw(...)))``, one vmapped step for
-  all members;
+  all members (the gradients under vmap, then AdamW's torch kernel once over the stacked tensors);
+* ``funcreg eager donated``: the same with ``make_step(..., donate=True)``: the kernel writes into the
+  state's tensors instead of copies;
 * ``funcreg compiled``: ``torch.compile`` of that ensemble step call (compiled once before timing; the
   compile time is printed, not counted);
 * ``funcreg compiled donated``: the same with ``make_step(..., donate=True)``: the compiled step
@@ -93,7 +95,14 @@ LR, WD, BETAS, EPS = 1e-3, 1e-2, (0.9, 0.999), 1e-8
 BATCH = 128
 SIZES = (64, 128, 128, 10)
 REFERENCE, JAX = "torch sequential", "jax"
-VARIANTS = ("torch sequential", "funcreg eager", "funcreg compiled", "funcreg compiled donated", "jax")
+VARIANTS = (
+    "torch sequential",
+    "funcreg eager",
+    "funcreg eager donated",
+    "funcreg compiled",
+    "funcreg compiled donated",
+    "jax",
+)
 
 
 # --- machine and data ---------------------------------------------------------------------------------
@@ -304,6 +313,8 @@ def build(name: str, init: dict[str, torch.Tensor], data: Data) -> Any:
         return TorchSequential(init, data)
     if name == "funcreg eager":
         return FuncregEnsemble(init, data, compiled=False)
+    if name == "funcreg eager donated":
+        return FuncregEnsemble(init, data, compiled=False, donate=True)
     if name == "funcreg compiled":
         return FuncregEnsemble(init, data, compiled=True)
     if name == "funcreg compiled donated":

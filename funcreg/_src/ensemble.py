@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from funcreg._src.donation import DonationTracker
+from funcreg._src.ensemble_stacked import stacked_kernel, stacked_step
 from funcreg._src.hparams import as_hparams, float_dtype
 from funcreg._src.selection import buffers_of, params_of
 from funcreg._src.training import Step, TrainState
@@ -208,6 +209,8 @@ class EnsembleStep:
         self.step = step
         self.batch = batch
         self._donations = DonationTracker()
+        # eager: the optimizer on the stacked tensors, outside vmap, where that is exact
+        self._stacked = stacked_kernel(step)
 
     def init(
         self, params: PyTree, buffers: PyTree | None = None, hparams: dict[str, Any] | None = None
@@ -257,13 +260,17 @@ class EnsembleStep:
             for i, b in enumerate(batch):
                 _check_members(f"batch argument {i}", b, n)
         in_dims = (0,) + ((0 if self.batch == "per_member" else None),) * len(batch)
-        if not self.step.donate:
-            return vmap(self.step, in_dims)(train_state, *batch)
-        # donation inside vmap: eager vmap keeps the update pure (batched in-place writes are not
-        # safe to mix with unbatched operands); under torch.compile the writes go into the inputs
-        self._donations.consume(train_state)
-        out = vmap(self.step, in_dims)(train_state, *batch)
-        self._donations.produce(out[0])
+        if self.step.donate:
+            self._donations.consume(train_state)
+        out = None
+        if self._stacked is not None:
+            out = stacked_step(self.step, self._stacked, train_state, batch, in_dims)
+        if out is None:
+            # donation inside vmap: eager vmap keeps the update pure (batched in-place writes are not
+            # safe to mix with unbatched operands); under torch.compile the writes go into the inputs
+            out = vmap(self.step, in_dims)(train_state, *batch)
+        if self.step.donate:
+            self._donations.produce(out[0])
         return out
 
 

@@ -222,13 +222,32 @@ class Step:
         # torch.func.grad's aux may hold only tensors: aux is left out when there is none
         return total, ((metrics, new_buffers, aux) if self.has_aux else (metrics, new_buffers))
 
+    def gradients(
+        self, params: PyTree, buffers: PyTree, hparams: Hyperparams, batch: tuple[Any, ...]
+    ) -> tuple[PyTree, tuple[dict[str, Any], PyTree, Any]]:
+        """``grads, (metrics, new_buffers, aux)`` of the objective at ``params`` (``aux`` is ``None``
+        without ``has_aux``): the first half of a step, before the transform."""
+        grads, extra = torch.func.grad(self._objective, has_aux=True)(params, buffers, hparams, batch)
+        return grads, (extra[0], extra[1], extra[2] if self.has_aux else None)
+
+    def finish_metrics(self, metrics: dict[str, Any], new_opt_state: Any, aux: Any) -> dict[str, Any]:
+        """The step's metrics: the penalty's report from its form's state, ``"total"``, ``"aux"``."""
+        if self.penalty is not None and self.form != "loss":
+            report = new_opt_state["penalty"]  # the step's own form (tx itself may hold other forms)
+            assert isinstance(report, PenaltyState)
+            metrics.update(penalty_metrics(report.terms))
+        if "penalty" in metrics:
+            metrics["total"] = metrics["data_loss"] + metrics["penalty"]
+        if self.has_aux:
+            metrics["aux"] = aux
+        return metrics
+
     def __call__(self, train_state: TrainState, *batch: Any) -> tuple[TrainState, dict[str, Any]]:
         """One step: gradients by ``torch.func.grad``, the transform, ``apply_updates``."""
         if not isinstance(train_state, TrainState):
             raise TypeError(f"step expects a TrainState (from step.init), got {type(train_state).__name__}")
         params, opt_state, buffers, hparams = train_state
-        grads, extra = torch.func.grad(self._objective, has_aux=True)(params, buffers, hparams, batch)
-        metrics, new_buffers = extra[0], extra[1]
+        grads, (metrics, new_buffers, aux) = self.gradients(params, buffers, hparams, batch)
         tx = self.transform(hparams)
         tracked = self.donate and not compiling() and not _is_vmapped(params)
         if self.donate:
@@ -241,14 +260,7 @@ class Step:
         else:
             updates, new_opt_state = tx.update(grads, opt_state, params)
             new_params = apply_updates(params, updates)
-        if self.penalty is not None and self.form != "loss":
-            report = new_opt_state["penalty"]  # the step's own form (tx itself may hold other forms)
-            assert isinstance(report, PenaltyState)
-            metrics.update(penalty_metrics(report.terms))
-        if "penalty" in metrics:
-            metrics["total"] = metrics["data_loss"] + metrics["penalty"]
-        if self.has_aux:
-            metrics["aux"] = extra[2]
+        metrics = self.finish_metrics(metrics, new_opt_state, aux)
         out = TrainState(new_params, new_opt_state, new_buffers, hparams)
         if tracked:
             self._donations.produce(out)

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
-from _machine import cpu_model
+from _machine import cpu_model, report, run
 
 import funcreg as fr
 
@@ -66,36 +63,6 @@ def groups(params: dict[str, torch.Tensor]) -> list[dict]:
     decay = [p for k, p in params.items() if k.endswith("weight")]
     other = [p for k, p in params.items() if not k.endswith("weight")]
     return [{"params": decay, "weight_decay": WD}, {"params": other, "weight_decay": 0.0}]
-
-
-def run(variants: dict[str, object], rounds: int, warmup: int) -> dict[str, list[float]]:
-    for v in variants.values():
-        for _ in range(warmup):
-            v.step()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    order = list(variants)
-    rng = random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for name in order:
-            t0 = time.perf_counter()
-            variants[name].step()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def report(title: str, times: dict[str, list[float]], reference: str) -> None:
-    def p10(ts: list[float]) -> float:
-        return sorted(ts)[len(ts) // 10]
-
-    ref, ref10 = statistics.median(times[reference]), p10(times[reference])
-    print(f"\n{title} (ratios to {reference})")
-    print(f"{'variant':<44} {'median ms':>10} {'p10 ms':>8} {'median ratio':>13} {'p10 ratio':>10}")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(
-            f"{name:<44} {med * 1e3:>10.2f} {p10(ts) * 1e3:>8.2f} {med / ref:>12.2f}x {p10(ts) / ref10:>9.2f}x"
-        )
 
 
 def main() -> None:

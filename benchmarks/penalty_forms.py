@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
-import statistics
-import time
 
 import torch
-from _machine import cpu_model
+from _machine import cpu_model, report, run
 from adamw_step import make_model
 
 import funcreg as fr
@@ -52,36 +49,6 @@ class Torch:
 
     def step(self) -> None:
         self.opt.step()
-
-
-def run(variants: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
-    for v in variants.values():
-        for _ in range(warmup):
-            v.step()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    order = list(variants)
-    rng = random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for name in order:
-            t0 = time.perf_counter()
-            variants[name].step()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def report(title: str, times: dict[str, list[float]], reference: str) -> None:
-    def p10(ts: list[float]) -> float:
-        return sorted(ts)[len(ts) // 10]
-
-    ref, ref10 = statistics.median(times[reference]), p10(times[reference])
-    print(f"\n{title} (ratios to {reference})")
-    print(f"{'variant':<36} {'median ms':>10} {'p10 ms':>8} {'median ratio':>13} {'p10 ratio':>10}")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(
-            f"{name:<36} {med * 1e3:>10.3f} {p10(ts) * 1e3:>8.3f} {med / ref:>12.2f}x {p10(ts) / ref10:>9.2f}x"
-        )
 
 
 def main() -> None:
@@ -117,7 +84,7 @@ def main() -> None:
             params, grads, lambda p: torch.optim.AdamW(p, lr=LR, weight_decay=WD, foreach=True)
         ),
     }
-    report("Adam and its penalty forms", run(adam, args.rounds, args.warmup), "fr.adam bare")
+    report("Adam and its penalty forms", run(adam, args.rounds, args.warmup), "fr.adam bare", width=36)
 
     sgd = {
         "fr.sgd bare": Funcreg(params, grads, fr.sgd(LR)),
@@ -133,7 +100,7 @@ def main() -> None:
             params, grads, lambda p: torch.optim.SGD(p, lr=LR, weight_decay=WD, foreach=True)
         ),
     }
-    report("SGD and its penalty forms", run(sgd, args.rounds, args.warmup), "fr.sgd bare")
+    report("SGD and its penalty forms", run(sgd, args.rounds, args.warmup), "fr.sgd bare", width=36)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import funcreg as fr
-from funcreg._src.fused import FUSED_ATTR
-from funcreg._src.fused_forms import FormKernel
+from funcreg._src.fused_forms import FormKernel, kernel_of
 from funcreg.testing import tensors
 
 F32, F64 = torch.float32, torch.float64
@@ -96,7 +95,7 @@ def test_a_folded_form_is_torch_optims_weight_decay_bitwise(case, dtype, data):
         momentum = data.draw(st.sampled_from([0.0, 0.9]))
         tx = fr.chain(fr.add_penalty_grad(pen), fr.sgd(0.1, momentum=momentum))
         opt = torch.optim.SGD(groups, lr=0.1, momentum=momentum, foreach=True)
-    assert isinstance(getattr(tx.update, FUSED_ATTR), FormKernel)
+    assert isinstance(kernel_of(tx), FormKernel)
     _lockstep(tx, opt, leaves, params, data, dtype)
 
 
@@ -156,7 +155,7 @@ def _assert_close_trees(a, b, dtype, what):
 def test_a_folded_form_equals_the_pure_path(name, dtype, data):
     schedule, masked = data.draw(st.booleans()), data.draw(st.booleans())
     tx = FOLDED[name](schedule, MASK if masked else None)
-    kernel = getattr(tx.update, FUSED_ATTR)
+    kernel = kernel_of(tx)
     assert isinstance(kernel, FormKernel)
     params = {k: data.draw(tensors(s, dtype=dtype, max_abs=3.0)) for k, s in SHAPES.items()}
     pure_p, pure_s = params, tx.init(params)
@@ -197,7 +196,7 @@ def test_a_folded_form_equals_the_pure_path(name, dtype, data):
 def test_what_cannot_fold_runs_the_generic_donated_path_bit_for_bit(make):
     tx = make()
     params = {"w": torch.linspace(-1, 1, 6).reshape(3, 2), "b": torch.linspace(0.5, 1, 2)}
-    kernel = getattr(tx.update, FUSED_ATTR, None)
+    kernel = kernel_of(tx)
     pure_p, pure_s = params, tx.init(params)
     don_p, don_s = _clone(params), tx.init(params)
     for t in range(3):
@@ -225,7 +224,7 @@ def test_make_step_with_a_foldable_form_uses_the_kernel_and_matches_the_pure_ste
             fr.make_step(loss, fr.adam(0.05), penalty=fr.l2(0.1), form=form, donate=d, learning_rate=0.05)
             for d in (False, True)
         ]
-        assert isinstance(getattr(steps[1].transform({}).update, FUSED_ATTR, None), FormKernel)
+        assert isinstance(kernel_of(steps[1].transform({})), FormKernel)
         states = [s.init(params) for s in steps]
         for _ in range(4):
             states = [s(st_, X, y)[0] for s, st_ in zip(steps, states)]

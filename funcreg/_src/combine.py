@@ -12,6 +12,8 @@ from funcreg._src.mask_cache import PerStructure
 from funcreg._src.tree import broadcast_prefix, flatten, tree_names, unflatten
 from funcreg._src.typing import PyTree
 
+PARTS_ATTR = "__funcreg_parts__"
+
 
 def _check_transform(tx: Any, where: str) -> None:
     if not isinstance(tx, GradientTransformation):
@@ -51,18 +53,14 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_states.append(s)
         return updates, tuple(new_states)
 
-    _fold_forms(update, transforms, None)
+    _record_parts(update, transforms, None)
     return configured(GradientTransformation(init, update), "chain", *transforms)
 
 
-def _fold_forms(update: Any, transforms: tuple[GradientTransformation, ...], names: Any) -> None:
-    """Attaches the folded donated step of ``[form, alias]`` / ``[alias, form]`` (_src/fused_forms.py)."""
-    from funcreg._src.fused import FUSED_ATTR
-    from funcreg._src.fused_forms import form_kernel
-
-    kernel = form_kernel(transforms, names)
-    if kernel is not None:
-        setattr(update, FUSED_ATTR, kernel)
+def _record_parts(update: Any, transforms: tuple[GradientTransformation, ...], names: Any) -> None:
+    """Records what the chain is made of on its ``update``: a donated step reads it to fold a penalty
+    form into an optimizer's torch kernel (``funcreg/_src/fused_forms.py``)."""
+    setattr(update, PARTS_ATTR, (transforms, names))
 
 
 def named_chain(*named_transforms: tuple[str, GradientTransformation]) -> GradientTransformation:
@@ -99,7 +97,7 @@ def named_chain(*named_transforms: tuple[str, GradientTransformation]) -> Gradie
             updates, new_state[name] = tx.update(updates, state[name], params)
         return updates, new_state
 
-    _fold_forms(update, tuple(tx for _, tx in named_transforms), tuple(names))
+    _record_parts(update, tuple(tx for _, tx in named_transforms), tuple(names))
     return configured(GradientTransformation(init, update), "named_chain", *named_transforms)
 
 

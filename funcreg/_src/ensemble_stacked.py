@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from funcreg._src.base import GradientTransformation
-from funcreg._src.fused import FUSED_ATTR, AdamKernel, SgdKernel
+from funcreg._src.fused import AdamKernel, SgdKernel
+from funcreg._src.fused_forms import kernel_of
 from funcreg._src.selection import Selection
 from funcreg._src.training import Step, TrainState
 from funcreg._src.tree import compiling, flatten, unflatten
@@ -36,7 +37,7 @@ def stacked_kernel(step: Step) -> Kernel | None:
         return None
     if step.penalty is not None and step.form != "loss":
         return None
-    kernel = getattr(step.tx.update, FUSED_ATTR, None)
+    kernel = kernel_of(step.tx)
     if not isinstance(kernel, (AdamKernel, SgdKernel)):
         return None
     mask = getattr(kernel, "mask", None)

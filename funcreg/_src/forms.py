@@ -18,6 +18,7 @@ For plain SGD without momentum the coupled edit also equals the decoupled update
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -25,10 +26,21 @@ import torch
 from funcreg._src import leafwise
 from funcreg._src.base import GradientTransformation, expect_state, find_states, flat, init_count
 from funcreg._src.describe import configured
-from funcreg._src.fused_forms import FORM_ATTR, Form
 from funcreg._src.penalties import FlatParams, Penalty
 from funcreg._src.typing import PyTree, ScalarOrSchedule
 from funcreg._src.validation import check_bool, check_rate, schedule_value
+
+FORM_ATTR = "__funcreg_form__"
+
+
+@dataclass(frozen=True)
+class Form:
+    """What a penalty form is, attached to its ``update``: a donated step may fold it into torch's
+    kernel (:mod:`funcreg._src.fused_forms`)."""
+
+    kind: str  # "coupled", "decoupled" or "proximal"
+    penalty: Penalty
+    learning_rate: ScalarOrSchedule | None
 
 
 class PenaltyState(NamedTuple):

@@ -28,22 +28,13 @@ from typing import Any
 import torch
 
 from funcreg._src import leafwise
+from funcreg._src.combine import PARTS_ATTR
 from funcreg._src.describe import compiling
+from funcreg._src.forms import FORM_ATTR, Form
 from funcreg._src.fused import FUSED_ATTR, AdamKernel, ExtraDecay, SgdKernel
 from funcreg._src.tree import flatten
-from funcreg._src.typing import PyTree, ScalarOrSchedule
+from funcreg._src.typing import PyTree
 from funcreg._src.validation import schedule_value
-
-FORM_ATTR = "__funcreg_form__"
-
-
-@dataclass(frozen=True)
-class Form:
-    """What a penalty form is, for the kernels: attached to its ``update`` by :mod:`funcreg._src.forms`."""
-
-    kind: str  # "coupled", "decoupled" or "proximal"
-    penalty: Any
-    learning_rate: ScalarOrSchedule | None
 
 
 def _coefficient(form: Form) -> float | None:
@@ -131,8 +122,9 @@ class FormKernel:
 
 
 def form_kernel(transforms: tuple[Any, ...], names: tuple[str, str] | None = None) -> FormKernel | None:
-    """The folded donated step of a chain of two transforms, where one is an ``adam``/``adamw`` alias
-    with a torch kernel and the other an L2 / L1 penalty form in the right place; else ``None``."""
+    """The folded donated step of a chain of two transforms (``names``: a named_chain's), where one is
+    an ``adam``/``adamw``/``sgd`` alias with a torch kernel and the other an L2 / L1 penalty form in
+    the right place; else ``None``."""
     if len(transforms) != 2:
         return None
     first, second = transforms
@@ -147,3 +139,18 @@ def form_kernel(transforms: tuple[Any, ...], names: tuple[str, str] | None = Non
         if c is not None:
             return FormKernel(kernel, form, c, form_first, names)
     return None
+
+
+_NO_KERNEL = object()  # kept on a chain's update when no form folds into a kernel: looked up once
+
+
+def kernel_of(tx: Any) -> Any:
+    """The torch kernel behind ``tx``'s donated step, or ``None``: an alias's own (``fr.adam``,
+    ``fr.adamw``, ``fr.sgd``), or for a chain of an alias and a penalty form the folded
+    :class:`FormKernel`, found once and kept on the chain's ``update``."""
+    update = tx.update
+    kernel = getattr(update, FUSED_ATTR, None)
+    if kernel is None and hasattr(update, PARTS_ATTR):
+        kernel = form_kernel(*getattr(update, PARTS_ATTR))
+        setattr(update, FUSED_ATTR, _NO_KERNEL if kernel is None else kernel)
+    return None if kernel is _NO_KERNEL else kernel

@@ -10,7 +10,7 @@ from funcreg._src import leafwise
 from funcreg._src.base import GradientTransformation, flat
 from funcreg._src.describe import compiling
 from funcreg._src.donation import set_donating
-from funcreg._src.fused import FUSED_ATTR
+from funcreg._src.fused_forms import kernel_of
 from funcreg._src.tree import flatten, tensors_of, tree_names
 from funcreg._src.typing import PyTree
 
@@ -132,8 +132,8 @@ def donated_step(tx: GradientTransformation, grads: PyTree, state: Any, params: 
     transform has one and it applies, else ``update`` + ``apply_updates`` with donation on."""
     eager = not compiling()
     plain = eager and not records_autograd(grads)
-    kernel = getattr(tx.update, FUSED_ATTR, None)
-    if kernel is not None and plain:
+    kernel = kernel_of(tx) if plain else None
+    if kernel is not None:
         with torch.no_grad():
             done = kernel(grads, state, params)
         if done is not None:

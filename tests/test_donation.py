@@ -247,3 +247,36 @@ def test_fused_falls_back_where_the_kernel_does_not_apply():
         pure_p = fr.apply_updates(pure_p, u)
         don_p, don_s = fr.donated_update(tx, g, don_s, don_p)
     assert torch.equal(don_p["z"], pure_p["z"])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fr.adamw(0.05, weight_decay=0.1, amsgrad=True, mask={"w": True, "b": False}),
+        lambda: fr.adam(0.05, weight_decay=0.1, maximize=True),
+    ],
+    ids=["adamw_amsgrad_masked", "adam_coupled_maximize"],
+)
+def test_compiled_donated_adam_traces_torchs_sequence_in_one_graph(make):
+    """Under torch.compile a donated adam/adamw traces torch's foreach sequence (its capturable
+    branch): one graph, and the eager donated step's results to float32 rounding."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    X, y, p0 = _problem(F32)
+    tx = make()
+    eager_p, eager_s = _clone(p0), tx.init(p0)
+    comp_p, comp_s = _clone(p0), tx.init(p0)
+    compiled = torch.compile(lambda g, s, p: fr.donated_update(tx, g, s, p))
+    for _ in range(4):
+        g = torch.func.grad(_loss)(eager_p, X, y)
+        eager_p, eager_s = fr.donated_update(tx, g, eager_s, eager_p)
+        held = comp_p["w"]
+        comp_p, comp_s = compiled(torch.func.grad(_loss)(comp_p, X, y), comp_s, comp_p)
+        assert comp_p["w"] is held  # written into the donated tensor
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["graph_break"])
+    for k in p0:
+        torch.testing.assert_close(comp_p[k], eager_p[k], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(comp_s.nu["w"], eager_s.nu["w"], atol=1e-7, rtol=1e-5)
+    assert torch.equal(comp_s.steps["w"], eager_s.steps["w"]) and torch.equal(comp_s.count, eager_s.count)

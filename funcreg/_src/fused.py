@@ -69,11 +69,12 @@ class AdamKernel:
         """
         from funcreg._src.transform import ScaleByAdamState
 
-        if (
-            compiling()
-            or torch._C._are_functorch_transforms_active()
-            or isinstance(self.weight_decay, torch.Tensor)
-        ):
+        traced = compiling()
+        if isinstance(self.weight_decay, torch.Tensor) or (traced and self.fused):
+            return None
+        # under torch.compile the caller (donated_update) vouches that no vmap/grad is active: the
+        # query cannot be traced
+        if not traced and torch._C._are_functorch_transforms_active():
             return None
         expect_state(state, ScaleByAdamState, self.who)
         f = flat(grads, params, self.who, needs_params=True)
@@ -195,6 +196,9 @@ class AdamKernel:
         torch._foreach_lerp_(mu, gs, 1 - self.b1)
         torch._foreach_mul_(nu, self.b2)
         torch._foreach_addcmul_(nu, gs, gs, 1 - self.b2)
+        if compiling():  # traced: the counts stay tensors, as in torch.optim's compiled step
+            self._foreach_traced(ps, mu, nu, nu_max, steps, lr)
+            return
         counts = [int(s) for s in steps]
         bias_correction1 = [1 - self.b1**t for t in counts]
         bias_correction2 = [1 - self.b2**t for t in counts]
@@ -208,6 +212,34 @@ class AdamKernel:
         torch._foreach_div_(denom, bias_correction2_sqrt)
         torch._foreach_add_(denom, self.eps)
         torch._foreach_addcdiv_(ps, mu, denom, step_size)
+
+    def _foreach_traced(self, ps: list, mu: list, nu: list, nu_max: list, steps: list, lr: float) -> None:
+        """The rest of ``_multi_tensor_adam`` as torch.compile traces it, with its capturable branch's
+        shape: bias corrections as tensor ops on the step counters (no host sync). They are computed in
+        float64 and then cast, as the eager step's Python floats are (``1 - b2^t`` in float32 would
+        lose digits to cancellation at small ``t``)."""
+        counts = [t.to(torch.float64) for t in steps]
+        bias_correction1 = torch._foreach_pow(self.b1, counts)
+        bias_correction2 = torch._foreach_pow(self.b2, counts)
+        torch._foreach_sub_(bias_correction1, 1)
+        torch._foreach_sub_(bias_correction2, 1)
+        torch._foreach_neg_(bias_correction2)
+        torch._foreach_div_(bias_correction1, lr)
+        torch._foreach_reciprocal_(bias_correction1)  # -1 / step size: -(1 - b1^t) / lr
+        torch._foreach_sqrt_(bias_correction2)
+        dtype = mu[0].dtype
+        step_size = [x.to(dtype) for x in bias_correction1]
+        bias_correction2_sqrt = [x.to(dtype) for x in bias_correction2]
+        if self.amsgrad:
+            torch._foreach_maximum_(nu_max, nu)
+            denom = torch._foreach_sqrt(nu_max)
+        else:
+            denom = torch._foreach_sqrt(nu)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_div_(denom, step_size)
+        # denom = -(1 - b1^t) * (sqrt(nu / (1 - b2^t)) + eps) / lr
+        torch._foreach_addcdiv_(ps, mu, denom)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,10 @@ def records_autograd(*trees: Any) -> bool:
     return False
 
 
+def _requires_grad(*trees: Any) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for t in trees for x in tensors_of(t))
+
+
 def check_donatable(what: str, tree: PyTree, unique: bool = False) -> None:
     """Raises ``ValueError`` where writing into ``tree``'s tensors would be wrong: autograd needs their
     values (grad mode on and a tensor requires grad, or ``torch.func.grad`` is tracing them), or, with
@@ -124,15 +128,23 @@ def donated_update(
     ):  # under torch.compile the checks ran when the caller was traced eagerly, or not at all
         check_donatable("params", params, unique=True)
         check_donatable("state", state)
-    return donated_step(tx, grads, state, params)
+    return donated_step(tx, grads, state, params, traced_kernel=True)
 
 
-def donated_step(tx: GradientTransformation, grads: PyTree, state: Any, params: PyTree) -> tuple[PyTree, Any]:
+def donated_step(
+    tx: GradientTransformation, grads: PyTree, state: Any, params: PyTree, traced_kernel: bool = False
+) -> tuple[PyTree, Any]:
     """:func:`donated_update` without its checks (the caller made them): the fused kernel where the
-    transform has one and it applies, else ``update`` + ``apply_updates`` with donation on."""
+    transform has one and it applies, else ``update`` + ``apply_updates`` with donation on.
+
+    ``traced_kernel``: under ``torch.compile``, trace the kernel too (torch's foreach sequence, as
+    torch.optim's compiled step does). Only for a caller that is never inside ``vmap`` or
+    ``torch.func.grad``, which cannot be told apart while tracing.
+    """
     eager = not compiling()
     plain = eager and not records_autograd(grads)
-    kernel = kernel_of(tx) if plain else None
+    traced = not eager and traced_kernel and not _requires_grad(grads, state, params)
+    kernel = kernel_of(tx) if plain or traced else None
     if kernel is not None:
         with torch.no_grad():
             done = kernel(grads, state, params)

@@ -587,3 +587,49 @@ def test_learning_rate_sweep_scales_each_members_proximal_step():
     named = fr.make_step(loss, fr.sgd(0.1), penalty=fr.l1(0.2), form="proximal", learning_rate="lr")
     with pytest.raises(ValueError, match="hparams\\['lr'\\]"):
         named.init(p0)  # no hparams["lr"] given
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fr.adamax(0.05),
+        lambda: fr.nadam(0.05),
+        lambda: fr.radam(0.05),
+        lambda: fr.adagrad(0.05, lr_decay=0.1),
+        lambda: fr.adafactor(0.05),
+        lambda: fr.proximal_adam(0.05, l1=0.01),
+        lambda: fr.adam(fr.linear_schedule(0.05, 0.01, 4)),
+    ],
+    ids=["adamax", "nadam", "radam", "adagrad_lr_decay", "adafactor", "proximal_adam", "adam_schedule"],
+)
+def test_vmapped_float64_steps_equal_each_member_eager(make):
+    """Under vmap the step counts are tensors: the factors computed from them (bias corrections, RAdam's
+    rectification, Adafactor's decay) keep float64 precision and branch without a host sync, so every
+    member equals its own eager trajectory to float64 rounding."""
+    tx = make()
+    members = [
+        {
+            "w": torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(2, 3) * (m + 1),
+            "b": torch.full((3,), 0.5 * m, dtype=torch.float64),
+        }
+        for m in range(3)
+    ]
+    grads = [
+        [
+            {k: torch.cos(v * (t + 2)) for k, v in p.items()} for t in range(7)
+        ]  # 7 steps: RAdam rectifies from t = 6
+        for p in members
+    ]
+    P = fr.stack(members)
+    S = fr.vmap(tx.init)(P)
+    for t in range(7):
+        G = fr.stack([grads[m][t] for m in range(3)])
+        U, S = fr.vmap(tx.update)(G, S, P)
+        P = fr.vmap(fr.apply_updates)(P, U)
+    for m, p0 in enumerate(members):
+        p, s = p0, tx.init(p0)
+        for t in range(7):
+            u, s = tx.update(grads[m][t], s, p)
+            p = fr.apply_updates(p, u)
+        for k in p0:
+            torch.testing.assert_close(P[k][m], p[k], atol=1e-13, rtol=1e-12)

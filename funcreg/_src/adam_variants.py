@@ -15,7 +15,7 @@ import torch
 from funcreg._src import leafwise
 from funcreg._src.base import GradientTransformation, begin, per_param_zeros
 from funcreg._src.block_utils import loose_state_leaves, reject_complex, torch_scalar_dtype, with_config
-from funcreg._src.steps import Step, advance_steps, init_count, per_param_counts
+from funcreg._src.steps import Step, advance_steps, float_at, init_count, per_param_counts, power_at
 from funcreg._src.tree import flatten, unflatten
 from funcreg._src.typing import PyTree
 from funcreg._src.validation import check_number
@@ -76,7 +76,7 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
         leafwise.add_scalar_(abs_g, eps)
         nu = leafwise.maximum(leafwise.mul(f.present(nu_leaves), b2), abs_g)
         out = leafwise.div(mu, nu)
-        leafwise.div_scalar_(out, [1 - b1**t for t in steps.per_leaf()])
+        leafwise.div_scalar_(out, [1 - power_at(b1, t) for t in steps.per_leaf()])
         new_state = ScaleByAdamaxState(
             state.count + 1, f.tree(mu, mu_leaves), f.tree(nu, nu_leaves), f.tree(new_steps, step_leaves)
         )
@@ -135,7 +135,7 @@ def scale_by_nadam(
     check_number("momentum_decay", momentum_decay, low=0.0, allow_tensor=False)
 
     def momentum_at(t: Step) -> float | torch.Tensor:
-        return b1 * (1.0 - 0.5 * (0.96 ** (t * momentum_decay)))
+        return b1 * (1.0 - 0.5 * (0.96 ** (float_at(t) * momentum_decay)))
 
     def init(params: PyTree) -> ScaleByNadamState:
         reject_complex(params, "scale_by_nadam")
@@ -166,10 +166,13 @@ def scale_by_nadam(
         out, products = [], []
         for g, m, v, p, t in zip(grads, mu, nu, f.present(prod_leaves), steps.per_leaf()):
             mu_t, mu_next = momentum_at(t), momentum_at(t + 1)
-            product = p * mu_t  # in torch's scalar dtype, as torch's ``mu_product *= mu``
+            # in torch's scalar dtype, as torch's ``mu_product *= mu`` (a traced mu_t is float64)
+            product = p * (mu_t.to(p.dtype) if isinstance(mu_t, torch.Tensor) else mu_t)
             products.append(product)
             prod = leafwise.concrete(product)
-            denom = torch.sqrt(v / (1 - b2**t)) + eps
+            if isinstance(prod, torch.Tensor):  # traced: in float64, as the eager Python float is
+                prod = prod.to(torch.float64)
+            denom = torch.sqrt(v / (1 - power_at(b2, t))) + eps
             step = torch.div(g, denom) * ((1.0 - mu_t) / (1.0 - prod))
             out.append(step + m / denom * (mu_next / (1.0 - prod * mu_next)))
         new_state = ScaleByNadamState(
@@ -211,7 +214,13 @@ def radam_rectification(b2: float, t: Step) -> float | torch.Tensor:
         (0.0, 0.025821)
     """
     rho_inf = 2 / (1 - b2) - 1
-    rho_t = rho_inf - 2 * t * (b2**t) / (1 - b2**t)
+    b2_t = power_at(b2, t)
+    rho_t = rho_inf - 2 * float_at(t) * b2_t / (1 - b2_t)
+    if isinstance(rho_t, torch.Tensor):  # traced (vmap, compile): select without a host sync
+        r = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)).clamp(
+            min=0
+        ) ** 0.5
+        return torch.where(rho_t > 5.0, r, torch.zeros_like(r))
     if rho_t <= 5.0:
         return 0.0
     return ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
@@ -259,11 +268,13 @@ def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gra
         leafwise.addcmul_(nu, grads, grads, 1 - b2)
         out = []
         for m, v, t in zip(mu, nu, steps.per_leaf()):
-            m_hat = m / (1 - b1**t)
+            m_hat = m / (1 - power_at(b1, t))
             rect = radam_rectification(b2, t)
-            if rect > 0.0:
-                adaptive = (1 - b2**t) ** 0.5 / (torch.sqrt(v) + eps)  # ** 0.5 as torch, not math.sqrt
-                out.append(m_hat * adaptive * rect)
+            adaptive_of = lambda t=t, v=v: (1 - power_at(b2, t)) ** 0.5 / (torch.sqrt(v) + eps)  # noqa: E731
+            if isinstance(rect, torch.Tensor):  # traced
+                out.append(torch.where(rect > 0.0, m_hat * adaptive_of() * rect, m_hat))
+            elif rect > 0.0:
+                out.append(m_hat * adaptive_of() * rect)  # ** 0.5 as torch, not math.sqrt
             else:
                 out.append(m_hat)
         new_state = ScaleByRadamState(

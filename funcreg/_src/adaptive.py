@@ -14,7 +14,7 @@ import torch
 from funcreg._src import leafwise
 from funcreg._src.base import GradientTransformation, begin, per_param_zeros
 from funcreg._src.block_utils import reject_complex, with_config
-from funcreg._src.steps import advance_steps, init_count, per_param_counts
+from funcreg._src.steps import advance_steps, float_at, init_count, per_param_counts
 from funcreg._src.tree import flatten, unflatten
 from funcreg._src.typing import PyTree
 from funcreg._src.validation import check_bool, check_number
@@ -145,7 +145,7 @@ def scale_by_adagrad(
         leafwise.add_scalar_(std, eps)
         out = leafwise.div(grads, std)
         if lr_decay != 0:
-            leafwise.div_scalar_(out, [1 + (t - 1) * lr_decay for t in steps.per_leaf()])
+            leafwise.div_scalar_(out, [1 + (float_at(t) - 1) * lr_decay for t in steps.per_leaf()])
         new_state = ScaleByAdagradState(
             state.count + 1, f.tree(sums, sum_leaves), f.tree(new_steps, step_leaves)
         )

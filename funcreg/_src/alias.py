@@ -244,8 +244,9 @@ def _adam_family(
             grads = leafwise.mul(grads, -1.0)
         if has_decay and not decoupled:
             grads = leafwise.add(grads, f.present_params(), alpha=weight_decay)
-        mu, denom, steps, new_state = adam_moments(f, state, grads, b1=b1, b2=b2, amsgrad=amsgrad, who=who)
+        # read at this step's count, before a donated adam_moments counts it in place
         lr = schedule_value(learning_rate, leafwise.concrete(state.count))
+        mu, denom, steps, new_state = adam_moments(f, state, grads, b1=b1, b2=b2, amsgrad=amsgrad, who=who)
         # m / (sqrt(v) / c + eps) == c * m / (sqrt(v) + eps * c) with c = sqrt(1 - b2^t): one pass
         # over the moments fewer than torch's sqrt-div-add, equal up to rounding
         leafwise.add_scalar_(denom, steps.map(lambda t: eps * bias_correction2_sqrt(t)))

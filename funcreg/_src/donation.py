@@ -34,6 +34,9 @@ class _TracedDonation:
 # donated (in-place) behaviour in, so the flag's runtime value does not matter there.
 _FLAG = _Donation()
 _TRACED = _TracedDonation()
+_TRACED.active = (
+    False  # an instance attribute from the start: a first write must not change what Dynamo guards on
+)
 
 
 def donating() -> bool:

@@ -14,7 +14,7 @@ import torch
 from funcreg._src import leafwise
 from funcreg._src.base import GradientTransformation, begin
 from funcreg._src.block_utils import empty_like_none, loose_state_leaves, reject_complex, with_config
-from funcreg._src.steps import advance_steps, init_count, per_param_counts
+from funcreg._src.steps import advance_steps, float_at, init_count, per_param_counts
 from funcreg._src.tree import flatten, unflatten
 from funcreg._src.typing import PyTree
 from funcreg._src.validation import check_number, check_rate, schedule_value
@@ -114,7 +114,9 @@ def scale_by_adafactor(
         )
         for (g, w, row, col, var), t in zip(zipped, steps.per_leaf()):
             e1 = torch.finfo(w.dtype).eps if eps1 is None else eps1
-            b_t = t**beta2_decay
+            b_t = float_at(t) ** beta2_decay
+            if isinstance(b_t, torch.Tensor):  # traced: computed in float64, applied in w's dtype
+                b_t = b_t.to(w.dtype)
             if g.ndim >= 2:
                 row = torch.lerp(row, torch.norm(g, dim=-1, keepdim=True).square() / g.size(-1), b_t)
                 col = torch.lerp(col, torch.norm(g, dim=-2, keepdim=True).square() / g.size(-2), b_t)
@@ -186,8 +188,11 @@ def scale_by_relative_step(learning_rate: Any) -> GradientTransformation:
         lr = schedule_value(learning_rate, leafwise.concrete(state.count))
         factors = []
         for t in steps.per_leaf():
-            cap = 1 / (t**0.5)
-            factors.append(-(torch.clamp(lr, max=cap) if isinstance(lr, torch.Tensor) else min(lr, cap)))
+            cap = 1 / (float_at(t) ** 0.5)
+            if isinstance(lr, torch.Tensor) or isinstance(cap, torch.Tensor):  # traced
+                factors.append(-torch.clamp(torch.as_tensor(lr, dtype=torch.float64), max=cap))
+            else:
+                factors.append(-min(lr, cap))
         out = [u * s for u, s in zip(f.present_updates(), factors)]
         return f.tree(out), ScaleByRelativeStepState(state.count + 1, f.tree(new_steps, step_leaves))
 

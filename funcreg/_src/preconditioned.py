@@ -23,6 +23,7 @@ from funcreg._src import leafwise
 from funcreg._src.base import GradientTransformation, begin
 from funcreg._src.block_utils import reject_complex, with_config
 from funcreg._src.mask_cache import CachedMask
+from funcreg._src.steps import power_at
 from funcreg._src.transform import ScaleByAdamState, scale_by_adam
 from funcreg._src.tree import flatten
 from funcreg._src.typing import MaskLike, PyTree, ScalarOrSchedule
@@ -107,11 +108,14 @@ def proximal_adam(
         out = []
         for i in f.index:
             t = leafwise.concrete(step_leaves[i])
+            assert not isinstance(t, float)  # an int64 counter: an int eager, a tensor traced
             w, u = f.params[i], u_leaves[i]
             if not keep[i]:
                 out.append(-lr * u)
                 continue
-            d = torch.sqrt(nu_leaves[i]) / (1 - b2**t) ** 0.5 + eps  # Adam's denominator, as torch's
+            d = (
+                torch.sqrt(nu_leaves[i]) / (1 - power_at(b2, t)) ** 0.5 + eps
+            )  # Adam's denominator, as torch's
             z = diagonal_elastic_net_prox(w - lr * u, d, lr * l1, lr * l2)
             out.append(z - w)
         return f.tree(out), new_state

@@ -102,6 +102,12 @@ def power_at(base: float, t: Step) -> float | torch.Tensor:
     return base**t
 
 
+def float_at(t: Step) -> float | int | torch.Tensor:
+    """A step as a number to compute with: itself eager, a float64 tensor traced (an int64 step in
+    arithmetic with Python floats would give a float32 tensor, losing float64 parameters' digits)."""
+    return t.to(torch.float64) if isinstance(t, torch.Tensor) else t
+
+
 def sqrt_at(x: float | torch.Tensor) -> float | torch.Tensor:
     """``sqrt`` of a value derived from a step (:func:`power_at`): a Python float or a tensor."""
     return torch.sqrt(x) if isinstance(x, torch.Tensor) else math.sqrt(x)

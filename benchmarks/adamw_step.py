@@ -123,11 +123,18 @@ class CompiledFuncregVariant(FuncregVariant):
         super().__init__(model, grads)
         tx = self.tx
 
-        def step(g, s, p):
-            if donate:
+        # two functions, not one with a flag: Dynamo caches compiled code per code object, and two
+        # variants sharing one would evict and re-guard each other's graphs at every call
+        if donate:
+
+            def step(g, s, p):
                 return fr.donated_update(tx, g, s, p)
-            u, s = tx.update(g, s, p)
-            return fr.apply_updates(p, u), s
+
+        else:
+
+            def step(g, s, p):
+                u, s = tx.update(g, s, p)
+                return fr.apply_updates(p, u), s
 
         # explain runs the step: on copies, so that a donated step does not advance this variant
         copies = torch.utils._pytree.tree_map(
@@ -186,6 +193,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 5 rounds, 2 warm-up steps")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="VARIANT",
+        help="time only these variants beside torch foreach (e.g. --only 'funcreg donated compiled'): "
+        "the pure variants allocate 8 MB buffers at every step, and that churn slows the others",
+    )
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.warmup = 5, 2
@@ -219,13 +234,20 @@ def main() -> None:
         "fr.TorchOptimizer": TorchOptimizerVariant(model, grads),
         "fr.TorchOptimizer fused": TorchOptimizerVariant(model, grads, fused=True),
     }
+    if args.only is not None:
+        variants = {k: v for k, v in variants.items() if k == REFERENCE or k in args.only}
     for v in variants.values():
         for _ in range(args.warmup):
             v.step()
-    if not args.no_compile:
+    compiled_labels = [
+        (label, donate)
+        for label, donate in (("funcreg compiled", False), ("funcreg donated compiled", True))
+        if args.only is None or label in args.only
+    ]
+    if not args.no_compile and compiled_labels:
         warnings.filterwarnings("ignore", message="Dynamo does not know how to trace")
         try:
-            for label, donate in (("funcreg compiled", False), ("funcreg donated compiled", True)):
+            for label, donate in compiled_labels:
                 compiled = CompiledFuncregVariant(model, grads, warmup=args.warmup, donate=donate)
                 variants[label] = compiled
                 print(f"torch.compile: {label} compiled and warmed up in {compiled.compile_seconds:.1f} s")

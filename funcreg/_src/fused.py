@@ -69,12 +69,13 @@ class AdamKernel:
         """
         from funcreg._src.transform import ScaleByAdamState
 
-        traced = compiling()
-        if isinstance(self.weight_decay, torch.Tensor) or (traced and self.fused):
-            return None
-        # under torch.compile the caller (donated_update) vouches that no vmap/grad is active: the
-        # query cannot be traced
-        if not traced and torch._C._are_functorch_transforms_active():
+        # under vmap or grad the foreach kernels do not apply (the query also traces under compile);
+        # compiled, the foreach sequence is traced and the fused kernel left to eager steps
+        if (
+            isinstance(self.weight_decay, torch.Tensor)
+            or (compiling() and self.fused)
+            or torch._C._are_functorch_transforms_active()
+        ):
             return None
         expect_state(state, ScaleByAdamState, self.who)
         f = flat(grads, params, self.who, needs_params=True)

@@ -128,22 +128,16 @@ def donated_update(
     ):  # under torch.compile the checks ran when the caller was traced eagerly, or not at all
         check_donatable("params", params, unique=True)
         check_donatable("state", state)
-    return donated_step(tx, grads, state, params, traced_kernel=True)
+    return donated_step(tx, grads, state, params)
 
 
-def donated_step(
-    tx: GradientTransformation, grads: PyTree, state: Any, params: PyTree, traced_kernel: bool = False
-) -> tuple[PyTree, Any]:
+def donated_step(tx: GradientTransformation, grads: PyTree, state: Any, params: PyTree) -> tuple[PyTree, Any]:
     """:func:`donated_update` without its checks (the caller made them): the fused kernel where the
-    transform has one and it applies, else ``update`` + ``apply_updates`` with donation on.
-
-    ``traced_kernel``: under ``torch.compile``, trace the kernel too (torch's foreach sequence, as
-    torch.optim's compiled step does). Only for a caller that is never inside ``vmap`` or
-    ``torch.func.grad``, which cannot be told apart while tracing.
-    """
+    transform has one and it applies (under ``torch.compile`` too, traced as torch.optim's compiled
+    step is, outside vmap and grad), else ``update`` + ``apply_updates`` with donation on."""
     eager = not compiling()
     plain = eager and not records_autograd(grads)
-    traced = not eager and traced_kernel and not _requires_grad(grads, state, params)
+    traced = not eager and not _requires_grad(grads, state, params)
     kernel = kernel_of(tx) if plain or traced else None
     if kernel is not None:
         with torch.no_grad():

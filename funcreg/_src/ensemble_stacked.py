@@ -24,9 +24,10 @@ from funcreg._src.base import GradientTransformation
 from funcreg._src.fused import AdamKernel, SgdKernel
 from funcreg._src.fused_forms import kernel_of
 from funcreg._src.selection import Selection
-from funcreg._src.training import Step, TrainState
+from funcreg._src.training import Step, TrainState, _copy_tree
 from funcreg._src.tree import compiling, flatten, unflatten
 from funcreg._src.typing import PyTree
+from funcreg._src.update import records_autograd
 
 Kernel = AdamKernel | SgdKernel
 
@@ -46,11 +47,6 @@ def stacked_kernel(step: Step) -> Kernel | None:
     return kernel
 
 
-def _copy(tree: PyTree) -> PyTree:
-    leaves, spec = flatten(tree)
-    return unflatten([x.clone() if isinstance(x, torch.Tensor) else x for x in leaves], spec)
-
-
 def stacked_step(
     step: Step, kernel: Kernel, train_state: TrainState, batch: tuple[Any, ...], in_dims: tuple[Any, ...]
 ) -> tuple[TrainState, dict[str, Any]] | None:
@@ -59,9 +55,10 @@ def stacked_step(
     written into; otherwise they are copied first, and the caller's are left as they were."""
     from funcreg._src.ensemble import num_members, vmap
 
-    if compiling() or torch._C._are_functorch_transforms_active():
-        return None
     params, opt_state, buffers, hparams = train_state
+    # the kernel runs under no_grad: a step that autograd would record (differentiated through) is vmapped
+    if compiling() or records_autograd(params, opt_state, hparams):
+        return None
     n = num_members(params)
     counters = [x for x in flatten(opt_state)[0] if isinstance(x, torch.Tensor) and x.dtype == torch.int64]
     if any(c.shape != (n,) for c in counters):
@@ -78,7 +75,7 @@ def stacked_step(
         params, buffers, hparams, *batch
     )
     if not step.donate:
-        params, opt_state = _copy(params), _copy(opt_state)
+        params, opt_state = _copy_tree(params), _copy_tree(opt_state)
     leaves, spec = flatten(opt_state)
     views = unflatten(
         [x[0] if isinstance(x, torch.Tensor) and x.dtype == torch.int64 else x for x in leaves], spec

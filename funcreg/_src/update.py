@@ -51,10 +51,6 @@ def records_autograd(*trees: Any) -> bool:
     return False
 
 
-def _requires_grad(*trees: Any) -> bool:
-    return torch.is_grad_enabled() and any(x.requires_grad for t in trees for x in tensors_of(t))
-
-
 def check_donatable(what: str, tree: PyTree, unique: bool = False) -> None:
     """Raises ``ValueError`` where writing into ``tree``'s tensors would be wrong: autograd needs their
     values (grad mode on and a tensor requires grad, or ``torch.func.grad`` is tracing them), or, with
@@ -137,7 +133,7 @@ def donated_step(tx: GradientTransformation, grads: PyTree, state: Any, params: 
     step is, outside vmap and grad), else ``update`` + ``apply_updates`` with donation on."""
     eager = not compiling()
     plain = eager and not records_autograd(grads)
-    traced = not eager and not _requires_grad(grads, state, params)
+    traced = not eager and not records_autograd(grads, state, params)
     kernel = kernel_of(tx) if plain or traced else None
     if kernel is not None:
         with torch.no_grad():

@@ -9,6 +9,10 @@ are to its bare step:
 * ``adam``: ``fr.adam(lr)`` bare; with ``add_penalty_grad(l2)`` first (coupled), with
   ``decoupled(l2, lr)`` after (decoupled), with ``proximal(l1, lr)`` after; torch's Adam without and
   with ``weight_decay`` (what torch pays for a coupled decay), and AdamW (a decoupled one);
+* ``report=False``: a form that does not compute the penalty's value for its state (one read of
+  the parameters less per step);
+* ``fused``: the same with ``fr.adam(lr, fused=True)`` (torch's fused kernel, which takes the
+  coupled and the decoupled decay inside its one pass), beside torch's fused Adam and AdamW;
 * ``sgd``: ``fr.sgd(lr)`` and the same three forms, beside torch's SGD without and with
   ``weight_decay``.
 
@@ -73,6 +77,9 @@ def main() -> None:
         "fr.adam + decoupled l2": Funcreg(
             params, grads, fr.chain(fr.adam(LR), fr.decoupled(fr.l2(WD), learning_rate=LR))
         ),
+        "fr.adam + decoupled l2, report=False": Funcreg(
+            params, grads, fr.chain(fr.adam(LR), fr.decoupled(fr.l2(WD), learning_rate=LR, report=False))
+        ),
         "fr.adam + proximal l1": Funcreg(
             params, grads, fr.chain(fr.adam(LR), fr.proximal(fr.l1(L1), learning_rate=LR))
         ),
@@ -84,13 +91,55 @@ def main() -> None:
             params, grads, lambda p: torch.optim.AdamW(p, lr=LR, weight_decay=WD, foreach=True)
         ),
     }
-    report("Adam and its penalty forms", run(adam, args.rounds, args.warmup), "fr.adam bare", width=36)
+    report("Adam and its penalty forms", run(adam, args.rounds, args.warmup), "fr.adam bare", width=44)
+
+    fused = {
+        "fr.adam fused bare": Funcreg(params, grads, fr.adam(LR, fused=True)),
+        "fr.adam fused + coupled l2": Funcreg(
+            params, grads, fr.chain(fr.add_penalty_grad(fr.l2(WD)), fr.adam(LR, fused=True))
+        ),
+        "fr.adam fused + decoupled l2": Funcreg(
+            params, grads, fr.chain(fr.adam(LR, fused=True), fr.decoupled(fr.l2(WD), learning_rate=LR))
+        ),
+        "fr.adam fused + coupled l2, report=False": Funcreg(
+            params, grads, fr.chain(fr.add_penalty_grad(fr.l2(WD), report=False), fr.adam(LR, fused=True))
+        ),
+        "fr.adam fused + decoupled l2, report=False": Funcreg(
+            params,
+            grads,
+            fr.chain(fr.adam(LR, fused=True), fr.decoupled(fr.l2(WD), learning_rate=LR, report=False)),
+        ),
+        "fr.adam fused + proximal l1, report=False": Funcreg(
+            params,
+            grads,
+            fr.chain(fr.adam(LR, fused=True), fr.proximal(fr.l1(L1), learning_rate=LR, report=False)),
+        ),
+        "fr.adam fused + proximal l1": Funcreg(
+            params, grads, fr.chain(fr.adam(LR, fused=True), fr.proximal(fr.l1(L1), learning_rate=LR))
+        ),
+        "torch Adam fused": Torch(params, grads, lambda p: torch.optim.Adam(p, lr=LR, fused=True)),
+        "torch Adam fused, weight_decay": Torch(
+            params, grads, lambda p: torch.optim.Adam(p, lr=LR, weight_decay=WD, fused=True)
+        ),
+        "torch AdamW fused": Torch(
+            params, grads, lambda p: torch.optim.AdamW(p, lr=LR, weight_decay=WD, fused=True)
+        ),
+    }
+    report(
+        "Fused Adam and its penalty forms",
+        run(fused, args.rounds, args.warmup),
+        "fr.adam fused bare",
+        width=44,
+    )
 
     sgd = {
         "fr.sgd bare": Funcreg(params, grads, fr.sgd(LR)),
         "fr.sgd + coupled l2": Funcreg(params, grads, fr.chain(fr.add_penalty_grad(fr.l2(WD)), fr.sgd(LR))),
         "fr.sgd + decoupled l2": Funcreg(
             params, grads, fr.chain(fr.sgd(LR), fr.decoupled(fr.l2(WD), learning_rate=LR))
+        ),
+        "fr.sgd + decoupled l2, report=False": Funcreg(
+            params, grads, fr.chain(fr.sgd(LR), fr.decoupled(fr.l2(WD), learning_rate=LR, report=False))
         ),
         "fr.sgd + proximal l1": Funcreg(
             params, grads, fr.chain(fr.sgd(LR), fr.proximal(fr.l1(L1), learning_rate=LR))
@@ -100,7 +149,7 @@ def main() -> None:
             params, grads, lambda p: torch.optim.SGD(p, lr=LR, weight_decay=WD, foreach=True)
         ),
     }
-    report("SGD and its penalty forms", run(sgd, args.rounds, args.warmup), "fr.sgd bare", width=36)
+    report("SGD and its penalty forms", run(sgd, args.rounds, args.warmup), "fr.sgd bare", width=44)
 
 
 if __name__ == "__main__":

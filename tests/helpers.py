@@ -275,3 +275,16 @@ TRANSFORMS = {
     "apply_if_finite": lambda: fr.apply_if_finite(fr.adam(0.01), max_consecutive_errors=2),
     "named_chain": lambda: fr.named_chain(("m", fr.trace(0.9)), ("lr", fr.scale_by_learning_rate(0.1))),
 }
+
+
+def keep_buffers(tx: fr.GradientTransformation, kept: bool) -> fr.GradientTransformation:
+    """``tx``, whose donated kernel (``fr.adam``/``fr.adamw``/``fr.sgd``, alone or with a folded penalty
+    form) writes every temporary into kept buffers when ``kept`` (normally only tensors of at least
+    ``scratch.LARGE`` elements do), so that small test tensors exercise that path too."""
+    from funcreg._src.fused_forms import FormKernel, kernel_of
+
+    kernel = kernel_of(tx)
+    kernel = kernel.kernel if isinstance(kernel, FormKernel) else kernel
+    assert kernel is not None, "no donated kernel behind this transform"
+    kernel._scratch.large = 1 if kept else 1 << 62
+    return tx

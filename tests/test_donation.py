@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import SLOW_OK, TRANSFORMS, assert_trees_close
+from helpers import SLOW_OK, TRANSFORMS, assert_trees_close, keep_buffers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -183,15 +183,17 @@ def test_donated_step_under_torch_compile_equals_eager():
     torch.testing.assert_close(comp_s.nu["w"], eager_s.nu["w"], atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("buffers", ["allocated", "kept"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
 @pytest.mark.parametrize("alias", ["adam", "adamw", "adamw_masked"])
 @pytest.mark.parametrize("dtype", [F32, F64])
 @settings(deadline=None, max_examples=6, suppress_health_check=SLOW_OK)
 @given(data=st.data())
-def test_donated_adam_equals_torch_optim_bitwise(fused, alias, dtype, data):
+def test_donated_adam_equals_torch_optim_bitwise(buffers, fused, alias, dtype, data):
     """A donated adam/adamw step runs torch.optim's arithmetic: with fused=True torch's fused kernel,
     else its foreach sequence; either equals torch.optim (fused=... / foreach=True) bit for bit
-    (parameters and moments), with the decay mask as two param groups."""
+    (parameters and moments), with the decay mask as two param groups; its temporaries in fresh or in
+    kept buffers (reused across the steps)."""
     shapes = {"w": (3, 2), "b": (2,), "k": (2, 2, 2)}
     params = {k: data.draw(tensors(s, dtype=dtype, max_abs=2.0)) for k, s in shapes.items()}
     amsgrad, maximize = data.draw(st.booleans()), data.draw(st.booleans())
@@ -217,6 +219,7 @@ def test_donated_adam_equals_torch_optim_bitwise(fused, alias, dtype, data):
         opt = torch.optim.AdamW(
             groups, lr=0.01, amsgrad=amsgrad, maximize=maximize, fused=fused, foreach=not fused
         )
+    keep_buffers(tx, buffers == "kept")
     state, current = tx.init(params), {k: v.clone() for k, v in params.items()}
     for _ in range(data.draw(st.integers(1, 4))):
         grads = {k: data.draw(tensors(s, dtype=dtype, max_abs=2.0)) for k, s in shapes.items()}

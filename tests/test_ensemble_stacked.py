@@ -136,3 +136,75 @@ def test_a_step_autograd_records_is_vmapped_and_stays_differentiable():
     new, _ = ens(state, x)
     (g,) = torch.autograd.grad(new.params["w"].sum(), w)
     torch.testing.assert_close(g, torch.full((3, 2), 0.9), atol=1e-6, rtol=1e-6)
+
+
+class _Net(torch.nn.Module):
+    """A BatchNorm (running statistics: buffers) and a parameter the loss never uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2, bias=False)  # a bias before BatchNorm: gradient 0 up to rounding
+        self.bn = torch.nn.BatchNorm1d(2)
+        self.unused = torch.nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        return self.bn(self.lin(x))
+
+
+STACKED_TX = {
+    # (the transform, the unused parameter after 3 steps from 1): Adam's step does not scale with the
+    # gradient, SGD's does
+    "adamw": (lambda: fr.adamw(0.05, weight_decay=0.1), (1 - 0.05 * 0.1) ** 3),
+    "sgd_momentum": (lambda: fr.sgd(0.05, momentum=0.9), 1.0),
+}
+
+
+@pytest.mark.parametrize("tx_name", sorted(STACKED_TX))
+@pytest.mark.parametrize("constant", [False, True], ids=["loss", "constant_loss"])
+def test_stacked_gradients_with_buffers_aux_and_unused_parameters_equal_members_alone(constant, tx_name):
+    """The stacked path differentiates the vmapped objective with autograd: buffers (BatchNorm's
+    running statistics), aux outputs, a parameter the loss does not use (zero gradient: only weight
+    decay moves it) and a loss that depends on no parameter give what each member trained alone
+    by the same step gets."""
+    seeds = [0, 1, 2]
+    params, buffers, model = fr.init_members(_Net, seeds=seeds)
+    gen = np.random.default_rng(3)
+    x = torch.from_numpy(gen.standard_normal((6, 3)))
+    y = torch.from_numpy(gen.standard_normal((6, 2)))
+    params = {k: v.double() for k, v in params.items()}
+    buffers = {k: v.double() if v.is_floating_point() else v for k, v in buffers.items()}
+
+    apply = fr.functional_model(model)
+
+    def loss(p, b, x, y):
+        out, new_buffers = apply(p, b, x)
+        value = (y**2).mean() if constant else ((out - y) ** 2).mean()
+        return value, new_buffers, {"mean_out": out.mean()}
+
+    make_tx, unused_after = STACKED_TX[tx_name]
+    step = fr.make_step(loss, make_tx(), has_aux=True, buffers=True)
+    ens = fr.ensemble_step(step)
+    assert ens._stacked is not None
+    state = ens.init(params, buffers)
+    alone = [
+        step.init({k: v[i].clone() for k, v in params.items()}, {k: v[i].clone() for k, v in buffers.items()})
+        for i in range(len(seeds))
+    ]
+    for _ in range(3):
+        assert stacked_step(step, ens._stacked, state, (x, y), (0, None, None)) is not None
+        state, metrics = ens(state, x, y)
+        outs = [step(s, x, y) for s in alone]
+        alone = [s for s, _ in outs]
+        for i, (s, m) in enumerate(outs):
+            for k in params:
+                torch.testing.assert_close(state.params[k][i], s.params[k], atol=1e-12, rtol=1e-10)
+            for k, v in s.buffers.items():
+                torch.testing.assert_close(state.buffers[k][i], v, atol=1e-12, rtol=1e-10)
+            torch.testing.assert_close(
+                metrics["aux"]["mean_out"][i], m["aux"]["mean_out"], atol=1e-12, rtol=1e-10
+            )
+            torch.testing.assert_close(metrics["data_loss"][i], m["data_loss"], atol=1e-12, rtol=1e-10)
+    # the unused parameter moved by weight decay alone
+    want = torch.full((len(seeds), 2), unused_after, dtype=torch.float64)
+    torch.testing.assert_close(state.params["unused"], want, atol=1e-12, rtol=1e-10)
+    assert not any(v.requires_grad for v in state.params.values())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import SLOW_OK, assert_trees_close
+from helpers import SLOW_OK, assert_trees_close, keep_buffers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -49,10 +49,11 @@ def _lockstep(tx, opt, leaves, params, data, dtype):
     return state
 
 
+@pytest.mark.parametrize("buffers", ["allocated", "kept"])
 @pytest.mark.parametrize("dtype", [F32, F64])
 @settings(deadline=None, max_examples=8, suppress_health_check=SLOW_OK)
 @given(data=st.data())
-def test_donated_sgd_equals_torch_optim_bitwise(dtype, data):
+def test_donated_sgd_equals_torch_optim_bitwise(buffers, dtype, data):
     params = {k: data.draw(tensors(s, dtype=dtype, max_abs=2.0)) for k, s in SHAPES.items()}
     momentum = data.draw(st.sampled_from([0.0, 0.9]))
     nesterov = momentum > 0 and data.draw(st.booleans())
@@ -61,7 +62,7 @@ def test_donated_sgd_equals_torch_optim_bitwise(dtype, data):
     opts = dict(momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=wd, maximize=maximize)
     leaves = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
     opt = torch.optim.SGD(leaves.values(), lr=0.1, foreach=True, **opts)
-    state = _lockstep(fr.sgd(0.1, **opts), opt, leaves, params, data, dtype)
+    state = _lockstep(keep_buffers(fr.sgd(0.1, **opts), buffers == "kept"), opt, leaves, params, data, dtype)
     if momentum:
         trace = state[-2]
         for k, p in leaves.items():
@@ -69,11 +70,12 @@ def test_donated_sgd_equals_torch_optim_bitwise(dtype, data):
                 assert torch.equal(trace.trace[k], opt.state[p]["momentum_buffer"]), k
 
 
+@pytest.mark.parametrize("buffers", ["allocated", "kept"])
 @pytest.mark.parametrize("case", ["coupled_adam", "decoupled_adamw", "coupled_sgd"])
 @pytest.mark.parametrize("dtype", [F32, F64])
 @settings(deadline=None, max_examples=6, suppress_health_check=SLOW_OK)
 @given(data=st.data())
-def test_a_folded_form_is_torch_optims_weight_decay_bitwise(case, dtype, data):
+def test_a_folded_form_is_torch_optims_weight_decay_bitwise(buffers, case, dtype, data):
     """The chain is a torch.optim configuration: the donated step is that optimizer, bit for bit."""
     params = {k: data.draw(tensors(s, dtype=dtype, max_abs=2.0)) for k, s in SHAPES.items()}
     c, masked = data.draw(st.sampled_from([0.01, 0.3])), data.draw(st.booleans())
@@ -96,7 +98,7 @@ def test_a_folded_form_is_torch_optims_weight_decay_bitwise(case, dtype, data):
         tx = fr.chain(fr.add_penalty_grad(pen), fr.sgd(0.1, momentum=momentum))
         opt = torch.optim.SGD(groups, lr=0.1, momentum=momentum, foreach=True)
     assert isinstance(kernel_of(tx), FormKernel)
-    _lockstep(tx, opt, leaves, params, data, dtype)
+    _lockstep(keep_buffers(tx, buffers == "kept"), opt, leaves, params, data, dtype)
 
 
 def _lr(schedule):
@@ -148,13 +150,14 @@ def _assert_close_trees(a, b, dtype, what):
             torch.testing.assert_close(x, y, **_close(dtype), msg=what)
 
 
+@pytest.mark.parametrize("buffers", ["allocated", "kept"])
 @pytest.mark.parametrize("name", sorted(FOLDED))
 @pytest.mark.parametrize("dtype", [F32, F64])
 @settings(deadline=None, max_examples=6, suppress_health_check=SLOW_OK)
 @given(data=st.data())
-def test_a_folded_form_equals_the_pure_path(name, dtype, data):
+def test_a_folded_form_equals_the_pure_path(buffers, name, dtype, data):
     schedule, masked = data.draw(st.booleans()), data.draw(st.booleans())
-    tx = FOLDED[name](schedule, MASK if masked else None)
+    tx = keep_buffers(FOLDED[name](schedule, MASK if masked else None), buffers == "kept")
     kernel = kernel_of(tx)
     assert isinstance(kernel, FormKernel)
     params = {k: data.draw(tensors(s, dtype=dtype, max_abs=3.0)) for k, s in SHAPES.items()}
@@ -246,3 +249,56 @@ def test_make_step_with_a_foldable_form_uses_the_kernel_and_matches_the_pure_ste
         for _ in range(4):
             states = [s(st_, X, y)[0] for s, st_ in zip(steps, states)]
         assert_trees_close(states[1].params, states[0].params, f"{form} params")
+
+
+REPORTED = {
+    "coupled_adam": lambda r: fr.chain(fr.add_penalty_grad(fr.l2(0.1), report=r), fr.adam(0.05)),
+    "decoupled_adam_fused": lambda r: fr.chain(
+        fr.adam(0.05, fused=True), fr.decoupled(fr.l2(0.1), learning_rate=0.05, report=r)
+    ),
+    "proximal_sgd": lambda r: fr.chain(fr.sgd(0.1), fr.proximal(fr.l1(0.05), learning_rate=0.1, report=r)),
+    # not foldable (a sum of penalties): the generic paths
+    "coupled_sum_sgd": lambda r: fr.chain(
+        fr.add_penalty_grad(fr.l2(0.1) + fr.l1(0.01, name="l1"), report=r), fr.sgd(0.1)
+    ),
+}
+
+
+@pytest.mark.parametrize("donated", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("name", sorted(REPORTED))
+@settings(deadline=None, max_examples=5, suppress_health_check=SLOW_OK)
+@given(data=st.data())
+def test_report_false_changes_no_step_and_leaves_the_value_nan(name, donated, data):
+    """``report=False`` skips computing the penalty: the steps are those of ``report=True`` to the bit,
+    and the state's value and terms (same names) are NaN from init on, while the count advances."""
+    params = {k: data.draw(tensors(s, dtype=F64, max_abs=3.0)) for k, s in SHAPES.items()}
+    runs = {}
+    for report in (True, False):
+        tx = REPORTED[name](report)
+        p, state = _clone(params), tx.init(params)
+        steps = 3
+        for t in range(steps):
+            grads = {k: torch.full(s, 0.1 * (t + 1), dtype=F64) for k, s in SHAPES.items()}
+            if donated:
+                p, state = fr.donated_update(tx, grads, state, p)
+            else:
+                u, state = tx.update(grads, state, p)
+                p = fr.apply_updates(p, u)
+        runs[report] = (p, fr.penalty_states(state)[0])
+    (p_on, s_on), (p_off, s_off) = runs[True], runs[False]
+    for k in SHAPES:
+        assert torch.equal(p_on[k], p_off[k]), k
+    assert bool(torch.isfinite(s_on.value)) and bool(torch.isnan(s_off.value))
+    assert set(s_off.terms) == set(s_on.terms) and all(bool(torch.isnan(v)) for v in s_off.terms.values())
+    assert int(s_off.count) == int(s_on.count) == 3
+
+
+def test_report_must_be_a_bool_and_is_printed_when_off():
+    for make in (
+        lambda r: fr.add_penalty_grad(fr.l2(0.1), report=r),
+        lambda r: fr.decoupled(fr.l2(0.1), report=r),
+        lambda r: fr.proximal(fr.l1(0.1), 0.1, report=r),
+    ):
+        with pytest.raises(TypeError, match="report"):
+            make("no")
+        assert "report=False" in repr(make(False)) and "report" not in repr(make(True))

@@ -68,12 +68,7 @@ def stacked_step(
     if counters and not bool(torch.stack([(c == c[0]).all() for c in counters]).all()):
         return None
 
-    def gradients(p: PyTree, b: PyTree, h: Any, *xs: Any) -> Any:
-        return step.gradients(p, b, h, xs)
-
-    grads, (metrics, new_buffers, aux) = vmap(gradients, (0, 0, 0, *in_dims[1:]))(
-        params, buffers, hparams, *batch
-    )
+    grads, (metrics, new_buffers, aux) = _gradients(step, params, buffers, hparams, batch, in_dims, vmap)
     if not step.donate:
         params, opt_state = _copy_tree(params), _copy_tree(opt_state)
     leaves, spec = flatten(opt_state)
@@ -88,3 +83,46 @@ def stacked_step(
             c[1:] = c[0]  # every member's counter, stepped through member 0's view
     metrics = step.finish_metrics(metrics, opt_state, aux)
     return TrainState(done[0], opt_state, new_buffers, hparams), metrics
+
+
+def _gradients(
+    step: Step,
+    params: PyTree,
+    buffers: PyTree,
+    hparams: Any,
+    batch: tuple[Any, ...],
+    in_dims: tuple[Any, ...],
+    vmap: Any,
+) -> tuple[PyTree, tuple[dict[str, Any], PyTree, Any]]:
+    """Every member's gradients and step outputs: the objective under vmap, differentiated by autograd.
+
+    ``vmap(grad(f))`` runs every operation of the backward pass through both transforms; autograd
+    over ``vmap(f)`` runs the backward pass on the stacked tensors directly (about a fifth less time
+    on the digits MLP at 16 members). The members are independent, so the gradient of the sum of
+    their objectives is each member's own gradient; a parameter the objective does not use gets
+    zeros, as from ``torch.func.grad``.
+    """
+    leaves, spec = flatten(params)
+    wants = [isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()) for x in leaves]
+    tracked = [x.detach().requires_grad_(True) if w else x for x, w in zip(leaves, wants)]
+
+    def objective(p: PyTree, b: PyTree, h: Any, *xs: Any) -> Any:
+        return step._objective(p, b, h, xs)
+
+    with torch.enable_grad():
+        total, extra = vmap(objective, (0, 0, 0, *in_dims[1:]))(
+            unflatten(tracked, spec), buffers, hparams, *batch
+        )
+        inputs = [x for x, w in zip(tracked, wants) if w]
+        if inputs and total.requires_grad:
+            found = iter(torch.autograd.grad(total.sum(), inputs, materialize_grads=True))
+        else:  # an objective that does not depend on the parameters
+            found = iter([torch.zeros_like(x) for x in inputs])
+    grads = unflatten([next(found) if w else x for x, w in zip(tracked, wants)], spec)
+    metrics, new_buffers = _detached(extra[0]), _detached(extra[1])
+    return grads, (metrics, new_buffers, _detached(extra[2]) if step.has_aux else None)
+
+
+def _detached(tree: PyTree) -> PyTree:
+    leaves, spec = flatten(tree)
+    return unflatten([x.detach() if isinstance(x, torch.Tensor) else x for x in leaves], spec)

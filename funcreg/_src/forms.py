@@ -41,13 +41,15 @@ class Form:
     kind: str  # "coupled", "decoupled" or "proximal"
     penalty: Penalty
     learning_rate: ScalarOrSchedule | None
+    report: bool = True
 
 
 class PenaltyState(NamedTuple):
     """State of the gradient-edit forms.
 
     ``count``: updates done; ``value``: the penalty at the params of the last update (at init: at the
-    initial params); ``terms``: the value of each named term.
+    initial params); ``terms``: the value of each named term. Built with ``report=False``, ``value``
+    and the terms are NaN: the penalty is not computed.
     """
 
     count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count, as in optax
@@ -78,6 +80,24 @@ def _report(penalty: Penalty, fp: FlatParams, count: torch.Tensor) -> PenaltySta
         terms = dict(penalty.terms_flat(fp))
         value = penalty_metrics(terms)["penalty"]
     return PenaltyState(count=count, value=value, terms=terms)
+
+
+def _unreported(terms: dict[str, torch.Tensor], count: torch.Tensor) -> PenaltyState:
+    """The state of a form built with ``report=False``: NaN where the values would be."""
+    nan = torch.full((), float("nan"), dtype=torch.get_default_dtype(), device=count.device)
+    return PenaltyState(count=count, value=nan, terms={name: nan for name in terms})
+
+
+def _next_report(penalty: Penalty, fp: FlatParams, state: PenaltyState, report: bool) -> PenaltyState:
+    """The state after an update: the penalty at the params before it, or NaN without a report."""
+    if report:
+        return _report(penalty, fp, state.count + 1)
+    return _unreported(state.terms, state.count + 1)
+
+
+def _first_report(penalty: Penalty, fp: FlatParams, count: torch.Tensor, report: bool) -> PenaltyState:
+    state = _report(penalty, fp, count)  # once, for the term names
+    return state if report else _unreported(state.terms, count)
 
 
 def penalized(
@@ -125,12 +145,13 @@ def penalized(
     return total_fn
 
 
-def add_penalty_grad(penalty: Penalty) -> GradientTransformation:
+def add_penalty_grad(penalty: Penalty, *, report: bool = True) -> GradientTransformation:
     """The coupled form: ``u <- u + grad P(w)``, placed first in a chain (before momentum/Adam).
 
     Gives the optimizer the same gradient as the loss term ``P(w)`` would, without autograd work.
     ``add_decayed_weights(wd)`` is ``add_penalty_grad(l2(wd))``. Parameters whose update is ``None``
-    are left alone. The state (:class:`PenaltyState`) holds the penalty's value at the params.
+    are left alone. The state (:class:`PenaltyState`) holds the penalty's value at the params;
+    ``report=False`` leaves it NaN and saves computing it (one read of the parameters per step).
 
     Examples:
         >>> import torch, funcreg as fr
@@ -141,18 +162,23 @@ def add_penalty_grad(penalty: Penalty) -> GradientTransformation:
         (tensor([-0.1000,  0.1000]), tensor(0.5000))
     """
     _check_penalty(penalty, "add_penalty_grad")
-    tx = _gradient_edit(penalty, "add_penalty_grad", lambda count: 1.0)
-    setattr(tx.update, FORM_ATTR, Form("coupled", penalty, None))  # see _src/fused_forms.py
-    return configured(tx, "add_penalty_grad", penalty)
+    check_bool("report", report)
+    tx = _gradient_edit(penalty, "add_penalty_grad", lambda count: 1.0, report)
+    setattr(tx.update, FORM_ATTR, Form("coupled", penalty, None, report))  # see _src/fused_forms.py
+    return configured(tx, "add_penalty_grad", penalty, **_unless_reported(report))
+
+
+def _unless_reported(report: bool) -> dict[str, bool]:
+    return {} if report else {"report": False}  # the printed configuration names it only when off
 
 
 def _gradient_edit(
-    penalty: Penalty, who: str, alpha: Callable[[torch.Tensor], Any]
+    penalty: Penalty, who: str, alpha: Callable[[torch.Tensor], Any], report: bool
 ) -> GradientTransformation:
     """``u <- u + alpha(count) * grad P(w)``: the coupled form (alpha 1) and the decoupled one (-s_t)."""
 
     def init(params: PyTree) -> PenaltyState:
-        return _report(penalty, FlatParams.of(params), init_count(params))
+        return _first_report(penalty, FlatParams.of(params), init_count(params), report)
 
     def update(
         updates: PyTree, state: PenaltyState, params: PyTree | None = None
@@ -169,7 +195,7 @@ def _gradient_edit(
             idx, leafwise.add([f.updates[i] for i in idx], present_grads, alpha=alpha(state.count))
         ):
             out[i] = n
-        return f.tree([out[i] for i in f.index]), _report(penalty, fp, state.count + 1)
+        return f.tree([out[i] for i in f.index]), _next_report(penalty, fp, state, report)
 
     return GradientTransformation(init, update)
 
@@ -180,11 +206,14 @@ def _step_size(learning_rate: ScalarOrSchedule | None, count: torch.Tensor) -> A
     return schedule_value(learning_rate, leafwise.concrete(count))
 
 
-def decoupled(penalty: Penalty, learning_rate: ScalarOrSchedule | None = None) -> GradientTransformation:
+def decoupled(
+    penalty: Penalty, learning_rate: ScalarOrSchedule | None = None, *, report: bool = True
+) -> GradientTransformation:
     """The decoupled form: ``u <- u - s_t * grad P(w)``, placed after the learning-rate scaling.
 
     ``s_t`` follows :func:`funcreg.decoupled_weight_decay`: the learning rate (or schedule value) at
     this step when given, else 1. ``decoupled_weight_decay(wd, lr, scale_by="learning_rate")`` is ``decoupled(l2(wd), lr)``.
+    ``report=False``: the state's value stays NaN (see :func:`add_penalty_grad`).
 
     Examples:
         >>> import torch, funcreg as fr
@@ -197,18 +226,22 @@ def decoupled(penalty: Penalty, learning_rate: ScalarOrSchedule | None = None) -
     _check_penalty(penalty, "decoupled")
     if learning_rate is not None:
         check_rate("learning_rate", learning_rate)
-    tx = _gradient_edit(penalty, "decoupled", lambda count: -_step_size(learning_rate, count))
-    setattr(tx.update, FORM_ATTR, Form("decoupled", penalty, learning_rate))
-    return configured(tx, "decoupled", penalty, learning_rate=learning_rate)
+    check_bool("report", report)
+    tx = _gradient_edit(penalty, "decoupled", lambda count: -_step_size(learning_rate, count), report)
+    setattr(tx.update, FORM_ATTR, Form("decoupled", penalty, learning_rate, report))
+    return configured(tx, "decoupled", penalty, learning_rate=learning_rate, **_unless_reported(report))
 
 
-def proximal(penalty: Penalty, learning_rate: ScalarOrSchedule) -> GradientTransformation:
+def proximal(
+    penalty: Penalty, learning_rate: ScalarOrSchedule, *, report: bool = True
+) -> GradientTransformation:
     """The proximal form, last in a chain: the new weights are ``prox_{s_t P}(w + u)``.
 
     Returns the update ``prox_{s_t P}(w + u) - w``, so that :func:`funcreg.apply_updates` lands
     exactly on the prox (a zero of the prox is an exact zero: ``w + (-w) == 0`` in floating point).
     ``s_t`` is the learning rate (or schedule value) at this step. With L1 this is ISTA/proximal SGD
     and produces exact zeros; constraints (``max_norm``, ``non_negative``) become projections.
+    ``report=False``: the state's value stays NaN (see :func:`add_penalty_grad`).
 
     Examples:
         >>> import torch, funcreg as fr
@@ -220,6 +253,7 @@ def proximal(penalty: Penalty, learning_rate: ScalarOrSchedule) -> GradientTrans
     """
     _check_penalty(penalty, "proximal")
     check_rate("learning_rate", learning_rate)
+    check_bool("report", report)
     if not penalty.has_prox:
         raise NotImplementedError(
             f"penalty {penalty.name!r} has no closed-form proximal map; use another form"
@@ -232,7 +266,7 @@ def proximal(penalty: Penalty, learning_rate: ScalarOrSchedule) -> GradientTrans
         reason = penalty.why_no_prox(fp)
         if reason is not None:
             raise NotImplementedError(reason)
-        return _report(penalty, fp, init_count(params))
+        return _first_report(penalty, fp, init_count(params), report)
 
     def update(
         updates: PyTree, state: PenaltyState, params: PyTree | None = None
@@ -240,7 +274,7 @@ def proximal(penalty: Penalty, learning_rate: ScalarOrSchedule) -> GradientTrans
         expect_state(state, PenaltyState, "proximal")
         f = flat(updates, params, "proximal", needs_params=True)
         fp = FlatParams.of(params)
-        report = _report(penalty, fp, state.count + 1)
+        new_state = _next_report(penalty, fp, state, report)
         s = _step_size(learning_rate, state.count)
         assert f.params is not None  # flat(..., needs_params=True)
         moved = list(f.params)
@@ -250,10 +284,16 @@ def proximal(penalty: Penalty, learning_rate: ScalarOrSchedule) -> GradientTrans
         out = []
         for i in f.index:
             out.append(f.updates[i] if proxed[i] is None else proxed[i] - f.params[i])
-        return f.tree(out), report
+        return f.tree(out), new_state
 
-    setattr(update, FORM_ATTR, Form("proximal", penalty, learning_rate))
-    return configured(GradientTransformation(init, update), "proximal", penalty, learning_rate=learning_rate)
+    setattr(update, FORM_ATTR, Form("proximal", penalty, learning_rate, report))
+    return configured(
+        GradientTransformation(init, update),
+        "proximal",
+        penalty,
+        learning_rate=learning_rate,
+        **_unless_reported(report),
+    )
 
 
 def penalty_states(state: Any) -> list[PenaltyState]:

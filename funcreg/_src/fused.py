@@ -21,6 +21,7 @@ from funcreg._src import leafwise
 from funcreg._src.base import expect_state, flat
 from funcreg._src.describe import compiling
 from funcreg._src.mask_cache import CachedMask
+from funcreg._src.scratch import Scratch, add_into, unary_into
 from funcreg._src.typing import MaskLike, PyTree
 from funcreg._src.validation import schedule_value
 
@@ -54,10 +55,12 @@ class AdamKernel:
     mask: MaskLike
     fused: bool
     _mask: CachedMask | None = field(init=False, repr=False, compare=False)
+    _scratch: Scratch = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # resolved once per parameter structure, not at every step (see _src/mask_cache.py)
         object.__setattr__(self, "_mask", None if self.mask is None else CachedMask(self.mask))
+        object.__setattr__(self, "_scratch", Scratch())  # kept temporaries (see _src/scratch.py)
 
     def __call__(
         self, grads: PyTree, state: Any, params: PyTree, extra: ExtraDecay | None = None
@@ -183,21 +186,26 @@ class AdamKernel:
         wd: float,
         decoupled: bool,
     ) -> None:
-        """``torch.optim.adam._multi_tensor_adam``'s operations, in its order (eager, not capturable)."""
+        """``torch.optim.adam._multi_tensor_adam``'s operations, in its order (eager, not capturable),
+        with its temporaries (a negated or decayed gradient, the denominator) written into kept
+        buffers instead of fresh ones (see :mod:`funcreg._src.scratch`)."""
+        traced = compiling()  # traced: no kept buffers, and the counts stay tensors
+        scratch: list[torch.Tensor | None] = [None] * len(ps) if traced else self._scratch.take(ps)
+        owned = False  # whether gs holds this step's temporaries (then it may be written into)
         if self.maximize:
-            gs = list(torch._foreach_neg(gs))
+            gs, owned = unary_into(torch.neg, torch._foreach_neg, gs, scratch), True
         torch._foreach_add_(steps, 1)
         if wd != 0:
             if decoupled:
                 torch._foreach_mul_(ps, 1 - lr * wd)
-            elif self.maximize:
+            elif owned:
                 torch._foreach_add_(gs, ps, alpha=wd)
             else:
-                gs = list(torch._foreach_add(gs, ps, alpha=wd))
+                gs = add_into(gs, ps, wd, scratch)
         torch._foreach_lerp_(mu, gs, 1 - self.b1)
         torch._foreach_mul_(nu, self.b2)
         torch._foreach_addcmul_(nu, gs, gs, 1 - self.b2)
-        if compiling():  # traced: the counts stay tensors, as in torch.optim's compiled step
+        if traced:  # as in torch.optim's compiled step
             self._foreach_traced(ps, mu, nu, nu_max, steps, lr)
             return
         counts = [int(s) for s in steps]
@@ -207,12 +215,12 @@ class AdamKernel:
         bias_correction2_sqrt = [bc**0.5 for bc in bias_correction2]
         if self.amsgrad:
             torch._foreach_maximum_(nu_max, nu)
-            denom = torch._foreach_sqrt(nu_max)
-        else:
-            denom = torch._foreach_sqrt(nu)
+        # the gradient temporaries are dead: the denominator takes their buffers
+        denom = unary_into(torch.sqrt, torch._foreach_sqrt, nu_max if self.amsgrad else nu, scratch)
         torch._foreach_div_(denom, bias_correction2_sqrt)
         torch._foreach_add_(denom, self.eps)
         torch._foreach_addcdiv_(ps, mu, denom, step_size)
+        self._scratch.give(ps, scratch)
 
     def _foreach_traced(self, ps: list, mu: list, nu: list, nu_max: list, steps: list, lr: float) -> None:
         """The rest of ``_multi_tensor_adam`` as torch.compile traces it, with its capturable branch's
@@ -229,8 +237,9 @@ class AdamKernel:
         torch._foreach_reciprocal_(bias_correction1)  # -1 / step size: -(1 - b1^t) / lr
         torch._foreach_sqrt_(bias_correction2)
         dtype = mu[0].dtype
-        step_size = [x.to(dtype) for x in bias_correction1]
-        bias_correction2_sqrt = [x.to(dtype) for x in bias_correction2]
+        # computed once per step, not in the loops that read them (see leafwise.hoisted)
+        step_size = [_hoisted(x.to(dtype)) for x in bias_correction1]
+        bias_correction2_sqrt = [_hoisted(x.to(dtype)) for x in bias_correction2]
         if self.amsgrad:
             torch._foreach_maximum_(nu_max, nu)
             denom = torch._foreach_sqrt(nu_max)
@@ -259,6 +268,10 @@ class SgdKernel:
     weight_decay: Any
     maximize: bool
     parts: int  # the number of transforms in the alias's chain (the length of its state)
+    _scratch: Scratch = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_scratch", Scratch())  # kept temporaries (see _src/scratch.py)
 
     def __call__(
         self, grads: PyTree, state: Any, params: PyTree, extra: ExtraDecay | None = None
@@ -324,14 +337,19 @@ class SgdKernel:
         wd: float,
         decay: float,
     ) -> None:
-        """``_multi_tensor_sgd``'s operations in its order, never writing into the caller's gradients."""
+        """``_multi_tensor_sgd``'s operations in its order, never writing into the caller's gradients;
+        its temporaries (a negated or decayed gradient, Nesterov's step) go into kept buffers."""
+        # plain SGD and heavy-ball momentum have no temporaries: nothing to keep for them
+        keeps = self.maximize or wd != 0 or (bufs is not None and self.nesterov)
+        scratch: list[torch.Tensor | None] = self._scratch.take(ps) if keeps else [None] * len(ps)
+        owned = False  # whether gs holds this step's temporaries (then it may be written into)
         if self.maximize:
-            gs = list(torch._foreach_neg(gs))
+            gs, owned = unary_into(torch.neg, torch._foreach_neg, gs, scratch), True
         if wd != 0:
-            if self.maximize:
+            if owned:
                 torch._foreach_add_(gs, ps, alpha=wd)
             else:
-                gs = list(torch._foreach_add(gs, ps, alpha=wd))
+                gs, owned = add_into(gs, ps, wd, scratch), True
         if bufs is not None and steps is not None:
             first = [int(s) == 0 for s in steps]
             torch._foreach_add_(steps, 1)
@@ -345,12 +363,23 @@ class SgdKernel:
                     else:
                         b.mul_(self.momentum).add_(g, alpha=1 - self.dampening)
             if self.nesterov:
-                gs = list(torch._foreach_add(gs, bufs, alpha=self.momentum))
+                if owned:
+                    torch._foreach_add_(gs, bufs, alpha=self.momentum)
+                else:
+                    gs = add_into(gs, bufs, self.momentum, scratch)
             else:
                 gs = bufs
         if decay != 0:
             torch._foreach_mul_(ps, 1 - decay)
         torch._foreach_add_(ps, gs, alpha=-lr)
+        if keeps:
+            self._scratch.give(ps, scratch)
+
+
+def _hoisted(x: torch.Tensor) -> torch.Tensor:
+    out = leafwise.hoisted(x)
+    assert isinstance(out, torch.Tensor)  # a tensor in, a tensor out
+    return out
 
 
 def _groups_by(keys: list[Any]) -> list[list[int]]:

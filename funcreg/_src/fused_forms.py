@@ -14,7 +14,7 @@ chain                                           donated step
 
 so the form costs what torch's decay costs (no gradient buffer, no second pass adding it, no
 ``prox - w`` update), plus the penalty's value for the report (one read of the parameters, before the
-step, as the pure path computes it). The penalty's selection becomes the groups. Anything else
+step, as the pure path computes it; none with ``report=False``). The penalty's selection becomes the groups. Anything else
 (another penalty, a per-leaf or tensor coefficient, maximize with a coupled penalty, complex
 parameters, tracing) returns ``None`` and the step runs the generic donated path, which equals the
 pure one bit for bit. The folded step equals the pure path to rounding (tested).
@@ -64,7 +64,7 @@ class FormKernel:
     names: tuple[str, str] | None  # a named_chain's names, in order; None for a chain
 
     def __call__(self, grads: PyTree, state: Any, params: PyTree) -> tuple[PyTree, Any] | None:
-        from funcreg._src.forms import PenaltyState, _report
+        from funcreg._src.forms import PenaltyState, _next_report
         from funcreg._src.penalties import FlatParams
 
         if compiling() or torch._C._are_functorch_transforms_active():
@@ -85,7 +85,9 @@ class FormKernel:
         if isinstance(rate, torch.Tensor) or (kind == "proximal" and rate * c < 0):
             return None
         coefficients = [c if k else 0.0 for k in keep]
-        report = _report(self.form.penalty, fp, pstate.count + 1)  # at the params before the step
+        report = _next_report(
+            self.form.penalty, fp, pstate, self.form.report
+        )  # at the params before the step
         if kind == "coupled":
             extra = ExtraDecay(coupled=coefficients)
         elif kind == "decoupled":

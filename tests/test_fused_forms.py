@@ -289,6 +289,7 @@ def test_report_false_changes_no_step_and_leaves_the_value_nan(name, donated, da
     for k in SHAPES:
         assert torch.equal(p_on[k], p_off[k]), k
     assert bool(torch.isfinite(s_on.value)) and bool(torch.isnan(s_off.value))
+    assert s_off.value.dtype == s_on.value.dtype == F64
     assert set(s_off.terms) == set(s_on.terms) and all(bool(torch.isnan(v)) for v in s_off.terms.values())
     assert int(s_off.count) == int(s_on.count) == 3
 

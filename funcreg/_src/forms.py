@@ -82,22 +82,23 @@ def _report(penalty: Penalty, fp: FlatParams, count: torch.Tensor) -> PenaltySta
     return PenaltyState(count=count, value=value, terms=terms)
 
 
-def _unreported(terms: dict[str, torch.Tensor], count: torch.Tensor) -> PenaltyState:
-    """The state of a form built with ``report=False``: NaN where the values would be."""
-    nan = torch.full((), float("nan"), dtype=torch.get_default_dtype(), device=count.device)
-    return PenaltyState(count=count, value=nan, terms={name: nan for name in terms})
+def _unreported(like: PenaltyState, count: torch.Tensor) -> PenaltyState:
+    """The state of a form built with ``report=False``: NaN where the values would be (in the dtype
+    and on the device the report would have)."""
+    nan = torch.full_like(like.value, float("nan"))
+    return PenaltyState(count=count, value=nan, terms={name: nan for name in like.terms})
 
 
 def _next_report(penalty: Penalty, fp: FlatParams, state: PenaltyState, report: bool) -> PenaltyState:
     """The state after an update: the penalty at the params before it, or NaN without a report."""
     if report:
         return _report(penalty, fp, state.count + 1)
-    return _unreported(state.terms, state.count + 1)
+    return _unreported(state, state.count + 1)
 
 
 def _first_report(penalty: Penalty, fp: FlatParams, count: torch.Tensor, report: bool) -> PenaltyState:
-    state = _report(penalty, fp, count)  # once, for the term names
-    return state if report else _unreported(state.terms, count)
+    state = _report(penalty, fp, count)  # computed once, for the term names and the dtype
+    return state if report else _unreported(state, count)
 
 
 def penalized(

@@ -171,13 +171,7 @@ class _GroupBuilds(_GroupOptions):
 
     def _read(self, g: int, built: _Built) -> Any:
         last = self._fr_written.get(g)
-        if (
-            last is not None
-            and last[0] is built
-            and all(
-                self.state.get(p) is d and cast("dict[str, Any]", d).get(k) is t for p, d, k, t in last[2]
-            )
-        ):
+        if last is not None and self._holds(g, built, last[1]):
             return last[1]  # optimizer.state holds what the last step wrote: its tree, unchanged
         by_name = dict(zip(self._group_names(g), self.param_groups[g]["params"]))
 
@@ -189,7 +183,22 @@ class _GroupBuilds(_GroupOptions):
             built.layout, lambda n: self.state.get(by_name[n]), self._group_names(g), fresh
         )
 
+    def _holds(self, g: int, built: _Built, state: Any) -> bool:
+        """Whether ``optimizer.state`` holds exactly what the last step of group ``g`` wrote, from
+        ``state`` (the same tree object) and ``built`` (the same transform)."""
+        last = self._fr_written.get(g)
+        return (
+            last is not None
+            and last[0] is built
+            and last[1] is state
+            and all(
+                self.state.get(p) is d and cast("dict[str, Any]", d).get(k) is t for p, d, k, t in last[2]
+            )
+        )
+
     def _write(self, g: int, built: _Built, state: Any, clear: bool = False) -> None:
+        if not clear and self._holds(g, built, state):
+            return  # a donated step updated in place the very state the last step wrote: nothing moved
         names = self._group_names(g)
         leaves = torch_state.write(built.layout, state, self._dict_of(g), names, clear=clear)
         # remember what was written, for the fast path of _read: (parameter, its dict, key, tensor)

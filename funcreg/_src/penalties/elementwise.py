@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from funcreg._src.distributed.dtensor import is_dtensor
 from funcreg._src.errors import LeafTypeError
 from funcreg._src.penalties import proxes
 from funcreg._src.penalties.base import Coefficient, Penalty, check_coefficient, records_call
@@ -29,9 +30,31 @@ def abs2(w: torch.Tensor) -> torch.Tensor:
     return w * w
 
 
+_CHUNK = 1 << 18  # elements per partial sum of squares in _sum_of_norms
+
+
 def _sum_of_norms(ws: list[torch.Tensor], ord: float) -> torch.Tensor:
-    norms = torch.stack(torch._foreach_norm(ws, ord))
-    return torch.sum(norms * norms) if ord == 2 else torch.sum(norms)
+    """``sum ||w||_2^2`` (``ord=2``) or ``sum ||w||_1`` (``ord=1``) over the tensors.
+
+    torch's norm kernels accumulate a whole tensor in one running sum: in float32 that loses digits
+    with size (over 4M elements the sum of squares came out 2e-4 low, the L1 norm 1e-3 low). For
+    the squares a contiguous tensor is cut into views of ``_CHUNK`` elements (one foreach launch;
+    within 3e-6 at 4M elements); the L1 norm is ``sum(abs(w))``, whose pairwise summation is exact
+    to about 1e-7 and which is faster than the ord-1 norm kernel (no vectorized path on CPU).
+    """
+    if any(is_dtensor(w) for w in ws):  # sharded: per-shard norms, reduced by the caller
+        norms = torch.stack(torch._foreach_norm(ws, ord))
+        return torch.sum(norms * norms) if ord == 2 else torch.sum(norms)
+    if ord == 1:
+        return torch.sum(torch.stack([torch.sum(torch.abs(w)) for w in ws]))
+    pieces = []
+    for w in ws:
+        if w.numel() > _CHUNK and w.is_contiguous():
+            pieces.extend(w.view(-1).split(_CHUNK))
+        else:
+            pieces.append(w)
+    norms = torch.stack(torch._foreach_norm(pieces, 2))
+    return torch.sum(norms * norms)
 
 
 def _l1_prox_many(vs: list[torch.Tensor], t: float) -> list[torch.Tensor]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import SLOW_OK, assert_trees_close, keep_buffers
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import funcreg as fr
@@ -147,7 +147,31 @@ def _assert_close_trees(a, b, dtype, what):
     assert len(la) == len(lb), what
     for x, y in zip(la, lb):
         if isinstance(x, torch.Tensor):
-            torch.testing.assert_close(x, y, **_close(dtype), msg=what)
+            torch.testing.assert_close(x, y, **_close(dtype), msg=lambda m: f"{what}: {m}")
+
+
+# the coupled L2 coefficients of the Adam chains above: (the penalty's, the alias's own weight_decay)
+COUPLED_ADAM = {
+    "coupled_l2_adam": (0.1, 0.0),
+    "coupled_l2_adam_wd_fused": (0.1, 0.02),
+    "named_coupled_l2": (0.1, 0.0),
+}
+
+
+def _assume_no_cancellation(name, masked, grads, params):
+    """Away from a gradient that cancels the coupled decay to rounding (``g = -c * w``, which the
+    strategy's round numbers hit: 0.3 and -3 at c = 0.1): there Adam divides the rounding residue of
+    ``g + c * w`` by itself and ``eps``, and the two paths, rounding ``c * w`` differently, may move
+    by up to ``lr``, both right. Exact zeros (``g = w = 0``) are kept."""
+    if name not in COUPLED_ADAM:
+        return
+    penalty_c, alias_wd = COUPLED_ADAM[name]
+    for k, g in grads.items():
+        if g is None:
+            continue
+        cw = (penalty_c * (MASK[k] if masked else 1.0) + alias_wd) * params[k]
+        near = ((g + cw).abs() <= 1e-3 * (g.abs() + cw.abs())) & ((g != 0) | (cw != 0))
+        assume(not bool(near.any()))
 
 
 @pytest.mark.parametrize("buffers", ["allocated", "kept"])
@@ -165,6 +189,7 @@ def test_a_folded_form_equals_the_pure_path(buffers, name, dtype, data):
     don_p, don_s = _clone(params), tx.init(params)
     for t in range(data.draw(st.integers(1, 5))):
         grads = _draw_grads(data, dtype)
+        _assume_no_cancellation(name, masked, grads, pure_p)
         kept = _clone(grads)
         u, pure_s = tx.update(grads, pure_s, pure_p)
         pure_p = fr.apply_updates(pure_p, u)

@@ -170,3 +170,23 @@ def test_sgd_without_temporaries_keeps_no_buffers(make):
     for _ in range(2):
         params, state = fr.donated_update(tx, {"w": torch.ones(256, 256)}, state, params)
     assert not kernel_of(tx)._scratch._sets
+
+
+def test_kept_buffers_take_the_layout_of_their_tensors():
+    """A transposed parameter (and its moments, created like it) gets a buffer of its own strides,
+    so the temporaries are written without a strided copy; the step still equals torch.optim."""
+    w = torch.from_numpy(np.random.default_rng(1).standard_normal((256, 512), dtype=np.float32)).t()
+    assert not w.is_contiguous() and w.numel() >= scratch_module.LARGE
+    leaf = torch.nn.Parameter(w.clone())
+    assert leaf.stride() == w.stride()
+    tx, opt = fr.adam(1e-2), torch.optim.Adam([leaf], lr=1e-2, foreach=True)
+    params = {"w": w.clone()}
+    state = tx.init(params)
+    for t in range(2):
+        g = torch.full_like(w, 0.1 * (t + 1))
+        leaf.grad = g.clone()
+        opt.step()
+        params, state = fr.donated_update(tx, {"w": g}, state, params)
+    assert torch.equal(params["w"], leaf.detach())
+    (kept,) = kernel_of(tx)._scratch._sets.values()
+    assert kept[0].stride() == w.stride()

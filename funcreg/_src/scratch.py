@@ -54,17 +54,15 @@ class Scratch:
 
     @staticmethod
     def _key(like: list[torch.Tensor]) -> tuple:
-        return tuple((t.shape, t.dtype, t.device) for t in like)
+        return tuple((t.shape, t.stride(), t.dtype, t.device) for t in like)
 
     def take(self, like: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """The buffers for ``like`` (kept ones, else new), ``None`` for its small tensors."""
         kept = self._sets.pop(self._key(like), None)
         if kept is not None:
             return kept
-        return [
-            torch.empty(t.shape, dtype=t.dtype, device=t.device) if t.numel() >= self.large else None
-            for t in like
-        ]
+        # in the tensors' own layout (a channels-last or transposed parameter, and its moments)
+        return [torch.empty_like(t) if t.numel() >= self.large else None for t in like]
 
     def give(self, like: list[torch.Tensor], bufs: list[torch.Tensor | None]) -> None:
         """Keep ``bufs`` (from :meth:`take` for the same ``like``) for the next step."""

@@ -39,14 +39,19 @@ def _sum_of_norms(ws: list[torch.Tensor], ord: float) -> torch.Tensor:
     torch's norm kernels accumulate a whole tensor in one running sum: in float32 that loses digits
     with size (over 4M elements the sum of squares came out 2e-4 low, the L1 norm 1e-3 low). For
     the squares a contiguous tensor is cut into views of ``_CHUNK`` elements (one foreach launch;
-    within 3e-6 at 4M elements); the L1 norm is ``sum(abs(w))``, whose pairwise summation is exact
-    to about 1e-7 and which is faster than the ord-1 norm kernel (no vectorized path on CPU).
+    within 3e-6 at 4M elements); the L1 norm of a large tensor is ``sum(abs(w))``, whose pairwise
+    summation is exact to about 1e-7 and which is faster than the ord-1 norm kernel (no vectorized
+    path on CPU); small tensors go to the norm kernel in one launch.
     """
     if any(is_dtensor(w) for w in ws):  # sharded: per-shard norms, reduced by the caller
         norms = torch.stack(torch._foreach_norm(ws, ord))
         return torch.sum(norms * norms) if ord == 2 else torch.sum(norms)
     if ord == 1:
-        return torch.sum(torch.stack([torch.sum(torch.abs(w)) for w in ws]))
+        # small tensors in one launch (few terms each: the norm kernel keeps their digits)
+        small = [w for w in ws if w.numel() <= _CHUNK]
+        sums = list(torch._foreach_norm(small, 1)) if small else []
+        sums += [torch.sum(torch.abs(w)) for w in ws if w.numel() > _CHUNK]
+        return torch.sum(torch.stack(sums))
     pieces = []
     for w in ws:
         if w.numel() > _CHUNK and w.is_contiguous():

@@ -119,8 +119,8 @@ def _gradients(
         else:  # an objective that does not depend on the parameters
             found = iter([torch.zeros_like(x) for x in inputs])
     grads = unflatten([next(found) if w else x for x, w in zip(tracked, wants)], spec)
-    metrics, new_buffers = _detached(extra[0]), _detached(extra[1])
-    return grads, (metrics, new_buffers, _detached(extra[2]) if step.has_aux else None)
+    extra = _detached(extra)  # (metrics, new_buffers[, aux]), in one walk
+    return grads, (extra[0], extra[1], extra[2] if step.has_aux else None)
 
 
 def _detached(tree: PyTree) -> PyTree:

@@ -85,9 +85,8 @@ class FormKernel:
         if isinstance(rate, torch.Tensor) or (kind == "proximal" and rate * c < 0):
             return None
         coefficients = [c if k else 0.0 for k in keep]
-        report = _next_report(
-            self.form.penalty, fp, pstate, self.form.report
-        )  # at the params before the step
+        # at the params before the step, as the pure path reports it
+        report = _next_report(self.form.penalty, fp, pstate, self.form.report)
         if kind == "coupled":
             extra = ExtraDecay(coupled=coefficients)
         elif kind == "decoupled":

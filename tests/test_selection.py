@@ -606,3 +606,18 @@ def test_selection_to_dataframe():
     assert list(df["name"]) == list(sel) and list(df["decay"]) == [sel[n] for n in sel]
     assert df.loc[df["name"] == "bn.weight", "reason"].item() == sel.reason("bn.weight")
     assert list(fr.by_name("fc")(Net()).to_dataframe().columns) == ["name", "shape", "selected", "reason"]
+
+
+_GLOB_CHARS = st.sampled_from(list("ab.0*?[]!-"))
+
+
+@settings(deadline=None, max_examples=400)
+@given(name=st.text(st.sampled_from(list("ab.0[]!-")), max_size=8), pattern=st.text(_GLOB_CHARS, max_size=7))
+def test_glob_match_is_fnmatchcase(name, pattern):
+    """The traceable glob funcreg uses for masks by name answers as ``fnmatch.fnmatchcase`` does,
+    on names and patterns made of the characters globs treat specially."""
+    import fnmatch
+
+    from funcreg._src.named_params import glob_match
+
+    assert glob_match(name, pattern) == fnmatch.fnmatchcase(name, pattern), (name, pattern)

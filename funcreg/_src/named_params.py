@@ -9,7 +9,6 @@ raises instead of quietly selecting nothing.
 from __future__ import annotations
 
 import difflib
-import fnmatch
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -65,7 +64,71 @@ def _suggest(name: str, candidates: Sequence[str]) -> str:
 
 def _matches(pattern: str, name: str) -> bool:
     """Glob over the full name, or over a module prefix (``"encoder"`` matches ``"encoder.0.weight"``)."""
-    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+    return glob_match(name, pattern) or glob_match(name, pattern + ".*")
+
+
+def glob_match(name: str, pattern: str) -> bool:
+    """``fnmatch.fnmatchcase(name, pattern)`` (``*``, ``?``, ``[seq]``, ``[!seq]``) in plain Python.
+
+    ``fnmatch`` compiles the pattern to a regular expression behind an ``lru_cache``, which
+    ``torch.compile`` cannot trace: a mask by name resolved inside a compiled step broke the graph
+    there (and inside ``torch.func.grad`` the resumed frame failed). This loop traces to constants.
+
+    Examples:
+        >>> from funcreg._src.named_params import glob_match
+        >>> glob_match("encoder.0.weight", "encoder.*.weight"), glob_match("head.bias", "[!h]*")
+        (True, False)
+    """
+    n, p = 0, 0
+    star_p, star_n = -1, 0  # the last '*' seen in the pattern, and where in the name it started
+    while n < len(name):
+        if p < len(pattern) and pattern[p] == "*":
+            star_p, star_n, p = p, n, p + 1
+            continue
+        if p < len(pattern):
+            width, ok = _one(pattern, p, name[n])
+            if ok:
+                n, p = n + 1, p + width
+                continue
+        if star_p < 0:
+            return False
+        star_n += 1  # let the last '*' take one more character, and try again after it
+        n, p = star_n, star_p + 1
+    while p < len(pattern) and pattern[p] == "*":
+        p += 1
+    return p == len(pattern)
+
+
+def _one(pattern: str, p: int, c: str) -> tuple[int, bool]:
+    """Whether the pattern item at ``p`` (a character, ``?`` or a ``[...]`` set) matches ``c``, and
+    its width in the pattern. An unclosed ``[`` is a literal, as in ``fnmatch``."""
+    item = pattern[p]
+    if item == "?":
+        return 1, True
+    if item != "[":
+        return 1, item == c
+    end = p + 1
+    if end < len(pattern) and pattern[end] == "!":
+        end += 1
+    if end < len(pattern) and pattern[end] == "]":
+        end += 1  # a ']' right after '[' or '[!' is a member
+    while end < len(pattern) and pattern[end] != "]":
+        end += 1
+    if end >= len(pattern):
+        return 1, c == "["
+    body = pattern[p + 1 : end]
+    negate = body.startswith("!")
+    if negate:
+        body = body[1:]
+    hit, i = False, 0
+    while i < len(body):
+        if i + 2 < len(body) and body[i + 1] == "-":
+            hit = hit or body[i] <= c <= body[i + 2]
+            i += 3
+        else:
+            hit = hit or body[i] == c
+            i += 1
+    return end - p + 1, hit != negate
 
 
 def _check_patterns(patterns: Iterable[str], names: Sequence[str], what: str) -> list[str]:

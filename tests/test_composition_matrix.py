@@ -1,0 +1,507 @@
+"""The composition matrix: every penalty in every form, with every selection, on every entry point.
+
+One parametrized test crosses
+
+* the penalty kind: ``l2``, ``l1``, ``elastic_net``, ``group_lasso``, ``anchor`` (L2-SP);
+* the form: ``loss``, ``coupled``, ``decoupled``, ``proximal``;
+* the selection: ``all`` (the penalty's own default), ``mask`` (a mask by name), ``groups`` (two
+  parameter groups with their own learning rates, the penalty's mask selecting parameters of one
+  group only);
+* the base optimizer: SGD with momentum, Adam;
+* the entry point and how it runs: the functional step (``fr.make_step``) ``pure``, ``donated``,
+  ``compiled`` (pure and donated) and ``vmapped`` (``fr.ensemble_step``, one coefficient per member);
+  ``fr.TorchOptimizer`` and ``fr.create_optimizer`` (with weight decay beside the penalty), eager and
+  compiled.
+
+Each cell trains a small float64 MLP for three steps and compares every parameter with a reference
+written here from scratch: ``torch.optim.SGD``/``Adam`` on the data gradient, the penalty's value
+written out as a formula and differentiated by autograd (the loss-term reference), and for the
+proximal form the closed-form prox of the whole sum of terms on each parameter (quadratic terms fold
+into ``v / (1 + t c)``, see below). The cells that do not exist are named refusals, listed in
+``docs/guarantees.md`` ("Composition matrix") and checked here to raise or to be absent for a stated
+reason (:data:`NOT_APPLICABLE`).
+
+The compiled cells run under ``torch.compile(backend="eager")`` (Dynamo's tracing and guards, no
+code generation: what differs between eager and compiled funcreg code is what Dynamo traces). Every
+eager cell runs in CI; of the 480 compiled cells CI runs a pairwise cover (22 cells in which every
+pair of values of any two dimensions meets), since each costs seconds of tracing;
+``FUNCREG_MATRIX_FULL=1`` runs them all. ``FUNCREG_MATRIX_BACKEND=aot_eager`` (or ``inductor``)
+reruns the compiled column through AOTAutograd or inductor.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import funcreg as fr
+
+KINDS = ("l2", "l1", "elastic_net", "group_lasso", "anchor")
+FORMS = ("loss", "coupled", "decoupled", "proximal")
+SELECTIONS = ("all", "mask", "groups")
+OPTIMIZERS = ("sgd", "adam")
+RUNS = (
+    ("functional", "pure"),
+    ("functional", "donated"),
+    ("functional", "compiled"),
+    ("functional", "compiled_donated"),
+    ("functional", "vmapped"),
+    ("torch_optimizer", "eager"),
+    ("torch_optimizer", "compiled"),
+    ("create_optimizer", "eager"),
+    ("create_optimizer", "compiled"),
+)
+
+# The cells that do not exist, each with the reason docs/guarantees.md gives (tested below).
+NOT_APPLICABLE = {
+    ("torch_optimizer", "pure"): "a torch.optim.Optimizer steps its parameters in place",
+    ("torch_optimizer", "vmapped"): "an Optimizer steps one model; ensembles are fr.ensemble_step",
+    ("create_optimizer", "pure"): "create_optimizer returns a TorchOptimizer",
+    ("create_optimizer", "vmapped"): "create_optimizer returns a TorchOptimizer",
+}
+
+BACKEND = os.environ.get("FUNCREG_MATRIX_BACKEND", "eager")
+STEPS = 3
+LR = {"sgd": 0.1, "adam": 0.02}
+LR_B = {"sgd": 0.05, "adam": 0.01}  # the second group's learning rate
+PENALTY_STEP = 0.07  # s_t of the functional step's decoupled / proximal forms (make_step's learning_rate)
+WEIGHT_DECAY = 0.03  # create_optimizer's weight decay, beside the penalty
+MASKED = ("0.weight", "0.bias")  # the "mask" and "groups" selections: the first layer only
+GROUP_A = ("0.weight", "0.bias")
+COEFF = {"l2": 0.3, "l1": 0.02, "elastic_net": 0.02, "group_lasso": 0.05, "anchor": 0.4}
+
+
+# --- the model and the data -------------------------------------------------------------------------
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+
+def _init() -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in _model().named_parameters()}
+
+
+def _draw_reference() -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(1)
+    return {n: torch.from_numpy(rng.normal(size=tuple(p.shape))) for n, p in _init().items()}
+
+
+REFERENCE = _draw_reference()
+
+
+def _reference_weights() -> dict[str, torch.Tensor]:
+    """The anchor's reference: fixed weights drawn once (not the initial ones, so the penalty acts)."""
+    return {n: w.clone() for n, w in REFERENCE.items()}
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    rng = np.random.default_rng(0)
+    return [
+        (torch.from_numpy(rng.normal(size=(8, 3))), torch.from_numpy(rng.normal(size=(8, 2))))
+        for _ in range(STEPS)
+    ]
+
+
+MODEL = _model()
+
+
+def data_loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    out = torch.func.functional_call(MODEL, params, (x,))
+    return ((out - y) ** 2).mean()
+
+
+# --- the reference: penalties written out, torch.optim, closed-form proxes ---------------------------
+
+
+@dataclass(frozen=True)
+class Term:
+    """One penalty term of the reference: its kind, coefficient, the names it applies to, its form."""
+
+    kind: str
+    coeff: float
+    names: frozenset[str]
+    form: str
+
+
+def _selected(kind: str, selection: str, names: list[str], shapes: dict[str, tuple[int, ...]]) -> frozenset[str]:
+    chosen = [n for n in names if selection == "all" or n in MASKED]
+    if kind == "group_lasso" and selection == "all":  # group lasso's default: tensors with ndim >= 2
+        chosen = [n for n in chosen if len(shapes[n]) >= 2]
+    return frozenset(chosen)
+
+
+def _quadratic(term: Term, n: str, ref: dict[str, torch.Tensor]) -> tuple[float, Any] | None:
+    """``(c, a)`` when the term is ``c/2 ||w - a||^2`` on ``n`` (``a`` 0 for L2), else ``None``."""
+    if term.kind in ("l2", "weight_decay"):
+        return term.coeff, 0.0
+    if term.kind == "anchor":
+        return term.coeff, ref[n]
+    if term.kind == "elastic_net":
+        return term.coeff / 2, 0.0  # its L2 part: l2 = coeff / 2 (see _penalty)
+    return None
+
+
+def _value(term: Term, w: torch.Tensor, n: str, ref: dict[str, torch.Tensor]) -> torch.Tensor:
+    c = term.coeff
+    if term.kind in ("l2", "weight_decay"):
+        return c / 2 * (w * w).sum()
+    if term.kind == "l1":
+        return c * w.abs().sum()
+    if term.kind == "elastic_net":
+        return c * w.abs().sum() + (c / 2) / 2 * (w * w).sum()
+    if term.kind == "group_lasso":  # rows (slices along axis 0), each weighted by sqrt(its size)
+        return c * math.sqrt(w[0].numel()) * torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1).sum()
+    if term.kind == "anchor":
+        return c / 2 * ((w - ref[n]) ** 2).sum()
+    raise AssertionError(term.kind)
+
+
+def _grad(term: Term, w: torch.Tensor, n: str, ref: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The gradient of the term's formula, by autograd (the loss-term reference)."""
+    with torch.enable_grad():
+        w = w.detach().clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(_value(term, w, n, ref), w)
+    return g
+
+
+def _prox_of_sum(terms: list[Term], v: torch.Tensor, t: dict[int, float], n: str, ref: Any) -> torch.Tensor:
+    """The prox of the sum of ``terms`` on ``n`` (each with its step size): the quadratic terms
+    ``c/2 ||w - a||^2`` fold in as ``v <- (v + t c a) / (1 + t c)``, which scales the step of the
+    one non-quadratic term (L1, group lasso, elastic net's L1 part) by ``1 / (1 + t c)``."""
+    num, den = v.clone(), torch.ones((), dtype=v.dtype)
+    rough: list[tuple[Term, float]] = []
+    for i, term in enumerate(terms):
+        q = _quadratic(term, n, ref)
+        if q is not None:
+            num = num + t[i] * q[0] * q[1]
+            den = den + t[i] * q[0]
+        if term.kind in ("l1", "elastic_net", "group_lasso"):
+            rough.append((term, t[i]))
+    v = num / den
+    assert len(rough) <= 1, "at most one non-quadratic term per parameter in the matrix"
+    for term, step in rough:
+        thr = step / den * term.coeff
+        if term.kind == "group_lasso":
+            rows = v.reshape(v.shape[0], -1)
+            norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+            scale = torch.clamp(1 - thr * math.sqrt(rows.shape[1]) / norms, min=0)
+            v = (rows * scale).reshape(v.shape)
+        else:
+            v = torch.sign(v) * torch.clamp(v.abs() - thr, min=0)
+    return v
+
+
+def reference(
+    optimizer: str,
+    init: dict[str, torch.Tensor],
+    groups: list[tuple[list[str], float]],
+    terms: list[Term],
+    penalty_step: dict[str, float] | Callable[[str], float],
+) -> dict[str, torch.Tensor]:
+    """``STEPS`` steps of ``torch.optim.SGD(momentum=0.9)`` / ``Adam`` over ``groups`` on the data
+    loss, with each term in its form: ``loss``/``coupled`` added to the loss, ``decoupled``
+    ``w <- w - s grad P(w_old)`` after the step, ``proximal`` the prox of the sum after that."""
+    ref = _reference_weights()
+    p = {n: w.clone().requires_grad_(True) for n, w in init.items()}
+    param_groups = [{"params": [p[n] for n in names], "lr": lr} for names, lr in groups]
+    opt = (
+        torch.optim.SGD(param_groups, lr=0.1, momentum=0.9)
+        if optimizer == "sgd"
+        else torch.optim.Adam(param_groups, lr=0.01)
+    )
+    step_of = penalty_step if callable(penalty_step) else penalty_step.__getitem__
+    for x, y in _batches():
+        opt.zero_grad()
+        loss = data_loss(p, x, y)
+        for term in terms:
+            if term.form in ("loss", "coupled"):
+                for n in term.names:
+                    loss = loss + _value(term, p[n], n, ref)
+        loss.backward()
+        old = {n: w.detach().clone() for n, w in p.items()}
+        opt.step()
+        with torch.no_grad():
+            for term in terms:
+                if term.form == "decoupled":
+                    for n in term.names:
+                        p[n] -= step_of(n) * _grad(term, old[n], n, ref)
+            for n in p:
+                proxed = [tm for tm in terms if tm.form == "proximal" and n in tm.names]
+                if proxed:
+                    p[n].copy_(_prox_of_sum(proxed, p[n], {i: step_of(n) for i in range(len(proxed))}, n, ref))
+    return {n: w.detach() for n, w in p.items()}
+
+
+# --- funcreg's side -------------------------------------------------------------------------------
+
+
+def _penalty(kind: str, coeff: Any, selection: str) -> fr.Penalty:
+    mask = None if selection == "all" else fr.by_name(*MASKED)
+    if kind == "l2":
+        return fr.l2(coeff, mask=mask)
+    if kind == "l1":
+        return fr.l1(coeff, mask=mask)
+    if kind == "elastic_net":
+        return fr.elastic_net(coeff, coeff / 2, mask=mask)
+    if kind == "group_lasso":
+        return fr.group_lasso(coeff, axis=0, mask=mask)
+    if kind == "anchor":
+        return fr.anchor(coeff, _reference_weights(), mask=mask)
+    raise AssertionError(kind)
+
+
+def _tx(optimizer: str, lr: float) -> fr.GradientTransformation:
+    return fr.sgd(lr, momentum=0.9) if optimizer == "sgd" else fr.adam(lr)
+
+
+def _functional_tx(optimizer: str, selection: str) -> fr.GradientTransformation:
+    if selection != "groups":
+        return _tx(optimizer, LR[optimizer])
+    labels = {n: ("a" if n in GROUP_A else "b") for n in _init()}
+    return fr.partition({"a": _tx(optimizer, LR[optimizer]), "b": _tx(optimizer, LR_B[optimizer])}, labels)
+
+
+def _groups(selection: str, optimizer: str) -> list[tuple[list[str], float]]:
+    names = list(_init())
+    if selection != "groups":
+        return [(names, LR[optimizer])]
+    return [
+        ([n for n in names if n in GROUP_A], LR[optimizer]),
+        ([n for n in names if n not in GROUP_A], LR_B[optimizer]),
+    ]
+
+
+def _group_lr(selection: str, optimizer: str) -> Callable[[str], float]:
+    lrs = {n: lr for names, lr in _groups(selection, optimizer) for n in names}
+    return lrs.__getitem__
+
+
+def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return torch.compile(fn, backend=BACKEND)
+
+
+def run_functional(kind: str, form: str, selection: str, optimizer: str, mode: str) -> dict[str, torch.Tensor]:
+    tx = _functional_tx(optimizer, selection)
+    donate = mode in ("donated", "compiled_donated")
+    rate = None if form in ("loss", "coupled") else PENALTY_STEP
+    if mode == "vmapped":
+        step = fr.make_step(
+            data_loss,
+            tx,
+            penalty=lambda h: _penalty(kind, h["c"], selection),
+            form=form,  # type: ignore[arg-type]
+            learning_rate=rate,
+        )
+        ens = fr.ensemble_step(step)
+        init = _init()
+        stacked = {n: torch.stack([w, 0.5 * w]) for n, w in init.items()}
+        coeffs = torch.tensor([COEFF[kind], 2 * COEFF[kind]], dtype=torch.float64)
+        state = ens.init(stacked, hparams={"c": coeffs})
+        for x, y in _batches():
+            state, _ = ens(state, x, y)
+        return {n: w.detach() for n, w in state.params.items()}
+    step = fr.make_step(
+        data_loss,
+        tx,
+        penalty=_penalty(kind, COEFF[kind], selection),
+        form=form,  # type: ignore[arg-type]
+        learning_rate=rate,
+        donate=donate,
+    )
+    state = step.init(_init())
+    run = _compiled(step) if mode.startswith("compiled") else step
+    for x, y in _batches():
+        state, _ = run(state, x, y)
+    return {n: w.detach() for n, w in state.params.items()}
+
+
+def _named_params_groups(model: nn.Module, selection: str, optimizer: str) -> Any:
+    named = list(model.named_parameters())
+    if selection != "groups":
+        return named
+    return [
+        {"params": [(n, p) for n, p in named if n in GROUP_A]},
+        {"params": [(n, p) for n, p in named if n not in GROUP_A], "lr": LR_B[optimizer]},
+    ]
+
+
+def run_imperative(
+    entry: str, kind: str, form: str, selection: str, optimizer: str, mode: str
+) -> dict[str, torch.Tensor]:
+    model = _model()
+    penalty = _penalty(kind, COEFF[kind], selection)
+    given = None if form == "loss" else penalty  # the loss form: the penalty is added to the loss below
+    opts: dict[str, Any] = {"momentum": 0.9} if optimizer == "sgd" else {}
+    if entry == "torch_optimizer":
+        if given is not None:
+            opts.update(penalty=given, form=form)
+        opt = fr.TorchOptimizer(_named_params_groups(model, selection, optimizer), optimizer, lr=LR[optimizer], **opts)
+    else:
+        decay = None if selection == "groups" else True  # "groups": decay_mask's decay / no_decay groups
+        opt = fr.create_optimizer(
+            model,
+            optimizer,
+            lr=LR[optimizer],
+            weight_decay=WEIGHT_DECAY,
+            decay=decay,
+            penalty=given,
+            form=None if form == "loss" else form,
+            **opts,
+        )
+    step = _compiled(opt.step) if mode == "compiled" else opt.step
+    for x, y in _batches():
+        opt.zero_grad()
+        loss = data_loss(dict(model.named_parameters()), x, y)
+        if form == "loss":
+            loss = loss + penalty(dict(model.named_parameters()))
+        loss.backward()
+        step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# --- the cells ------------------------------------------------------------------------------------
+
+
+def _expected(
+    entry: str, kind: str, form: str, selection: str, optimizer: str, coeff: float, init: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    names = list(init)
+    shapes = {n: tuple(w.shape) for n, w in init.items()}
+    terms = [Term(kind, coeff, _selected(kind, selection, names, shapes), form)]
+    groups = _groups(selection, optimizer)
+    if entry == "functional":
+        return reference(optimizer, init, groups, terms, lambda n: PENALTY_STEP)
+    step_of = _group_lr(selection, optimizer)
+    if entry == "create_optimizer":
+        decayed = (
+            frozenset(fr.decay_mask(_model()).selected) if selection == "groups" else frozenset(names)
+        )
+        # weight decay in the optimizer's own form (torch's meaning) unless a form is given
+        wd_form = {"sgd": "coupled", "adam": "coupled"}[optimizer] if form == "loss" else form
+        terms.append(Term("weight_decay", WEIGHT_DECAY, decayed, wd_form))
+        groups = [(names, LR[optimizer])]  # its groups (decay / no_decay) share one learning rate
+        step_of = _group_lr("all", optimizer)
+    return reference(optimizer, init, groups, terms, step_of)
+
+
+COMPILED = tuple(run for run in RUNS if run[1].startswith("compiled"))
+FULL = os.environ.get("FUNCREG_MATRIX_FULL") == "1"
+
+
+def _pairs(cell: tuple[Any, ...]) -> set[tuple[Any, ...]]:
+    return {(i, cell[i], j, cell[j]) for i in range(len(cell)) for j in range(i + 1, len(cell))}
+
+
+def pairwise_cover(dims: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """A deterministic greedy set of cells in which every pair of values of any two dimensions meets
+    at least once (22 cells for the compiled column's 4 x 5 x 4 x 3 x 2 = 480)."""
+    cells = list(itertools.product(*dims))
+    need = set().union(*map(_pairs, cells))
+    chosen = []
+    while need:
+        best = max(cells, key=lambda c: len(_pairs(c) & need))  # ties: the first, so the set is fixed
+        chosen.append(best)
+        need -= _pairs(best)
+    return chosen
+
+
+def _cell(run: tuple[str, str], kind: str, form: str, selection: str, optimizer: str) -> Any:
+    entry, mode = run
+    return pytest.param(
+        entry, mode, kind, form, selection, optimizer, id=f"{entry}-{mode}-{kind}-{form}-{selection}-{optimizer}"
+    )
+
+
+EAGER_CELLS = [
+    _cell(run, *rest)
+    for run in RUNS
+    if run not in COMPILED
+    for rest in itertools.product(KINDS, FORMS, SELECTIONS, OPTIMIZERS)
+]
+# A compiled cell costs seconds of tracing: CI runs a pairwise cover of the compiled column (each
+# compiled run with every kind, form, selection and optimizer, and every kind with every form, ...);
+# FUNCREG_MATRIX_FULL=1 runs all 480 (docs/guarantees.md records the last full run).
+COMPILED_CELLS = [
+    _cell(*c)
+    for c in (
+        itertools.product(COMPILED, KINDS, FORMS, SELECTIONS, OPTIMIZERS)
+        if FULL
+        else pairwise_cover([COMPILED, KINDS, FORMS, SELECTIONS, OPTIMIZERS])
+    )
+]
+CELLS = EAGER_CELLS + COMPILED_CELLS
+
+
+def test_the_compiled_cover_meets_every_pair():
+    """The CI subset of the compiled column leaves no pair of values untried."""
+    dims = [COMPILED, KINDS, FORMS, SELECTIONS, OPTIMIZERS]
+    cover = pairwise_cover(dims)
+    met = set().union(*map(_pairs, cover))
+    for i, j in itertools.combinations(range(len(dims)), 2):
+        for a, b in itertools.product(dims[i], dims[j]):
+            assert (i, a, j, b) in met, (dims[i], a, dims[j], b)
+
+
+@pytest.mark.parametrize(("entry", "mode", "kind", "form", "selection", "optimizer"), CELLS)
+def test_cell_equals_the_loss_term_reference(entry, mode, kind, form, selection, optimizer):
+    torch._dynamo.reset()
+    init = _init()
+    if entry == "functional":
+        got = run_functional(kind, form, selection, optimizer, mode)
+    else:
+        got = run_imperative(entry, kind, form, selection, optimizer, mode)
+    if mode == "vmapped":
+        members = [(init, COEFF[kind]), ({n: 0.5 * w for n, w in init.items()}, 2 * COEFF[kind])]
+        for m, (start, coeff) in enumerate(members):
+            want = _expected(entry, kind, form, selection, optimizer, coeff, start)
+            for n in want:
+                torch.testing.assert_close(got[n][m], want[n], atol=1e-10, rtol=1e-8, msg=lambda s, n=n, m=m: f"member {m} {n}: {s}")
+        return
+    want = _expected(entry, kind, form, selection, optimizer, COEFF[kind], init)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-10, rtol=1e-8, msg=lambda s, n=n: f"{n}: {s}")
+    moved = any(not torch.allclose(want[n], init[n], atol=1e-6) for n in want)
+    assert moved, "the cell's reference did not move: the comparison would prove nothing"
+
+
+def test_every_reference_depends_on_its_penalty():
+    """Each cell's reference moves with its penalty: the same run without the term lands elsewhere,
+    so a cell whose penalty funcreg dropped (or applied in another form) fails."""
+    init = _init()
+    names, shapes = list(init), {n: tuple(w.shape) for n, w in init.items()}
+    for kind in KINDS:
+        for form in FORMS:
+            for selection in SELECTIONS:
+                for optimizer in OPTIMIZERS:
+                    groups = _groups(selection, optimizer)
+                    chosen = _selected(kind, selection, names, shapes)
+                    base = reference(optimizer, init, groups, [], lambda n: PENALTY_STEP)
+                    others = {
+                        f: reference(optimizer, init, groups, [Term(kind, COEFF[kind], chosen, f)], lambda n: PENALTY_STEP)
+                        for f in FORMS
+                    }
+                    for n in chosen:
+                        assert (others[form][n] - base[n]).abs().max() > 1e-6, (kind, form, selection, optimizer, n)
+                    if form in ("decoupled", "proximal") or optimizer == "adam":
+                        # forms that must differ do (loss == coupled always; decoupled == coupled only for plain SGD)
+                        if form != "loss" and form != "coupled":
+                            assert any((others[form][n] - others["coupled"][n]).abs().max() > 1e-9 for n in chosen)
+
+
+@pytest.mark.parametrize(("entry", "mode"), sorted(NOT_APPLICABLE))
+def test_cells_that_do_not_exist_are_listed_in_the_guarantees(entry, mode):
+    import pathlib
+
+    page = (pathlib.Path(__file__).parent.parent / "docs" / "guarantees.md").read_text()
+    assert f"`{entry}` × `{mode}`" in page, NOT_APPLICABLE[(entry, mode)]

@@ -134,7 +134,9 @@ class Term:
     form: str
 
 
-def _selected(kind: str, selection: str, names: list[str], shapes: dict[str, tuple[int, ...]]) -> frozenset[str]:
+def _selected(
+    kind: str, selection: str, names: list[str], shapes: dict[str, tuple[int, ...]]
+) -> frozenset[str]:
     chosen = [n for n in names if selection == "all" or n in MASKED]
     if kind == "group_lasso" and selection == "all":  # group lasso's default: tensors with ndim >= 2
         chosen = [n for n in chosen if len(shapes[n]) >= 2]
@@ -239,7 +241,9 @@ def reference(
             for n in p:
                 proxed = [tm for tm in terms if tm.form == "proximal" and n in tm.names]
                 if proxed:
-                    p[n].copy_(_prox_of_sum(proxed, p[n], {i: step_of(n) for i in range(len(proxed))}, n, ref))
+                    p[n].copy_(
+                        _prox_of_sum(proxed, p[n], {i: step_of(n) for i in range(len(proxed))}, n, ref)
+                    )
     return {n: w.detach() for n, w in p.items()}
 
 
@@ -291,7 +295,9 @@ def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     return torch.compile(fn, backend=BACKEND)
 
 
-def run_functional(kind: str, form: str, selection: str, optimizer: str, mode: str) -> dict[str, torch.Tensor]:
+def run_functional(
+    kind: str, form: str, selection: str, optimizer: str, mode: str
+) -> dict[str, torch.Tensor]:
     tx = _functional_tx(optimizer, selection)
     donate = mode in ("donated", "compiled_donated")
     rate = None if form in ("loss", "coupled") else PENALTY_STEP
@@ -346,7 +352,9 @@ def run_imperative(
     if entry == "torch_optimizer":
         if given is not None:
             opts.update(penalty=given, form=form)
-        opt = fr.TorchOptimizer(_named_params_groups(model, selection, optimizer), optimizer, lr=LR[optimizer], **opts)
+        opt = fr.TorchOptimizer(
+            _named_params_groups(model, selection, optimizer), optimizer, lr=LR[optimizer], **opts
+        )
     else:
         decay = None if selection == "groups" else True  # "groups": decay_mask's decay / no_decay groups
         opt = fr.create_optimizer(
@@ -374,7 +382,13 @@ def run_imperative(
 
 
 def _expected(
-    entry: str, kind: str, form: str, selection: str, optimizer: str, coeff: float, init: dict[str, torch.Tensor]
+    entry: str,
+    kind: str,
+    form: str,
+    selection: str,
+    optimizer: str,
+    coeff: float,
+    init: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     names = list(init)
     shapes = {n: tuple(w.shape) for n, w in init.items()}
@@ -384,9 +398,7 @@ def _expected(
         return reference(optimizer, init, groups, terms, lambda n: PENALTY_STEP)
     step_of = _group_lr(selection, optimizer)
     if entry == "create_optimizer":
-        decayed = (
-            frozenset(fr.decay_mask(_model()).selected) if selection == "groups" else frozenset(names)
-        )
+        decayed = frozenset(fr.decay_mask(_model()).selected) if selection == "groups" else frozenset(names)
         # weight decay in the optimizer's own form (torch's meaning) unless a form is given
         wd_form = {"sgd": "coupled", "adam": "coupled"}[optimizer] if form == "loss" else form
         terms.append(Term("weight_decay", WEIGHT_DECAY, decayed, wd_form))
@@ -419,7 +431,13 @@ def pairwise_cover(dims: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
 def _cell(run: tuple[str, str], kind: str, form: str, selection: str, optimizer: str) -> Any:
     entry, mode = run
     return pytest.param(
-        entry, mode, kind, form, selection, optimizer, id=f"{entry}-{mode}-{kind}-{form}-{selection}-{optimizer}"
+        entry,
+        mode,
+        kind,
+        form,
+        selection,
+        optimizer,
+        id=f"{entry}-{mode}-{kind}-{form}-{selection}-{optimizer}",
     )
 
 
@@ -466,7 +484,9 @@ def test_cell_equals_the_loss_term_reference(entry, mode, kind, form, selection,
         for m, (start, coeff) in enumerate(members):
             want = _expected(entry, kind, form, selection, optimizer, coeff, start)
             for n in want:
-                torch.testing.assert_close(got[n][m], want[n], atol=1e-10, rtol=1e-8, msg=lambda s, n=n, m=m: f"member {m} {n}: {s}")
+                torch.testing.assert_close(
+                    got[n][m], want[n], atol=1e-10, rtol=1e-8, msg=lambda s, n=n, m=m: f"member {m} {n}: {s}"
+                )
         return
     want = _expected(entry, kind, form, selection, optimizer, COEFF[kind], init)
     for n in want:
@@ -488,15 +508,29 @@ def test_every_reference_depends_on_its_penalty():
                     chosen = _selected(kind, selection, names, shapes)
                     base = reference(optimizer, init, groups, [], lambda n: PENALTY_STEP)
                     others = {
-                        f: reference(optimizer, init, groups, [Term(kind, COEFF[kind], chosen, f)], lambda n: PENALTY_STEP)
+                        f: reference(
+                            optimizer,
+                            init,
+                            groups,
+                            [Term(kind, COEFF[kind], chosen, f)],
+                            lambda n: PENALTY_STEP,
+                        )
                         for f in FORMS
                     }
                     for n in chosen:
-                        assert (others[form][n] - base[n]).abs().max() > 1e-6, (kind, form, selection, optimizer, n)
+                        assert (others[form][n] - base[n]).abs().max() > 1e-6, (
+                            kind,
+                            form,
+                            selection,
+                            optimizer,
+                            n,
+                        )
                     if form in ("decoupled", "proximal") or optimizer == "adam":
                         # forms that must differ do (loss == coupled always; decoupled == coupled only for plain SGD)
                         if form != "loss" and form != "coupled":
-                            assert any((others[form][n] - others["coupled"][n]).abs().max() > 1e-9 for n in chosen)
+                            assert any(
+                                (others[form][n] - others["coupled"][n]).abs().max() > 1e-9 for n in chosen
+                            )
 
 
 @pytest.mark.parametrize(("entry", "mode"), sorted(NOT_APPLICABLE))

@@ -573,6 +573,23 @@ def test_adafactor_state_layout_is_torchs():
         assert state.row_var[name].numel() == 0 and state.col_var[name].numel() == 0
 
 
+@pytest.mark.parametrize("nan_in", ["grad", "param"])
+def test_adafactor_a_nan_entry_stays_in_its_place_as_in_torch(nan_in):
+    """torch takes the update's RMS clip and the parameter's RMS scale as Python maxima
+    (``max(1.0, nan)`` is 1.0): a NaN entry of a vector's gradient or weight leaves the others finite."""
+    w = torch.tensor([1.0, 2.0, -3.0, 0.5])
+    g = torch.tensor([0.5, -1.0, 1.0, 2.0])
+    (g if nan_in == "grad" else w)[1] = float("nan")
+    p = torch.nn.Parameter(w.clone())
+    p.grad = g.clone()
+    torch.optim.Adafactor([p], lr=0.01).step()
+    tx = fr.adafactor(0.01)
+    updates, _ = tx.update({"w": g}, tx.init({"w": w}), {"w": w})
+    ours = fr.apply_updates({"w": w}, updates)["w"]
+    assert torch.isfinite(p.detach()).sum() == 3  # the reference itself keeps three entries finite
+    torch.testing.assert_close(ours, p.detach(), atol=1e-7, rtol=1e-6, equal_nan=True)
+
+
 def test_nadam_mu_product_is_kept_in_torchs_scalar_dtype():
     """torch keeps mu_product in float32 (float64 params or not): funcreg must, or the step sizes
     1 / (1 - mu_product) differ from torch's by about 1e-7 relative."""

@@ -320,6 +320,40 @@ def test_hf_trainer_optimizer_cls_and_kwargs_matches_its_adamw(tmp_path):
     _assert_close(reference, ours)
 
 
+def test_hf_trainer_names_from_the_model_a_masked_penalty_by_parameter_name(tmp_path):
+    """The Trainer hands TorchOptimizer plain tensors in its decay / no-decay groups; ``names_from=`` names
+    them, so a penalty masked by name (decoupled L2 on the classifier, 0.2 beside the Trainer's 0.1)
+    acts where it says: the reference is torch.optim.AdamW with the classifier in a group of its own
+    at weight_decay 0.3, under the Trainer's linear schedule."""
+    tf = _transformers()
+    reference, ours = _hf_model(tf), _hf_model(tf)
+    named = dict(reference.named_parameters())
+    decayed = set(tf.Trainer.get_decay_parameter_names(None, reference))
+    groups = [
+        {"params": [named["classifier.weight"]], "weight_decay": 0.3},
+        {
+            "params": [p for n, p in named.items() if n in decayed and n != "classifier.weight"],
+            "weight_decay": 0.1,
+        },
+        {"params": [p for n, p in named.items() if n not in decayed], "weight_decay": 0.0},
+    ]
+    torch_opt = torch.optim.AdamW(groups, lr=5e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(torch_opt, lambda step: 1.0 - step / 6)
+    _hf_trainer(tf, tmp_path / "a", reference, optimizers=(torch_opt, sched)).train()
+    kwargs = {
+        "tx": "adamw",
+        "lr": 5e-3,
+        "names_from": ours,
+        "penalty": fr.l2(0.2, mask=fr.by_name("classifier.weight")),
+        "form": "decoupled",
+    }
+    trainer = _hf_trainer(tf, tmp_path / "b", ours, optimizer_cls_and_kwargs=(fr.TorchOptimizer, kwargs))
+    trainer.train()
+    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert "classifier.weight" in opt.param_groups[0]["param_names"]
+    _assert_close(reference, ours)
+
+
 @pytest.mark.parametrize("how", ["optimizers", "optimizer_cls_and_kwargs"])
 def test_hf_trainer_resume_from_checkpoint_is_bit_identical(tmp_path, how):
     tf = _transformers()

@@ -567,8 +567,12 @@ def test_sum_prox_disjoint_and_scaled():
     z3 = (3.0 * fr.l1(0.2)).prox(v, s)
     for k, x in v.items():
         torch.testing.assert_close(z3[k], soft_threshold(x, 3.0 * s * 0.2), atol=1e-15, rtol=0)
+    # overlapping: L1 + L2 on one tensor is the elastic net's prox (the quadratic folds in)
+    z = (fr.l1(0.1) + fr.l2(0.3)).prox(v, s)
+    for k, x in v.items():
+        torch.testing.assert_close(z[k], soft_threshold(x, s * 0.1) / (1 + s * 0.3), atol=1e-15, rtol=1e-15)
     with pytest.raises(NotImplementedError, match="elastic_net"):
-        (fr.l1(0.1) + fr.l2(0.1)).prox(v, s)
+        (fr.l1(0.1) + fr.l1(0.2)).prox(v, s)
 
 
 # --- coefficients: floats, 0-d tensors, per-leaf trees, vmap ------------------------------------------

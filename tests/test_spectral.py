@@ -65,11 +65,6 @@ def rotation(n: int, seed: int) -> np.ndarray:
     ids=["nuclear_norm", "spectral_norm", "max_spectral_norm"],
 )
 def test_check_penalty(make, dtype):
-    if dtype == torch.float32 and make().name == "max_spectral_norm":
-        # check_penalty reads a float32 projection's feasibility in float64 first, and its fallback to
-        # float32 computes 0.0 * inf = nan (funcreg/testing/_penalty_checks.py, _prox_objective); float32
-        # feasibility is tested in test_max_spectral_norm_projection_float32 instead
-        pytest.skip("funcreg.testing.check_penalty: 0 * inf in _prox_objective for float32 constraints")
     check_penalty(
         make(),
         separated_trees(dtype),

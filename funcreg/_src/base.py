@@ -30,7 +30,12 @@ class TransformUpdateFn(Protocol):
     def __call__(self, updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, Any]: ...
 
 
-class GradientTransformation(NamedTuple):
+class _TransformFields(NamedTuple):
+    init: TransformInitFn
+    update: TransformUpdateFn
+
+
+class GradientTransformation(_TransformFields):
     """A pair of pure functions ``(init, update)`` over parameter trees, as in optax.
 
     ``init(params)`` returns the transform's state, a NamedTuple of tensors, with ``None`` for
@@ -54,12 +59,35 @@ class GradientTransformation(NamedTuple):
         tensor([-0.2000, -0.2000])
     """
 
-    init: TransformInitFn
-    update: TransformUpdateFn
+    __slots__ = ()
+
+    def __new__(cls, init: TransformInitFn, update: TransformUpdateFn) -> GradientTransformation:
+        """Every transform's ``init`` refuses a parameter that is not a tensor (or ``None``) with
+        :class:`funcreg.LeafTypeError` naming its key, before the transform's own code sees it."""
+        return super().__new__(cls, _checked_init(init), update)
 
     def __repr__(self) -> str:
         """The factory call that built this transform, e.g. ``chain(clip_by_global_norm(1.0), adamw(0.001))``."""
         return describe(self)
+
+
+def _checked_init(init: TransformInitFn) -> TransformInitFn:
+    if getattr(init, "_fr_checked", False):
+        return init
+
+    def checked(params: PyTree) -> Any:
+        leaves, _ = flatten(params)
+        for i, leaf in enumerate(leaves):
+            if leaf is not None and not isinstance(leaf, torch.Tensor):
+                raise LeafTypeError(
+                    f"parameter {tree_names(params)[i]!r} is {leaf!r:.40} (of type {type(leaf).__name__}), "
+                    "expected a tensor (or None for a parameter without state)"
+                )
+        return init(params)
+
+    checked._fr_checked = True  # type: ignore[attr-defined]
+    checked.__wrapped__ = init  # type: ignore[attr-defined]
+    return checked
 
 
 class EmptyState(NamedTuple):
@@ -192,6 +220,12 @@ def _check_update(u: Any, spec: TreeSpec, n: int, i: int, who: str) -> None:
     if not isinstance(u, torch.Tensor):
         raise LeafTypeError(
             f"{who}: the update for {_name_at(spec, n, i)!r} is {_kind(u)}, expected a tensor or None"
+        )
+    if u.layout is not torch.strided:
+        raise LeafTypeError(
+            f"{who}: the update for {_name_at(spec, n, i)!r} is a {u.layout} tensor; funcreg's transforms take "
+            "dense (strided) gradients: pass grad.to_dense() (torch.optim's Adam and AdamW refuse sparse "
+            "gradients too)"
         )
     if not (u.is_floating_point() or u.is_complex()):
         raise LeafTypeError(

@@ -14,6 +14,7 @@ not know about donation simply stays pure: that is always correct.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -64,25 +65,52 @@ def set_donating(active: bool) -> bool:
     return previous
 
 
-class DonationTracker:
-    """Catches the common misuse of donation: stepping a state that an earlier step consumed.
+class _Generation:
+    """The mark of one donated state object: alive exactly as long as the state (in its ``__dict__``)."""
 
-    A donated step overwrites the tensors of the state it is given; calling it again with that same
-    state object (instead of the one it returned) would silently step from overwritten values.
+    __slots__ = ("__weakref__",)
+
+
+class DonationTracker:
+    """Catches a misuse of donation: stepping a state that an earlier step consumed.
+
+    A donated step overwrites the tensors of the state it is given; calling it again with that state
+    object (instead of the one it returned) would silently step from overwritten values. States
+    whose class sets ``_fr_generations = True`` (:class:`funcreg.TrainState`) carry a mark, and every
+    state consumed by any earlier step of this tracker is refused, as long as it exists. Other states
+    (the raw states of :func:`funcreg.donated_update`, which cannot carry a mark) are refused when
+    they are the state consumed by the step just before.
     """
 
     def __init__(self) -> None:
+        self._consumed: weakref.WeakSet[_Generation] = weakref.WeakSet()
         # references, not ids: a freed state's id can be reused by a new object
-        self._consumed: object = None
-        self._produced: object = None
+        self._last_consumed: object = None
+        self._last_produced: object = None
 
     def consume(self, state: object) -> None:
-        if state is self._consumed and state is not self._produced:
+        mark = _mark(state)
+        if mark is not None:
+            stale = mark in self._consumed
+            self._consumed.add(mark)
+        else:
+            stale = state is self._last_consumed and state is not self._last_produced
+            self._last_consumed = state
+        if stale:
             raise ValueError(
                 "this state was donated to an earlier step, which overwrote its tensors: pass the state "
-                "that step returned"
+                "that the latest step returned"
             )
-        self._consumed = state
 
     def produce(self, state: object) -> None:
-        self._produced = state
+        self._last_produced = state
+
+
+def _mark(state: object) -> _Generation | None:
+    if not getattr(type(state), "_fr_generations", False):
+        return None
+    d = state.__dict__
+    mark = d.get("_fr_generation")
+    if mark is None:
+        mark = d["_fr_generation"] = _Generation()
+    return mark

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from funcreg._src.aliasing import OverlapCheck
 from funcreg._src.donation import DonationTracker
 from funcreg._src.ensemble_stacked import stacked_kernel, stacked_step
 from funcreg._src.hparams import as_hparams, float_dtype
@@ -209,6 +210,7 @@ class EnsembleStep:
         self.step = step
         self.batch = batch
         self._donations = DonationTracker()
+        self._overlap = OverlapCheck()
         # eager: the optimizer on the stacked tensors, outside vmap, where that is exact
         self._stacked = stacked_kernel(step)
 
@@ -261,6 +263,8 @@ class EnsembleStep:
                 _check_members(f"batch argument {i}", b, n)
         in_dims = (0,) + ((0 if self.batch == "per_member" else None),) * len(batch)
         if self.step.donate:
+            if not _is_traced(train_state.hparams):
+                self._overlap.check(train_state.params, train_state.opt_state, names=("params", "opt_state"))
             self._donations.consume(train_state)
         out = None
         if self._stacked is not None:

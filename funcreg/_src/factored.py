@@ -125,9 +125,12 @@ def scale_by_adafactor(
                 var = torch.lerp(var, g * g, b_t)
                 estimate = var
             u = torch.rsqrt(estimate.clamp(min=e1 * e1)) * g
-            root_n = u.numel() ** 0.5
-            denom = torch.clamp(torch.linalg.vector_norm(u) / (root_n * d), min=1.0)
-            scale = torch.clamp(torch.linalg.vector_norm(w) / (w.numel() ** 0.5), min=eps2)
+            # torch takes these two maxima in Python (max(1.0, nan) is 1.0): a NaN entry of u or w
+            # leaves the other entries finite, where clamp would spread it over the whole tensor
+            rms_u = torch.linalg.vector_norm(u) / (u.numel() ** 0.5 * d)
+            denom = torch.where(rms_u > 1.0, rms_u, 1.0)
+            rms_w = torch.linalg.vector_norm(w) / (w.numel() ** 0.5)
+            scale = torch.where(rms_w > eps2, rms_w, eps2)
             out.append(u * (scale / denom))
             rows.append(row)
             cols.append(col)

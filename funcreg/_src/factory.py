@@ -26,6 +26,7 @@ from funcreg._src.factory_names import _register as _register
 from funcreg._src.factory_names import _torch_like as _torch_like
 from funcreg._src.factory_names import optimizer_spec as optimizer_spec
 from funcreg._src.forms import add_penalty_grad, decoupled, proximal
+from funcreg._src.named_params import named_parameters
 from funcreg._src.penalties import Penalty, l2
 from funcreg._src.selection import Selection, decay_mask, resolve_mask
 from funcreg._src.transform import add_decayed_weights, decoupled_weight_decay, scale
@@ -122,7 +123,7 @@ def group_factory(name: str) -> tuple[Callable[..., GradientTransformation], dic
 
 def _names_and_tree(model_or_params: Any) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
     if isinstance(model_or_params, nn.Module):
-        return model_or_params, list(model_or_params.named_parameters())
+        return model_or_params, named_parameters(model_or_params)
     items = list(model_or_params.items()) if isinstance(model_or_params, Mapping) else list(model_or_params)
     if items and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items):
         return dict(items), items
@@ -153,7 +154,7 @@ def _selection(decay: Any, source: Any, names: list[str], weight_decay: Any) -> 
         return decay
     tree = {
         n: p.detach()
-        for n, p in (source.named_parameters() if isinstance(source, nn.Module) else source.items())
+        for n, p in (named_parameters(source) if isinstance(source, nn.Module) else source.items())
     }
     produced = decay(source) if callable(decay) else decay
     if isinstance(produced, Selection):
@@ -182,6 +183,13 @@ def create_optimizer(
     ``weight_decay``) and ``"no_decay"`` (``weight_decay=0.0``), as the HF ``Trainer`` and timm build
     them, so schedulers and per-group weight-decay schedules work as with torch.optim. The selection
     is ``opt.selection`` (``print(opt.selection)`` shows the rule for each parameter).
+
+    Decay sets differ by entry, on purpose: ``fr.TorchOptimizer(params, "adamw", weight_decay=wd)``
+    keeps torch's rule (every parameter of a group with ``weight_decay > 0``, biases and norm
+    parameters too), this function applies the selection; ``print(opt)`` says which. A group added
+    later (``opt.add_param_group``, as Lightning's ``BackboneFinetuning`` does) follows torch's rule:
+    its own ``weight_decay``, else this optimizer's default ``weight_decay`` for all its parameters
+    (give it ``"weight_decay": 0.0``, or two groups, to keep biases and norms undecayed).
 
     Args:
         model_or_params: a module (recommended: names, types and ``model.no_weight_decay()`` inform

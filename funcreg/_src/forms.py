@@ -262,7 +262,7 @@ def proximal(
 
     def init(params: PyTree) -> PenaltyState:
         fp = FlatParams.of(params)
-        # a sum of penalties has a prox only where its terms select different parameters: find out now,
+        # a sum of penalties has a prox only where one non-quadratic term selects a parameter: find out now,
         # not at the first update
         reason = penalty.why_no_prox(fp)
         if reason is not None:

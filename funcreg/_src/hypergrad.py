@@ -94,6 +94,17 @@ def _scalar(value: Any, who: str) -> torch.Tensor:
     return value
 
 
+def _depends(value: torch.Tensor, on: str) -> torch.Tensor:
+    """``value``, which ``torch.func.grad`` is differentiating: refused where it does not depend on its
+    input at all (a metric through ``.item()`` or NumPy, a constant), whose gradient would be a silent 0."""
+    if not value.requires_grad:
+        raise ValueError(
+            f"val_loss does not depend on {on}, so its hypergradient would be a silent 0: compute it with "
+            "torch operations on the parameters it is given (not through .item(), NumPy or a constant)"
+        )
+    return value
+
+
 def hypergradient(
     step: Step,
     params: PyTree,
@@ -164,7 +175,10 @@ def hypergradient(
         state = step.init(params, hparams={**extra, name: c})
         for t in range(steps):
             state, _ = step(state, *batch_list[t % len(batch_list)])
-        value = _scalar(val_loss(state.params), "val_loss")
+        value = _depends(
+            _scalar(val_loss(state.params), "val_loss"),
+            f"the coefficient (through the parameters: does the step use hparams[{name!r}]?)",
+        )
         return value, (value, state.params)
 
     grad, (value, final) = torch.func.grad(run, has_aux=True)(c0)
@@ -268,7 +282,7 @@ def implicit_hypergradient(
         return [o + damping * x for o, x in zip(out, v)]
 
     def val_of(ws: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return _scalar(val_loss(tree(ws)), "val_loss")
+        return _depends(_scalar(val_loss(tree(ws)), "val_loss"), "the parameters")
 
     g_val, value = torch.func.grad_and_value(val_of)(tuple(w))
     g_val = list(g_val)

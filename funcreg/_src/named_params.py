@@ -14,8 +14,27 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
 from funcreg._src.tree import flatten, tree_names
+
+
+def check_initialized(name: str, p: Any) -> None:
+    """Raises ``ValueError`` naming ``name`` when ``p`` is an uninitialized parameter (a ``torch.nn.Lazy*``
+    module before its first forward pass), whose shape is not known yet."""
+    if isinstance(p, UninitializedTensorMixin):
+        raise ValueError(
+            f"parameter {name!r} is uninitialized (a torch.nn.Lazy* module): run one forward pass on a "
+            "batch first, which gives it its shape, then build the optimizer or take the parameters"
+        )
+
+
+def named_parameters(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``module.named_parameters()`` as a list, each parameter checked to be initialized."""
+    named: list[tuple[str, torch.Tensor]] = list(module.named_parameters())
+    for name, p in named:
+        check_initialized(name, p)
+    return named
 
 
 def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -33,7 +52,7 @@ def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"params_of expects a torch.nn.Module, got {type(module).__name__}")
-    return {name: p.detach() for name, p in module.named_parameters()}
+    return {name: p.detach() for name, p in named_parameters(module)}
 
 
 def buffers_of(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -83,6 +83,12 @@ def _check_data(data: Any, what: str) -> tuple[torch.Tensor, ...]:
             raise TypeError(f"{what}[{i}] must be a tensor with a leading example axis, got {d!r:.60}")
         if d.shape[0] != data[0].shape[0]:
             raise ValueError(f"{what}[{i}] has {d.shape[0]} examples, {what}[0] has {data[0].shape[0]}")
+        if (d.is_floating_point() or d.is_complex()) and not bool(torch.isfinite(d).all()):
+            bad = (~torch.isfinite(d)).reshape(d.shape[0], -1).any(dim=1).nonzero().flatten()
+            raise ValueError(
+                f"{what}[{i}] has non-finite entries (NaN or inf) in {bad.numel()} example(s), the first at "
+                f"row {int(bad[0])}: every coefficient's loss would be NaN; drop or impute them first"
+            )
     return tuple(data)
 
 

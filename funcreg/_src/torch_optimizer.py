@@ -18,6 +18,7 @@ import torch
 
 # the names imported `as` themselves were defined here before the torch_optimizer_* modules split
 # this one: they are re-exported, so that their old import path keeps working
+from funcreg._src.aliasing import OverlapCheck
 from funcreg._src.base import GradientTransformation
 from funcreg._src.combine import PartitionState
 from funcreg._src.torch_optimizer_build import _Built as _Built
@@ -37,6 +38,18 @@ from funcreg._src.validation import check_rate
 TransformOrFactory = Union[GradientTransformation, Callable[..., GradientTransformation], str]
 
 
+def _lr_as_learning_rate(
+    factory: Callable[..., GradientTransformation],
+) -> Callable[..., GradientTransformation]:
+    def with_lr(**options: Any) -> GradientTransformation:
+        if "lr" in options:
+            options["learning_rate"] = options.pop("lr")
+        return factory(**options)
+
+    with_lr.__name__ = getattr(factory, "__name__", "factory")
+    return with_lr
+
+
 class TorchOptimizer(_StateDictLoading):
     """A ``torch.optim.Optimizer`` that runs a funcreg transform per parameter group.
 
@@ -46,11 +59,21 @@ class TorchOptimizer(_StateDictLoading):
             param-group dicts ``[{"params": [...], "weight_decay": 0.0}, ...]`` as torch.optim takes them
             (HF ``Trainer``, timm's ``param_groups_weight_decay``).
         tx: a factory of a group's options, e.g.
-            ``lambda lr, weight_decay=0.0, **rest: fr.adamw(lr, weight_decay=weight_decay)``; a transform
+            ``lambda lr, weight_decay=0.0, **rest: fr.adamw(lr, weight_decay=weight_decay)``, or a funcreg
+            factory itself (``fr.adamw``: its ``learning_rate`` is the groups' ``lr``, the name torch's
+            schedulers drive, and ``learning_rate=`` here is taken as ``lr=``); a transform
             with its hyperparameters built in (no options, one transform per group); or the name of
             a :func:`funcreg.create_optimizer` optimizer (``"adamw"``), whose factory takes ``lr``,
-            ``weight_decay``, ``betas``/``momentum``, ``eps``, ``penalty``, ``form`` and ``mask``.
+            ``weight_decay``, ``betas``/``momentum``, ``eps``, ``penalty``, ``form`` and ``mask``. By
+            name, decay follows torch's rule (every parameter of a group with ``weight_decay > 0``);
+            :func:`funcreg.create_optimizer` applies ``fr.decay_mask`` instead (``print(opt)`` says which).
         lr: the default learning rate of every group (an option like the others below).
+        names_from: the module the parameters come from, to name unnamed parameters by their
+            ``named_parameters()`` names (HF ``Trainer`` and timm hand plain tensors): masks by name
+            then match. An unnamed parameter the module does not hold raises ``ValueError``. (Not
+            ``model=``: the HF Trainer takes a ``"model"`` entry of its optimizer kwargs as the
+            parameters themselves, and its decay groups would be lost.)
+            It names the constructor's groups; ``add_param_group`` takes ``(name, tensor)`` pairs.
         **options: the default options of every group (``weight_decay=0.1``, ``betas=(0.9, 0.999)``, ...).
 
     Options. Each group's options are the constructor's (its defaults) plus the keys given in its
@@ -92,8 +115,21 @@ class TorchOptimizer(_StateDictLoading):
         (0.005, ['count', 'exp_avg', 'exp_avg_sq', 'step'])
     """
 
-    def __init__(self, params: Any, tx: TransformOrFactory, lr: Any | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        params: Any,
+        tx: TransformOrFactory,
+        lr: Any | None = None,
+        *,
+        names_from: torch.nn.Module | None = None,
+        **options: Any,
+    ) -> None:
         # the types of the _fr_ attributes are declared on the bases (_GroupOptions, _GroupBuilds)
+        if names_from is not None and not isinstance(names_from, torch.nn.Module):
+            raise TypeError(f"names_from must be a torch.nn.Module, got a {type(names_from).__name__}")
+        self._fr_model_names = (
+            None if names_from is None else {id(p): n for n, p in names_from.named_parameters()}
+        )
         self._fr_fixed = None
         self._fr_factory = None
         self._fr_name: str | None = None
@@ -123,6 +159,20 @@ class TorchOptimizer(_StateDictLoading):
         elif callable(tx):
             self._fr_factory = tx
             self._fr_accepted, self._fr_required = _factory_signature(tx)
+            if (
+                self._fr_accepted is not None
+                and "learning_rate" in self._fr_accepted
+                and "lr" not in self._fr_accepted
+            ):
+                # funcreg's own factories (fr.adamw, fr.sgd, ...) say learning_rate: the groups say lr, as
+                # torch's schedulers expect, and the factory receives it under its own name
+                self._fr_factory = _lr_as_learning_rate(tx)
+                self._fr_accepted = (self._fr_accepted - {"learning_rate"}) | {"lr"}
+                self._fr_required = frozenset("lr" if k == "learning_rate" else k for k in self._fr_required)
+                if "learning_rate" in options:
+                    if lr is not None:
+                        raise TypeError("give the learning rate once: lr= or learning_rate=, not both")
+                    lr = options.pop("learning_rate")
             defaults = {}
             if lr is not None:
                 check_rate("lr", lr)
@@ -136,6 +186,9 @@ class TorchOptimizer(_StateDictLoading):
         self._fr_option_keys = []
         self._fr_built = []
         self._fr_written = {}
+        # donated steps write into the parameters and the state: none may share memory with another
+        self._fr_overlap_all = OverlapCheck()
+        self._fr_overlaps: dict[int, OverlapCheck] = {}
         self.selection: Any = None
         """The decay selection this optimizer applies, when :func:`funcreg.create_optimizer` made it."""
         # the groups' transforms are built once every group is in: a mask over the whole model (a
@@ -143,6 +196,7 @@ class TorchOptimizer(_StateDictLoading):
         self._fr_constructing = True
         super().__init__(_as_groups(params), defaults)
         self._fr_constructing = False
+        self._fr_model_names = None  # ids go stale once the optimizer is copied: later groups come named
         for g, group in enumerate(self.param_groups):
             if group["params"]:
                 built = self._prepare(g)
@@ -191,12 +245,20 @@ class TorchOptimizer(_StateDictLoading):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        everything = {
+            n: p
+            for g in range(len(self.param_groups))
+            for n, p in zip(self._group_names(g), self.param_groups[g]["params"])
+        }
+        self._fr_overlap_all.check(everything, {})
         for g, group in enumerate(self.param_groups):
             if not group["params"]:
                 continue
             built = self._prepare(g)
             state = self._read(g, built)
             params, grads = self._trees(g, built.names, grads=True)
+            overlap = self._fr_overlaps.setdefault(g, OverlapCheck())
+            overlap.check(dict(zip(self._group_names(g), group["params"])), state, grads)
             # the optimizer owns its parameters and state, as torch.optim does: a donated step writes
             # into them (torch.optim's own kernels for adam/adamw), with no update tensors in between
             new, state = donated_step(built.tx, grads, state, params)
@@ -292,5 +354,10 @@ class TorchOptimizer(_StateDictLoading):
             selected = getattr(self.selection, "selected", [])
             lines.append(
                 f"decay: {len(selected)} of {len(self.selection)} parameters (print(opt.selection) for the rule)"
+            )
+        elif self._fr_name is not None:
+            lines.append(
+                "decay: torch's rule, every parameter of a group with weight_decay > 0 (fr.create_optimizer "
+                "selects with fr.decay_mask instead)"
             )
         return "\n".join(lines)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from funcreg._src.base import GradientTransformation
+from funcreg._src.named_params import check_initialized, named_parameters
 
 # Options that change what an optimizer does: a group holding one that its factory never receives is
 # an error, not a setting silently ignored (a weight-decay schedule on a transform with its decay built in).
@@ -58,7 +59,7 @@ def _as_groups(params: Any) -> list[dict[str, Any]]:
             f"module; got a single tensor of shape {tuple(params.shape)} (wrap it in a list)"
         )
     if isinstance(params, nn.Module):
-        return [{"params": list(params.named_parameters())}]
+        return [{"params": named_parameters(params)}]
     if isinstance(params, dict):
         return [dict(params)]
     try:
@@ -82,7 +83,7 @@ def _as_groups(params: Any) -> list[dict[str, Any]]:
 
 def _param_items(params: Any, g: int) -> list[tuple[str | None, Any]]:
     if isinstance(params, nn.Module):
-        return list(params.named_parameters())
+        return list(named_parameters(params))
     if isinstance(params, torch.Tensor):
         return [(None, params)]
     if isinstance(params, set):
@@ -121,6 +122,8 @@ class _GroupOptions(torch.optim.Optimizer):
     _fr_accepted: frozenset[str] | None
     _fr_required: frozenset[str]
     _fr_option_keys: list[tuple[str, ...]]
+    # id -> name of the names_from= module's parameters, while the constructor adds its groups
+    _fr_model_names: dict[int, str] | None
     # list[_Built | None]: _Built lives in torch_optimizer_build, which imports this module
     _fr_built: list[Any]
 
@@ -205,6 +208,15 @@ class _GroupOptions(torch.optim.Optimizer):
                     f"param group {g}: 'param_names' must name each of its {len(items)} unnamed parameters"
                 )
             items = [(str(n), p) for n, (_, p) in zip(given_names, items)]
+        by_model = self._fr_model_names
+        if by_model is not None and all(n is None for n, _ in items):
+            for k, (_, p) in enumerate(items):
+                if id(p) not in by_model:
+                    raise ValueError(
+                        f"param group {g}: parameter {k} (shape {tuple(getattr(p, 'shape', ()))}) is not a "
+                        "parameter of the module passed as names_from="
+                    )
+            items = [(by_model[id(p)], p) for _, p in items]
         named = [n is not None for n, _ in items]
         if any(named) and not all(named):
             raise ValueError(f"param group {g}: give every parameter a name or none")
@@ -222,6 +234,7 @@ class _GroupOptions(torch.optim.Optimizer):
             name = n if n is not None else str(start + k)
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"param group {g}: parameter {name!r} is a {type(p).__name__}, not a tensor")
+            check_initialized(name, p)
             if id(p) in seen:
                 raise ValueError(
                     f"param group {g} lists parameter {name!r} twice (also as {seen[id(p)]!r}); each parameter "

@@ -16,6 +16,7 @@ from typing import Any, Literal, NamedTuple, Union, get_args
 import torch
 from torch import nn
 
+from funcreg._src.aliasing import OverlapCheck
 from funcreg._src.base import GradientTransformation
 from funcreg._src.combine import named_chain
 from funcreg._src.donation import DonationTracker
@@ -34,18 +35,29 @@ TransformLike = Union[GradientTransformation, Callable[[Hyperparams], GradientTr
 PenaltyLike = Union[None, Penalty, Callable[[Hyperparams], Penalty]]
 
 
-class TrainState(NamedTuple):
+class _TrainStateFields(NamedTuple):
+    params: PyTree
+    opt_state: Any
+    buffers: PyTree
+    hparams: dict[str, torch.Tensor]
+
+
+class TrainState(_TrainStateFields):
     """Everything a training step carries: a NamedTuple of trees of tensors (vmap-, save- and compile-able).
 
     ``params``: the parameter tree; ``opt_state``: the transform's state; ``buffers``: module buffers
     such as BatchNorm running statistics (``{}`` when unused); ``hparams``: hyperparameters handed to
     transform/penalty factories, as tensors (``{}`` when unused; one value per member in a sweep).
+
+    A donated step marks each state it consumes (in the instance's ``__dict__``, which pickling and
+    ``_replace`` leave out), so stepping any earlier state again raises instead of reading
+    overwritten tensors.
     """
 
-    params: PyTree
-    opt_state: Any
-    buffers: PyTree
-    hparams: dict[str, torch.Tensor]
+    _fr_generations = True  # see funcreg._src.donation.DonationTracker
+
+    def __reduce__(self) -> Any:
+        return (type(self), tuple(self))
 
 
 _MODULE_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
@@ -129,6 +141,7 @@ class Step:
         self.buffers = buffers
         self.donate = donate
         self._donations = DonationTracker()
+        self._overlap = OverlapCheck()
 
     def transform(self, hparams: Hyperparams) -> GradientTransformation:
         """The full transform for these hyperparameters: ``tx`` with the penalty's form wired in.
@@ -252,9 +265,10 @@ class Step:
         tracked = self.donate and not compiling() and not _is_vmapped(params)
         if self.donate:
             if tracked:
-                self._donations.consume(train_state)
                 check_donatable("params", params, unique=True)
                 check_donatable("opt_state", opt_state)
+                self._overlap.check(params, opt_state, grads, names=("params", "opt_state"))
+                self._donations.consume(train_state)  # last: a step refused above consumed nothing
             # not differentiable (it overwrites what autograd would need): see donated_update
             new_params, new_opt_state = donated_step(tx, grads, opt_state, params)
         else:

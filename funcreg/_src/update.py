@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
 
 from funcreg._src import leafwise
+from funcreg._src.aliasing import OverlapCheck
 from funcreg._src.base import GradientTransformation, flat
 from funcreg._src.describe import compiling
-from funcreg._src.donation import set_donating
+from funcreg._src.donation import DonationTracker, set_donating
 from funcreg._src.fused_forms import kernel_of
 from funcreg._src.tree import flatten, tensors_of, tree_names
 from funcreg._src.typing import PyTree
@@ -102,7 +104,10 @@ def donated_update(
     The donated ``state`` and ``params`` must not be used afterwards except through the returned ones
     (for most transforms they are the same tensors with new contents). ``grads`` are only read.
     Transforms that cannot update in place run pure, which is always correct. Refused
-    (``ValueError``) where autograd needs the old values, or a tensor is donated twice. A donated
+    (``ValueError``, naming the tensors) where autograd needs the old values, a tensor is donated
+    twice, two parameters or a parameter and a state tensor share memory (views of one storage), a
+    gradient shares memory with either, or ``state`` is the one the previous donated step of this
+    thread consumed. A donated
     step is not differentiable: it runs under ``torch.no_grad()`` (use the pure path to differentiate
     through an optimizer step, e.g. with respect to a learning rate).
 
@@ -119,12 +124,28 @@ def donated_update(
         >>> params["w"], params["w"] is buffer  # 1 - 0.1 * 0.5: written into the donated tensor
         (tensor([0.9500, 0.9500]), True)
     """
-    if (
-        not compiling()
-    ):  # under torch.compile the checks ran when the caller was traced eagerly, or not at all
-        check_donatable("params", params, unique=True)
-        check_donatable("state", state)
-    return donated_step(tx, grads, state, params)
+    if compiling():  # under torch.compile the checks ran when the caller was traced eagerly, or not at all
+        return donated_step(tx, grads, state, params)
+    check_donatable("params", params, unique=True)
+    check_donatable("state", state)
+    checks = _CHECKS
+    checks.overlap.check(params, state, grads)
+    checks.donations.consume(state)  # last: a step refused above consumed nothing
+    params, state = donated_step(tx, grads, state, params)
+    checks.donations.produce(state)
+    return params, state
+
+
+class _ThreadChecks(threading.local):
+    """The checks of :func:`donated_update` in this thread: the state it consumed last, and the
+    memory layout of what it last wrote."""
+
+    def __init__(self) -> None:
+        self.donations = DonationTracker()
+        self.overlap = OverlapCheck()
+
+
+_CHECKS = _ThreadChecks()
 
 
 def donated_step(tx: GradientTransformation, grads: PyTree, state: Any, params: PyTree) -> tuple[PyTree, Any]:

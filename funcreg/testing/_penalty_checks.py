@@ -17,15 +17,20 @@ from funcreg.testing._search import ParamsLike, _check_seed, _params_strategy, _
 from funcreg.testing.strategies import like
 
 
+def _quadratic(z: PyTree, v: PyTree) -> float:
+    """``1/2 ||z - v||^2`` in float64."""
+    z_leaves, _ = flatten(z)
+    v_leaves, _ = flatten(v)
+    return 0.5 * sum(
+        float(((a.double() - b.double()) ** 2).sum()) for a, b in zip(z_leaves, v_leaves) if a is not None
+    )
+
+
 def _objective(penalty: Penalty, z: PyTree, v: PyTree, step: float) -> float:
     """``1/2 ||z - v||^2 + step * P(z)`` in float64."""
     z_leaves, spec = flatten(z)
-    v_leaves, _ = flatten(v)
     z64 = unflatten([None if x is None else x.double() for x in z_leaves], spec)
-    quad = sum(
-        float(((a.double() - b.double()) ** 2).sum()) for a, b in zip(z_leaves, v_leaves) if a is not None
-    )
-    return 0.5 * quad + step * float(penalty(z64))
+    return _quadratic(z, v) + step * float(penalty(z64))
 
 
 def _prox_objective(penalty: Penalty, z: PyTree, v: PyTree, step: float) -> float:
@@ -33,7 +38,8 @@ def _prox_objective(penalty: Penalty, z: PyTree, v: PyTree, step: float) -> floa
     dtype (a float32 projection is feasible to float32's precision, not to float64's)."""
     value = _objective(penalty, z, v, step)
     if value == float("inf") and float(penalty(z)) < float("inf"):
-        return _objective(penalty, z, v, 0.0) + step * float(penalty(z))
+        # the quadratic alone: step * P in float64 is step * inf here, and 0 * inf would be nan
+        return _quadratic(z, v) + step * float(penalty(z))
     return value
 
 

@@ -91,32 +91,70 @@ def is_scalar(x: Any) -> bool:
 
 
 def check_coefficient(name: str, coeff: Coefficient) -> None:
-    """A coefficient: a number or 0-d tensor ``>= 0``, or a tree of them (one per leaf)."""
+    """A coefficient: a number or 0-d tensor ``>= 0``, or a tree of them (one per leaf).
+
+    ``None``, alone or as a leaf of the tree, is refused (``TypeError`` naming the key): a penalty
+    built with it would fail only when first applied, far from the call that built it. A parameter
+    the penalty is not to touch is left out with ``mask=``, or given the coefficient 0.
+
+    Examples:
+        >>> import funcreg as fr
+        >>> try:
+        ...     fr.l2({"w": 0.1, "b": None})
+        ... except TypeError as err:
+        ...     print(err)
+        Invalid coeff value at 'b': None (expected a number >= 0 or a 0-d tensor; leave a parameter out with mask=, or give it 0)
+    """
+    if coeff is None:
+        raise TypeError(
+            f"Invalid {name} value: None (expected a number >= 0, a 0-d tensor or a tree of them)"
+        )
     if is_scalar(coeff):
         check_number(name, coeff, low=0.0)
         return
     leaves, _ = flatten(coeff)
     if not leaves:
         raise ValueError(f"Invalid {name} value: {coeff!r} (an empty tree)")
-    for leaf in leaves:
-        if leaf is not None:
-            check_number(name, leaf, low=0.0)
+    for key, leaf in zip(tree_names(coeff), leaves):
+        if leaf is None:
+            raise TypeError(
+                f"Invalid {name} value at {key!r}: None (expected a number >= 0 or a 0-d tensor; leave a "
+                "parameter out with mask=, or give it 0)"
+            )
+        check_number(name, leaf, low=0.0)
 
 
 def selection(
     name: str, mask: MaskLike | None, fp: FlatParams, default: Callable[[torch.Tensor], bool] | None = None
 ) -> list[bool]:
-    """Which leaves a penalty touches: its mask, or ``default`` (all tensors when ``None``); never none."""
+    """Which leaves a penalty touches: its mask, or ``default`` (all tensors when ``None``).
+
+    ``None`` leaves are parameters absent from this call (another param group's, in
+    :class:`funcreg.TorchOptimizer`): a mask that selects only them selects nothing here, which is
+    fine. A mask that selects no name of the tree, or a default rule that no present tensor passes
+    when no parameter is absent, raises :class:`SelectionError`.
+    """
     if mask is None:
         keep = [leaf is not None and (default is None or default(leaf)) for leaf in fp.leaves]
+        matched = any(keep) or any(leaf is None for leaf in fp.leaves)
     else:
         resolved = (
             mask(fp.tree) if isinstance(mask, CachedMask) else resolve_mask(mask, fp.tree, f"{name} mask")
         )
         keep = [k and leaf is not None for k, leaf in zip(resolved, fp.leaves)]
-    if not any(keep):
+        matched = any(resolved)
+    if not matched:
         raise SelectionError(f"penalty {name!r} selects no parameter")
     return keep
+
+
+def zero_like_present(fp: FlatParams) -> torch.Tensor:
+    """The value of a penalty that selects no leaf present in this call: a 0-d zero with the dtype
+    and device of the first tensor leaf (float32 on the default device when there is none)."""
+    for leaf in fp.leaves:
+        if isinstance(leaf, torch.Tensor):
+            return torch.zeros((), dtype=leaf.dtype, device=leaf.device)
+    return torch.zeros(())
 
 
 class Penalty:
@@ -170,6 +208,12 @@ class Penalty:
     def why_no_prox(self, fp: FlatParams) -> str | None:
         """``None`` when :meth:`prox_flat` has a closed form for these parameters, else the reason."""
         return f"penalty {self.name!r} has no closed-form proximal map"
+
+    def quadratic_flat(self, fp: FlatParams) -> list[tuple[Any, torch.Tensor | None] | None] | None:
+        """``None`` unless the penalty is ``sum curvature/2 * |w - center|^2`` over its leaves; then
+        ``(curvature, center)`` per selected leaf (``None`` for the others; a ``None`` center is 0).
+        A sum of penalties folds such a term into the prox of another on the same leaf."""
+        return None
 
     def prox_flat(self, fp: FlatParams, step: Any) -> list[torch.Tensor | None]:
         """The prox per leaf; ``None`` where the leaf is left as it is."""
@@ -271,7 +315,16 @@ class Penalty:
 
 
 class SumPenalty(Penalty):
-    """``sum_k scale_k * P_k``. Its prox is the terms' proxes when they select disjoint parameters."""
+    """``sum_k scale_k * P_k``. Its prox exists where at most one term that is not a quadratic
+    (:meth:`Penalty.quadratic_flat`) selects each parameter: quadratic terms fold into that term's prox.
+
+    Examples:
+        >>> import torch, funcreg as fr
+        >>> v = {"w": torch.tensor([3.0, -0.5])}
+        >>> # L1 + L2 on one tensor: soft-threshold v / (1 + t c) by t a / (1 + t c), as elastic net
+        >>> (fr.l1(1.0) + fr.l2(1.0)).prox(v, step=1.0)["w"]
+        tensor([1., -0.])
+    """
 
     def __init__(self, parts: Sequence[tuple[Any, Penalty]]) -> None:
         flat_parts: list[tuple[Any, Penalty]] = []
@@ -335,29 +388,94 @@ class SumPenalty(Penalty):
                 total[i] = g if total[i] is None else cast(torch.Tensor, total[i]) + g
         return total
 
+    def _plan(self, fp: FlatParams) -> tuple[list[Any], list[list[int]], str | None]:
+        """Per part its quadratic form (or ``None``), per leaf the parts selecting it, and why the
+        sum has no closed-form prox (``None`` when it has one)."""
+        quads = [p.quadratic_flat(fp) for _, p in self.parts]
+        owners: list[list[int]] = [[] for _ in fp.leaves]
+        for k, (_, p) in enumerate(self.parts):
+            if quads[k] is None:
+                reason = p.why_no_prox(fp)
+                if reason is not None:
+                    return quads, owners, reason
+            for i, sel in enumerate(p.selected_flat(fp)):
+                if sel:
+                    owners[i].append(k)
+        for i, ks in enumerate(owners):
+            other = [k for k in ks if quads[k] is None]
+            if len(other) > 1:
+                a, b = (self._names[k] for k in other[:2])
+                return (
+                    quads,
+                    owners,
+                    (
+                        "the prox of a sum is only known when at most one non-quadratic term selects each "
+                        f"parameter; {a!r} and {b!r} both select {fp.names[i]!r} (use fr.elastic_net for L1+L2)"
+                    ),
+                )
+            if other and any(_elementwise(_curvature(quads[k], i)) for k in ks if quads[k] is not None):
+                return (
+                    quads,
+                    owners,
+                    (
+                        f"the prox of a sum folds a quadratic term into {self._names[other[0]]!r} on "
+                        f"{fp.names[i]!r} only with a scalar curvature, not an elementwise precision"
+                    ),
+                )
+        return quads, owners, None
+
     def why_no_prox(self, fp: FlatParams) -> str | None:
-        owner: list[str | None] = [None] * len(fp.leaves)
-        for name, (_, p) in zip(self._names, self.parts):
-            reason = p.why_no_prox(fp)
-            if reason is not None:
-                return reason
-            for i, k in enumerate(p.selected_flat(fp)):
-                if k and owner[i] is not None:
-                    return (
-                        f"the prox of a sum is only known when the terms select different parameters; "
-                        f"{owner[i]!r} and {name!r} both select {fp.names[i]!r} (use fr.elastic_net for L1+L2)"
-                    )
-                if k:
-                    owner[i] = name
-        return None
+        return self._plan(fp)[2]
 
     def prox_flat(self, fp: FlatParams, step: Any) -> list[torch.Tensor | None]:
-        reason = self.why_no_prox(fp)
+        # Quadratic terms q_k = s_k c_k/2 |w - a_k|^2 fold into the prox of the one other term f:
+        # prox_{t(f + sum q_k)}(v) = prox_{t s_f f/(1+T)}((v + t sum s_k c_k a_k)/(1+T)), T = t sum s_k c_k.
+        quads, owners, reason = self._plan(fp)
         if reason is not None:
             raise NotImplementedError(reason)
         out: list[torch.Tensor | None] = [None] * len(fp.leaves)
-        for scale, p in self.parts:
-            for i, n in enumerate(p.prox_flat(fp, step if self._is_one(scale) else step * scale)):
-                if n is not None:
-                    out[i] = n
+        # the leaves of one other term with the same curvatures share its folded step: one call each
+        batches: dict[tuple[Any, ...], tuple[Any, list[Any]]] = {}
+        for i, ks in enumerate(owners):
+            if not ks:
+                continue
+            curvature: Any = 0.0
+            pull: Any = None
+            key: list[Any] = []
+            for k in ks:
+                q = quads[k]
+                if q is None:
+                    continue
+                c, center = q[i]
+                sc = c if self._is_one(self.parts[k][0]) else self.parts[k][0] * c
+                curvature = curvature + sc
+                if center is not None:
+                    pull = sc * center if pull is None else pull + sc * center
+                key.append((k, id(c) if isinstance(c, torch.Tensor) else c))
+            v = fp.leaves[i]
+            if key:
+                total = step * curvature
+                moved = (v if pull is None else v + step * pull) / (1 + total)
+            else:
+                total, moved = 0.0, v
+            other = [k for k in ks if quads[k] is None]
+            if not other:
+                out[i] = moved
+                continue
+            _, leaves = batches.setdefault((other[0], *key), (total, [None] * len(fp.leaves)))
+            leaves[i] = moved
+        for (k, *_), (total, leaves) in batches.items():
+            scale, p = self.parts[k]
+            t = (step if self._is_one(scale) else step * scale) / (1 + total)
+            for i, z in enumerate(p.prox_flat(fp.with_leaves(leaves), t)):
+                if leaves[i] is not None:
+                    out[i] = leaves[i] if z is None else z
         return out
+
+
+def _curvature(quad: Any, i: int) -> Any:
+    return quad[i][0]
+
+
+def _elementwise(curvature: Any) -> bool:
+    return isinstance(curvature, torch.Tensor) and curvature.ndim > 0

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from funcreg._src.mask_cache import CachedMask
-from funcreg._src.penalties.base import FlatParams, Penalty, records_call, selection
+from funcreg._src.penalties.base import FlatParams, Penalty, records_call, selection, zero_like_present
 from funcreg._src.tree import check_same_spec, flatten, unflatten
 from funcreg._src.typing import MaskLike, PyTree
 
@@ -65,6 +65,8 @@ class CustomPenalty(Penalty):
 
     def terms_flat(self, fp: FlatParams) -> list[tuple[str, torch.Tensor]]:
         keep = self.selected_flat(fp)
+        if not any(keep):  # only absent (None) leaves are selected: another param group's
+            return [(self.name, zero_like_present(fp))]
         value = self.fn(self._view(fp, fp.leaves, keep))
         if not isinstance(value, torch.Tensor) or value.ndim != 0:
             raise TypeError(f"penalty {self.name!r} must return a 0-d tensor, got {value!r}")
@@ -72,6 +74,8 @@ class CustomPenalty(Penalty):
 
     def grad_flat(self, fp: FlatParams) -> list[torch.Tensor | None]:
         keep = self.selected_flat(fp)
+        if not any(keep):
+            return [None] * len(fp.leaves)
         if self._grad is not None:
             return self._unview(fp, self._grad(self._view(fp, fp.leaves, keep)), keep, "grad")
         idx = [i for i, k in enumerate(keep) if k]
@@ -99,6 +103,8 @@ class CustomPenalty(Penalty):
                 f"penalty {self.name!r} has no closed-form proximal map (pass prox=...)"
             )
         keep = self.selected_flat(fp)
+        if not any(keep):
+            return [None] * len(fp.leaves)
         return self._unview(fp, self._prox(self._view(fp, fp.leaves, keep), step), keep, "prox")
 
 

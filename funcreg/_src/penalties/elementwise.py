@@ -75,6 +75,7 @@ L2 = LeafRule(
     value=lambda w, c: 0.5 * c * torch.sum(abs2(w)),
     grad=lambda w, c: c * w,
     prox=proxes.shrink,
+    quadratic=lambda c: (c, None),
     value_many=lambda ws, c: 0.5 * c * _sum_of_norms(ws, 2),
     grad_many=lambda ws, c: list(torch._foreach_mul(ws, c)),
     prox_many=lambda vs, t: list(torch._foreach_div(vs, 1 + t)),
@@ -195,7 +196,13 @@ def _anchor_grad(w: torch.Tensor, c: Any, reference: torch.Tensor, precision: An
     return c * d if precision is None else c * precision * d
 
 
-ANCHOR = LeafRule(value=_anchor_value, grad=_anchor_grad, prox=proxes.anchor_prox)
+def _anchor_quadratic(c: Any, reference: torch.Tensor, precision: Any = None) -> tuple[Any, torch.Tensor]:
+    return (c if precision is None else c * precision), reference
+
+
+ANCHOR = LeafRule(
+    value=_anchor_value, grad=_anchor_grad, prox=proxes.anchor_prox, quadratic=_anchor_quadratic
+)
 
 
 def owned_tree(argument: str, tree: PyTree, non_negative: bool = False) -> PyTree:

@@ -12,7 +12,14 @@ from funcreg._src.distributed.dtensor import check_same_kind, full_value, is_dte
 from funcreg._src.errors import LeafTypeError
 from funcreg._src.leafwise import can_foreach
 from funcreg._src.mask_cache import CachedMask
-from funcreg._src.penalties.base import Coefficient, FlatParams, Penalty, is_scalar, selection
+from funcreg._src.penalties.base import (
+    Coefficient,
+    FlatParams,
+    Penalty,
+    is_scalar,
+    selection,
+    zero_like_present,
+)
 from funcreg._src.tree import broadcast_prefix
 from funcreg._src.typing import MaskLike, PyTree
 
@@ -29,6 +36,10 @@ class LeafRule:
         default_select: which tensors are selected when no mask is given (``None``: all).
         differentiable: ``False`` for a constraint (an indicator: a projection, no gradient).
         complex_ok: whether the rule means something for complex tensors.
+        quadratic: ``quadratic(*c, **aux) -> (curvature, center)`` where the rule is
+            ``curvature/2 * |w - center|^2`` (``center`` ``None``: 0; ``curvature`` a number, a 0-d
+            or an elementwise tensor), so that a sum of penalties folds it into the prox of the
+            other term on the same parameter (``None``: not a quadratic).
         value_many, grad_many, prox_many: the same over a list of tensors sharing scalar coefficients
             (``value_many(ws, *c)`` the summed value, unrecorded by autograd; the others one result
             per tensor), with ``torch._foreach_*`` kernels: a tree of many small tensors then costs a
@@ -43,6 +54,7 @@ class LeafRule:
     default_select: Callable[[torch.Tensor], bool] | None = None
     differentiable: bool = True
     complex_ok: bool = True
+    quadratic: Callable[..., tuple[Any, torch.Tensor | None]] | None = None
     value_many: Callable[..., torch.Tensor] | None = None
     grad_many: Callable[..., list[torch.Tensor]] | None = None
     prox_many: Callable[..., list[torch.Tensor]] | None = None
@@ -176,7 +188,8 @@ class LeafPenalty(Penalty):
         index = [i for i, k in enumerate(keep) if k]
         ws = [fp.leaves[i] for i in index]
         if (
-            not can_foreach(ws, *self.coefficients)
+            not ws
+            or not can_foreach(ws, *self.coefficients)
             or len({(w.dtype, w.device) for w in ws}) != 1
             or ws[0].is_complex()
         ):
@@ -199,7 +212,8 @@ class LeafPenalty(Penalty):
                 "its value", fp.names[i], w, lambda w=w, c=c, aux=aux: self.rule.value(w, *c, **aux)
             )
             total = v if total is None else total + v
-        assert total is not None
+        if total is None:
+            return [(self.name, zero_like_present(fp))]
         # over DTensor leaves the sum is a partial (per-shard) one: reduce it, so the value is global
         return [(self.name, full_value(total))]
 
@@ -223,6 +237,15 @@ class LeafPenalty(Penalty):
                 )
             else:
                 out[i] = torch.func.grad(lambda x, c=c, aux=aux: self.rule.value(x, *c, **aux))(w)
+        return out
+
+    def quadratic_flat(self, fp: FlatParams) -> list[tuple[Any, torch.Tensor | None] | None] | None:
+        quadratic = self.rule.quadratic
+        if quadratic is None:
+            return None
+        out: list[tuple[Any, torch.Tensor | None] | None] = [None] * len(fp.leaves)
+        for i, _, c, aux in self._items(fp):
+            out[i] = quadratic(*c, **aux)
         return out
 
     def why_no_prox(self, fp: FlatParams) -> str | None:

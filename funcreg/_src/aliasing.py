@@ -1,0 +1,145 @@
+"""Memory shared between the tensors a donated step writes and the tensors it reads.
+
+A donated step writes into the parameters and the state in place. Two of those that share memory
+(views of one storage: ``flat[:4]`` and ``flat[2:]``), or a gradient that shares memory with one of
+them (a gradient that *is* the momentum buffer), would make the step read what it has just written:
+a silently wrong result. :class:`OverlapCheck` refuses them with a named error. Overlap is judged on
+each tensor's address range (from its first to its last element), so two views that interleave
+without touching one element (``flat[0::2]`` and ``flat[1::2]``) are refused too: conservative, never
+wrong. Tensors without plain strided memory of their own (empty, sparse, meta, vmapped or
+``torch.func``-wrapped ones, tensor subclasses such as DTensor) are not compared.
+
+State tensors may share memory with each other (a transform's own business); they may not share it
+with a parameter or a gradient.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from funcreg._src.tree import flatten, tree_names
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def memory_span(x: Any) -> tuple[int, int] | None:
+    """``(first byte, one past the last byte)`` of ``x``'s elements, or ``None`` when ``x`` has no plain
+    strided memory to compare (not a tensor, empty, sparse, meta, wrapped, a subclass).
+
+    Examples:
+        >>> import torch
+        >>> from funcreg._src.aliasing import memory_span
+        >>> flat = torch.zeros(6)
+        >>> a, b = memory_span(flat[:4]), memory_span(flat[2:])
+        >>> b[0] < a[1]  # they overlap: flat[2] and flat[3] are in both
+        True
+    """
+    if type(x) not in _PLAIN or x.layout is not torch.strided or x.is_meta or x.numel() == 0:
+        return None
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return None
+    size = x.element_size()
+    if x.is_contiguous():
+        extent = x.numel() * size
+    else:
+        extent = (sum((n - 1) * abs(s) for n, s in zip(x.shape, x.stride())) + 1) * size
+        if any(s < 0 for s in x.stride()):  # pragma: no cover - torch has no negative strides today
+            return None
+    start = x.data_ptr()
+    return start, start + extent
+
+
+def _address(x: torch.Tensor) -> int:
+    """Where ``x``'s elements start, or 0 for a tensor without memory of its own to compare."""
+    if type(x) not in _PLAIN or x.layout is not torch.strided or x.is_meta:
+        return 0
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return 0
+    return x.data_ptr()
+
+
+class OverlapCheck:
+    """Refuses donated tensors that share memory (``ValueError`` naming both), for one step function.
+
+    The spans of the donated tensors (parameters and state) are recomputed only when their tensors
+    or addresses change (a donated step keeps them); gradients are new at each step and are looked up
+    against them with a binary search.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self._members: list[list[tuple[int, int, str]]] = []
+
+    def check(
+        self, params: Any, state: Any, grads: Any = None, names: Sequence[str] = ("params", "state")
+    ) -> None:
+        """Raises where a parameter overlaps another parameter or a state tensor, or a gradient
+        overlaps either. ``names`` are how the error calls the two trees."""
+        p_leaves, _ = flatten(params)
+        s_leaves, _ = flatten(state)
+        donated = [x for x in p_leaves if isinstance(x, torch.Tensor)] + [
+            x for x in s_leaves if isinstance(x, torch.Tensor)
+        ]
+        if donated and torch._C._functorch.is_functorch_wrapped_tensor(donated[0]):
+            return  # inside vmap or grad: the step is pure there (see funcreg._src.update)
+        key = (tuple(map(id, donated)), tuple(_address(x) for x in donated))
+        if key != self._key:
+            self._rebuild(params, state, names)
+            self._key = key
+        if grads is not None and self._starts:
+            self._check_grads(grads)
+
+    def _rebuild(self, params: Any, state: Any, names: Sequence[str]) -> None:
+        spans: list[tuple[int, int, bool, str]] = []
+        for tree, what, is_param in ((params, names[0], True), (state, names[1], False)):
+            leaves, _ = flatten(tree)
+            for name, leaf in zip(tree_names(tree), leaves):
+                span = memory_span(leaf)
+                if span is not None:
+                    spans.append((span[0], span[1], is_param, f"{what} {name!r}"))
+        spans.sort()
+        # sweep: every span still open when the next one starts overlaps it
+        open_spans: list[tuple[int, bool, str]] = []
+        for start, end, is_param, label in spans:
+            open_spans = [o for o in open_spans if o[0] > start]
+            for _, other_is_param, other in open_spans:
+                if is_param or other_is_param:
+                    raise ValueError(
+                        f"cannot donate: {other} and {label} share memory (views of one storage); a donated "
+                        "step would read what it has just written. Give each its own tensor (.clone()), or "
+                        "use the pure path"
+                    )
+            open_spans.append((end, is_param, label))
+        # merged, for the gradients: disjoint intervals, each with the tensors it covers
+        self._starts, self._ends, self._members = [], [], []
+        for start, end, _, label in spans:
+            if self._ends and start < self._ends[-1]:
+                self._ends[-1] = max(self._ends[-1], end)
+                self._members[-1].append((start, end, label))
+            else:
+                self._starts.append(start)
+                self._ends.append(end)
+                self._members.append([(start, end, label)])
+
+    def _check_grads(self, grads: Any) -> None:
+        leaves, _ = flatten(grads)
+        for i, leaf in enumerate(leaves):
+            span = memory_span(leaf)
+            if span is None:
+                continue
+            k = bisect.bisect_right(self._starts, span[0]) - 1
+            hit = k if k >= 0 and self._ends[k] > span[0] else None
+            if hit is None and k + 1 < len(self._starts) and self._starts[k + 1] < span[1]:
+                hit = k + 1
+            if hit is not None:
+                owner = next(m for a, b, m in self._members[hit] if a < span[1] and span[0] < b)
+                raise ValueError(
+                    f"cannot donate: gradient {tree_names(grads)[i]!r} shares memory with {owner}, which "
+                    "the step writes; pass a gradient of its own (.clone())"
+                )

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from funcreg._src.tree import flatten, tree_names
+from funcreg._src.tree import flatten, tensors_of, tree_names
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -38,28 +38,33 @@ def memory_span(x: Any) -> tuple[int, int] | None:
         >>> b[0] < a[1]  # they overlap: flat[2] and flat[3] are in both
         True
     """
-    if type(x) not in _PLAIN or x.layout is not torch.strided or x.is_meta or x.numel() == 0:
+    if type(x) not in _PLAIN:
         return None
-    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+    try:
+        start = x.data_ptr()
+    except RuntimeError:  # no storage of its own: vmapped or grad-tracked by torch.func, sparse
+        return None
+    if start == 0 or x.layout is not torch.strided:  # meta, or no elements
+        return None
+    if x.is_contiguous():
+        return (start, start + x.nbytes) if x.nbytes else None
+    if x.numel() == 0:
         return None
     size = x.element_size()
-    if x.is_contiguous():
-        extent = x.numel() * size
-    else:
-        extent = (sum((n - 1) * abs(s) for n, s in zip(x.shape, x.stride())) + 1) * size
-        if any(s < 0 for s in x.stride()):  # pragma: no cover - torch has no negative strides today
-            return None
-    start = x.data_ptr()
+    if any(s < 0 for s in x.stride()):  # pragma: no cover - torch has no negative strides today
+        return None
+    extent = (sum((n - 1) * s for n, s in zip(x.shape, x.stride())) + 1) * size
     return start, start + extent
 
 
 def _address(x: torch.Tensor) -> int:
     """Where ``x``'s elements start, or 0 for a tensor without memory of its own to compare."""
-    if type(x) not in _PLAIN or x.layout is not torch.strided or x.is_meta:
+    if type(x) not in _PLAIN:
         return 0
-    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+    try:
+        return x.data_ptr()
+    except RuntimeError:
         return 0
-    return x.data_ptr()
 
 
 class OverlapCheck:
@@ -67,7 +72,7 @@ class OverlapCheck:
 
     The spans of the donated tensors (parameters and state) are recomputed only when their tensors
     or addresses change (a donated step keeps them); gradients are new at each step and are looked up
-    against them with a binary search.
+    against them: one set lookup for a gradient in a storage of its own, a binary search otherwise.
     """
 
     def __init__(self) -> None:
@@ -75,19 +80,17 @@ class OverlapCheck:
         self._starts: list[int] = []
         self._ends: list[int] = []
         self._members: list[list[tuple[int, int, str]]] = []
+        self._storages: set[int] = set()  # where the donated tensors' storages start
 
     def check(
         self, params: Any, state: Any, grads: Any = None, names: Sequence[str] = ("params", "state")
     ) -> None:
         """Raises where a parameter overlaps another parameter or a state tensor, or a gradient
         overlaps either. ``names`` are how the error calls the two trees."""
-        p_leaves, _ = flatten(params)
-        s_leaves, _ = flatten(state)
-        donated = [x for x in p_leaves if isinstance(x, torch.Tensor)] + [
-            x for x in s_leaves if isinstance(x, torch.Tensor)
-        ]
+        donated = tensors_of(params) + tensors_of(state)
         if donated and torch._C._functorch.is_functorch_wrapped_tensor(donated[0]):
             return  # inside vmap or grad: the step is pure there (see funcreg._src.update)
+        # ids and addresses: a tensor freed and another allocated in its place has a new address or id
         key = (tuple(map(id, donated)), tuple(_address(x) for x in donated))
         if key != self._key:
             self._rebuild(params, state, names)
@@ -97,12 +100,14 @@ class OverlapCheck:
 
     def _rebuild(self, params: Any, state: Any, names: Sequence[str]) -> None:
         spans: list[tuple[int, int, bool, str]] = []
+        self._storages = set()
         for tree, what, is_param in ((params, names[0], True), (state, names[1], False)):
             leaves, _ = flatten(tree)
             for name, leaf in zip(tree_names(tree), leaves):
                 span = memory_span(leaf)
                 if span is not None:
                     spans.append((span[0], span[1], is_param, f"{what} {name!r}"))
+                    self._storages.add(leaf.untyped_storage().data_ptr())
         spans.sort()
         # sweep: every span still open when the next one starts overlaps it
         open_spans: list[tuple[int, bool, str]] = []
@@ -129,7 +134,16 @@ class OverlapCheck:
 
     def _check_grads(self, grads: Any) -> None:
         leaves, _ = flatten(grads)
+        storages = self._storages
         for i, leaf in enumerate(leaves):
+            # the common case in one lookup: a gradient in a storage of its own (autograd's)
+            if type(leaf) not in _PLAIN:
+                continue
+            try:
+                if leaf.untyped_storage().data_ptr() not in storages:
+                    continue
+            except RuntimeError:  # no storage of its own (vmapped, sparse)
+                continue
             span = memory_span(leaf)
             if span is None:
                 continue

@@ -105,6 +105,10 @@ class DonationTracker:
     def produce(self, state: object) -> None:
         self._last_produced = state
 
+    def is_latest(self, state: object) -> bool:
+        """Whether ``state`` is the one the last step returned (its memory layout is known)."""
+        return state is self._last_produced
+
 
 def _mark(state: object) -> _Generation | None:
     if not getattr(type(state), "_fr_generations", False):

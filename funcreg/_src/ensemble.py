@@ -263,7 +263,7 @@ class EnsembleStep:
                 _check_members(f"batch argument {i}", b, n)
         in_dims = (0,) + ((0 if self.batch == "per_member" else None),) * len(batch)
         if self.step.donate:
-            if not _is_traced(train_state.hparams):
+            if not _is_traced(train_state.hparams) and not self._donations.is_latest(train_state):
                 self._overlap.check(train_state.params, train_state.opt_state, names=("params", "opt_state"))
             self._donations.consume(train_state)
         out = None

@@ -188,6 +188,7 @@ class TorchOptimizer(_StateDictLoading):
         self._fr_written = {}
         # donated steps write into the parameters and the state: none may share memory with another
         self._fr_overlap_all = OverlapCheck()
+        self._fr_apart: Any = None  # the parameters (ids, addresses) last found apart
         self._fr_overlaps: dict[int, OverlapCheck] = {}
         self.selection: Any = None
         """The decay selection this optimizer applies, when :func:`funcreg.create_optimizer` made it."""
@@ -245,12 +246,7 @@ class TorchOptimizer(_StateDictLoading):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        everything = {
-            n: p
-            for g in range(len(self.param_groups))
-            for n, p in zip(self._group_names(g), self.param_groups[g]["params"])
-        }
-        self._fr_overlap_all.check(everything, {})
+        self._check_parameters_apart()
         for g, group in enumerate(self.param_groups):
             if not group["params"]:
                 continue
@@ -267,6 +263,21 @@ class TorchOptimizer(_StateDictLoading):
                     p.copy_(new[n])
             self._write(g, built, state)
         return loss
+
+    def _check_parameters_apart(self) -> None:
+        """No two parameters of any groups share memory (a step of one group would write into
+        another's); looked at again only when the parameters or their addresses change."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        key = (tuple(map(id, params)), tuple(p.data_ptr() for p in params))
+        if key == self._fr_apart:
+            return
+        everything = {
+            n: p
+            for g in range(len(self.param_groups))
+            for n, p in zip(self._group_names(g), self.param_groups[g]["params"])
+        }
+        self._fr_overlap_all.check(everything, {})
+        self._fr_apart = key
 
     @property
     def funcreg_state(self) -> Any:

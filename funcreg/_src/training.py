@@ -267,7 +267,9 @@ class Step:
             if tracked:
                 check_donatable("params", params, unique=True)
                 check_donatable("opt_state", opt_state)
-                self._overlap.check(params, opt_state, grads, names=("params", "opt_state"))
+                # the gradients are this step's own (torch.func.grad): only params and state can alias
+                if not self._donations.is_latest(train_state):
+                    self._overlap.check(params, opt_state, names=("params", "opt_state"))
                 self._donations.consume(train_state)  # last: a step refused above consumed nothing
             # not differentiable (it overwrites what autograd would need): see donated_update
             new_params, new_opt_state = donated_step(tx, grads, opt_state, params)

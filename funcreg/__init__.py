@@ -5,6 +5,8 @@ Penalties, gradient transformations and optimizers as pure functions over parame
 
 from funcreg import distributed  # a namespace: fr.distributed.mean_gradients, sweeps
 from funcreg import proxes  # a namespace of plain functions: fr.proxes.soft_threshold
+from funcreg._src.accumulate import AccumulateState
+from funcreg._src.accumulate import accumulate
 from funcreg._src.adam_variants import ScaleByAdamaxState
 from funcreg._src.adam_variants import ScaleByNadamState
 from funcreg._src.adam_variants import ScaleByRadamState
@@ -100,6 +102,7 @@ from funcreg._src.wrappers import ApplyIfFiniteState, MaskedState, apply_if_fini
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccumulateState",
     "ApplyIfFiniteState",
     "ContractError",
     "DecayKind",
@@ -144,6 +147,7 @@ __all__ = [
     "TraceState",
     "TrainState",
     "TuneResult",
+    "accumulate",
     "adadelta",
     "adafactor",
     "adagrad",

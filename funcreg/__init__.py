@@ -20,6 +20,7 @@ from funcreg._src.adaptive import scale_by_adadelta
 from funcreg._src.adaptive import scale_by_adagrad
 from funcreg._src.adaptive import scale_by_rms
 from funcreg._src.alias import adam, adamw, sgd
+from funcreg._src.cautious import cautious
 from funcreg._src.alias_recent import lion, muon
 from funcreg._src.alias_torch import adadelta, adafactor, adagrad, adamax, nadam, radam, rmsprop, rprop
 from funcreg._src.base import EmptyState, GradientTransformation, identity
@@ -163,6 +164,7 @@ __all__ = [
     "by_module",
     "by_name",
     "by_predicate",
+    "cautious",
     "chain",
     "clip_by_global_norm",
     "constant_schedule",

@@ -20,6 +20,9 @@ from funcreg._src.adaptive import scale_by_adadelta
 from funcreg._src.adaptive import scale_by_adagrad
 from funcreg._src.adaptive import scale_by_rms
 from funcreg._src.alias import adam, adamw, sgd
+from funcreg._src.averaging import AverageState
+from funcreg._src.averaging import average_weights
+from funcreg._src.averaging import averaged_params
 from funcreg._src.cautious import cautious
 from funcreg._src.alias_recent import lion, muon
 from funcreg._src.alias_torch import adadelta, adafactor, adagrad, adamax, nadam, radam, rmsprop, rprop
@@ -105,6 +108,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccumulateState",
     "ApplyIfFiniteState",
+    "AverageState",
     "ContractError",
     "DecayKind",
     "DecoupledWeightDecayState",
@@ -159,6 +163,8 @@ __all__ = [
     "add_penalty_grad",
     "anchor",
     "apply_if_finite",
+    "average_weights",
+    "averaged_params",
     "apply_updates",
     "buffers_of",
     "by_module",

@@ -60,7 +60,11 @@ from funcreg._src.penalties import Penalty
 from funcreg._src.penalties import anchor
 from funcreg._src.penalties import elastic_net
 from funcreg._src.penalties import group_lasso
+from funcreg._src.penalties import l0
 from funcreg._src.penalties import l1
+from funcreg._src.penalties import scad
+from funcreg._src.penalties import mcp
+from funcreg._src.penalties import log_sum
 from funcreg._src.penalties import l2
 from funcreg._src.penalties import lp
 from funcreg._src.penalties import max_norm
@@ -194,7 +198,11 @@ __all__ = [
     "init_members",
     "join_schedules",
     "kfold",
+    "l0",
     "l1",
+    "log_sum",
+    "mcp",
+    "scad",
     "l2",
     "linear_schedule",
     "linear_warmup",

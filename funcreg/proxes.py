@@ -6,6 +6,10 @@ Examples:
     tensor([-1.5000,  0.0000])
 """
 
+from funcreg._src.penalties.nonconvex import hard_threshold
+from funcreg._src.penalties.nonconvex import log_sum_prox
+from funcreg._src.penalties.nonconvex import mcp_prox
+from funcreg._src.penalties.nonconvex import scad_prox
 from funcreg._src.penalties.proxes import anchor_prox
 from funcreg._src.penalties.proxes import elastic_net_prox
 from funcreg._src.penalties.proxes import group_norms
@@ -24,8 +28,12 @@ __all__ = [
     "elastic_net_prox",
     "group_norms",
     "group_soft_threshold",
+    "hard_threshold",
+    "log_sum_prox",
+    "mcp_prox",
     "project_group_norm",
     "project_non_negative",
+    "scad_prox",
     "shrink",
     "singular_value_thresholding",
     "soft_threshold",

@@ -31,7 +31,9 @@ class LeafRule:
     Attributes:
         value: ``value(w, *c, **aux) -> 0-d tensor``.
         grad: ``grad(w, *c, **aux)``, the closed-form gradient (``None``: autodiff of ``value``).
-        prox: ``prox(v, *t, **aux)`` with ``t = step * c`` (``None``: no closed form).
+        prox: ``prox(v, *t, **aux)`` with ``t = step * c`` (``None``: no closed form); with
+            ``prox_takes_step``, ``prox(v, step, *c, **aux)`` (a non-convex prox depends on the step
+            and the coefficients apart, not only on their products).
         check: ``check(name, w)`` raising for a selected tensor the rule does not apply to.
         default_select: which tensors are selected when no mask is given (``None``: all).
         differentiable: ``False`` for a constraint (an indicator: a projection, no gradient).
@@ -55,6 +57,7 @@ class LeafRule:
     differentiable: bool = True
     complex_ok: bool = True
     quadratic: Callable[..., tuple[Any, torch.Tensor | None]] | None = None
+    prox_takes_step: bool = False
     value_many: Callable[..., torch.Tensor] | None = None
     grad_many: Callable[..., list[torch.Tensor]] | None = None
     prox_many: Callable[..., list[torch.Tensor]] | None = None
@@ -268,7 +271,7 @@ class LeafPenalty(Penalty):
                 out[i] = z
             return out
         for i, v, c, aux in self._items(fp):
-            t = tuple(step * x for x in c)
+            t = (step, *c) if self.rule.prox_takes_step else tuple(step * x for x in c)
             # cast: for mypy the check above (prox is not None) does not reach into the lambda
             out[i] = self._apply(
                 "its prox",

@@ -187,3 +187,17 @@ def test_a_detached_view_whose_base_autograd_saved_fails_loudly_at_backward(make
     fr.donated_update(tx, {"w": torch.ones(3)}, tx.init(params), params)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
+
+
+def test_memory_the_optimizer_no_longer_holds_is_not_refused():
+    """A step that replaces state tensors (a penalty's reported value) frees their memory; a new
+    gradient there shares memory with nothing the step writes, and must not be refused."""
+    w = torch.nn.Parameter(torch.tensor(1.0))
+    opt = fr.TorchOptimizer([w], "adamw", lr=0.1, penalty=fr.l1(0.1), form="proximal")
+    initial_value = opt.state[w]["value"]
+    for _ in range(2):
+        w.grad = torch.tensor(0.5)
+        opt.step()
+    assert initial_value.data_ptr() not in [v.data_ptr() for v in opt.state[w].values()]
+    w.grad = initial_value.fill_(0.5)  # memory the optimizer held at first, and no longer does
+    opt.step()

@@ -20,6 +20,10 @@ from funcreg._src.adaptive import scale_by_adadelta
 from funcreg._src.adaptive import scale_by_adagrad
 from funcreg._src.adaptive import scale_by_rms
 from funcreg._src.alias import adam, adamw, sgd
+from funcreg._src.schedule_free import ScheduleFreeState
+from funcreg._src.schedule_free import schedule_free_adamw
+from funcreg._src.schedule_free import schedule_free_eval_params
+from funcreg._src.schedule_free import schedule_free_sgd
 from funcreg._src.averaging import AverageState
 from funcreg._src.averaging import average_weights
 from funcreg._src.averaging import averaged_params
@@ -133,6 +137,7 @@ __all__ = [
     "ProbeResult",
     "PruneReport",
     "RegularizationPath",
+    "ScheduleFreeState",
     "ScaleByAdadeltaState",
     "ScaleByAdafactorState",
     "ScaleByAdagradState",
@@ -203,6 +208,9 @@ __all__ = [
     "log_sum",
     "mcp",
     "scad",
+    "schedule_free_adamw",
+    "schedule_free_eval_params",
+    "schedule_free_sgd",
     "l2",
     "linear_schedule",
     "linear_warmup",

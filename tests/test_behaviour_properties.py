@@ -74,7 +74,9 @@ def test_the_scratch_pool_keeps_its_stated_number_of_sets():
 )
 def test_tune_coefficient_moves_the_log_by_lr_times_c_times_the_gradient(lr, c0, g):
     # a constant hypergradient: each move of log(c) is -lr * c * g, clipped to [-1, 1]
-    result = fr.tune_coefficient(lambda c: (torch.zeros(()), torch.tensor(g, dtype=torch.float64)), c0, iterations=3, lr=lr)
+    result = fr.tune_coefficient(
+        lambda c: (torch.zeros(()), torch.tensor(g, dtype=torch.float64)), c0, iterations=3, lr=lr
+    )
     cs = [h["coefficient"] for h in result.history]
     for before, after in zip(cs, cs[1:]):
         expected = max(-1.0, min(1.0, -lr * before * g))

@@ -90,6 +90,10 @@ PENALTIES: dict[str, Callable[[], fr.Penalty]] = {
     "nuclear_norm": lambda: fr.nuclear_norm(0.01, mask=W_ONLY),
     "max_spectral_norm": lambda: fr.max_spectral_norm(1.0, mask=W_ONLY),
     "orthogonal_cosine": lambda: fr.orthogonal_cosine(0.01, mask=W_ONLY),
+    "mcp": lambda: fr.mcp(0.05, gamma=3.0),
+    "scad": lambda: fr.scad(0.05),
+    "l0": lambda: fr.l0(0.01),
+    "log_sum": lambda: fr.log_sum(0.01, eps=0.5),
 }
 
 
@@ -209,6 +213,15 @@ def _build_table() -> dict[str, Callable[[], fr.GradientTransformation]]:
         },
         lambda p: {"w": "a", "b": "s"},
     )
+    t["accumulate"] = lambda: fr.accumulate(fr.adamw(0.01, weight_decay=0.1), every=2)
+    t["accumulate_chain_decoupled"] = lambda: fr.accumulate(
+        fr.chain(fr.sgd(0.1, momentum=0.9), fr.decoupled(fr.l1(0.01), learning_rate=0.1)), every=3
+    )
+    t["cautious"] = lambda: fr.cautious(fr.adam(0.01))
+    t["average_weights"] = lambda: fr.average_weights(fr.adamw(0.01, weight_decay=0.1), decay=0.9)
+    t["average_weights_swa"] = lambda: fr.average_weights(fr.sgd(0.1, momentum=0.9))
+    t["schedule_free_sgd"] = lambda: fr.schedule_free_sgd(0.1, weight_decay=0.01, warmup_steps=2)
+    t["schedule_free_adamw"] = lambda: fr.schedule_free_adamw(0.01, weight_decay=0.1, warmup_steps=2)
     t["apply_if_finite"] = lambda: fr.apply_if_finite(fr.adam(0.01), max_consecutive_errors=2)
     t["apply_if_finite_chain"] = lambda: fr.apply_if_finite(
         fr.chain(fr.add_decayed_weights(0.1), fr.sgd(0.1, momentum=0.9)), max_consecutive_errors=0
@@ -286,6 +299,8 @@ NOT_STEP_TRANSFORMS = {
     "penalized": "the loss-term form (no transform)",
     # state and tree utilities
     "fista_iterate": "reads a FistaState",
+    "averaged_params": "reads an AverageState",
+    "schedule_free_eval_params": "reads a ScheduleFreeState",
     "penalty_metrics": "reads penalty terms",
     "penalty_states": "reads a state",
     "load_state_dict": "checkpointing",

@@ -21,6 +21,7 @@ import torch
 from funcreg._src.aliasing import OverlapCheck
 from funcreg._src.base import GradientTransformation
 from funcreg._src.combine import PartitionState
+from funcreg._src.describe import compiling
 from funcreg._src.torch_optimizer_build import _Built as _Built
 from funcreg._src.torch_optimizer_build import _factory_signature
 from funcreg._src.torch_optimizer_build import _same as _same
@@ -246,15 +247,20 @@ class TorchOptimizer(_StateDictLoading):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_parameters_apart()
+        eager = (
+            not compiling()
+        )  # under torch.compile the memory checks ran when it traced eagerly, or not at all
+        if eager:
+            self._check_parameters_apart()
         for g, group in enumerate(self.param_groups):
             if not group["params"]:
                 continue
             built = self._prepare(g)
             state = self._read(g, built)
             params, grads = self._trees(g, built.names, grads=True)
-            overlap = self._fr_overlaps.setdefault(g, OverlapCheck())
-            overlap.check(dict(zip(self._group_names(g), group["params"])), state, grads)
+            if eager:
+                overlap = self._fr_overlaps.setdefault(g, OverlapCheck())
+                overlap.check(dict(zip(self._group_names(g), group["params"])), state, grads)
             # the optimizer owns its parameters and state, as torch.optim does: a donated step writes
             # into them (torch.optim's own kernels for adam/adamw), with no update tensors in between
             new, state = donated_step(built.tx, grads, state, params)

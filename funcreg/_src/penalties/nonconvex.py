@@ -1,4 +1,4 @@
-"""Non-convex sparse penalties (MCP, SCAD, L0, log-sum) with their exact proximal maps.
+"""Non-convex sparse penalties (MCP, SCAD, L0, log-sum), elementwise or on groups, with exact proxes.
 
 Each is elementwise, ``sum_i p(w_i)``, and its prox ``argmin_z 1/2 (z - v)^2 + step * p(z)`` is
 found exactly: ``p`` is a few quadratic (or, for the log-sum, smooth) pieces, so the global minimizer
@@ -11,6 +11,7 @@ unbiased, at the price of convexity.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,6 +19,8 @@ import torch
 
 from funcreg._src.penalties.base import Coefficient, Penalty, check_coefficient, records_call
 from funcreg._src.penalties.leaf import LeafPenalty, LeafRule
+from funcreg._src.penalties.proxes import group_norms
+from funcreg._src.penalties.structural import _axis_check, _check_axis, _is_matrix
 from funcreg._src.typing import MaskLike
 from funcreg._src.validation import check_number
 
@@ -40,6 +43,53 @@ def _positive(x: Any) -> Any:
     """``x`` where it is positive; a tiny positive number where a traced ``x`` is not (the candidate it
     divides then lands on its piece's end, which is a candidate anyway)."""
     return torch.clamp(x, min=1e-30) if isinstance(x, torch.Tensor) else x
+
+
+def _rule(
+    value1: Callable[[torch.Tensor, Any], torch.Tensor],
+    slope1: Callable[[torch.Tensor, Any], torch.Tensor],
+    prox1: Callable[[torch.Tensor, Any, Any], torch.Tensor],
+    axis: int | None,
+) -> LeafRule:
+    """The rule from the 1-D pieces (of ``|w|``: the value, its slope, the prox): elementwise, or with
+    ``axis`` on the 2-norms of the slices along it, the coefficient scaled by ``sqrt(group size)`` as in
+    :func:`funcreg.group_lasso`. A non-decreasing ``p`` of the norm has the prox ``v_g / ||v_g|| *
+    prox1(||v_g||)``: whole groups become exact zeros."""
+    if axis is None:
+        return LeafRule(
+            value=lambda w, c: torch.sum(value1(w.abs(), c)),
+            grad=lambda w, c: torch.sign(w) * slope1(w.abs(), c),
+            prox=prox1,
+            complex_ok=False,
+            prox_takes_step=True,
+        )
+    _check_axis(axis)
+
+    def scaled(w: torch.Tensor, c: Any) -> Any:
+        return c * math.sqrt(w.numel() // w.shape[axis]) if w.ndim else c
+
+    def value(w: torch.Tensor, c: Any) -> torch.Tensor:
+        return torch.sum(value1(group_norms(w, axis), scaled(w, c)))
+
+    def grad(w: torch.Tensor, c: Any) -> torch.Tensor:
+        n = group_norms(w, axis)
+        safe = torch.where(n > 0, n, torch.ones_like(n))
+        return torch.where(n > 0, slope1(n, scaled(w, c)) * w / safe, torch.zeros_like(w))
+
+    def prox(v: torch.Tensor, step: Any, c: Any) -> torch.Tensor:
+        n = group_norms(v, axis)
+        safe = torch.where(n > 0, n, torch.ones_like(n))
+        return v * torch.where(n > 0, prox1(n, step, scaled(v, c)) / safe, torch.zeros_like(n))
+
+    return LeafRule(
+        value,
+        grad,
+        prox,
+        check=_axis_check(axis),
+        default_select=_is_matrix,
+        complex_ok=False,
+        prox_takes_step=True,
+    )
 
 
 # --- MCP ----------------------------------------------------------------------------------------------
@@ -69,13 +119,21 @@ def mcp_prox(v: torch.Tensor, step: Any, lam: Any, gamma: float) -> torch.Tensor
 
 
 @records_call
-def mcp(coeff: Coefficient, gamma: float = 3.0, mask: MaskLike | None = None, name: str = "mcp") -> Penalty:
+def mcp(
+    coeff: Coefficient,
+    gamma: float = 3.0,
+    axis: int | None = None,
+    mask: MaskLike | None = None,
+    name: str = "mcp",
+) -> Penalty:
     """The minimax concave penalty (Zhang, 2010): per entry ``coeff*|w| - w^2/(2 gamma)`` up to
     ``|w| = gamma*coeff``, then the constant ``gamma*coeff^2/2``.
 
     Weights past ``gamma*coeff`` are not shrunk at all (no L1 bias). Gradient (the loss, coupled and
     decoupled forms): ``sign(w) * max(coeff - |w|/gamma, 0)``, 0 at 0. Prox (the proximal form):
-    :func:`funcreg.proxes.mcp_prox`, firm thresholding for steps below ``gamma``, exact for all.
+    :func:`funcreg.proxes.mcp_prox`, firm thresholding for steps below ``gamma``, exact for all. With
+    ``axis``, the group MCP: the penalty of each slice's 2-norm, ``coeff`` times ``sqrt(group size)``
+    (matrices only by default, as :func:`funcreg.group_lasso`).
 
     Examples:
         >>> import torch, funcreg as fr
@@ -85,17 +143,12 @@ def mcp(coeff: Coefficient, gamma: float = 3.0, mask: MaskLike | None = None, na
     """
     check_coefficient("coeff", coeff)
     check_number("gamma", gamma, low=0.0, low_open=True, allow_tensor=False)
-
-    def value(w: torch.Tensor, c: Any) -> torch.Tensor:
-        return torch.sum(_mcp(w.abs(), c, gamma))
-
-    def grad(w: torch.Tensor, c: Any) -> torch.Tensor:
-        return torch.sign(w) * torch.clamp(c - w.abs() / gamma, min=0.0)
-
-    def prox(v: torch.Tensor, step: Any, c: Any) -> torch.Tensor:
-        return mcp_prox(v, step, c, gamma)
-
-    rule = LeafRule(value, grad, prox, complex_ok=False, prox_takes_step=True)
+    rule = _rule(
+        lambda a, c: _mcp(a, c, gamma),
+        lambda a, c: torch.clamp(c - a / gamma, min=0.0),
+        lambda v, step, c: mcp_prox(v, step, c, gamma),
+        axis,
+    )
     return LeafPenalty(name, (coeff,), mask, rule)
 
 
@@ -127,9 +180,16 @@ def scad_prox(v: torch.Tensor, step: Any, lam: Any, a: float) -> torch.Tensor:
 
 
 @records_call
-def scad(coeff: Coefficient, a: float = 3.7, mask: MaskLike | None = None, name: str = "scad") -> Penalty:
+def scad(
+    coeff: Coefficient,
+    a: float = 3.7,
+    axis: int | None = None,
+    mask: MaskLike | None = None,
+    name: str = "scad",
+) -> Penalty:
     """The smoothly clipped absolute deviation penalty (Fan & Li, 2001), ``a > 2`` (3.7 by default, as
-    they recommend): L1 up to ``coeff``, a quadratic blend up to ``a*coeff``, then constant.
+    they recommend): L1 up to ``coeff``, a quadratic blend up to ``a*coeff``, then constant. With
+    ``axis``, the group SCAD on the slices' 2-norms (as :func:`mcp`).
 
     Examples:
         >>> import torch, funcreg as fr
@@ -139,19 +199,12 @@ def scad(coeff: Coefficient, a: float = 3.7, mask: MaskLike | None = None, name:
     """
     check_coefficient("coeff", coeff)
     check_number("a", a, low=2.0, low_open=True, allow_tensor=False)
-
-    def value(w: torch.Tensor, c: Any) -> torch.Tensor:
-        return torch.sum(_scad(w.abs(), c, a))
-
-    def grad(w: torch.Tensor, c: Any) -> torch.Tensor:
-        x = w.abs()
-        inner = torch.where(x <= c, c + 0 * x, torch.clamp(a * c - x, min=0.0) / (a - 1))
-        return torch.sign(w) * inner
-
-    def prox(v: torch.Tensor, step: Any, c: Any) -> torch.Tensor:
-        return scad_prox(v, step, c, a)
-
-    rule = LeafRule(value, grad, prox, complex_ok=False, prox_takes_step=True)
+    rule = _rule(
+        lambda x, c: _scad(x, c, a),
+        lambda x, c: torch.where(x <= c, c + 0 * x, torch.clamp(a * c - x, min=0.0) / (a - 1)),
+        lambda v, step, c: scad_prox(v, step, c, a),
+        axis,
+    )
     return LeafPenalty(name, (coeff,), mask, rule)
 
 
@@ -170,8 +223,11 @@ def hard_threshold(v: torch.Tensor, t: Any) -> torch.Tensor:
 
 
 @records_call
-def l0(coeff: Coefficient, mask: MaskLike | None = None, name: str = "l0") -> Penalty:
+def l0(
+    coeff: Coefficient, axis: int | None = None, mask: MaskLike | None = None, name: str = "l0"
+) -> Penalty:
     """``coeff`` times the number of nonzero entries; prox hard thresholding at ``sqrt(2 step coeff)``.
+    With ``axis``, ``coeff * sqrt(group size)`` per nonzero slice (whole slices kept or zeroed).
 
     Its gradient is 0 away from 0 (the gradient forms do nothing): use the proximal form.
 
@@ -182,11 +238,11 @@ def l0(coeff: Coefficient, mask: MaskLike | None = None, name: str = "l0") -> Pe
         (tensor(1.), tensor([0.0000, 1.1000]))
     """
     check_coefficient("coeff", coeff)
-    rule = LeafRule(
-        value=lambda w, c: c * torch.count_nonzero(w).to(w.dtype),
-        grad=lambda w, c: torch.zeros_like(w),
-        prox=hard_threshold,
-        complex_ok=False,
+    rule = _rule(
+        lambda x, c: c * (x != 0).to(x.dtype),
+        lambda x, c: torch.zeros_like(x),
+        lambda v, step, c: hard_threshold(v, step * c),
+        axis,
     )
     return LeafPenalty(name, (coeff,), mask, rule)
 
@@ -212,9 +268,14 @@ def log_sum_prox(v: torch.Tensor, step: Any, lam: Any, eps: float) -> torch.Tens
 
 @records_call
 def log_sum(
-    coeff: Coefficient, eps: float = 1.0, mask: MaskLike | None = None, name: str = "log_sum"
+    coeff: Coefficient,
+    eps: float = 1.0,
+    axis: int | None = None,
+    mask: MaskLike | None = None,
+    name: str = "log_sum",
 ) -> Penalty:
     """The log-sum penalty ``coeff * sum log(1 + |w|/eps)`` (Candes, Wakin & Boyd's reweighted L1).
+    With ``axis``, of the slices' 2-norms (as :func:`mcp`).
 
     Examples:
         >>> import torch, funcreg as fr
@@ -224,15 +285,10 @@ def log_sum(
     """
     check_coefficient("coeff", coeff)
     check_number("eps", eps, low=0.0, low_open=True, allow_tensor=False)
-
-    def prox(v: torch.Tensor, step: Any, c: Any) -> torch.Tensor:
-        return log_sum_prox(v, step, c, eps)
-
-    rule = LeafRule(
-        value=lambda w, c: torch.sum(_log_sum(w.abs(), c, eps)),
-        grad=lambda w, c: c * torch.sign(w) / (eps + w.abs()),
-        prox=prox,
-        complex_ok=False,
-        prox_takes_step=True,
+    rule = _rule(
+        lambda x, c: _log_sum(x, c, eps),
+        lambda x, c: c / (eps + x),
+        lambda v, step, c: log_sum_prox(v, step, c, eps),
+        axis,
     )
     return LeafPenalty(name, (coeff,), mask, rule)

@@ -20,6 +20,9 @@ from funcreg._src.adaptive import scale_by_adadelta
 from funcreg._src.adaptive import scale_by_adagrad
 from funcreg._src.adaptive import scale_by_rms
 from funcreg._src.alias import adam, adamw, sgd
+from funcreg._src.inject import InjectState
+from funcreg._src.inject import inject_hyperparams
+from funcreg._src.inject import set_hyperparams
 from funcreg._src.schedule_free import ScheduleFreeState
 from funcreg._src.schedule_free import schedule_free_adamw
 from funcreg._src.schedule_free import schedule_free_eval_params
@@ -126,6 +129,7 @@ __all__ = [
     "FlatParams",
     "GradientTransformation",
     "History",
+    "InjectState",
     "Hypergradient",
     "LeafRule",
     "LeafTypeError",
@@ -201,6 +205,7 @@ __all__ = [
     "identity",
     "implicit_hypergradient",
     "init_members",
+    "inject_hyperparams",
     "join_schedules",
     "kfold",
     "l0",
@@ -261,6 +266,7 @@ __all__ = [
     "scale_by_relative_step",
     "scale_by_rms",
     "scale_by_rprop",
+    "set_hyperparams",
     "sgd",
     "sparsity",
     "spectral_norm",

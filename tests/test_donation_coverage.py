@@ -218,6 +218,7 @@ def _build_table() -> dict[str, Callable[[], fr.GradientTransformation]]:
         fr.chain(fr.sgd(0.1, momentum=0.9), fr.decoupled(fr.l1(0.01), learning_rate=0.1)), every=3
     )
     t["cautious"] = lambda: fr.cautious(fr.adam(0.01))
+    t["inject_hyperparams"] = lambda: fr.inject_hyperparams(fr.adamw, learning_rate=0.01, weight_decay=0.1)
     t["average_weights"] = lambda: fr.average_weights(fr.adamw(0.01, weight_decay=0.1), decay=0.9)
     t["average_weights_swa"] = lambda: fr.average_weights(fr.sgd(0.1, momentum=0.9))
     t["schedule_free_sgd"] = lambda: fr.schedule_free_sgd(0.1, weight_decay=0.01, warmup_steps=2)
@@ -300,6 +301,7 @@ NOT_STEP_TRANSFORMS = {
     # state and tree utilities
     "fista_iterate": "reads a FistaState",
     "averaged_params": "reads an AverageState",
+    "set_hyperparams": "edits an InjectState",
     "schedule_free_eval_params": "reads a ScheduleFreeState",
     "penalty_metrics": "reads penalty terms",
     "penalty_states": "reads a state",

@@ -20,6 +20,8 @@ from funcreg._src.adaptive import scale_by_adadelta
 from funcreg._src.adaptive import scale_by_adagrad
 from funcreg._src.adaptive import scale_by_rms
 from funcreg._src.alias import adam, adamw, sgd
+from funcreg._src.low_memory import CompressedState
+from funcreg._src.low_memory import compress_state
 from funcreg._src.inject import InjectState
 from funcreg._src.inject import inject_hyperparams
 from funcreg._src.inject import set_hyperparams
@@ -120,6 +122,7 @@ __all__ = [
     "AccumulateState",
     "ApplyIfFiniteState",
     "AverageState",
+    "CompressedState",
     "ContractError",
     "DecayKind",
     "DecoupledWeightDecayState",
@@ -186,6 +189,7 @@ __all__ = [
     "cautious",
     "chain",
     "clip_by_global_norm",
+    "compress_state",
     "constant_schedule",
     "cosine_decay_schedule",
     "create_optimizer",

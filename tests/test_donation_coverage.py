@@ -218,6 +218,7 @@ def _build_table() -> dict[str, Callable[[], fr.GradientTransformation]]:
         fr.chain(fr.sgd(0.1, momentum=0.9), fr.decoupled(fr.l1(0.01), learning_rate=0.1)), every=3
     )
     t["cautious"] = lambda: fr.cautious(fr.adam(0.01))
+    t["compress_state"] = lambda: fr.compress_state(fr.adam(0.01))
     t["inject_hyperparams"] = lambda: fr.inject_hyperparams(fr.adamw, learning_rate=0.01, weight_decay=0.1)
     t["average_weights"] = lambda: fr.average_weights(fr.adamw(0.01, weight_decay=0.1), decay=0.9)
     t["average_weights_swa"] = lambda: fr.average_weights(fr.sgd(0.1, momentum=0.9))
@@ -346,7 +347,8 @@ COMPILE_BUGS: dict[tuple[str, torch.dtype], str] = {
 }
 # Documented refusals under vmap: (exception, message pattern); a collective cannot run per member
 VMAP_REFUSED = {
-    name: (TypeError, "wrapped by vmap or grad: a collective cannot run inside") for name in DISTRIBUTED
+    **{name: (TypeError, "wrapped by vmap or grad: a collective cannot run inside") for name in DISTRIBUTED},
+    "compress_state": (TypeError, "compress_state runs eagerly only"),
 }
 # Crashes under vmap, of the pure path as much as of the donated one (nothing to do with donation),
 # undocumented: (name, dtype) -> reason. Minimal reproduction of each:

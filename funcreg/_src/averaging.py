@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import torch
 
 from funcreg._src import leafwise
-from funcreg._src.base import GradientTransformation, expect_state, find_states, flat
+from funcreg._src.base import GradientTransformation, expect_state, find_one_state, flat
 from funcreg._src.describe import configured
 from funcreg._src.tree import check_same_spec, flatten, unflatten
 from funcreg._src.typing import PyTree
@@ -94,9 +94,4 @@ def averaged_params(state: Any) -> PyTree:
         >>> sorted(fr.averaged_params(tx.init({"w": torch.zeros(2)})))
         ['w']
     """
-    if isinstance(state, AverageState):
-        return state.averaged
-    found = find_states(state, AverageState)
-    if len(found) != 1:
-        raise ValueError(f"averaged_params: expected one AverageState in the state, found {len(found)}")
-    return found[0].averaged
+    return find_one_state(state, AverageState, "averaged_params").averaged

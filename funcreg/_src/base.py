@@ -337,6 +337,17 @@ def find_states(state: Any, cls: type) -> list[Any]:
     return found
 
 
+def find_one_state(state: Any, cls: type, who: str) -> Any:
+    """The one ``cls`` inside ``state`` (``state`` itself, or inside a chain's); ``ValueError`` naming
+    ``who`` when there is none or several."""
+    if isinstance(state, cls):
+        return state
+    found = find_states(state, cls)
+    if len(found) != 1:
+        raise ValueError(f"{who}: expected one {cls.__name__} in the state, found {len(found)}")
+    return found[0]
+
+
 def per_param_zeros(params: PyTree) -> PyTree:
     """A state tree of zeros shaped like each parameter (``None`` stays ``None``)."""
     leaves, spec = flatten(params)

@@ -16,7 +16,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from funcreg._src import leafwise
-from funcreg._src.base import GradientTransformation, begin, find_states, init_count
+from funcreg._src.base import GradientTransformation, begin, find_one_state, init_count
 from funcreg._src.block_utils import with_config
 from funcreg._src.penalties.base import Penalty
 from funcreg._src.tree import flatten, unflatten
@@ -53,12 +53,7 @@ def fista_iterate(state: Any) -> PyTree:
         >>> fr.fista_iterate(state)["w"]  # prox of the gradient step: soft-threshold([1.0, 0.3], 0.5)
         tensor([0.5000, 0.0000])
     """
-    if isinstance(state, FistaState):
-        return state.iterate
-    found = find_states(state, FistaState)
-    if len(found) != 1:
-        raise ValueError(f"fista_iterate: expected one FistaState in the state, found {len(found)}")
-    return found[0].iterate
+    return find_one_state(state, FistaState, "fista_iterate").iterate
 
 
 def fista(

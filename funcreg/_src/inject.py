@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from funcreg._src.base import GradientTransformation, expect_state, find_states
+from funcreg._src.base import GradientTransformation, expect_state, find_one_state
 from funcreg._src.describe import configured
 from funcreg._src.tree import flatten
 from funcreg._src.typing import PyTree
@@ -87,10 +87,7 @@ def set_hyperparams(state: Any, **values: float | torch.Tensor) -> Any:
         >>> float(fr.set_hyperparams(state, learning_rate=0.01).hyperparams["learning_rate"])
         0.01
     """
-    found = [state] if isinstance(state, InjectState) else find_states(state, InjectState)
-    if len(found) != 1:
-        raise ValueError(f"set_hyperparams: expected one InjectState in the state, found {len(found)}")
-    target = found[0]
+    target = find_one_state(state, InjectState, "set_hyperparams")
     unknown = sorted(set(values) - set(target.hyperparams))
     if unknown:
         raise KeyError(

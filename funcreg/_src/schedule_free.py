@@ -23,7 +23,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from funcreg._src.base import GradientTransformation, begin, find_states, init_count
+from funcreg._src.alias import _betas
+from funcreg._src.base import GradientTransformation, begin, find_one_state, init_count
 from funcreg._src.block_utils import with_config
 from funcreg._src.tree import flatten, unflatten
 from funcreg._src.typing import PyTree
@@ -193,16 +194,13 @@ def schedule_free_adamw(
         tensor([ 0.9900, -0.9900])
     """
     _check(learning_rate, weight_decay, warmup_steps, r, weight_lr_power)
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise TypeError(f"Invalid betas value: {betas!r} (expected a pair (beta1, beta2))")
-    check_number("betas[0]", betas[0], low=0.0, high=1.0, low_open=True, high_open=True, allow_tensor=False)
-    check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True, allow_tensor=False)
+    beta1, beta2 = _betas(betas)
     check_number("eps", eps, low=0.0, allow_tensor=False)
     init, update = _schedule_free(
         "schedule_free_adamw",
         learning_rate,
-        betas[0],
-        betas[1],
+        beta1,
+        beta2,
         eps,
         weight_decay,
         warmup_steps,
@@ -234,11 +232,4 @@ def schedule_free_eval_params(state: Any) -> PyTree:
         >>> sorted(fr.schedule_free_eval_params(fr.schedule_free_sgd(0.1).init({"w": torch.zeros(2)})))
         ['w']
     """
-    if isinstance(state, ScheduleFreeState):
-        return state.x
-    found = find_states(state, ScheduleFreeState)
-    if len(found) != 1:
-        raise ValueError(
-            f"schedule_free_eval_params: expected one ScheduleFreeState in the state, found {len(found)}"
-        )
-    return found[0].x
+    return find_one_state(state, ScheduleFreeState, "schedule_free_eval_params").x

@@ -67,6 +67,31 @@ def test_average_weights_donated_and_in_make_step_equal_the_pure_path():
     torch.testing.assert_close(runs[1], runs[0], atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("decay", [None, 0.8])
+def test_average_weights_traced_equals_eager(decay):
+    """Under torch.compile and vmap the first average is chosen by torch.where, not in Python."""
+    tx = fr.average_weights(fr.sgd(0.1, momentum=0.9), decay=decay)
+    gs = [torch.tensor([0.5, -1.0], dtype=torch.float64) * (k + 1) for k in range(4)]
+
+    def run(update, params, state):
+        for g in gs:
+            u, state = update({"w": g}, state, params)
+            params = fr.apply_updates(params, u)
+        return fr.averaged_params(state)["w"]
+
+    p0 = {"w": torch.tensor([1.0, 2.0], dtype=torch.float64)}
+    eager = run(tx.update, p0, tx.init(p0))
+    compiled = run(torch.compile(tx.update, backend="eager", fullgraph=True), p0, tx.init(p0))
+    torch.testing.assert_close(compiled, eager, atol=1e-12, rtol=1e-10)
+    stacked = fr.stack([p0, p0])
+    state = fr.vmap(tx.init)(stacked)
+    params = stacked
+    for g in gs:
+        u, state = fr.vmap(tx.update)({"w": torch.stack([g, g])}, state, params)
+        params = fr.apply_updates(params, u)
+    torch.testing.assert_close(fr.averaged_params(state)["w"][1], eager, atol=1e-12, rtol=1e-10)
+
+
 def test_average_weights_validation():
     with pytest.raises(TypeError, match="GradientTransformation"):
         fr.average_weights("sgd")

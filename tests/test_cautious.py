@@ -97,6 +97,8 @@ def test_cautious_in_torch_optimizer_and_validation():
         fr.cautious("adam")
     with pytest.raises(ValueError, match="floor"):
         fr.cautious(fr.adam(0.1), floor=0.0)
+    with pytest.raises(TypeError, match="floor"):
+        fr.cautious(fr.adam(0.1), floor=torch.tensor(0.1))  # a number: it is not a swept hyperparameter
     params = {"z": torch.ones(2, dtype=torch.complex128)}
     tx = fr.cautious(fr.sgd(0.1))
     with pytest.raises(fr.LeafTypeError, match="complex"):

@@ -69,6 +69,7 @@ from funcreg._src.penalties import Penalty
 from funcreg._src.penalties import anchor
 from funcreg._src.penalties import elastic_net
 from funcreg._src.penalties import group_lasso
+from funcreg._src.penalties import bridge
 from funcreg._src.penalties import l0
 from funcreg._src.penalties import l1
 from funcreg._src.penalties import scad
@@ -182,6 +183,7 @@ __all__ = [
     "average_weights",
     "averaged_params",
     "apply_updates",
+    "bridge",
     "buffers_of",
     "by_module",
     "by_name",

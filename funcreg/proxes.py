@@ -6,6 +6,7 @@ Examples:
     tensor([-1.5000,  0.0000])
 """
 
+from funcreg._src.penalties.nonconvex import bridge_prox
 from funcreg._src.penalties.nonconvex import hard_threshold
 from funcreg._src.penalties.nonconvex import log_sum_prox
 from funcreg._src.penalties.nonconvex import mcp_prox
@@ -23,6 +24,7 @@ from funcreg._src.spectral import clip_singular_values, singular_value_threshold
 
 __all__ = [
     "anchor_prox",
+    "bridge_prox",
     "clip_singular_values",
     "diagonal_elastic_net_prox",
     "elastic_net_prox",

@@ -94,6 +94,7 @@ PENALTIES: dict[str, Callable[[], fr.Penalty]] = {
     "scad": lambda: fr.scad(0.05),
     "l0": lambda: fr.l0(0.01),
     "log_sum": lambda: fr.log_sum(0.01, eps=0.5),
+    "bridge": lambda: fr.bridge(0.01, q=0.5),
 }
 
 

@@ -40,6 +40,8 @@ def _value_1d(kind, z, lam, shape):
         return lam * (a != 0)
     if kind == "log_sum":
         return lam * np.log1p(a / shape)
+    if kind == "bridge":
+        return lam * a**shape
     raise AssertionError(kind)
 
 
@@ -48,12 +50,14 @@ FACTORIES = {
     "scad": lambda lam, shape: fr.scad(lam, a=shape),
     "l0": lambda lam, shape: fr.l0(lam),
     "log_sum": lambda lam, shape: fr.log_sum(lam, eps=shape),
+    "bridge": lambda lam, shape: fr.bridge(lam, q=shape),
 }
 SHAPES = {
     "mcp": st.floats(0.5, 5.0),
     "scad": st.floats(2.1, 6.0),
     "l0": st.just(1.0),
     "log_sum": st.floats(0.1, 3.0),
+    "bridge": st.sampled_from([0.5, 2 / 3, 0.3, 0.8]),
 }
 
 
@@ -118,6 +122,22 @@ def test_l0_is_hard_thresholding(v, t):
     np.testing.assert_array_equal(got[keep], expected[keep])
 
 
+@PROPERTY
+@given(v=arrays(np.float64, (8,), elements=st.floats(-6, 6, width=64)), t=st.floats(0.05, 2.0))
+def test_bridge_half_is_xus_half_thresholding(v, t):
+    """Xu et al. (2012) solve min (z - v)^2 + lam |z|^(1/2), so lam = 2t here: above the threshold
+    (54^(1/3)/4) lam^(2/3), z = 2/3 v (1 + cos(2pi/3 - 2/3 arccos(lam/8 (|v|/3)^(-3/2)))), else 0."""
+    lam = 2 * t
+    threshold = 54 ** (1 / 3) / 4 * lam ** (2 / 3)
+    keep = np.abs(np.abs(v) - threshold) > 1e-6  # at the threshold 0 and the root tie
+    a = np.maximum(np.abs(v), threshold)
+    phi = np.arccos(lam / 8 * (a / 3) ** -1.5)
+    root = 2 / 3 * v * (1 + np.cos(2 * np.pi / 3 - 2 / 3 * phi))
+    expected = np.where(np.abs(v) > threshold, root, 0.0)
+    got = fr.proxes.bridge_prox(torch.from_numpy(v), t, 1.0, 0.5).numpy()
+    np.testing.assert_allclose(got[keep], expected[keep], atol=1e-10, rtol=1e-9)
+
+
 def test_log_sum_prox_is_the_root_of_its_stationarity_quadratic():
     # v = 3, t*lam = 0.5, eps = 1: z^2 + (1 - 3) z + 0.5 - 3 = 0, z = (2 + sqrt(4 + 10)) / 2
     z = fr.proxes.log_sum_prox(torch.tensor([3.0, -3.0], dtype=F64), 1.0, 0.5, 1.0)
@@ -132,6 +152,8 @@ def test_closed_form_gradients_equal_autograd_away_from_the_kinks(kind, data):
     lam, shape = data.draw(st.floats(0.1, 2.0)), data.draw(SHAPES[kind])
     w = data.draw(arrays(np.float64, (6,), elements=st.floats(-6, 6, width=64)))
     ends = [0.0, lam, shape * lam] if kind in ("mcp", "scad") else [0.0]
+    if kind == "bridge" and any(abs(x) < 1e-3 for x in w):
+        return  # the slope grows without bound near 0
     if any(abs(abs(x) - e) < 1e-6 for x in w for e in ends):
         return  # at a piece's end the one-sided derivatives differ: nothing to compare there
     P = FACTORIES[kind](lam, shape)
@@ -148,7 +170,7 @@ def test_every_form_runs_and_the_proximal_form_gives_zeros(kind):
     def loss(p, x, y):
         return ((x @ p["w"] - y) ** 2).mean()
 
-    P = FACTORIES[kind](0.2, {"mcp": 3.0, "scad": 3.7, "l0": 1.0, "log_sum": 0.1}[kind])
+    P = FACTORIES[kind](0.2, {"mcp": 3.0, "scad": 3.7, "l0": 1.0, "log_sum": 0.1, "bridge": 0.5}[kind])
     for form in ("loss", "coupled", "decoupled", "proximal"):
         step = fr.make_step(loss, fr.sgd(0.1), penalty=P, form=form, learning_rate=0.1)
         state = step.init({"w": torch.tensor([2.0, 0.05, 0.05, 0.05], dtype=F64)})
@@ -169,6 +191,8 @@ def test_validation():
         fr.log_sum(0.1, eps=-1.0)
     with pytest.raises(ValueError, match="coeff"):
         fr.l0(-0.1)
+    with pytest.raises(ValueError, match=r"\bq\b"):
+        fr.bridge(0.1, q=1.0)
     with pytest.raises(fr.LeafTypeError, match="complex"):
         fr.mcp(0.1)({"z": torch.ones(2, dtype=torch.complex128)})
 
@@ -190,6 +214,7 @@ def test_the_group_prox_is_the_global_minimizer(kind, data):
         "scad": lambda: fr.scad(lam, a=shape, axis=0),
         "l0": lambda: fr.l0(lam, axis=0),
         "log_sum": lambda: fr.log_sum(lam, eps=shape, axis=0),
+        "bridge": lambda: fr.bridge(lam, q=shape, axis=0),
     }[kind]
     z = make().prox({"w": torch.from_numpy(v)}, step=step)["w"].numpy()
     lam_g = lam * 2.0  # sqrt of the group size, 4
@@ -209,7 +234,12 @@ def test_the_group_prox_is_the_global_minimizer(kind, data):
 
 def test_group_gradients_equal_autograd_and_vectors_are_not_selected_by_default():
     w = torch.tensor([[3.0, 4.0], [0.3, 0.4]], dtype=F64)  # row norms 5 and 0.5
-    for P in (fr.mcp(0.5, gamma=3.0, axis=0), fr.scad(0.5, axis=0), fr.log_sum(0.5, axis=0)):
+    for P in (
+        fr.mcp(0.5, gamma=3.0, axis=0),
+        fr.scad(0.5, axis=0),
+        fr.log_sum(0.5, axis=0),
+        fr.bridge(0.5, axis=0),
+    ):
         auto = torch.func.grad(lambda p, P=P: P(p))({"w": w})["w"]
         torch.testing.assert_close(P.grad({"w": w})["w"], auto, atol=1e-12, rtol=1e-10)
         assert P.selection({"w": w, "b": torch.ones(2, dtype=F64)}) == {"w": True, "b": False}

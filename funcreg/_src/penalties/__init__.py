@@ -25,7 +25,7 @@ from funcreg._src.penalties.base import selection
 from funcreg._src.penalties.custom import CustomPenalty, penalty
 from funcreg._src.penalties.elementwise import anchor, elastic_net, l1, l2, lp
 from funcreg._src.penalties.leaf import LeafPenalty, LeafRule
-from funcreg._src.penalties.nonconvex import l0, log_sum, mcp, scad
+from funcreg._src.penalties.nonconvex import bridge, l0, log_sum, mcp, scad
 from funcreg._src.penalties.structural import group_lasso, max_norm, non_negative, orthogonal
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "Penalty",
     "SumPenalty",
     "anchor",
+    "bridge",
     "check_coefficient",
     "elastic_net",
     "group_lasso",

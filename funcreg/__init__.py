@@ -71,6 +71,7 @@ from funcreg._src.penalties import elastic_net
 from funcreg._src.penalties import group_lasso
 from funcreg._src.penalties import bridge
 from funcreg._src.penalties import l0
+from funcreg._src.penalties import sparsity_target
 from funcreg._src.penalties import l1
 from funcreg._src.penalties import scad
 from funcreg._src.penalties import mcp
@@ -275,6 +276,7 @@ __all__ = [
     "set_hyperparams",
     "sgd",
     "sparsity",
+    "sparsity_target",
     "spectral_norm",
     "stack",
     "state_dict",

@@ -95,6 +95,8 @@ PENALTIES: dict[str, Callable[[], fr.Penalty]] = {
     "l0": lambda: fr.l0(0.01),
     "log_sum": lambda: fr.log_sum(0.01, eps=0.5),
     "bridge": lambda: fr.bridge(0.01, q=0.5),
+    "sparsity_target": lambda: fr.sparsity_target(0.5),
+    "sparsity_target_global": lambda: fr.sparsity_target(0.5, per="global"),
 }
 
 

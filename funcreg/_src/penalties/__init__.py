@@ -11,7 +11,7 @@ A penalty ``P`` is a pure function of a parameter tree with
 
 Modules: ``base`` (the protocol, :class:`FlatParams`, sums), ``proxes`` (the proximal operators as
 plain tensor functions), ``leaf`` (leafwise penalties described by a :class:`LeafRule`),
-``elementwise`` (L2, L1, elastic net, Lp, anchor), ``nonconvex`` (MCP, SCAD, L0, log-sum), ``structural`` (group lasso, orthogonality,
+``elementwise`` (L2, L1, elastic net, Lp, anchor), ``nonconvex`` (MCP, SCAD, L0, log-sum, bridge), ``targets`` (sparsity targets), ``structural`` (group lasso, orthogonality,
 max-norm, non-negativity) and ``custom`` (:func:`penalty`).
 """
 
@@ -26,6 +26,7 @@ from funcreg._src.penalties.custom import CustomPenalty, penalty
 from funcreg._src.penalties.elementwise import anchor, elastic_net, l1, l2, lp
 from funcreg._src.penalties.leaf import LeafPenalty, LeafRule
 from funcreg._src.penalties.nonconvex import bridge, l0, log_sum, mcp, scad
+from funcreg._src.penalties.targets import sparsity_target
 from funcreg._src.penalties.structural import group_lasso, max_norm, non_negative, orthogonal
 
 __all__ = [
@@ -54,4 +55,5 @@ __all__ = [
     "records_call",
     "scad",
     "selection",
+    "sparsity_target",
 ]

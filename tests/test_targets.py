@@ -1,0 +1,91 @@
+"""``fr.sparsity_target``: the projection onto at most k nonzeros, per tensor and global.
+
+The reference is NumPy: sort the magnitudes, keep the k largest (values drawn distinct, so the
+k largest are one set); the reached sparsity is counted. float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import funcreg as fr
+
+PROPERTY = settings(deadline=None, max_examples=30, database=None)
+
+
+def _distinct(draw, n):
+    values = draw(st.lists(st.floats(-5, 5, width=64), min_size=n, max_size=n, unique_by=lambda x: abs(x)))
+    return np.asarray(values)
+
+
+def _keep(v, k):
+    out = np.zeros_like(v)
+    if k > 0:
+        top = np.argsort(-np.abs(v), kind="stable")[:k]
+        out[top] = v[top]
+    return out
+
+
+@PROPERTY
+@given(data=st.data(), sparsity=st.floats(0.0, 0.95))
+def test_per_tensor_projection_keeps_the_largest_and_reaches_the_target(data, sparsity):
+    w = _distinct(data.draw, 12).reshape(3, 4)
+    b = _distinct(data.draw, 5)
+    z = fr.sparsity_target(sparsity).prox({"w": torch.from_numpy(w), "b": torch.from_numpy(b)}, step=0.1)
+    for v, got in ((w, z["w"]), (b, z["b"])):
+        k = math.floor((1 - sparsity) * v.size + 1e-9)
+        np.testing.assert_array_equal(got.numpy(), _keep(v.reshape(-1), k).reshape(v.shape))
+        assert int(torch.count_nonzero(got)) <= k
+
+
+@PROPERTY
+@given(data=st.data(), sparsity=st.floats(0.0, 0.95))
+def test_global_projection_uses_one_threshold(data, sparsity):
+    v = _distinct(data.draw, 17)
+    a, b = v[:12].reshape(3, 4), v[12:]
+    z = fr.sparsity_target(sparsity, per="global").prox(
+        {"a": torch.from_numpy(a), "b": torch.from_numpy(b)}, step=1.0
+    )
+    k = math.floor((1 - sparsity) * 17 + 1e-9)
+    expected = _keep(v, k)
+    np.testing.assert_array_equal(np.concatenate([z["a"].numpy().reshape(-1), z["b"].numpy()]), expected)
+
+
+def test_the_proximal_form_holds_the_target_at_every_step():
+    x = torch.linspace(-1, 1, 80, dtype=torch.float64).reshape(10, 8)
+    y = x @ torch.linspace(1, 2, 8, dtype=torch.float64)
+
+    def loss(p, x, y):
+        return ((x @ p["w"] - y) ** 2).mean()
+
+    for per in ("tensor", "global"):
+        step = fr.make_step(
+            loss,
+            fr.adam(0.05),
+            penalty=fr.sparsity_target(0.75, per=per),
+            form="proximal",
+            learning_rate=0.05,
+        )
+        state = step.init({"w": torch.ones(8, dtype=torch.float64)})
+        for _ in range(10):
+            state, _ = step(state, x, y)
+            assert int(torch.count_nonzero(state.params["w"])) <= 2
+            assert float(fr.sparsity_target(0.75, per=per)(state.params)) == 0.0  # feasible
+
+
+def test_validation_and_the_indicator():
+    with pytest.raises(ValueError, match="sparsity"):
+        fr.sparsity_target(1.0)
+    with pytest.raises(ValueError, match="per"):
+        fr.sparsity_target(0.5, per="layer")
+    P = fr.sparsity_target(0.5)
+    assert float(P({"w": torch.tensor([1.0, 2.0, 0.0, 0.0])})) == 0.0
+    assert math.isinf(float(P({"w": torch.tensor([1.0, 2.0, 3.0, 0.0])})))
+    with pytest.raises(NotImplementedError):
+        P.grad({"w": torch.ones(4)})

@@ -97,6 +97,8 @@ def test_average_weights_validation():
         fr.average_weights("sgd")
     with pytest.raises(ValueError, match="decay"):
         fr.average_weights(fr.sgd(0.1), decay=1.0)
+    with pytest.raises(TypeError, match="decay"):
+        fr.average_weights(fr.sgd(0.1), decay=torch.tensor(0.9))  # a number, fixed for the run
     tx = fr.average_weights(fr.sgd(0.1))
     with pytest.raises(ValueError, match="params"):
         tx.update({"w": torch.ones(2)}, tx.init({"w": torch.ones(2)}))

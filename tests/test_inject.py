@@ -68,7 +68,13 @@ def test_inject_hyperparams_validation():
         fr.inject_hyperparams(fr.sgd, learning_rate=-1.0)  # the factory's own check, at construction
     with pytest.raises(ValueError, match="0-d"):
         fr.inject_hyperparams(fr.sgd, learning_rate=torch.ones(2))
+    for bad in (True, "0.1"):
+        with pytest.raises(TypeError, match=r"learning_rate value: .* \(expected a number or a 0-d tensor\)"):
+            fr.inject_hyperparams(fr.sgd, learning_rate=bad)
     state = fr.inject_hyperparams(fr.sgd, learning_rate=0.1).init({"w": torch.zeros(1)})
+    for bad in (True, "0.1"):
+        with pytest.raises(TypeError, match=r"learning_rate value: .* \(expected a number or a 0-d tensor\)"):
+            fr.set_hyperparams(state, learning_rate=bad)
     with pytest.raises(KeyError, match="'momentum'"):
         fr.set_hyperparams(state, momentum=0.9)
     with pytest.raises(ValueError, match="found 0"):

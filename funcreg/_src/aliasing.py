@@ -10,7 +10,8 @@ wrong. Tensors without plain strided memory of their own (empty, sparse, meta, v
 ``torch.func``-wrapped ones, tensor subclasses such as DTensor) are not compared.
 
 State tensors may share memory with each other (a transform's own business); they may not share it
-with a parameter or a gradient.
+with a parameter or a gradient. The state's 0-d tensors (step counts, reported values, new at every
+step) are not compared.
 """
 
 from __future__ import annotations
@@ -87,7 +88,9 @@ class OverlapCheck:
     ) -> None:
         """Raises where a parameter overlaps another parameter or a state tensor, or a gradient
         overlaps either. ``names`` are how the error calls the two trees."""
-        donated = tensors_of(params) + tensors_of(state)
+        # the state's 0-d tensors (step counts, reported values) are new at every step and hold no
+        # parameter's memory: leaving them out keeps the key, and the spans, from changing each step
+        donated = tensors_of(params) + [x for x in tensors_of(state) if x.ndim]
         if donated and torch._C._functorch.is_functorch_wrapped_tensor(donated[0]):
             return  # inside vmap or grad: the step is pure there (see funcreg._src.update)
         # ids and addresses: a tensor freed and another allocated in its place has a new address or id
@@ -104,6 +107,8 @@ class OverlapCheck:
         for tree, what, is_param in ((params, names[0], True), (state, names[1], False)):
             leaves, _ = flatten(tree)
             for name, leaf in zip(tree_names(tree), leaves):
+                if not is_param and isinstance(leaf, torch.Tensor) and leaf.ndim == 0:
+                    continue  # as in check's key
                 span = memory_span(leaf)
                 if span is not None:
                     spans.append((span[0], span[1], is_param, f"{what} {name!r}"))

@@ -201,3 +201,38 @@ def test_memory_the_optimizer_no_longer_holds_is_not_refused():
     assert initial_value.data_ptr() not in [v.data_ptr() for v in opt.state[w].values()]
     w.grad = initial_value.fill_(0.5)  # memory the optimizer held at first, and no longer does
     opt.step()
+
+
+@PROPERTY
+@given(
+    shape=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    data=st.data(),
+)
+def test_memory_span_is_the_first_to_one_past_the_last_element(shape, data):
+    """Against the address arithmetic of a strided view, written here: the first element at
+    base + offset * itemsize, the last at base + (offset + sum((n_i - 1) * stride_i)) * itemsize."""
+    from funcreg._src.aliasing import memory_span
+
+    strides = [data.draw(st.integers(1, 5)) for _ in shape]
+    offset = data.draw(st.integers(0, 6))
+    needed = offset + sum((n - 1) * s for n, s in zip(shape, strides)) + 1
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
+    base = torch.zeros(needed, dtype=dtype)
+    view = base.as_strided(shape, strides, offset)
+    size = base.element_size()
+    expected = (base.data_ptr() + offset * size, base.data_ptr() + needed * size)
+    assert memory_span(view) == expected
+    assert memory_span(base[:0]) is None  # no elements, nothing to overlap
+
+
+def test_a_gradient_overlapping_a_parameter_from_either_side_is_refused_and_a_neighbour_is_not():
+    flat = torch.zeros(10)
+    params = {"w": flat[3:6]}  # elements 3, 4, 5
+    tx = fr.sgd(0.1)
+    state = tx.init(params)
+    for grad in (flat[1:4], flat[5:8], flat[2:9:3]):  # ends in it, starts in it, straddles it by stride
+        with pytest.raises(ValueError, match=r"gradient 'w' shares memory with params 'w'"):
+            fr.donated_update(tx, {"w": grad}, state, params)
+    for grad in (flat[0:3], flat[6:9]):  # just before, just after: no shared element
+        fr.donated_update(tx, {"w": grad.clone().copy_(grad)}, state, params)
+        fr.donated_update(tx, {"w": grad}, state, params)

@@ -88,3 +88,14 @@ def test_compress_state_is_reproducible_and_validates():
         fr.compress_state("adam")
     with pytest.raises(TypeError, match="float32"):
         stochastic_round_to_bfloat16(torch.ones(2, dtype=torch.float64))
+
+
+def test_representable_and_special_values_are_kept_and_vmap_is_refused():
+    x = torch.tensor([1.0, -2.5, 0.0, float("inf"), -float("inf"), 3.0e38], dtype=torch.float32)
+    r = stochastic_round_to_bfloat16(x, torch.Generator().manual_seed(0)).float()
+    assert torch.equal(r[:5], x[:5])  # bfloat16 values already, infinities: unchanged
+    assert torch.isnan(stochastic_round_to_bfloat16(torch.tensor([float("nan")]))).all()
+    tx = fr.compress_state(fr.adam(0.1))
+    stacked = fr.stack([{"w": torch.ones(2)}] * 2)
+    with pytest.raises(TypeError, match="compress_state runs eagerly only"):
+        fr.vmap(tx.update)(stacked, fr.vmap(tx.init)(stacked), stacked)

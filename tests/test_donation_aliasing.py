@@ -236,3 +236,28 @@ def test_a_gradient_overlapping_a_parameter_from_either_side_is_refused_and_a_ne
     for grad in (flat[0:3], flat[6:9]):  # just before, just after: no shared element
         fr.donated_update(tx, {"w": grad.clone().copy_(grad)}, state, params)
         fr.donated_update(tx, {"w": grad}, state, params)
+
+
+def test_donated_update_refuses_a_state_of_any_earlier_generation():
+    from funcreg._src.update import _CHECKS
+
+    tx = fr.chain(fr.clip_by_global_norm(1.0), fr.adamw(0.1))  # a transform that returns new containers
+    params = {"w": torch.ones(3)}
+    states = [tx.init(params)]
+    for _ in range(3):
+        params, new = fr.donated_update(tx, {"w": torch.ones(3)}, states[-1], params)
+        states.append(new)
+    for stale in states[:-1]:
+        with pytest.raises(ValueError, match="donated to an earlier step"):
+            fr.donated_update(tx, {"w": torch.ones(3)}, stale, params)
+    params, state = fr.donated_update(tx, {"w": torch.ones(3)}, states[-1], params)
+    del states, stale
+    for _ in range(20):  # states nobody else holds are let go: the tracker does not grow
+        params, state = fr.donated_update(tx, {"w": torch.ones(3)}, state, params)
+    assert len(_CHECKS.donations._held) <= 2
+    # a fused alias writes into the very container it was given: that object is the latest state
+    tx = fr.adam(0.1)
+    s0 = tx.init({"w": torch.ones(3)})
+    p, s1 = fr.donated_update(tx, {"w": torch.ones(3)}, s0, {"w": torch.ones(3)})
+    assert s1 is s0
+    fr.donated_update(tx, {"w": torch.ones(3)}, s0, p)

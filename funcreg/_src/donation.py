@@ -13,6 +13,7 @@ not know about donation simply stays pure: that is always correct.
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from collections.abc import Iterator
@@ -78,14 +79,15 @@ class DonationTracker:
     object (instead of the one it returned) would silently step from overwritten values. States
     whose class sets ``_fr_generations = True`` (:class:`funcreg.TrainState`) carry a mark, and every
     state consumed by any earlier step of this tracker is refused, as long as it exists. Other states
-    (the raw states of :func:`funcreg.donated_update`, which cannot carry a mark) are refused when
-    they are the state consumed by the step just before.
+    (the raw states of :func:`funcreg.donated_update`, which cannot carry a mark) are held by
+    reference after they are consumed, for as long as someone else holds them too: any of them
+    passed again is refused, and one nobody else holds is let go (it can never be passed again).
     """
 
     def __init__(self) -> None:
         self._consumed: weakref.WeakSet[_Generation] = weakref.WeakSet()
         # references, not ids: a freed state's id can be reused by a new object
-        self._last_consumed: object = None
+        self._held: list[object] = []
         self._last_produced: object = None
 
     def consume(self, state: object) -> None:
@@ -94,8 +96,11 @@ class DonationTracker:
             stale = mark in self._consumed
             self._consumed.add(mark)
         else:
-            stale = state is self._last_consumed and state is not self._last_produced
-            self._last_consumed = state
+            # the list, the loop variable and getrefcount's argument: 3 references are ours
+            self._held = [x for x in self._held if sys.getrefcount(x) > 3]
+            stale = any(x is state for x in self._held)
+            if not stale:
+                self._held.append(state)
         if stale:
             raise ValueError(
                 "this state was donated to an earlier step, which overwrote its tensors: pass the state "
@@ -104,6 +109,8 @@ class DonationTracker:
 
     def produce(self, state: object) -> None:
         self._last_produced = state
+        # a transform may return the container it was given (written in place): it is fresh again
+        self._held = [x for x in self._held if x is not state]
 
     def is_latest(self, state: object) -> bool:
         """Whether ``state`` is the one the last step returned (its memory layout is known)."""

@@ -106,8 +106,8 @@ def donated_update(
     Transforms that cannot update in place run pure, which is always correct. Refused
     (``ValueError``, naming the tensors) where autograd needs the old values, a tensor is donated
     twice, two parameters or a parameter and a state tensor share memory (views of one storage), a
-    gradient shares memory with either, or ``state`` is the one the previous donated step of this
-    thread consumed. A donated
+    gradient shares memory with either, or ``state`` is one that an earlier donated step of this
+    thread consumed (any generation). A donated
     step is not differentiable: it runs under ``torch.no_grad()`` (use the pure path to differentiate
     through an optimizer step, e.g. with respect to a learning rate).
 

@@ -71,6 +71,7 @@ from funcreg._src.penalties import elastic_net
 from funcreg._src.penalties import group_lasso
 from funcreg._src.penalties import bridge
 from funcreg._src.penalties import l0
+from funcreg._src.penalties import n_m_sparsity
 from funcreg._src.penalties import sparsity_target
 from funcreg._src.penalties import l1
 from funcreg._src.penalties import scad
@@ -236,6 +237,7 @@ __all__ = [
     "metrics",
     "muon",
     "nadam",
+    "n_m_sparsity",
     "named_chain",
     "non_negative",
     "norms",

@@ -9,6 +9,7 @@ Examples:
 from funcreg._src.penalties.nonconvex import bridge_prox
 from funcreg._src.penalties.nonconvex import hard_threshold
 from funcreg._src.penalties.targets import keep_largest
+from funcreg._src.penalties.targets import keep_n_of_m
 from funcreg._src.penalties.nonconvex import log_sum_prox
 from funcreg._src.penalties.nonconvex import mcp_prox
 from funcreg._src.penalties.nonconvex import scad_prox
@@ -33,6 +34,7 @@ __all__ = [
     "group_soft_threshold",
     "hard_threshold",
     "keep_largest",
+    "keep_n_of_m",
     "log_sum_prox",
     "mcp_prox",
     "project_group_norm",

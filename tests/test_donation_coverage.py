@@ -97,6 +97,7 @@ PENALTIES: dict[str, Callable[[], fr.Penalty]] = {
     "bridge": lambda: fr.bridge(0.01, q=0.5),
     "sparsity_target": lambda: fr.sparsity_target(0.5),
     "sparsity_target_global": lambda: fr.sparsity_target(0.5, per="global"),
+    "n_m_sparsity": lambda: fr.n_m_sparsity(1, 3, mask=W_ONLY),
 }
 
 

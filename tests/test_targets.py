@@ -89,3 +89,31 @@ def test_validation_and_the_indicator():
     assert math.isinf(float(P({"w": torch.tensor([1.0, 2.0, 3.0, 0.0])})))
     with pytest.raises(NotImplementedError):
         P.grad({"w": torch.ones(4)})
+
+
+@PROPERTY
+@given(data=st.data(), nm=st.sampled_from([(2, 4), (1, 4), (4, 8), (1, 2)]))
+def test_n_of_m_keeps_the_largest_in_every_block(data, nm):
+    n, m = nm
+    w = _distinct(data.draw, 3 * 2 * m).reshape(3, 2 * m)
+    got = fr.n_m_sparsity(n, m).prox({"w": torch.from_numpy(w)}, step=1.0)["w"].numpy()
+    for row_got, row in zip(got, w):
+        for b in range(2):
+            block = row[b * m : (b + 1) * m]
+            np.testing.assert_array_equal(row_got[b * m : (b + 1) * m], _keep(block, n))
+    assert float(fr.n_m_sparsity(n, m)({"w": torch.from_numpy(got)})) == 0.0
+    if n < m:
+        assert math.isinf(float(fr.n_m_sparsity(n, m)({"w": torch.from_numpy(w)})))
+
+
+def test_n_of_m_validation():
+    with pytest.raises(ValueError, match=r"Invalid n value: 5"):
+        fr.n_m_sparsity(5, 4)
+    with pytest.raises(ValueError, match=r"Invalid m value"):
+        fr.n_m_sparsity(2, 0)
+    with pytest.raises(
+        ValueError, match=r"'w' has shape \(2, 6\); its last dimension must be a multiple of 4"
+    ):
+        fr.n_m_sparsity(2, 4).prox({"w": torch.ones(2, 6)}, step=1.0)
+    # vectors are left out by default (biases): only matrices are selected
+    assert fr.n_m_sparsity().selection({"w": torch.ones(2, 4), "b": torch.ones(4)}) == {"w": True, "b": False}

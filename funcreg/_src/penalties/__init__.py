@@ -26,7 +26,7 @@ from funcreg._src.penalties.custom import CustomPenalty, penalty
 from funcreg._src.penalties.elementwise import anchor, elastic_net, l1, l2, lp
 from funcreg._src.penalties.leaf import LeafPenalty, LeafRule
 from funcreg._src.penalties.nonconvex import bridge, l0, log_sum, mcp, scad
-from funcreg._src.penalties.targets import sparsity_target
+from funcreg._src.penalties.targets import n_m_sparsity, sparsity_target
 from funcreg._src.penalties.structural import group_lasso, max_norm, non_negative, orthogonal
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "log_sum",
     "lp",
     "max_norm",
+    "n_m_sparsity",
     "mcp",
     "non_negative",
     "orthogonal",

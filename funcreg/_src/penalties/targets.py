@@ -128,3 +128,67 @@ def sparsity_target(
 
     rule = LeafRule(value, None, prox, differentiable=False, complex_ok=False)
     return LeafPenalty(name, (), mask, rule)
+
+
+def keep_n_of_m(v: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """``v`` with, in each block of ``m`` consecutive entries along its last dimension, all but the
+    ``n`` largest magnitudes set to 0 (N:M structured sparsity, e.g. 2:4). The last dimension must be
+    a multiple of ``m``.
+
+    Examples:
+        >>> import torch, funcreg as fr
+        >>> fr.proxes.keep_n_of_m(torch.tensor([[0.1, -3.0, 2.0, 0.5, 4.0, 1.0, -1.5, 0.2]]), 2, 4)
+        tensor([[ 0.0000, -3.0000,  2.0000,  0.0000,  4.0000,  0.0000, -1.5000,  0.0000]])
+    """
+    if v.ndim == 0 or v.shape[-1] % m:
+        raise ValueError(
+            f"N:M sparsity needs a last dimension that is a multiple of {m}, got shape {tuple(v.shape)}"
+        )
+    blocks = v.reshape(*v.shape[:-1], v.shape[-1] // m, m)
+    top = torch.topk(blocks.abs(), n, dim=-1, sorted=False).indices
+    keep = torch.zeros_like(blocks).scatter(-1, top, torch.ones_like(blocks[..., :n]))
+    return torch.where(keep > 0, blocks, torch.zeros_like(blocks)).reshape(v.shape)
+
+
+@records_call
+def n_m_sparsity(n: int = 2, m: int = 4, mask: MaskLike | None = None, name: str = "n_m_sparsity") -> Penalty:
+    """The constraint ``at most n nonzeros in each block of m`` along the last dimension (2:4 by
+    default: the pattern sparse tensor cores run), a projection for the proximal form
+    (:func:`funcreg.proxes.keep_n_of_m`). Matrices only by default. The mask of kept entries,
+    ``w != 0``, is the one ``torch.sparse.to_sparse_semi_structured`` takes on a GPU.
+
+    Examples:
+        >>> import torch, funcreg as fr
+        >>> w = torch.tensor([[0.1, -3.0, 2.0, 0.5], [4.0, 1.0, -1.5, 0.2]])
+        >>> fr.n_m_sparsity(2, 4).prox({"w": w}, step=0.1)["w"]
+        tensor([[ 0.0000, -3.0000,  2.0000,  0.0000],
+                [ 4.0000,  0.0000, -1.5000,  0.0000]])
+    """
+    for arg, given in (("n", n), ("m", m)):
+        if isinstance(given, bool) or not isinstance(given, int) or given < 1:
+            raise ValueError(f"Invalid {arg} value: {given!r} (expected an int >= 1)")
+    if n > m:
+        raise ValueError(f"Invalid n value: {n} (at most m = {m})")
+
+    def check(pname: str, w: torch.Tensor) -> None:
+        if w.ndim == 0 or w.shape[-1] % m:
+            raise ValueError(
+                f"n_m_sparsity: parameter {pname!r} has shape {tuple(w.shape)}; its last dimension must be "
+                f"a multiple of {m}"
+            )
+
+    def value(w: torch.Tensor) -> torch.Tensor:
+        blocks = w.reshape(*w.shape[:-1], w.shape[-1] // m, m)
+        worst = torch.count_nonzero(blocks, dim=-1).amax()
+        return _indicator(worst, n, w)
+
+    rule = LeafRule(
+        value,
+        None,
+        lambda v: keep_n_of_m(v, n, m),
+        check=check,
+        default_select=lambda w: w.ndim >= 2,
+        differentiable=False,
+        complex_ok=False,
+    )
+    return LeafPenalty(name, (), mask, rule)

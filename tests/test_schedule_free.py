@@ -146,3 +146,19 @@ def test_schedule_free_validation():
     with pytest.raises(ValueError, match="found 0"):
         fr.schedule_free_eval_params(fr.sgd(0.1).init({"w": torch.ones(1)}))
     assert repr(fr.schedule_free_adamw(0.01, warmup_steps=5)) == "schedule_free_adamw(0.01, warmup_steps=5)"
+    assert repr(fr.schedule_free_sgd(0.1)) == "schedule_free_sgd(0.1)"  # the defaults are not shown
+    assert repr(fr.schedule_free_adamw(0.1)) == "schedule_free_adamw(0.1)"
+    with pytest.raises(ValueError, match="momentum"):
+        fr.schedule_free_sgd(0.1, momentum=0.0)
+    # numbers fixed for the run, not swept tensors
+    t = torch.tensor(0.1)
+    for build in (
+        lambda: fr.schedule_free_sgd(t),
+        lambda: fr.schedule_free_sgd(0.1, momentum=t),
+        lambda: fr.schedule_free_sgd(0.1, weight_decay=t),
+        lambda: fr.schedule_free_sgd(0.1, r=t),
+        lambda: fr.schedule_free_sgd(0.1, weight_lr_power=t),
+        lambda: fr.schedule_free_adamw(0.1, eps=t),
+    ):
+        with pytest.raises(TypeError):
+            build()

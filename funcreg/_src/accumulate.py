@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import torch
 
 from funcreg._src import leafwise
-from funcreg._src.base import GradientTransformation, expect_state, flat
+from funcreg._src.base import GradientTransformation, expect_state, flat, init_count
 from funcreg._src.describe import configured
 from funcreg._src.donation import donating, donation
 from funcreg._src.tree import check_same_spec, flatten, unflatten
@@ -60,9 +60,8 @@ def accumulate(inner: GradientTransformation, every: int) -> GradientTransformat
 
     def init(params: PyTree) -> AccumulateState:
         leaves, spec = flatten(params)
-        device = next((p.device for p in leaves if isinstance(p, torch.Tensor)), None)
         sums = unflatten([None if p is None else torch.zeros_like(p) for p in leaves], spec)
-        return AccumulateState(torch.zeros((), dtype=torch.int64, device=device), sums, inner.init(params))
+        return AccumulateState(init_count(params), sums, inner.init(params))
 
     def update(
         updates: PyTree, state: AccumulateState, params: PyTree | None = None

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import torch
 
 from funcreg._src import leafwise
-from funcreg._src.base import GradientTransformation, expect_state, find_one_state, flat
+from funcreg._src.base import GradientTransformation, expect_state, find_one_state, flat, init_count
 from funcreg._src.describe import configured
 from funcreg._src.tree import check_same_spec, flatten, unflatten
 from funcreg._src.typing import PyTree
@@ -53,9 +53,8 @@ def average_weights(inner: GradientTransformation, decay: float | None = None) -
 
     def init(params: PyTree) -> AverageState:
         leaves, spec = flatten(params)
-        device = next((p.device for p in leaves if isinstance(p, torch.Tensor)), None)
         averaged = unflatten([None if p is None else p.detach().clone() for p in leaves], spec)
-        return AverageState(torch.zeros((), dtype=torch.int64, device=device), averaged, inner.init(params))
+        return AverageState(init_count(params), averaged, inner.init(params))
 
     def update(
         updates: PyTree, state: AverageState, params: PyTree | None = None

@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from funcreg._src.base import GradientTransformation, expect_state
+from funcreg._src.base import GradientTransformation, expect_state, init_count
 from funcreg._src.describe import compiling, configured
 from funcreg._src.donation import donation
 from funcreg._src.tree import flatten, unflatten
@@ -81,11 +81,7 @@ def compress_state(inner: GradientTransformation, seed: int = 0) -> GradientTran
         )
 
     def init(params: PyTree) -> CompressedState:
-        leaves, _ = flatten(params)
-        device = next((p.device for p in leaves if isinstance(p, torch.Tensor)), None)
-        return CompressedState(
-            torch.zeros((), dtype=torch.int64, device=device), compress(inner.init(params), None)
-        )
+        return CompressedState(init_count(params), compress(inner.init(params), None))
 
     def update(
         updates: PyTree, state: CompressedState, params: PyTree | None = None

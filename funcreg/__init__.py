@@ -5,64 +5,72 @@ Penalties, gradient transformations and optimizers as pure functions over parame
 
 from funcreg import distributed  # a namespace: fr.distributed.mean_gradients, sweeps
 from funcreg import proxes  # a namespace of plain functions: fr.proxes.soft_threshold
-from funcreg._src.accumulate import AccumulateState
-from funcreg._src.accumulate import accumulate
-from funcreg._src.adam_variants import ScaleByAdamaxState
-from funcreg._src.adam_variants import ScaleByNadamState
-from funcreg._src.adam_variants import ScaleByRadamState
-from funcreg._src.adam_variants import scale_by_adamax
-from funcreg._src.adam_variants import scale_by_nadam
-from funcreg._src.adam_variants import scale_by_radam
-from funcreg._src.adaptive import ScaleByAdadeltaState
-from funcreg._src.adaptive import ScaleByAdagradState
-from funcreg._src.adaptive import ScaleByRmsState
-from funcreg._src.adaptive import scale_by_adadelta
-from funcreg._src.adaptive import scale_by_adagrad
-from funcreg._src.adaptive import scale_by_rms
-from funcreg._src.alias import adam, adamw, sgd
-from funcreg._src.low_memory import CompressedState
-from funcreg._src.low_memory import compress_state
-from funcreg._src.inject import InjectState
-from funcreg._src.inject import inject_hyperparams
-from funcreg._src.inject import set_hyperparams
-from funcreg._src.schedule_free import ScheduleFreeState
-from funcreg._src.schedule_free import schedule_free_adamw
-from funcreg._src.schedule_free import schedule_free_eval_params
-from funcreg._src.schedule_free import schedule_free_sgd
-from funcreg._src.averaging import AverageState
-from funcreg._src.averaging import average_weights
-from funcreg._src.averaging import averaged_params
-from funcreg._src.cautious import cautious
-from funcreg._src.alias_recent import lion, muon
-from funcreg._src.alias_torch import adadelta, adafactor, adagrad, adamax, nadam, radam, rmsprop, rprop
-from funcreg._src.base import EmptyState, GradientTransformation, identity
-from funcreg._src.checkpoint import load_state_dict, state_dict
-from funcreg._src.combine import PartitionState, chain, named_chain, partition
-from funcreg._src.diagnostics import NormReport, SparsityReport, norms, sparsity
-from funcreg._src.ensemble import EnsembleStep, ensemble_step, init_members, num_members, stack, unstack, vmap
-from funcreg._src.errors import ContractError, LeafTypeError, SelectionError, StructureError
-from funcreg._src.factored import ScaleByAdafactorState
-from funcreg._src.factored import ScaleByRelativeStepState
-from funcreg._src.factored import scale_by_adafactor
-from funcreg._src.factored import scale_by_relative_step
-from funcreg._src.factory import create_optimizer, create_transform
-from funcreg._src.fista import FistaState, fista, fista_iterate
-from funcreg._src.forms import PenaltyState
-from funcreg._src.forms import add_penalty_grad
-from funcreg._src.forms import decoupled
-from funcreg._src.forms import penalized
-from funcreg._src.forms import penalty_metrics
-from funcreg._src.forms import penalty_states
-from funcreg._src.forms import proximal
-from funcreg._src.history import History
-from funcreg._src.hypergrad import Hypergradient
-from funcreg._src.hypergrad import TuneResult
-from funcreg._src.hypergrad import hypergradient
-from funcreg._src.hypergrad import implicit_hypergradient
-from funcreg._src.hypergrad import tune_coefficient
-from funcreg._src.metrics import metrics
-from funcreg._src.orthogonalize import ScaleByMuonState, scale_by_muon
-from funcreg._src.paths import RegularizationPath, kfold, regularization_path
+from funcreg._src.combinators.accumulate import AccumulateState
+from funcreg._src.combinators.accumulate import accumulate
+from funcreg._src.transforms.adam_variants import ScaleByAdamaxState
+from funcreg._src.transforms.adam_variants import ScaleByNadamState
+from funcreg._src.transforms.adam_variants import ScaleByRadamState
+from funcreg._src.transforms.adam_variants import scale_by_adamax
+from funcreg._src.transforms.adam_variants import scale_by_nadam
+from funcreg._src.transforms.adam_variants import scale_by_radam
+from funcreg._src.transforms.adaptive import ScaleByAdadeltaState
+from funcreg._src.transforms.adaptive import ScaleByAdagradState
+from funcreg._src.transforms.adaptive import ScaleByRmsState
+from funcreg._src.transforms.adaptive import scale_by_adadelta
+from funcreg._src.transforms.adaptive import scale_by_adagrad
+from funcreg._src.transforms.adaptive import scale_by_rms
+from funcreg._src.optim.alias import adam, adamw, sgd
+from funcreg._src.combinators.low_memory import CompressedState
+from funcreg._src.combinators.low_memory import compress_state
+from funcreg._src.combinators.inject import InjectState
+from funcreg._src.combinators.inject import inject_hyperparams
+from funcreg._src.combinators.inject import set_hyperparams
+from funcreg._src.optim.schedule_free import ScheduleFreeState
+from funcreg._src.optim.schedule_free import schedule_free_adamw
+from funcreg._src.optim.schedule_free import schedule_free_eval_params
+from funcreg._src.optim.schedule_free import schedule_free_sgd
+from funcreg._src.combinators.averaging import AverageState
+from funcreg._src.combinators.averaging import average_weights
+from funcreg._src.combinators.averaging import averaged_params
+from funcreg._src.combinators.cautious import cautious
+from funcreg._src.optim.alias_recent import lion, muon
+from funcreg._src.optim.alias_torch import adadelta, adafactor, adagrad, adamax, nadam, radam, rmsprop, rprop
+from funcreg._src.core.base import EmptyState, GradientTransformation, identity
+from funcreg._src.training.checkpoint import load_state_dict, state_dict
+from funcreg._src.combinators.combine import PartitionState, chain, named_chain, partition
+from funcreg._src.analysis.diagnostics import NormReport, SparsityReport, norms, sparsity
+from funcreg._src.training.ensemble import (
+    EnsembleStep,
+    ensemble_step,
+    init_members,
+    num_members,
+    stack,
+    unstack,
+    vmap,
+)
+from funcreg._src.core.errors import ContractError, LeafTypeError, SelectionError, StructureError
+from funcreg._src.transforms.factored import ScaleByAdafactorState
+from funcreg._src.transforms.factored import ScaleByRelativeStepState
+from funcreg._src.transforms.factored import scale_by_adafactor
+from funcreg._src.transforms.factored import scale_by_relative_step
+from funcreg._src.optim.factory import create_optimizer, create_transform
+from funcreg._src.forms.fista import FistaState, fista, fista_iterate
+from funcreg._src.forms.forms import PenaltyState
+from funcreg._src.forms.forms import add_penalty_grad
+from funcreg._src.forms.forms import decoupled
+from funcreg._src.forms.forms import penalized
+from funcreg._src.forms.forms import penalty_metrics
+from funcreg._src.forms.forms import penalty_states
+from funcreg._src.forms.forms import proximal
+from funcreg._src.training.history import History
+from funcreg._src.analysis.hypergrad import Hypergradient
+from funcreg._src.analysis.hypergrad import TuneResult
+from funcreg._src.analysis.hypergrad import hypergradient
+from funcreg._src.analysis.hypergrad import implicit_hypergradient
+from funcreg._src.analysis.hypergrad import tune_coefficient
+from funcreg._src.training.metrics import metrics
+from funcreg._src.transforms.orthogonalize import ScaleByMuonState, scale_by_muon
+from funcreg._src.analysis.paths.path import RegularizationPath, kfold, regularization_path
 from funcreg._src.penalties import FlatParams
 from funcreg._src.penalties import LeafRule
 from funcreg._src.penalties import Penalty
@@ -83,41 +91,46 @@ from funcreg._src.penalties import max_norm
 from funcreg._src.penalties import non_negative
 from funcreg._src.penalties import orthogonal
 from funcreg._src.penalties import penalty
-from funcreg._src.preconditioned import proximal_adam
-from funcreg._src.probe import DecayKind, ProbeResult, probe
-from funcreg._src.prune import PruneReport, prune, prune_report
-from funcreg._src.schedules import constant_schedule
-from funcreg._src.schedules import cosine_decay_schedule
-from funcreg._src.schedules import join_schedules
-from funcreg._src.schedules import linear_schedule
-from funcreg._src.schedules import linear_warmup
-from funcreg._src.schedules import warmup_cosine_decay_schedule
-from funcreg._src.selection import Selection
-from funcreg._src.selection import Selector
-from funcreg._src.selection import buffers_of
-from funcreg._src.selection import by_module
-from funcreg._src.selection import by_name
-from funcreg._src.selection import by_predicate
-from funcreg._src.selection import decay_mask
-from funcreg._src.selection import params_of
-from funcreg._src.sign_methods import ScaleByLionState, ScaleByRpropState, scale_by_lion, scale_by_rprop
-from funcreg._src.spectral import max_spectral_norm, nuclear_norm, orthogonal_cosine, spectral_norm
-from funcreg._src.torch_optimizer import TorchOptimizer
-from funcreg._src.training import Step, TrainState, functional_model, make_step
-from funcreg._src.transform import DecoupledWeightDecayState
-from funcreg._src.transform import ScaleByAdamState
-from funcreg._src.transform import ScaleByScheduleState
-from funcreg._src.transform import TraceState
-from funcreg._src.transform import add_decayed_weights
-from funcreg._src.transform import clip_by_global_norm
-from funcreg._src.transform import decoupled_weight_decay
-from funcreg._src.transform import scale
-from funcreg._src.transform import scale_by_adam
-from funcreg._src.transform import scale_by_learning_rate
-from funcreg._src.transform import trace
-from funcreg._src.tree import tree_names
-from funcreg._src.update import apply_updates, donated_update
-from funcreg._src.wrappers import ApplyIfFiniteState, MaskedState, apply_if_finite, masked
+from funcreg._src.forms.preconditioned import proximal_adam
+from funcreg._src.analysis.probe.probe import DecayKind, ProbeResult, probe
+from funcreg._src.analysis.prune.prune import PruneReport, prune, prune_report
+from funcreg._src.core.schedules import constant_schedule
+from funcreg._src.core.schedules import cosine_decay_schedule
+from funcreg._src.core.schedules import join_schedules
+from funcreg._src.core.schedules import linear_schedule
+from funcreg._src.core.schedules import linear_warmup
+from funcreg._src.core.schedules import warmup_cosine_decay_schedule
+from funcreg._src.selection.resolve import Selection
+from funcreg._src.selection.resolve import Selector
+from funcreg._src.selection.resolve import buffers_of
+from funcreg._src.selection.resolve import by_module
+from funcreg._src.selection.resolve import by_name
+from funcreg._src.selection.resolve import by_predicate
+from funcreg._src.selection.resolve import decay_mask
+from funcreg._src.selection.resolve import params_of
+from funcreg._src.transforms.sign_methods import (
+    ScaleByLionState,
+    ScaleByRpropState,
+    scale_by_lion,
+    scale_by_rprop,
+)
+from funcreg._src.penalties.spectral import max_spectral_norm, nuclear_norm, orthogonal_cosine, spectral_norm
+from funcreg._src.torch_optimizer.optimizer import TorchOptimizer
+from funcreg._src.training.step import Step, TrainState, functional_model, make_step
+from funcreg._src.transforms.basic import DecoupledWeightDecayState
+from funcreg._src.transforms.basic import ScaleByAdamState
+from funcreg._src.transforms.basic import ScaleByScheduleState
+from funcreg._src.transforms.basic import TraceState
+from funcreg._src.transforms.basic import add_decayed_weights
+from funcreg._src.transforms.basic import clip_by_global_norm
+from funcreg._src.transforms.basic import decoupled_weight_decay
+from funcreg._src.transforms.basic import scale
+from funcreg._src.transforms.basic import scale_by_adam
+from funcreg._src.transforms.basic import scale_by_learning_rate
+from funcreg._src.transforms.basic import trace
+from funcreg._src.core.tree import tree_names
+from funcreg._src.kernels.update import apply_updates, donated_update
+from funcreg._src.combinators.wrappers import ApplyIfFiniteState, MaskedState, apply_if_finite, masked
 
 __version__ = "0.1.0"
 

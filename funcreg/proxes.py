@@ -21,8 +21,8 @@ from funcreg._src.penalties.proxes import project_group_norm
 from funcreg._src.penalties.proxes import project_non_negative
 from funcreg._src.penalties.proxes import shrink
 from funcreg._src.penalties.proxes import soft_threshold
-from funcreg._src.preconditioned import diagonal_elastic_net_prox
-from funcreg._src.spectral import clip_singular_values, singular_value_thresholding, spectral_prox
+from funcreg._src.forms.preconditioned import diagonal_elastic_net_prox
+from funcreg._src.penalties.spectral import clip_singular_values, singular_value_thresholding, spectral_prox
 
 __all__ = [
     "anchor_prox",

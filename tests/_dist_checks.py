@@ -405,7 +405,7 @@ def check_dtensor_errors(rank: int, world: int, out: str) -> dict[str, list[floa
     found["spectral_prox_sharded"] = text
     try:
         fr.orthogonal_cosine(0.1)(sp)
-    except NotImplementedError as err:  # its torch.eye beside a DTensor (funcreg/_src/spectral.py)
+    except NotImplementedError as err:  # its torch.eye beside a DTensor (funcreg/_src/penalties/spectral.py)
         text = str(err)
     else:
         raise AssertionError("orthogonal_cosine on a sharded matrix did not raise")

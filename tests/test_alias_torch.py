@@ -431,7 +431,7 @@ def test_muon_matches_torch_muon_with_adamw_fallback(data):
 def test_newton_schulz_is_torchs_bit_for_bit():
     from torch.optim._muon import _zeropower_via_newtonschulz
 
-    from funcreg._src.orthogonalize import NS_COEFFICIENTS, newton_schulz
+    from funcreg._src.transforms.orthogonalize import NS_COEFFICIENTS, newton_schulz
 
     g = torch.linspace(-2.0, 3.0, 12, dtype=torch.float64).reshape(4, 3).sin()
     for m in (g, g.T, g.float()):

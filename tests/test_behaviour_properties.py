@@ -21,8 +21,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import funcreg as fr
-from funcreg._src import scratch as scratch_module
-from funcreg._src.scratch import Scratch
+from funcreg._src.kernels import scratch as scratch_module
+from funcreg._src.kernels.scratch import Scratch
 
 PROPERTY = settings(deadline=None, max_examples=30, database=None)
 

@@ -18,7 +18,7 @@ import funcreg as fr
 from funcreg.testing import tensors
 
 # aliases (and alias + penalty-form chains) whose donated step runs torch.optim's own arithmetic
-# (funcreg/_src/fused.py, fused_forms.py): equal to the pure update to rounding, and to torch.optim
+# (funcreg/_src/kernels/fused.py, fused_forms.py): equal to the pure update to rounding, and to torch.optim
 # bit for bit (tested below and in test_fused_forms.py)
 TORCH_KERNELS = {"adam", "adamw", "adamw_amsgrad_masked", "sgd", "sgd_momentum", "proximal_l1", "coupled_l2"}
 

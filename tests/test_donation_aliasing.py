@@ -211,7 +211,7 @@ def test_memory_the_optimizer_no_longer_holds_is_not_refused():
 def test_memory_span_is_the_first_to_one_past_the_last_element(shape, data):
     """Against the address arithmetic of a strided view, written here: the first element at
     base + offset * itemsize, the last at base + (offset + sum((n_i - 1) * stride_i)) * itemsize."""
-    from funcreg._src.aliasing import memory_span
+    from funcreg._src.core.aliasing import memory_span
 
     strides = [data.draw(st.integers(1, 5)) for _ in shape]
     offset = data.draw(st.integers(0, 6))
@@ -239,7 +239,7 @@ def test_a_gradient_overlapping_a_parameter_from_either_side_is_refused_and_a_ne
 
 
 def test_donated_update_refuses_a_state_of_any_earlier_generation():
-    from funcreg._src.update import _CHECKS
+    from funcreg._src.kernels.update import _CHECKS
 
     tx = fr.chain(fr.clip_by_global_norm(1.0), fr.adamw(0.1))  # a transform that returns new containers
     params = {"w": torch.ones(3)}

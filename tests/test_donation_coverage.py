@@ -37,8 +37,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import funcreg as fr
-from funcreg._src.factory import OPTIMIZERS
-from funcreg._src.fused_forms import kernel_of
+from funcreg._src.kernels.fused_forms import kernel_of
+from funcreg._src.optim.factory import OPTIMIZERS
 from funcreg.testing import tensors
 
 F32, F64 = torch.float32, torch.float64
@@ -442,7 +442,7 @@ def _pure_step(tx: fr.GradientTransformation, grads: Any, state: Any, params: An
 
 
 def _runs_torch_kernels(tx: fr.GradientTransformation) -> bool:
-    """Whether a donated step may run torch.optim's arithmetic (funcreg/_src/fused.py): for adam/adamw
+    """Whether a donated step may run torch.optim's arithmetic (funcreg/_src/kernels/fused.py): for adam/adamw
     torch's fused kernel (fused=True) or its foreach sequence, which order the operations as torch
     does (``addcdiv(p, m, sqrt(v)/c2 + eps, -lr/c1)``) where the pure update orders them as funcreg
     does (``c2*m / (sqrt(v) + eps*c2)``, then ``p + u``); likewise for sgd and for a chain of an

@@ -1,4 +1,4 @@
-"""An eager ensemble step runs its optimizer once on the stacked tensors (``funcreg/_src/ensemble_stacked.py``).
+"""An eager ensemble step runs its optimizer once on the stacked tensors (``funcreg/_src/training/stacked.py``).
 
 Oracle: each member trained alone by the same :class:`funcreg.Step` (no vmap), and the fully vmapped
 ensemble step. The stacked kernel reorders no arithmetic between members but is torch's foreach
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import funcreg as fr
-from funcreg._src.ensemble_stacked import stacked_kernel, stacked_step
+from funcreg._src.training.stacked import stacked_kernel, stacked_step
 
 F32, F64 = torch.float32, torch.float64
 

@@ -1,5 +1,5 @@
 """Donated steps on torch's own arithmetic: ``fr.sgd`` (``_multi_tensor_sgd``'s sequence) and the
-penalty forms folded into the adam/adamw/sgd kernels (``funcreg/_src/fused_forms.py``).
+penalty forms folded into the adam/adamw/sgd kernels (``funcreg/_src/kernels/fused_forms.py``).
 
 Two oracles: torch.optim itself, bit for bit, where the chain *is* a torch.optim configuration
 (coupled L2 = ``weight_decay``, a decoupled L2 at the learning rate = AdamW's decay), and the pure
@@ -17,7 +17,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import funcreg as fr
-from funcreg._src.fused_forms import FormKernel, kernel_of
+from funcreg._src.kernels.fused_forms import FormKernel, kernel_of
 from funcreg.testing import tensors
 
 F32, F64 = torch.float32, torch.float64

@@ -14,7 +14,7 @@ from helpers import SLOW_OK
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from funcreg._src.leafwise import hoisted, mul
+from funcreg._src.core.leafwise import hoisted, mul
 
 torch.set_num_threads(1)
 

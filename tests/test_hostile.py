@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import funcreg as fr
-from funcreg._src.errors import ContractError, LeafTypeError, SelectionError, StructureError
+from funcreg._src.core.errors import ContractError, LeafTypeError, SelectionError, StructureError
 from funcreg.testing import tensors
 
 F32, F64 = torch.float32, torch.float64

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import funcreg as fr
-from funcreg._src.low_memory import stochastic_round_to_bfloat16
+from funcreg._src.combinators.low_memory import stochastic_round_to_bfloat16
 
 PROPERTY = settings(deadline=None, max_examples=30, database=None)
 

@@ -1,4 +1,4 @@
-"""Masks are resolved once per parameter structure (``funcreg._src.mask_cache.CachedMask``), and the
+"""Masks are resolved once per parameter structure (``funcreg._src.selection.mask_cache.CachedMask``), and the
 answer is always the one ``resolve_mask`` gives: the cache changes the cost, never the result."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import funcreg as fr
-from funcreg._src.mask_cache import CachedMask
-from funcreg._src.selection import resolve_mask
-from funcreg._src.tree import flatten, tensors_of
+from funcreg._src.core.tree import flatten, tensors_of
+from funcreg._src.selection.mask_cache import CachedMask
+from funcreg._src.selection.resolve import resolve_mask
 
 
 def _tree(names, ndims):

@@ -1,4 +1,4 @@
-"""Kept buffers for a donated kernel's temporaries (``funcreg/_src/scratch.py``).
+"""Kept buffers for a donated kernel's temporaries (``funcreg/_src/kernels/scratch.py``).
 
 The oracle is the foreach op each helper replaces (bit for bit), and torch.optim for whole steps on
 tensors large enough to get kept buffers without any test setting. The kernels' property tests in
@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import funcreg as fr
-from funcreg._src import scratch as scratch_module
-from funcreg._src.fused_forms import FormKernel, kernel_of
-from funcreg._src.scratch import Scratch, add_into, unary_into
+from funcreg._src.kernels import scratch as scratch_module
+from funcreg._src.kernels.fused_forms import FormKernel, kernel_of
+from funcreg._src.kernels.scratch import Scratch, add_into, unary_into
 
 
 def _tensors(data, n, dtype):

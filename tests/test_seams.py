@@ -19,7 +19,7 @@ from hypothesis.extra.numpy import arrays
 from torch import nn
 
 import funcreg as fr
-from funcreg._src.errors import SelectionError
+from funcreg._src.core.errors import SelectionError
 
 PROPERTY = settings(
     deadline=None, max_examples=25, database=None, suppress_health_check=[HealthCheck.too_slow]

@@ -618,6 +618,6 @@ def test_glob_match_is_fnmatchcase(name, pattern):
     on names and patterns made of the characters globs treat specially."""
     import fnmatch
 
-    from funcreg._src.named_params import glob_match
+    from funcreg._src.selection.named_params import glob_match
 
     assert glob_match(name, pattern) == fnmatch.fnmatchcase(name, pattern), (name, pattern)

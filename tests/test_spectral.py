@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import funcreg as fr
-from funcreg._src.spectral import clip_singular_values, singular_value_thresholding, spectral_prox
+from funcreg._src.penalties.spectral import clip_singular_values, singular_value_thresholding, spectral_prox
 from funcreg.testing import check_penalty
 
 SETTINGS = settings(deadline=None, max_examples=20, suppress_health_check=SLOW_OK)

@@ -7,7 +7,7 @@ repository, so the working tree is never touched. Each module is mapped to the t
 it in ``pyproject.toml`` (``[tool.funcreg.mutation.tests]``; a module without an entry gets the test
 file named after it), so one mutant runs in seconds on one thread.
 
-    python tools/mutate.py funcreg/_src/scratch.py funcreg/_src/fista.py --budget 600
+    python tools/mutate.py funcreg/_src/kernels/scratch.py funcreg/_src/forms/fista.py --budget 600
     python tools/mutate.py --all --shard 1/4 --budget 3600 --report mutation-1.json
 
 The report lists every mutant (module, line, the edit, killed / survived / timeout) and the kill

@@ -14,13 +14,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from funcreg._src.base import GradientTransformation
-from funcreg._src.combine import chain
-from funcreg._src.forms import add_penalty_grad, decoupled, penalized
+from funcreg._src.combinators.combine import chain
+from funcreg._src.core.base import GradientTransformation
+from funcreg._src.core.tree import flatten, tree_names, unflatten
+from funcreg._src.core.typing import PyTree
+from funcreg._src.forms.forms import add_penalty_grad, decoupled, penalized
+from funcreg._src.kernels.update import apply_updates
 from funcreg._src.penalties import Penalty
-from funcreg._src.tree import flatten, tree_names, unflatten
-from funcreg._src.typing import PyTree
-from funcreg._src.update import apply_updates
 from funcreg.testing._kinks import _assert_grad_matches, _assert_trees_close
 from funcreg.testing._search import ParamsLike, _check_seed, _note, _params_strategy, _run, _settings
 from funcreg.testing.strategies import like

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from funcreg._src.core.tree import flatten, tree_names, unflatten
+from funcreg._src.core.typing import PyTree
 from funcreg._src.penalties import Penalty
-from funcreg._src.tree import flatten, tree_names, unflatten
-from funcreg._src.typing import PyTree
 from funcreg.testing._search import _note
 
 

@@ -8,10 +8,10 @@ import torch
 from hypothesis import given, reject
 from hypothesis import strategies as st
 
-from funcreg._src.errors import SelectionError
+from funcreg._src.core.errors import SelectionError
+from funcreg._src.core.tree import flatten, unflatten
+from funcreg._src.core.typing import PyTree
 from funcreg._src.penalties import Penalty, SumPenalty
-from funcreg._src.tree import flatten, unflatten
-from funcreg._src.typing import PyTree
 from funcreg.testing._kinks import _assert_grad_matches
 from funcreg.testing._search import ParamsLike, _check_seed, _params_strategy, _run, _settings
 from funcreg.testing.strategies import like

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
-from funcreg._src.typing import PyTree
+from funcreg._src.core.typing import PyTree
 from funcreg.testing.strategies import like, param_trees, tensors
 
 ParamsLike = Union[None, PyTree, st.SearchStrategy]

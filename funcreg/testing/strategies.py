@@ -32,8 +32,8 @@ import torch
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from funcreg._src.tree import flatten, unflatten
-from funcreg._src.typing import PyTree
+from funcreg._src.core.tree import flatten, unflatten
+from funcreg._src.core.typing import PyTree
 
 __all__ = [
     "DTYPES",

@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
+from funcreg._src.core.tree import flatten, tree_names, unflatten
+from funcreg._src.core.typing import PyTree
 from funcreg._src.distributed.data_parallel import _check_group, _dist, group_size
-from funcreg._src.history import History
-from funcreg._src.tree import flatten, tree_names, unflatten
-from funcreg._src.typing import PyTree
+from funcreg._src.training.history import History
 
 
 def _check_int(name: str, value: Any, low: int) -> None:

@@ -11,7 +11,7 @@ about it, each per leaf, in flattening order:
 ``prox_flat(fp, step)``  ``argmin_z 1/2 ||z - v||^2 + step * P(z)``, ``None`` for untouched leaves
 =======================  ==========================================================================
 
-plus ``has_grad`` (a constraint has none). The forms (:mod:`funcreg._src.forms`), the training step
+plus ``has_grad`` (a constraint has none). The forms (:mod:`funcreg._src.forms.forms`), the training step
 and :mod:`funcreg.testing` use only this surface; a user's own penalty class implements it (see
 ``docs/architecture.md``). The tree-level methods (``P(params)``, ``P.grad``, ``P.prox``, ``P.terms``,
 ``P.selection``) and the algebra (``P1 + P2``, ``3.0 * P``) are built on it here, once.
@@ -26,13 +26,13 @@ from typing import Any, Union, cast
 
 import torch
 
-from funcreg._src.describe import call_text, compiling, fmt
-from funcreg._src.errors import SelectionError
-from funcreg._src.mask_cache import CachedMask
-from funcreg._src.selection import resolve_mask
-from funcreg._src.tree import TreeSpec, flatten, tree_names, unflatten
-from funcreg._src.typing import MaskLike, PyTree
-from funcreg._src.validation import check_number
+from funcreg._src.core.describe import call_text, compiling, fmt
+from funcreg._src.core.errors import SelectionError
+from funcreg._src.core.tree import TreeSpec, flatten, tree_names, unflatten
+from funcreg._src.core.typing import MaskLike, PyTree
+from funcreg._src.core.validation import check_number
+from funcreg._src.selection.mask_cache import CachedMask
+from funcreg._src.selection.resolve import resolve_mask
 
 Coefficient = Union[float, torch.Tensor, PyTree]
 
@@ -73,7 +73,7 @@ def records_call(factory: Callable[..., Penalty]) -> Callable[..., Penalty]:
     @functools.wraps(factory)
     def build(*args: Any, **kwargs: Any) -> Penalty:
         out = factory(*args, **kwargs)
-        if not compiling():  # see funcreg._src.describe.configured
+        if not compiling():  # see funcreg._src.core.describe.configured
             out.config = call_text(factory.__name__, *args, **kwargs)
             out.recipe = (build, args, kwargs)  # pickles as the call that built it (its rules hold lambdas)
         return out

@@ -12,14 +12,14 @@ from typing import Any
 
 import torch
 
-from funcreg._src.distributed.dtensor import is_dtensor
-from funcreg._src.errors import LeafTypeError
+from funcreg._src.core.dtensor import is_dtensor
+from funcreg._src.core.errors import LeafTypeError
+from funcreg._src.core.tree import flatten, tree_names, unflatten
+from funcreg._src.core.typing import MaskLike, PyTree
+from funcreg._src.core.validation import check_number, is_traced
 from funcreg._src.penalties import proxes
 from funcreg._src.penalties.base import Coefficient, Penalty, check_coefficient, records_call
 from funcreg._src.penalties.leaf import LeafPenalty, LeafRule
-from funcreg._src.tree import flatten, tree_names, unflatten
-from funcreg._src.typing import MaskLike, PyTree
-from funcreg._src.validation import check_number, is_traced
 
 
 def abs2(w: torch.Tensor) -> torch.Tensor:

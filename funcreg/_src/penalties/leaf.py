@@ -8,10 +8,11 @@ from typing import Any, cast
 
 import torch
 
-from funcreg._src.distributed.dtensor import check_same_kind, full_value, is_dtensor, unsupported
-from funcreg._src.errors import LeafTypeError
-from funcreg._src.leafwise import can_foreach
-from funcreg._src.mask_cache import CachedMask
+from funcreg._src.core.dtensor import check_same_kind, full_value, is_dtensor, unsupported
+from funcreg._src.core.errors import LeafTypeError
+from funcreg._src.core.leafwise import can_foreach
+from funcreg._src.core.tree import broadcast_prefix
+from funcreg._src.core.typing import MaskLike, PyTree
 from funcreg._src.penalties.base import (
     Coefficient,
     FlatParams,
@@ -20,8 +21,7 @@ from funcreg._src.penalties.base import (
     selection,
     zero_like_present,
 )
-from funcreg._src.tree import broadcast_prefix
-from funcreg._src.typing import MaskLike, PyTree
+from funcreg._src.selection.mask_cache import CachedMask
 
 
 @dataclass(frozen=True)

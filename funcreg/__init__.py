@@ -1,136 +1,219 @@
 """funcreg: functional, verified weight regularization for PyTorch.
 
-Penalties, gradient transformations and optimizers as pure functions over parameter trees.
+Penalties, gradient transformations and optimizers as pure functions over parameter trees. The
+names below are grouped in the sections of the API reference (docs/api.md), one per line.
 """
 
 from funcreg import distributed  # a namespace: fr.distributed.mean_gradients, sweeps
 from funcreg import proxes  # a namespace of plain functions: fr.proxes.soft_threshold
-from funcreg._src.combinators.accumulate import AccumulateState
-from funcreg._src.combinators.accumulate import accumulate
-from funcreg._src.transforms.adam_variants import ScaleByAdamaxState
-from funcreg._src.transforms.adam_variants import ScaleByNadamState
-from funcreg._src.transforms.adam_variants import ScaleByRadamState
+
+# Errors
+from funcreg._src.core.errors import StructureError
+from funcreg._src.core.errors import ContractError
+from funcreg._src.core.errors import LeafTypeError
+from funcreg._src.core.errors import SelectionError
+
+# The protocol
+from funcreg._src.core.base import GradientTransformation
+from funcreg._src.core.base import identity
+from funcreg._src.core.base import EmptyState
+
+# Optimizers
+from funcreg._src.optim.alias import sgd
+from funcreg._src.optim.alias import adam
+from funcreg._src.optim.alias import adamw
+from funcreg._src.optim.alias_torch import adamax
+from funcreg._src.optim.alias_torch import nadam
+from funcreg._src.optim.alias_torch import radam
+from funcreg._src.optim.alias_torch import rmsprop
+from funcreg._src.optim.alias_torch import adagrad
+from funcreg._src.optim.alias_torch import adadelta
+from funcreg._src.optim.alias_torch import rprop
+from funcreg._src.optim.alias_torch import adafactor
+from funcreg._src.optim.alias_recent import muon
+from funcreg._src.optim.alias_recent import lion
+
+# Accelerated and preconditioned proximal methods
+from funcreg._src.forms.fista import fista
+from funcreg._src.forms.fista import FistaState
+from funcreg._src.forms.fista import fista_iterate
+from funcreg._src.forms.preconditioned import proximal_adam
+
+# Transforms
+from funcreg._src.transforms.basic import scale
+from funcreg._src.transforms.basic import scale_by_learning_rate
+from funcreg._src.transforms.basic import ScaleByScheduleState
+from funcreg._src.transforms.basic import trace
+from funcreg._src.transforms.basic import TraceState
+from funcreg._src.transforms.basic import scale_by_adam
+from funcreg._src.transforms.basic import ScaleByAdamState
+from funcreg._src.transforms.basic import add_decayed_weights
+from funcreg._src.transforms.basic import decoupled_weight_decay
+from funcreg._src.transforms.basic import DecoupledWeightDecayState
+from funcreg._src.transforms.basic import clip_by_global_norm
+
+# The rules of the other optimizers
 from funcreg._src.transforms.adam_variants import scale_by_adamax
+from funcreg._src.transforms.adam_variants import ScaleByAdamaxState
 from funcreg._src.transforms.adam_variants import scale_by_nadam
+from funcreg._src.transforms.adam_variants import ScaleByNadamState
 from funcreg._src.transforms.adam_variants import scale_by_radam
-from funcreg._src.transforms.adaptive import ScaleByAdadeltaState
-from funcreg._src.transforms.adaptive import ScaleByAdagradState
-from funcreg._src.transforms.adaptive import ScaleByRmsState
-from funcreg._src.transforms.adaptive import scale_by_adadelta
-from funcreg._src.transforms.adaptive import scale_by_adagrad
+from funcreg._src.transforms.adam_variants import ScaleByRadamState
 from funcreg._src.transforms.adaptive import scale_by_rms
-from funcreg._src.optim.alias import adam, adamw, sgd
-from funcreg._src.combinators.low_memory import CompressedState
-from funcreg._src.combinators.low_memory import compress_state
-from funcreg._src.combinators.inject import InjectState
-from funcreg._src.combinators.inject import inject_hyperparams
-from funcreg._src.combinators.inject import set_hyperparams
-from funcreg._src.optim.schedule_free import ScheduleFreeState
-from funcreg._src.optim.schedule_free import schedule_free_adamw
-from funcreg._src.optim.schedule_free import schedule_free_eval_params
-from funcreg._src.optim.schedule_free import schedule_free_sgd
-from funcreg._src.combinators.averaging import AverageState
-from funcreg._src.combinators.averaging import average_weights
-from funcreg._src.combinators.averaging import averaged_params
-from funcreg._src.combinators.cautious import cautious
-from funcreg._src.optim.alias_recent import lion, muon
-from funcreg._src.optim.alias_torch import adadelta, adafactor, adagrad, adamax, nadam, radam, rmsprop, rprop
-from funcreg._src.core.base import EmptyState, GradientTransformation, identity
-from funcreg._src.training.checkpoint import load_state_dict, state_dict
-from funcreg._src.combinators.combine import PartitionState, chain, named_chain, partition
-from funcreg._src.analysis.diagnostics import NormReport, SparsityReport, norms, sparsity
-from funcreg._src.training.ensemble import (
-    EnsembleStep,
-    ensemble_step,
-    init_members,
-    num_members,
-    stack,
-    unstack,
-    vmap,
-)
-from funcreg._src.core.errors import ContractError, LeafTypeError, SelectionError, StructureError
-from funcreg._src.transforms.factored import ScaleByAdafactorState
-from funcreg._src.transforms.factored import ScaleByRelativeStepState
+from funcreg._src.transforms.adaptive import ScaleByRmsState
+from funcreg._src.transforms.adaptive import scale_by_adagrad
+from funcreg._src.transforms.adaptive import ScaleByAdagradState
+from funcreg._src.transforms.adaptive import scale_by_adadelta
+from funcreg._src.transforms.adaptive import ScaleByAdadeltaState
+from funcreg._src.transforms.sign_methods import scale_by_rprop
+from funcreg._src.transforms.sign_methods import ScaleByRpropState
+from funcreg._src.transforms.sign_methods import scale_by_lion
+from funcreg._src.transforms.sign_methods import ScaleByLionState
 from funcreg._src.transforms.factored import scale_by_adafactor
+from funcreg._src.transforms.factored import ScaleByAdafactorState
 from funcreg._src.transforms.factored import scale_by_relative_step
-from funcreg._src.optim.factory import create_optimizer, create_transform
-from funcreg._src.forms.fista import FistaState, fista, fista_iterate
-from funcreg._src.forms.forms import PenaltyState
-from funcreg._src.forms.forms import add_penalty_grad
-from funcreg._src.forms.forms import decoupled
-from funcreg._src.forms.forms import penalized
-from funcreg._src.forms.forms import penalty_metrics
-from funcreg._src.forms.forms import penalty_states
-from funcreg._src.forms.forms import proximal
-from funcreg._src.training.history import History
-from funcreg._src.analysis.hypergrad import Hypergradient
-from funcreg._src.analysis.hypergrad import TuneResult
-from funcreg._src.analysis.hypergrad import hypergradient
-from funcreg._src.analysis.hypergrad import implicit_hypergradient
-from funcreg._src.analysis.hypergrad import tune_coefficient
-from funcreg._src.training.metrics import metrics
-from funcreg._src.transforms.orthogonalize import ScaleByMuonState, scale_by_muon
-from funcreg._src.analysis.paths.path import RegularizationPath, kfold, regularization_path
-from funcreg._src.penalties import FlatParams
-from funcreg._src.penalties import LeafRule
+from funcreg._src.transforms.factored import ScaleByRelativeStepState
+from funcreg._src.transforms.orthogonalize import scale_by_muon
+from funcreg._src.transforms.orthogonalize import ScaleByMuonState
+
+# Penalties
 from funcreg._src.penalties import Penalty
-from funcreg._src.penalties import anchor
-from funcreg._src.penalties import elastic_net
-from funcreg._src.penalties import group_lasso
-from funcreg._src.penalties import bridge
-from funcreg._src.penalties import l0
-from funcreg._src.penalties import n_m_sparsity
-from funcreg._src.penalties import sparsity_target
-from funcreg._src.penalties import l1
-from funcreg._src.penalties import scad
-from funcreg._src.penalties import mcp
-from funcreg._src.penalties import log_sum
+from funcreg._src.penalties import penalty
 from funcreg._src.penalties import l2
+from funcreg._src.penalties import l1
 from funcreg._src.penalties import lp
+from funcreg._src.penalties import elastic_net
+from funcreg._src.penalties import mcp
+from funcreg._src.penalties import scad
+from funcreg._src.penalties import l0
+from funcreg._src.penalties import log_sum
+from funcreg._src.penalties import bridge
+from funcreg._src.penalties import sparsity_target
+from funcreg._src.penalties import n_m_sparsity
+from funcreg._src.penalties import group_lasso
 from funcreg._src.penalties import max_norm
 from funcreg._src.penalties import non_negative
 from funcreg._src.penalties import orthogonal
-from funcreg._src.penalties import penalty
-from funcreg._src.forms.preconditioned import proximal_adam
-from funcreg._src.analysis.probe.probe import DecayKind, ProbeResult, probe
-from funcreg._src.analysis.prune.prune import PruneReport, prune, prune_report
+from funcreg._src.penalties import anchor
+
+# Low-rank and spectral penalties
+from funcreg._src.penalties.spectral import nuclear_norm
+from funcreg._src.penalties.spectral import spectral_norm
+from funcreg._src.penalties.spectral import max_spectral_norm
+from funcreg._src.penalties.spectral import orthogonal_cosine
+
+# Writing a penalty: the protocol
+from funcreg._src.penalties import FlatParams
+from funcreg._src.penalties import LeafRule
+
+# Penalty forms
+from funcreg._src.forms.forms import penalized
+from funcreg._src.forms.forms import add_penalty_grad
+from funcreg._src.forms.forms import decoupled
+from funcreg._src.forms.forms import proximal
+from funcreg._src.forms.forms import PenaltyState
+from funcreg._src.forms.forms import penalty_metrics
+from funcreg._src.forms.forms import penalty_states
+
+# Combinators
+from funcreg._src.combinators.combine import chain
+from funcreg._src.combinators.combine import named_chain
+from funcreg._src.combinators.combine import partition
+from funcreg._src.combinators.combine import PartitionState
+
+# Wrappers
+from funcreg._src.combinators.wrappers import masked
+from funcreg._src.combinators.wrappers import MaskedState
+from funcreg._src.combinators.wrappers import apply_if_finite
+from funcreg._src.combinators.wrappers import ApplyIfFiniteState
+from funcreg._src.combinators.accumulate import accumulate
+from funcreg._src.combinators.accumulate import AccumulateState
+from funcreg._src.combinators.cautious import cautious
+from funcreg._src.combinators.averaging import average_weights
+from funcreg._src.combinators.averaging import averaged_params
+from funcreg._src.combinators.averaging import AverageState
+from funcreg._src.combinators.low_memory import compress_state
+from funcreg._src.combinators.low_memory import CompressedState
+from funcreg._src.combinators.inject import inject_hyperparams
+from funcreg._src.combinators.inject import set_hyperparams
+from funcreg._src.combinators.inject import InjectState
+from funcreg._src.optim.schedule_free import schedule_free_sgd
+from funcreg._src.optim.schedule_free import schedule_free_adamw
+from funcreg._src.optim.schedule_free import schedule_free_eval_params
+from funcreg._src.optim.schedule_free import ScheduleFreeState
+
+# Selections
+from funcreg._src.selection.named_params import params_of
+from funcreg._src.selection.named_params import buffers_of
+from funcreg._src.selection.decay_mask import decay_mask
+from funcreg._src.selection.selectors import by_module
+from funcreg._src.selection.selectors import by_name
+from funcreg._src.selection.selectors import by_predicate
+from funcreg._src.selection.table import Selection
+from funcreg._src.selection.selectors import Selector
+
+# Schedules
 from funcreg._src.core.schedules import constant_schedule
-from funcreg._src.core.schedules import cosine_decay_schedule
-from funcreg._src.core.schedules import join_schedules
 from funcreg._src.core.schedules import linear_schedule
 from funcreg._src.core.schedules import linear_warmup
+from funcreg._src.core.schedules import cosine_decay_schedule
+from funcreg._src.core.schedules import join_schedules
 from funcreg._src.core.schedules import warmup_cosine_decay_schedule
-from funcreg._src.selection.resolve import Selection
-from funcreg._src.selection.resolve import Selector
-from funcreg._src.selection.resolve import buffers_of
-from funcreg._src.selection.resolve import by_module
-from funcreg._src.selection.resolve import by_name
-from funcreg._src.selection.resolve import by_predicate
-from funcreg._src.selection.resolve import decay_mask
-from funcreg._src.selection.resolve import params_of
-from funcreg._src.transforms.sign_methods import (
-    ScaleByLionState,
-    ScaleByRpropState,
-    scale_by_lion,
-    scale_by_rprop,
-)
-from funcreg._src.penalties.spectral import max_spectral_norm, nuclear_norm, orthogonal_cosine, spectral_norm
+
+# Training steps
+from funcreg._src.training.step import make_step
+from funcreg._src.training.step import Step
+from funcreg._src.training.step import TrainState
+from funcreg._src.training.step import functional_model
+from funcreg._src.training.history import History
+
+# Ensembles
+from funcreg._src.training.ensemble import ensemble_step
+from funcreg._src.training.ensemble import EnsembleStep
+from funcreg._src.training.members import init_members
+from funcreg._src.training.members import stack
+from funcreg._src.training.members import unstack
+from funcreg._src.training.members import num_members
+from funcreg._src.training.members import vmap
+
+# Regularization paths
+from funcreg._src.analysis.paths.path import regularization_path
+from funcreg._src.analysis.paths.result import RegularizationPath
+from funcreg._src.analysis.paths.cv import kfold
+
+# Hypergradients
+from funcreg._src.analysis.hypergrad import hypergradient
+from funcreg._src.analysis.hypergrad import implicit_hypergradient
+from funcreg._src.analysis.hypergrad import Hypergradient
+from funcreg._src.analysis.hypergrad import tune_coefficient
+from funcreg._src.analysis.hypergrad import TuneResult
+
+# Structured pruning
+from funcreg._src.analysis.prune.prune import prune
+from funcreg._src.analysis.prune.report import prune_report
+from funcreg._src.analysis.prune.report import PruneReport
+
+# torch.optim adapter and checkpoints
 from funcreg._src.torch_optimizer.optimizer import TorchOptimizer
-from funcreg._src.training.step import Step, TrainState, functional_model, make_step
-from funcreg._src.transforms.basic import DecoupledWeightDecayState
-from funcreg._src.transforms.basic import ScaleByAdamState
-from funcreg._src.transforms.basic import ScaleByScheduleState
-from funcreg._src.transforms.basic import TraceState
-from funcreg._src.transforms.basic import add_decayed_weights
-from funcreg._src.transforms.basic import clip_by_global_norm
-from funcreg._src.transforms.basic import decoupled_weight_decay
-from funcreg._src.transforms.basic import scale
-from funcreg._src.transforms.basic import scale_by_adam
-from funcreg._src.transforms.basic import scale_by_learning_rate
-from funcreg._src.transforms.basic import trace
+from funcreg._src.torch_optimizer.create import create_optimizer
+from funcreg._src.optim.factory import create_transform
+from funcreg._src.training.checkpoint import state_dict
+from funcreg._src.training.checkpoint import load_state_dict
+
+# Diagnostics
+from funcreg._src.analysis.probe.probe import probe
+from funcreg._src.analysis.probe.probe import ProbeResult
+from funcreg._src.analysis.probe.probe import DecayKind
+from funcreg._src.analysis.diagnostics import sparsity
+from funcreg._src.analysis.diagnostics import SparsityReport
+from funcreg._src.analysis.diagnostics import norms
+from funcreg._src.analysis.diagnostics import NormReport
+from funcreg._src.training.metrics import metrics
+
+# Trees and updates
+from funcreg._src.kernels.update import apply_updates
+from funcreg._src.kernels.update import donated_update
 from funcreg._src.core.tree import tree_names
-from funcreg._src.kernels.update import apply_updates, donated_update
-from funcreg._src.combinators.wrappers import ApplyIfFiniteState, MaskedState, apply_if_finite, masked
 
 __version__ = "0.1.0"
 
@@ -148,8 +231,8 @@ __all__ = [
     "FlatParams",
     "GradientTransformation",
     "History",
-    "InjectState",
     "Hypergradient",
+    "InjectState",
     "LeafRule",
     "LeafTypeError",
     "MaskedState",
@@ -160,7 +243,6 @@ __all__ = [
     "ProbeResult",
     "PruneReport",
     "RegularizationPath",
-    "ScheduleFreeState",
     "ScaleByAdadeltaState",
     "ScaleByAdafactorState",
     "ScaleByAdagradState",
@@ -174,6 +256,7 @@ __all__ = [
     "ScaleByRmsState",
     "ScaleByRpropState",
     "ScaleByScheduleState",
+    "ScheduleFreeState",
     "Selection",
     "SelectionError",
     "Selector",
@@ -195,9 +278,9 @@ __all__ = [
     "add_penalty_grad",
     "anchor",
     "apply_if_finite",
+    "apply_updates",
     "average_weights",
     "averaged_params",
-    "apply_updates",
     "bridge",
     "buffers_of",
     "by_module",
@@ -231,26 +314,22 @@ __all__ = [
     "kfold",
     "l0",
     "l1",
-    "log_sum",
-    "mcp",
-    "scad",
-    "schedule_free_adamw",
-    "schedule_free_eval_params",
-    "schedule_free_sgd",
     "l2",
     "linear_schedule",
     "linear_warmup",
     "lion",
     "load_state_dict",
+    "log_sum",
     "lp",
     "make_step",
     "masked",
     "max_norm",
     "max_spectral_norm",
+    "mcp",
     "metrics",
     "muon",
-    "nadam",
     "n_m_sparsity",
+    "nadam",
     "named_chain",
     "non_negative",
     "norms",
@@ -274,6 +353,7 @@ __all__ = [
     "regularization_path",
     "rmsprop",
     "rprop",
+    "scad",
     "scale",
     "scale_by_adadelta",
     "scale_by_adafactor",
@@ -288,6 +368,9 @@ __all__ = [
     "scale_by_relative_step",
     "scale_by_rms",
     "scale_by_rprop",
+    "schedule_free_adamw",
+    "schedule_free_eval_params",
+    "schedule_free_sgd",
     "set_hyperparams",
     "sgd",
     "sparsity",

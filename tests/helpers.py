@@ -281,7 +281,8 @@ def keep_buffers(tx: fr.GradientTransformation, kept: bool) -> fr.GradientTransf
     """``tx``, whose donated kernel (``fr.adam``/``fr.adamw``/``fr.sgd``, alone or with a folded penalty
     form) writes every temporary into kept buffers when ``kept`` (normally only tensors of at least
     ``scratch.LARGE`` elements do), so that small test tensors exercise that path too."""
-    from funcreg._src.kernels.fused_forms import FormKernel, kernel_of
+    from funcreg._src.kernels.fused_forms import FormKernel
+    from funcreg._src.kernels.update import kernel_of
 
     kernel = kernel_of(tx)
     kernel = kernel.kernel if isinstance(kernel, FormKernel) else kernel

@@ -37,8 +37,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import funcreg as fr
-from funcreg._src.kernels.fused_forms import kernel_of
-from funcreg._src.optim.factory import OPTIMIZERS
+from funcreg._src.kernels.update import kernel_of
+from funcreg._src.optim.table import OPTIMIZERS
 from funcreg.testing import tensors
 
 F32, F64 = torch.float32, torch.float64

@@ -17,7 +17,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import funcreg as fr
-from funcreg._src.kernels.fused_forms import FormKernel, kernel_of
+from funcreg._src.kernels.fused_forms import FormKernel
+from funcreg._src.kernels.update import kernel_of
 from funcreg.testing import tensors
 
 F32, F64 = torch.float32, torch.float64

@@ -1,5 +1,10 @@
-"""The layering of docs/architecture.md holds: a module's top-level imports come from its own row of
-the table or the rows above it. A module missing from the table fails too, so the map stays whole."""
+"""The house plan of docs/architecture.md holds.
+
+``funcreg/_src`` is a set of wings (sub-packages), listed bottom to top in the table of
+``docs/architecture.md``. Every import a module makes (at the top, inside a function, or under
+``TYPE_CHECKING``) comes from its own wing or a wing above it in the table, the modules' imports have
+no circles, every module is named in its wing's row (so the map stays whole), and no module
+re-exports another's names (``from x import y as y``)."""
 
 from __future__ import annotations
 
@@ -11,57 +16,145 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "funcreg" / "_src"
 
 
-def _rows() -> dict[str, int]:
-    rows: dict[str, int] = {}
-    table = [
-        line for line in (ROOT / "docs" / "architecture.md").read_text().splitlines() if line.startswith("| ")
-    ]
-    for i, line in enumerate(table):
+def _wings() -> tuple[list[str], dict[str, set[str]]]:
+    """The wings in the table's order, and the module files each row names (``paths/path.py``)."""
+    order: list[str] = []
+    listed: dict[str, set[str]] = {}
+    for line in (ROOT / "docs" / "architecture.md").read_text().splitlines():
         cells = line.split("|")
-        if len(cells) < 3:
+        if not line.startswith("| ") or len(cells) < 4:
             continue
-        for module in re.findall(r"`(?:\w+/)?(\w+)\.py`", cells[2]) + re.findall(r"`(\w+)/`", cells[2]):
-            rows.setdefault(module, i)
-    return rows
+        wing = re.fullmatch(r"\s*`(\w+)/`\s*", cells[1])
+        if wing:
+            order.append(wing.group(1))
+            listed[wing.group(1)] = set(re.findall(r"`([\w/]+\.py)`", cells[2]))
+    return order, listed
 
 
-def _module(path: Path) -> str:
-    # a package's modules are mapped by the package name (penalties/), except distributed/'s
-    if path.parent == SRC or path.parent.name == "distributed":
-        return path.stem
-    return path.parent.name
+def _name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(["funcreg._src", *parts])
 
 
-def _target(module: str) -> str:
+MODULES = {_name(p): p for p in sorted(SRC.rglob("*.py"))}
+
+
+def _imports(path: Path) -> list[tuple[str, int]]:
+    """Every ``funcreg._src`` module ``path`` imports, wherever the import statement stands."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("funcreg._src"):
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.append((sub if sub in MODULES else node.module, node.lineno))
+        elif isinstance(node, ast.Import):
+            found += [(a.name, node.lineno) for a in node.names if a.name.startswith("funcreg._src")]
+    return found
+
+
+def _wing(module: str) -> str | None:
     parts = module.split(".")
-    return parts[3] if parts[2] == "distributed" and len(parts) > 3 else parts[2]
+    return parts[2] if len(parts) > 2 else None
 
 
-def test_every_module_imports_only_from_its_row_or_the_rows_above():
-    rows = _rows()
+def test_every_module_sits_in_a_wing_of_the_table_and_is_named_there():
+    order, listed = _wings()
     problems = []
-    for path in sorted(SRC.rglob("*.py")):
-        if path.name == "__init__.py":
+    for path in MODULES.values():
+        rel = path.relative_to(SRC)
+        if len(rel.parts) == 1:
+            if path.name != "__init__.py":
+                problems.append(f"{rel} sits outside every wing")
             continue
-        name = _module(path)
-        if name not in rows:
-            problems.append(f"{path.relative_to(ROOT)} is not in the table of docs/architecture.md")
-            continue
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("funcreg._src."):
-                target = _target(node.module)
-                if target not in rows:
-                    problems.append(
-                        f"{path.relative_to(ROOT)} imports {node.module}, which is not in the table"
-                    )
-                elif rows[target] > rows[name]:
-                    problems.append(
-                        f"{path.relative_to(ROOT)} imports {node.module} from a row below its own"
-                    )
+        wing = rel.parts[0]
+        if wing not in order:
+            problems.append(f"{rel}: the wing {wing}/ is not in the table of docs/architecture.md")
+        elif path.name != "__init__.py" and "/".join(rel.parts[1:]) not in listed[wing]:
+            problems.append(f"{rel} is not named in the row of {wing}/")
+    for wing, files in listed.items():
+        problems += [
+            f"{wing}/{f} is named in the table but does not exist"
+            for f in files
+            if not (SRC / wing / f).exists()
+        ]
     assert not problems, "\n".join(problems)
 
 
-def test_the_check_sees_a_violation():
-    # the table maps the protocol above the optimizers: base importing alias would be caught
-    rows = _rows()
-    assert rows["base"] < rows["alias"] < rows["update"]
+def test_every_import_comes_from_its_own_wing_or_one_below():
+    order, _ = _wings()
+    rank = {w: i for i, w in enumerate(order)}
+    problems = []
+    for module, path in MODULES.items():
+        here = _wing(module)
+        if here not in rank:
+            continue
+        for target, line in _imports(path):
+            there = _wing(target)
+            if there not in rank:
+                problems.append(f"{module}:{line} imports {target}, outside every wing")
+            elif rank[there] > rank[here]:
+                problems.append(f"{module}:{line} imports {target} from the wing above it ({there}/)")
+    assert not problems, "\n".join(problems)
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def _graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for module, path in MODULES.items():
+        targets = {t for t, _ in _imports(path)}
+        # a package's __init__ imports its modules, which import their siblings: the package itself
+        # is not a node of the circle check, its modules are
+        graph[module] = {t for t in targets if t in MODULES and t != module and not _is_package(t)}
+    return graph
+
+
+def _is_package(module: str) -> bool:
+    return MODULES[module].name == "__init__.py"
+
+
+def test_the_imports_have_no_circles_not_even_inside_functions():
+    cycle = _cycle(_graph())
+    assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_no_module_re_exports_another_modules_names():
+    problems = []
+    for module, path in MODULES.items():
+        if path.name == "__init__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                problems += [
+                    f"{module}:{node.lineno} {a.name} as {a.asname}" for a in node.names if a.asname == a.name
+                ]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_checks_see_a_violation():
+    order, _ = _wings()
+    assert order.index("core") < order.index("optim") < order.index("torch_optimizer")
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 import funcreg as fr
 from funcreg._src.kernels import scratch as scratch_module
-from funcreg._src.kernels.fused_forms import FormKernel, kernel_of
+from funcreg._src.kernels.fused_forms import FormKernel
 from funcreg._src.kernels.scratch import Scratch, add_into, unary_into
+from funcreg._src.kernels.update import kernel_of
 
 
 def _tensors(data, n, dtype):

@@ -20,7 +20,7 @@ from funcreg._src.core.dtensor import full_value
 from funcreg._src.core.tree import flatten, tree_names
 from funcreg._src.core.typing import PyTree
 from funcreg._src.core.validation import check_number
-from funcreg._src.selection.resolve import params_of
+from funcreg._src.selection.named_params import params_of
 
 __all__ = [
     "LeafNorm",

@@ -7,9 +7,9 @@ from typing import Any, NamedTuple
 import torch
 
 from funcreg._src.core import leafwise
-from funcreg._src.core.base import GradientTransformation, expect_state, flat, init_count
-from funcreg._src.core.describe import configured
+from funcreg._src.core.base import GradientTransformation, configured, expect_state, flat
 from funcreg._src.core.donation import donating, donation
+from funcreg._src.core.steps import init_count
 from funcreg._src.core.tree import check_same_spec, flatten, unflatten
 from funcreg._src.core.typing import PyTree
 from funcreg._src.core.validation import check_int

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from funcreg._src.core.base import GradientTransformation, flat
-from funcreg._src.core.describe import configured
+from funcreg._src.core.base import GradientTransformation, configured, flat
 from funcreg._src.core.errors import LeafTypeError
 from funcreg._src.core.typing import PyTree
 from funcreg._src.core.validation import check_number

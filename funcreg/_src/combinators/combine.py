@@ -5,14 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Union
 
-from funcreg._src.core.base import GradientTransformation, expect_state, flat
-from funcreg._src.core.describe import configured
+from funcreg._src.core.base import GradientTransformation, configured, expect_state, flat
 from funcreg._src.core.errors import LeafTypeError
+from funcreg._src.core.record import TransformRecord
 from funcreg._src.core.tree import broadcast_prefix, flatten, tree_names, unflatten
 from funcreg._src.core.typing import PyTree
 from funcreg._src.selection.mask_cache import PerStructure
-
-PARTS_ATTR = "__funcreg_parts__"
 
 
 def _check_transform(tx: Any, where: str) -> None:
@@ -53,14 +51,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_states.append(s)
         return updates, tuple(new_states)
 
-    _record_parts(update, transforms, None)
-    return configured(GradientTransformation(init, update), "chain", *transforms)
-
-
-def _record_parts(update: Any, transforms: tuple[GradientTransformation, ...], names: Any) -> None:
-    """Records what the chain is made of on its ``update``: a donated step reads it to fold a penalty
-    form into an optimizer's torch kernel (``funcreg/_src/kernels/fused_forms.py``)."""
-    setattr(update, PARTS_ATTR, (transforms, names))
+    # a donated step reads the parts to fold a penalty form into a torch kernel (kernels/fused_forms.py)
+    record = TransformRecord(parts=(transforms, None))
+    return configured(GradientTransformation(init, update, record), "chain", *transforms)
 
 
 def named_chain(*named_transforms: tuple[str, GradientTransformation]) -> GradientTransformation:
@@ -97,8 +90,8 @@ def named_chain(*named_transforms: tuple[str, GradientTransformation]) -> Gradie
             updates, new_state[name] = tx.update(updates, state[name], params)
         return updates, new_state
 
-    _record_parts(update, tuple(tx for _, tx in named_transforms), tuple(names))
-    return configured(GradientTransformation(init, update), "named_chain", *named_transforms)
+    record = TransformRecord(parts=(tuple(tx for _, tx in named_transforms), tuple(names)))
+    return configured(GradientTransformation(init, update, record), "named_chain", *named_transforms)
 
 
 class PartitionState(NamedTuple):

@@ -7,8 +7,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from funcreg._src.core.base import GradientTransformation, expect_state, find_one_state
-from funcreg._src.core.describe import configured
+from funcreg._src.core.base import GradientTransformation, configured, expect_state, find_one_state
 from funcreg._src.core.tree import flatten
 from funcreg._src.core.typing import PyTree
 

@@ -6,10 +6,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-from funcreg._src.core.base import GradientTransformation, expect_state, init_count
-from funcreg._src.core.describe import compiling, configured
+from funcreg._src.core.base import GradientTransformation, configured, expect_state
 from funcreg._src.core.donation import donation
-from funcreg._src.core.tree import flatten, unflatten
+from funcreg._src.core.steps import init_count
+from funcreg._src.core.tree import compiling, flatten, unflatten
 from funcreg._src.core.typing import PyTree
 from funcreg._src.core.validation import check_int
 

@@ -7,13 +7,13 @@ from typing import Any, NamedTuple
 import torch
 
 from funcreg._src.core import leafwise
-from funcreg._src.core.base import GradientTransformation, expect_state, flat
-from funcreg._src.core.describe import configured
+from funcreg._src.core.base import GradientTransformation, configured, expect_state, flat
 from funcreg._src.core.donation import donating, donation
 from funcreg._src.core.tree import flatten, unflatten
-from funcreg._src.core.typing import MaskLike, PyTree
+from funcreg._src.core.typing import PyTree
 from funcreg._src.core.validation import check_int
 from funcreg._src.selection.mask_cache import CachedMask
+from funcreg._src.selection.resolve import MaskLike
 
 
 class MaskedState(NamedTuple):

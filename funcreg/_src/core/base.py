@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, cast
 
 import torch
 
-from funcreg._src.core.describe import configured, describe
+from funcreg._src.core.describe import call_text
 from funcreg._src.core.dtensor import dtensor_type, match_layout
 from funcreg._src.core.errors import ContractError, LeafTypeError
-from funcreg._src.core.steps import advance_steps as advance_steps
-from funcreg._src.core.steps import init_count as init_count
-from funcreg._src.core.steps import next_count as next_count
-from funcreg._src.core.steps import per_param_counts as per_param_counts
-from funcreg._src.core.tree import TreeSpec, check_same_spec, flatten, tree_names, unflatten
+from funcreg._src.core.record import NO_RECORD, TransformRecord
+from funcreg._src.core.tree import TreeSpec, check_same_spec, compiling, flatten, tree_names, unflatten
 from funcreg._src.core.typing import PyTree
 
 
@@ -59,16 +57,50 @@ class GradientTransformation(_TransformFields):
         tensor([-0.2000, -0.2000])
     """
 
-    __slots__ = ()
+    # no __slots__: the record lives in the instance's __dict__, beside the two fields
 
-    def __new__(cls, init: TransformInitFn, update: TransformUpdateFn) -> GradientTransformation:
+    def __new__(
+        cls, init: TransformInitFn, update: TransformUpdateFn, record: TransformRecord = NO_RECORD
+    ) -> GradientTransformation:
         """Every transform's ``init`` refuses a parameter that is not a tensor (or ``None``) with
-        :class:`funcreg.LeafTypeError` naming its key, before the transform's own code sees it."""
-        return super().__new__(cls, _checked_init(init), update)
+        :class:`funcreg.LeafTypeError` naming its key, before the transform's own code sees it.
+        ``record`` holds what funcreg knows about the transform beyond its functions (how it
+        prints, the torch kernel behind its donated step, ...): see :attr:`record`."""
+        if not isinstance(record, TransformRecord):
+            raise TypeError(f"record must be a TransformRecord, got {type(record).__name__}")
+        self = super().__new__(cls, _checked_init(init), update)
+        self.__dict__["_record"] = record
+        return self
+
+    @property
+    def record(self) -> TransformRecord:
+        """The transform's facts beyond ``(init, update)``: ``config`` (what ``repr`` prints),
+        ``kernel`` (the torch kernel a donated step runs), ``form`` (the penalty form it applies) and
+        ``parts`` (a chain's transforms). Empty for a transform built by hand."""
+        return self.__dict__.get("_record", NO_RECORD)
+
+    def with_record(self, **facts: Any) -> GradientTransformation:
+        """The same transform with some facts of its :attr:`record` replaced."""
+        return GradientTransformation(self.init, self.update, dataclasses.replace(self.record, **facts))
 
     def __repr__(self) -> str:
         """The factory call that built this transform, e.g. ``chain(clip_by_global_norm(1.0), adamw(0.001))``."""
-        return describe(self)
+        if self.record.config is not None:
+            return self.record.config
+        return f"GradientTransformation({getattr(self.update, '__qualname__', 'update')})"
+
+
+def configured(
+    __tx: GradientTransformation, __name: str, *args: Any, **kwargs: Any
+) -> GradientTransformation:
+    """``__tx`` recording ``name(args...)``, what its ``repr`` prints.
+
+    Skipped under ``torch.compile`` (a step that builds its transform inside the compiled region
+    must not trace string formatting; nobody prints a transform there).
+    """
+    if compiling():
+        return __tx
+    return __tx.with_record(config=call_text(__name, *args, **kwargs))
 
 
 def _checked_init(init: TransformInitFn) -> TransformInitFn:

@@ -1,8 +1,8 @@
 """Printable configuration: what ``repr`` of a transform or a penalty shows.
 
 A transform is a pair of closures, whose default ``repr`` is two function addresses. Each factory
-attaches its name and arguments to its ``update`` function (:func:`configured`), and
-``GradientTransformation.__repr__`` prints them, so that ``repr(fr.adamw(1e-3, weight_decay=1e-2))``
+records its name and arguments, rendered here (:func:`call_text`), in the transform's record
+(``base.configured``), and ``GradientTransformation.__repr__`` prints them, so that ``repr(fr.adamw(1e-3, weight_decay=1e-2))``
 reads ``adamw(1e-3, weight_decay=0.01)``: what a user pastes into a bug report or an experiment log.
 """
 
@@ -11,10 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
-from funcreg._src.core.tree import compiling
-
-CONFIG_ATTR = "__funcreg_config__"
 
 
 def fmt(value: Any) -> str:
@@ -40,9 +36,6 @@ def fmt(value: Any) -> str:
         if len(value) <= 4:
             return "{" + ", ".join(f"{k!r}: {fmt(v)}" for k, v in value.items()) + "}"
         return f"<dict of {len(value)} entries>"
-    config = getattr(value, CONFIG_ATTR, None)
-    if config is not None:
-        return config
     if callable(value) and hasattr(value, "__name__"):
         return value.__name__
     if type(value).__repr__ is not object.__repr__:
@@ -56,22 +49,3 @@ def call_text(__name: str, *args: Any, **kwargs: Any) -> str:
     """``name(arg, key=value, ...)``; keyword arguments that are ``None`` are left out."""
     parts = [fmt(a) for a in args] + [f"{k}={fmt(v)}" for k, v in kwargs.items() if v is not None]
     return f"{__name}({', '.join(parts)})"
-
-
-def configured(__tx: Any, __name: str, *args: Any, **kwargs: Any) -> Any:
-    """Attaches ``name(args...)`` to a transform's ``update`` (what its ``repr`` prints); returns it.
-
-    Skipped under ``torch.compile`` (a step that builds its transform inside the compiled region
-    must not trace string formatting; nobody prints a transform there).
-    """
-    if not compiling():
-        setattr(__tx.update, CONFIG_ATTR, call_text(__name, *args, **kwargs))
-    return __tx
-
-
-def describe(tx: Any) -> str:
-    """The configuration attached by :func:`configured`, or the update function's name."""
-    config = getattr(tx.update, CONFIG_ATTR, None)
-    if config is not None:
-        return config
-    return f"GradientTransformation({getattr(tx.update, '__qualname__', 'update')})"

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar, Union, cast
+from typing import Any, Protocol, TypeVar, Union, cast
 
 import torch
 
@@ -20,8 +20,15 @@ from funcreg._src.core import leafwise
 from funcreg._src.core.tree import flatten, unflatten
 from funcreg._src.core.typing import PyTree
 
-if TYPE_CHECKING:
-    from funcreg._src.core.base import Flat
+
+class _Flattened(Protocol):
+    """What :func:`advance_steps` needs of :class:`funcreg._src.core.base.Flat` (which imports this
+    module): the per-parameter state check and the present positions."""
+
+    def state_leaves(self, tree: PyTree, who: str, field: str, per_element: bool = True) -> list[Any]: ...
+
+    def present(self, leaves: list[Any]) -> list[Any]: ...
+
 
 Step = Union[int, torch.Tensor]
 T = TypeVar("T")
@@ -125,7 +132,7 @@ def per_param_counts(params: PyTree) -> PyTree:
     )
 
 
-def advance_steps(f: Flat, steps: PyTree, who: str) -> tuple[list[Any], list[torch.Tensor], StepCount]:
+def advance_steps(f: _Flattened, steps: PyTree, who: str) -> tuple[list[Any], list[torch.Tensor], StepCount]:
     """Steps the per-parameter counters of the present leaves.
 
     Returns the full leaf list of counters (for :meth:`Flat.tree`), the new counters of the present

@@ -8,23 +8,20 @@ used in the signatures of the public API.
 - ``Schedule``: a callable ``count -> value`` of the number of updates done so far (see
   :mod:`funcreg._src.core.schedules`).
 - ``ScalarOrSchedule``: a hyperparameter given as a number, a 0-d tensor or a schedule.
-- ``MaskLike``: anything a ``mask=`` argument accepts: a bool, a bool tree (or prefix), a
-  :class:`funcreg.Selection`, a :class:`funcreg.Selector`, or a callable ``params -> mask``.
+
+``MaskLike`` (what a ``mask=`` argument accepts) lives beside ``resolve_mask`` in
+:mod:`funcreg._src.selection.resolve`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
 import torch
 
-if TYPE_CHECKING:  # selection imports this module: the classes are named, not imported, at runtime
-    from funcreg._src.selection.resolve import Selection, Selector
-
-__all__ = ["MaskLike", "PyTree", "ScalarOrSchedule", "Schedule"]
+__all__ = ["PyTree", "ScalarOrSchedule", "Schedule"]
 
 PyTree = Any
 Schedule = Callable[[Any], Any]
 ScalarOrSchedule = Union[float, torch.Tensor, Schedule]  # noqa: UP007  (a runtime alias on Python 3.10)
-MaskLike = Union[bool, PyTree, "Selection", "Selector", Callable[[PyTree], Any]]  # noqa: UP007

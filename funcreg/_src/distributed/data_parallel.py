@@ -19,10 +19,9 @@ from typing import Any, Literal
 import torch
 
 from funcreg._src.core import leafwise
-from funcreg._src.core.base import EmptyState, GradientTransformation, flat
-from funcreg._src.core.describe import compiling, configured
+from funcreg._src.core.base import EmptyState, GradientTransformation, configured, flat
 from funcreg._src.core.dtensor import is_dtensor, layout
-from funcreg._src.core.tree import is_functorch_tensor
+from funcreg._src.core.tree import compiling, flatten, is_functorch_tensor, tree_names, unflatten
 from funcreg._src.core.typing import PyTree
 
 Group = Any  # a torch.distributed ProcessGroup, or None for the default group
@@ -190,8 +189,6 @@ def broadcast(tree: PyTree, src: int = 0, group: Any | None = None) -> PyTree:
         {'w': tensor([1., 1.]), 'frozen': None}
         >>> dist.destroy_process_group()
     """
-    from funcreg._src.core.tree import flatten, tree_names, unflatten
-
     _check_group(group, "broadcast")
     group_size(group, "broadcast")
     dist = _dist()

@@ -16,7 +16,8 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from funcreg._src.core import leafwise
-from funcreg._src.core.base import GradientTransformation, begin, find_one_state, init_count
+from funcreg._src.core.base import GradientTransformation, begin, find_one_state
+from funcreg._src.core.steps import init_count
 from funcreg._src.core.tree import flatten, unflatten
 from funcreg._src.core.typing import PyTree, ScalarOrSchedule
 from funcreg._src.core.validation import check_rate, schedule_value

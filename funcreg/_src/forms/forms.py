@@ -18,30 +18,17 @@ For plain SGD without momentum the coupled edit also equals the decoupled update
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 import torch
 
 from funcreg._src.core import leafwise
-from funcreg._src.core.base import GradientTransformation, expect_state, find_states, flat, init_count
-from funcreg._src.core.describe import configured
+from funcreg._src.core.base import GradientTransformation, configured, expect_state, find_states, flat
+from funcreg._src.core.record import PenaltyForm, TransformRecord
+from funcreg._src.core.steps import init_count
 from funcreg._src.core.typing import PyTree, ScalarOrSchedule
 from funcreg._src.core.validation import check_bool, check_rate, schedule_value
 from funcreg._src.penalties import FlatParams, Penalty
-
-FORM_ATTR = "__funcreg_form__"
-
-
-@dataclass(frozen=True)
-class Form:
-    """What a penalty form is, attached to its ``update``: a donated step may fold it into torch's
-    kernel (:mod:`funcreg._src.kernels.fused_forms`)."""
-
-    kind: str  # "coupled", "decoupled" or "proximal"
-    penalty: Penalty
-    learning_rate: ScalarOrSchedule | None
-    report: bool = True
 
 
 class PenaltyState(NamedTuple):
@@ -165,7 +152,7 @@ def add_penalty_grad(penalty: Penalty, *, report: bool = True) -> GradientTransf
     _check_penalty(penalty, "add_penalty_grad")
     check_bool("report", report)
     tx = _gradient_edit(penalty, "add_penalty_grad", lambda count: 1.0, report)
-    setattr(tx.update, FORM_ATTR, Form("coupled", penalty, None, report))  # see _src/kernels/fused_forms.py
+    tx = tx.with_record(form=PenaltyForm("coupled", penalty, None, report))  # see kernels/fused_forms.py
     return configured(tx, "add_penalty_grad", penalty, **_unless_reported(report))
 
 
@@ -229,7 +216,7 @@ def decoupled(
         check_rate("learning_rate", learning_rate)
     check_bool("report", report)
     tx = _gradient_edit(penalty, "decoupled", lambda count: -_step_size(learning_rate, count), report)
-    setattr(tx.update, FORM_ATTR, Form("decoupled", penalty, learning_rate, report))
+    tx = tx.with_record(form=PenaltyForm("decoupled", penalty, learning_rate, report))
     return configured(tx, "decoupled", penalty, learning_rate=learning_rate, **_unless_reported(report))
 
 
@@ -287,9 +274,9 @@ def proximal(
             out.append(f.updates[i] if proxed[i] is None else proxed[i] - f.params[i])
         return f.tree(out), new_state
 
-    setattr(update, FORM_ATTR, Form("proximal", penalty, learning_rate, report))
+    form = PenaltyForm("proximal", penalty, learning_rate, report)
     return configured(
-        GradientTransformation(init, update),
+        GradientTransformation(init, update, TransformRecord(form=form)),
         "proximal",
         penalty,
         learning_rate=learning_rate,

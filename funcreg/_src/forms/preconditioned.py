@@ -23,9 +23,10 @@ from funcreg._src.core import leafwise
 from funcreg._src.core.base import GradientTransformation, begin
 from funcreg._src.core.steps import power_at
 from funcreg._src.core.tree import flatten
-from funcreg._src.core.typing import MaskLike, PyTree, ScalarOrSchedule
+from funcreg._src.core.typing import PyTree, ScalarOrSchedule
 from funcreg._src.core.validation import check_number, check_rate, schedule_value
 from funcreg._src.selection.mask_cache import CachedMask
+from funcreg._src.selection.resolve import MaskLike
 from funcreg._src.transforms.basic import ScaleByAdamState, scale_by_adam
 from funcreg._src.transforms.block_utils import reject_complex, with_config
 

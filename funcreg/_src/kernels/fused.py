@@ -19,13 +19,13 @@ import torch
 
 from funcreg._src.core import leafwise
 from funcreg._src.core.base import expect_state, flat
-from funcreg._src.core.describe import compiling
-from funcreg._src.core.typing import MaskLike, PyTree
+from funcreg._src.core.tree import compiling
+from funcreg._src.core.typing import PyTree
 from funcreg._src.core.validation import schedule_value
 from funcreg._src.kernels.scratch import Scratch, add_into, unary_into
 from funcreg._src.selection.mask_cache import CachedMask
-
-FUSED_ATTR = "__funcreg_fused__"
+from funcreg._src.selection.resolve import MaskLike
+from funcreg._src.transforms.basic import ScaleByAdamState, ScaleByScheduleState, TraceState
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,6 @@ class AdamKernel:
         ``extra``: weight decay folded in from a penalty form around the alias (see
         :mod:`funcreg._src.kernels.fused_forms`), one coefficient per leaf of the tree.
         """
-        from funcreg._src.transforms.basic import ScaleByAdamState
-
         # under vmap or grad the foreach kernels do not apply (the query also traces under compile);
         # compiled, the foreach sequence is traced and the fused kernel left to eager steps
         if (
@@ -277,8 +275,6 @@ class SgdKernel:
         self, grads: PyTree, state: Any, params: PyTree, extra: ExtraDecay | None = None
     ) -> tuple[PyTree, Any] | None:
         """One donated step, or ``None`` where the kernel does not apply."""
-        from funcreg._src.transforms.basic import ScaleByScheduleState, TraceState
-
         if (
             compiling()
             or torch._C._are_functorch_transforms_active()

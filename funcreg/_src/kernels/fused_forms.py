@@ -27,30 +27,23 @@ from typing import Any
 
 import torch
 
-from funcreg._src.combinators.combine import PARTS_ATTR
 from funcreg._src.core import leafwise
-from funcreg._src.core.describe import compiling
-from funcreg._src.core.tree import flatten
+from funcreg._src.core.record import PenaltyForm
+from funcreg._src.core.tree import compiling, flatten
 from funcreg._src.core.typing import PyTree
 from funcreg._src.core.validation import schedule_value
-from funcreg._src.forms.forms import FORM_ATTR, Form
-from funcreg._src.kernels.fused import FUSED_ATTR, AdamKernel, ExtraDecay, SgdKernel
+from funcreg._src.forms.forms import PenaltyState, _next_report
+from funcreg._src.kernels.fused import AdamKernel, ExtraDecay, SgdKernel
+from funcreg._src.penalties import FlatParams
 
 
-def _coefficient(form: Form) -> float | None:
-    """The scalar coefficient of an L2 (coupled, decoupled) or L1 (proximal) penalty, else ``None``."""
-    from funcreg._src.penalties.elementwise import L1, L2
-    from funcreg._src.penalties.leaf import LeafPenalty
-
-    pen = form.penalty
-    if type(pen) is not LeafPenalty or pen._aux or len(pen.coefficients) != 1:
+def _coefficient(form: PenaltyForm) -> float | None:
+    """The scalar coefficient of an L2 (coupled, decoupled) or L1 (proximal) penalty, else ``None``:
+    asked of the penalty through its protocol (:meth:`funcreg.Penalty.kernel_form`)."""
+    found = form.penalty.kernel_form()
+    if found is None or found[0] != ("l1" if form.kind == "proximal" else "l2"):
         return None
-    if pen.rule is not (L1 if form.kind == "proximal" else L2):
-        return None
-    c = pen.coefficients[0]
-    if isinstance(c, bool) or not isinstance(c, (int, float)):
-        return None
-    return float(c)
+    return found[1]
 
 
 @dataclass(frozen=True)
@@ -58,15 +51,12 @@ class FormKernel:
     """The donated step of a chain ``[form, alias]`` or ``[alias, form]`` (see the module)."""
 
     kernel: AdamKernel | SgdKernel
-    form: Form
+    form: PenaltyForm
     coefficient: float
     form_first: bool
-    names: tuple[str, str] | None  # a named_chain's names, in order; None for a chain
+    names: tuple[str, ...] | None  # a named_chain's names, in order; None for a chain
 
     def __call__(self, grads: PyTree, state: Any, params: PyTree) -> tuple[PyTree, Any] | None:
-        from funcreg._src.forms.forms import PenaltyState, _next_report
-        from funcreg._src.penalties import FlatParams
-
         if compiling() or torch._C._are_functorch_transforms_active():
             return None
         states = self._split(state)
@@ -122,7 +112,7 @@ class FormKernel:
         return parts if self.names is None else dict(zip(self.names, parts))
 
 
-def form_kernel(transforms: tuple[Any, ...], names: tuple[str, str] | None = None) -> FormKernel | None:
+def form_kernel(transforms: tuple[Any, ...], names: tuple[str, ...] | None = None) -> FormKernel | None:
     """The folded donated step of a chain of two transforms (``names``: a named_chain's), where one is
     an ``adam``/``adamw``/``sgd`` alias with a torch kernel and the other an L2 / L1 penalty form in
     the right place; else ``None``."""
@@ -130,9 +120,8 @@ def form_kernel(transforms: tuple[Any, ...], names: tuple[str, str] | None = Non
         return None
     first, second = transforms
     for form_first, form_tx, alias_tx in ((True, first, second), (False, second, first)):
-        form = getattr(form_tx.update, FORM_ATTR, None)
-        kernel = getattr(alias_tx.update, FUSED_ATTR, None)
-        if not isinstance(form, Form) or not isinstance(kernel, (AdamKernel, SgdKernel)):
+        form, kernel = form_tx.record.form, alias_tx.record.kernel
+        if form is None or not isinstance(kernel, (AdamKernel, SgdKernel)):
             continue
         if form_first != (form.kind == "coupled"):  # a coupled edit goes first, the others after
             continue
@@ -140,18 +129,3 @@ def form_kernel(transforms: tuple[Any, ...], names: tuple[str, str] | None = Non
         if c is not None:
             return FormKernel(kernel, form, c, form_first, names)
     return None
-
-
-_NO_KERNEL = object()  # kept on a chain's update when no form folds into a kernel: looked up once
-
-
-def kernel_of(tx: Any) -> Any:
-    """The torch kernel behind ``tx``'s donated step, or ``None``: an alias's own (``fr.adam``,
-    ``fr.adamw``, ``fr.sgd``), or for a chain of an alias and a penalty form the folded
-    :class:`FormKernel`, found once and kept on the chain's ``update``."""
-    update = tx.update
-    kernel = getattr(update, FUSED_ATTR, None)
-    if kernel is None and hasattr(update, PARTS_ATTR):
-        kernel = form_kernel(*getattr(update, PARTS_ATTR))
-        setattr(update, FUSED_ATTR, _NO_KERNEL if kernel is None else kernel)
-    return None if kernel is _NO_KERNEL else kernel

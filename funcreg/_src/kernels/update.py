@@ -1,7 +1,10 @@
-"""Applying updates to parameters."""
+"""Applying updates to parameters: `apply_updates`, and `donated_update`, the one functional entry of a
+donated step, which runs the torch kernel a transform records (`kernel_of`) where it applies and the
+generic in-place path otherwise."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any
 
@@ -10,11 +13,11 @@ import torch
 from funcreg._src.core import leafwise
 from funcreg._src.core.aliasing import OverlapCheck
 from funcreg._src.core.base import GradientTransformation, flat
-from funcreg._src.core.describe import compiling
 from funcreg._src.core.donation import DonationTracker, set_donating
-from funcreg._src.core.tree import flatten, tensors_of, tree_names
+from funcreg._src.core.record import DonatedKernel
+from funcreg._src.core.tree import compiling, flatten, tensors_of, tree_names
 from funcreg._src.core.typing import PyTree
-from funcreg._src.kernels.fused_forms import kernel_of
+from funcreg._src.kernels.fused_forms import form_kernel
 
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
@@ -173,3 +176,16 @@ def donated_step(tx: GradientTransformation, grads: PyTree, state: Any, params: 
     finally:
         set_donating(previous)
     return params, state
+
+
+def kernel_of(tx: GradientTransformation) -> DonatedKernel | None:
+    """The torch kernel behind ``tx``'s donated step, or ``None``: an alias's own (``fr.adam``,
+    ``fr.adamw``, ``fr.sgd``: ``tx.record.kernel``), or for a chain of an alias and a penalty form the
+    folded :class:`FormKernel`, found from ``tx.record.parts`` once and kept in the record."""
+    record = tx.record
+    if record.kernel is not None or record.parts is None or record.folded:
+        return record.kernel
+    kernel = form_kernel(*record.parts)
+    # a memo of what the parts give: the record is otherwise never replaced on a built transform
+    tx.__dict__["_record"] = dataclasses.replace(record, kernel=kernel, folded=True)
+    return kernel

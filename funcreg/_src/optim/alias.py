@@ -8,13 +8,13 @@ import torch
 
 from funcreg._src.combinators.combine import chain
 from funcreg._src.core import leafwise
-from funcreg._src.core.base import GradientTransformation, expect_state, flat
-from funcreg._src.core.describe import configured
+from funcreg._src.core.base import GradientTransformation, configured, expect_state, flat
 from funcreg._src.core.steps import Step, power_at, sqrt_at
-from funcreg._src.core.typing import MaskLike, PyTree, ScalarOrSchedule
+from funcreg._src.core.typing import PyTree, ScalarOrSchedule
 from funcreg._src.core.validation import check_bool, check_number, check_rate, is_zero, schedule_value
-from funcreg._src.kernels.fused import FUSED_ATTR, AdamKernel, SgdKernel
+from funcreg._src.kernels.fused import AdamKernel, SgdKernel
 from funcreg._src.selection.mask_cache import CachedMask
+from funcreg._src.selection.resolve import MaskLike
 from funcreg._src.transforms.basic import (
     ScaleByAdamState,
     adam_moments,
@@ -78,7 +78,7 @@ def sgd(
     tx = chain(*parts)
     # a donated step runs torch.optim's foreach SGD sequence (see _src/kernels/fused.py)
     kernel = SgdKernel(learning_rate, momentum, dampening, nesterov, weight_decay, maximize, len(parts))
-    setattr(tx.update, FUSED_ATTR, kernel)
+    tx = tx.with_record(kernel=kernel)
     return configured(
         tx,
         "sgd",
@@ -274,5 +274,4 @@ def _adam_family(
     kernel = AdamKernel(
         who, learning_rate, b1, b2, eps, weight_decay, decoupled, amsgrad, maximize, mask, fused
     )
-    setattr(tx.update, FUSED_ATTR, kernel)
-    return tx
+    return tx.with_record(kernel=kernel)

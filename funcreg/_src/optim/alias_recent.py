@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from funcreg._src.combinators.combine import chain
+from funcreg._src.combinators.wrappers import masked
 from funcreg._src.core.base import GradientTransformation
 from funcreg._src.core.tree import flatten, unflatten
 from funcreg._src.core.typing import PyTree, ScalarOrSchedule
@@ -93,8 +94,6 @@ def muon(
         return with_config(chain(*negate, core), "muon", (learning_rate,), given, defaults)
     if not isinstance(fallback, GradientTransformation):
         raise TypeError(f"Invalid fallback value: a {type(fallback).__name__}, not a GradientTransformation")
-    from funcreg._src.combinators.wrappers import masked
-
     return with_config(
         chain(*negate, masked(core, _matrices), masked(fallback, _others)),
         "muon",

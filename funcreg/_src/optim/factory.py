@@ -1,4 +1,5 @@
-"""One line from a model to an optimizer: :func:`create_optimizer` and :func:`create_transform`.
+"""One line from a model to a transform: :func:`create_transform`, and the pieces
+:func:`funcreg._src.torch_optimizer.create.create_optimizer` shares with it.
 
 In the spirit of timm's ``create_optimizer_v2``: a name, a learning rate, a weight decay, and the
 decay selection (``fr.decay_mask(model)`` unless told otherwise) applied and printable. The names
@@ -8,31 +9,24 @@ entry there); :func:`build_transform` composes an entry with weight decay and a 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, cast
 
 import torch
 from torch import nn
 
 from funcreg._src.combinators.combine import chain
-
-# the names imported `as` themselves were defined here before factory_names was split off: they
-# are re-exported, so that their old import path keeps working
 from funcreg._src.core.base import GradientTransformation
 from funcreg._src.core.tree import tree_names
-from funcreg._src.core.typing import MaskLike, ScalarOrSchedule
+from funcreg._src.core.typing import ScalarOrSchedule
 from funcreg._src.core.validation import check_number
 from funcreg._src.forms.forms import add_penalty_grad, decoupled, proximal
-from funcreg._src.optim.table import FORMS as FORMS
-from funcreg._src.optim.table import OPTIMIZERS as OPTIMIZERS
-from funcreg._src.optim.table import OptimizerSpec as OptimizerSpec
-from funcreg._src.optim.table import _check_hyperparameters as _check_hyperparameters
-from funcreg._src.optim.table import _register as _register
-from funcreg._src.optim.table import _torch_like as _torch_like
-from funcreg._src.optim.table import optimizer_spec as optimizer_spec
+from funcreg._src.optim.table import FORMS, OptimizerSpec, _check_hyperparameters, optimizer_spec
 from funcreg._src.penalties import Penalty, l2
+from funcreg._src.selection.decay_mask import decay_mask
 from funcreg._src.selection.named_params import named_parameters
-from funcreg._src.selection.resolve import Selection, decay_mask, resolve_mask
+from funcreg._src.selection.resolve import MaskLike, resolve_mask
+from funcreg._src.selection.table import Selection
 from funcreg._src.transforms.basic import add_decayed_weights, decoupled_weight_decay, scale
 
 
@@ -101,28 +95,31 @@ def build_transform(
     return parts[0] if len(parts) == 1 else chain(*parts)
 
 
-def group_factory(name: str) -> tuple[Callable[..., GradientTransformation], dict[str, Any]]:
-    """The factory of a group's options for ``TorchOptimizer(params, name)``, and its default options."""
-    spec = optimizer_spec(name)
-
-    def factory(
-        lr: float,
-        weight_decay: float = spec.weight_decay,
-        penalty: Penalty | None = None,
-        form: str | None = None,
-        mask: MaskLike | None = None,
-        maximize: bool = False,
-        **options: Any,
-    ) -> GradientTransformation:
-        hyper = {k: v for k, v in options.items() if k in spec.hyperparameters}
-        return build_transform(spec, lr, weight_decay, mask, penalty, form, maximize, **hyper)
-
-    factory.__name__ = f"{spec.name}_group_factory"
-    defaults = {"lr": spec.lr, "weight_decay": spec.weight_decay, **spec.hyperparameters, "maximize": False}
-    return factory, defaults
+def group_transform(
+    spec: OptimizerSpec,
+    lr: float,
+    weight_decay: float | None = None,
+    penalty: Penalty | None = None,
+    form: str | None = None,
+    mask: MaskLike | None = None,
+    maximize: bool = False,
+    **options: Any,
+) -> GradientTransformation:
+    """The transform of a ``TorchOptimizer(params, name)`` param group from its options: the table's
+    entry ``spec`` with the group's ``lr``, ``weight_decay``, penalty and hyperparameters (other keys
+    a scheduler or torch put into the group are not the optimizer's and are left out)."""
+    weight_decay = spec.weight_decay if weight_decay is None else weight_decay
+    hyper = {k: v for k, v in options.items() if k in spec.hyperparameters}
+    return build_transform(spec, lr, weight_decay, mask, penalty, form, maximize, **hyper)
 
 
-def _names_and_tree(model_or_params: Any) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
+def group_defaults(spec: OptimizerSpec) -> dict[str, Any]:
+    """The options every group of a ``TorchOptimizer(params, name)`` starts from: torch's defaults."""
+    return {"lr": spec.lr, "weight_decay": spec.weight_decay, **spec.hyperparameters, "maximize": False}
+
+
+def names_and_tree(model_or_params: Any) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
+    """The source the decay selection reads (the module, or a dict of the tensors) and the named parameters."""
     if isinstance(model_or_params, nn.Module):
         return model_or_params, named_parameters(model_or_params)
     items = list(model_or_params.items()) if isinstance(model_or_params, Mapping) else list(model_or_params)
@@ -137,7 +134,7 @@ def _names_and_tree(model_or_params: Any) -> tuple[Any, list[tuple[str, torch.Te
     )
 
 
-def _selection(decay: Any, source: Any, names: list[str], weight_decay: Any) -> Selection | None:
+def decay_selection(decay: Any, source: Any, names: list[str], weight_decay: Any) -> Selection | None:
     """The decay selection as a :class:`Selection` over ``names`` (``None``: no decay at all)."""
     if decay is None:
         try:
@@ -165,107 +162,6 @@ def _selection(decay: Any, source: Any, names: list[str], weight_decay: Any) -> 
     return Selection(
         dict(zip(tree_names(tree), keep)), reasons={n: "decay mask" for n in names}, label="decay"
     )
-
-
-def create_optimizer(
-    model_or_params: Any,
-    name: str = "adamw",
-    lr: float | None = None,
-    weight_decay: float | None = None,
-    *,
-    decay: Any = None,
-    penalty: Penalty | None = None,
-    form: str | None = None,
-    **hyperparameters: Any,
-) -> Any:
-    """A ready :class:`funcreg.TorchOptimizer` in one line: ``fr.create_optimizer(model, "adamw", lr=1e-3)``.
-
-    The parameters are split into two param groups, ``"decay"`` (the decay selection, with
-    ``weight_decay``) and ``"no_decay"`` (``weight_decay=0.0``), as the HF ``Trainer`` and timm build
-    them, so schedulers and per-group weight-decay schedules work as with torch.optim. The selection
-    is ``opt.selection`` (``print(opt.selection)`` shows the rule for each parameter).
-
-    Decay sets differ by entry, on purpose: ``fr.TorchOptimizer(params, "adamw", weight_decay=wd)``
-    keeps torch's rule (every parameter of a group with ``weight_decay > 0``, biases and norm
-    parameters too), this function applies the selection; ``print(opt)`` says which. A group added
-    later (``opt.add_param_group``, as Lightning's ``BackboneFinetuning`` does) follows torch's rule:
-    its own ``weight_decay``, else this optimizer's default ``weight_decay`` for all its parameters
-    (give it ``"weight_decay": 0.0``, or two groups, to keep biases and norms undecayed).
-
-    Args:
-        model_or_params: a module (recommended: names, types and ``model.no_weight_decay()`` inform
-            the selection), a dict ``{name: tensor}``, ``(name, tensor)`` pairs or tensors.
-        name: an optimizer of the table: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"adamax"``, ``"nadam"``,
-            ``"radam"``, ``"rmsprop"``, ``"adagrad"``, ``"adadelta"``, ``"lion"`` (case-insensitive; a typo
-            raises with a suggestion).
-        lr: the learning rate (default: torch's, 1e-3).
-        weight_decay: the decay coefficient with torch's meaning for ``name`` (coupled L2 for SGD and
-            Adam, decoupled ``w <- w - lr * wd * w`` for AdamW); default torch's (0, 0, 1e-2).
-        decay: which parameters to decay: default ``fr.decay_mask(model)``; a selection, a selector
-            (``fr.by_module(nn.Linear)``), a bool tree, or ``True`` (all, as torch.optim does).
-        penalty: another funcreg penalty (``fr.l1(1e-5)``, ...), applied as given (its own ``mask``),
-            in ``form``.
-        form: where weight decay and the penalty go: ``"coupled"`` (first, added to the gradient),
-            ``"decoupled"`` (after the learning-rate scaling, times the lr) or ``"proximal"`` (a
-            proximal step of size lr, last); default: what ``weight_decay`` means for ``name`` in torch.
-        **hyperparameters: the optimizer's other arguments (``momentum``, ``nesterov``, ``dampening``
-            for SGD; ``betas``, ``eps``, ``amsgrad`` for Adam/AdamW; ``maximize``).
-
-    Returns:
-        A :class:`funcreg.TorchOptimizer` whose groups carry every option (``lr``, ``weight_decay``,
-        ``betas``/``momentum``, ...), so ``OneCycleLR(cycle_momentum=True)`` works.
-
-    Examples:
-        >>> import torch, funcreg as fr
-        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1))
-        >>> opt = fr.create_optimizer(model, "adamw", lr=1e-3, weight_decay=0.05)
-        >>> [(g["name"], g["param_names"], g["weight_decay"]) for g in opt.param_groups]  # doctest: +NORMALIZE_WHITESPACE
-        [('decay', ['0.weight', '2.weight'], 0.05),
-         ('no_decay', ['0.bias', '1.weight', '1.bias', '2.bias'], 0.0)]
-        >>> opt.selection.selected
-        ['0.weight', '2.weight']
-        >>> fr.create_optimizer(model, "adamm")
-        Traceback (most recent call last):
-            ...
-        ValueError: unknown optimizer 'adamm' (did you mean 'adam', 'radam', 'nadam'? known: adadelta, adagrad, adam, adamax, adamw, lion, nadam, radam, rmsprop, sgd)
-    """
-    from funcreg._src.torch_optimizer.optimizer import TorchOptimizer
-
-    spec = optimizer_spec(name)
-    lr = spec.lr if lr is None else lr
-    weight_decay = spec.weight_decay if weight_decay is None else weight_decay
-    hp = _check_hyperparameters(spec, {k: v for k, v in hyperparameters.items() if k != "maximize"})
-    maximize = hyperparameters.get("maximize", False)
-    # build one transform now, so that a bad value raises here with the argument's name
-    build_transform(spec, lr, weight_decay, None, penalty, form, maximize, **hp)
-    source, named = _names_and_tree(model_or_params)
-    names = [n for n, _ in named]
-    selection = _selection(decay, source, names, weight_decay)
-    factory, _ = group_factory(spec.name)
-    options: dict[str, Any] = {"weight_decay": weight_decay, **hp, "maximize": maximize}
-    if penalty is not None:
-        options["penalty"] = penalty
-    if form is not None:
-        options["form"] = form
-    if selection is None or all(selection.values()):
-        groups: list[dict[str, Any]] = [
-            {"params": named, "name": "decay" if selection is not None else "all"}
-        ]
-    else:
-        groups = [
-            {"params": [(n, p) for n, p in named if selection[n]], "name": "decay"},
-            {
-                "params": [(n, p) for n, p in named if not selection[n]],
-                "name": "no_decay",
-                "weight_decay": 0.0,
-            },
-        ]
-        if not groups[0]["params"]:
-            groups = groups[1:]
-    opt = TorchOptimizer(groups, factory, lr=lr, **options)
-    opt._fr_name = spec.name
-    opt.selection = selection
-    return opt
 
 
 def create_transform(
@@ -299,7 +195,7 @@ def create_transform(
     lr = spec.lr if lr is None else lr
     weight_decay = spec.weight_decay if weight_decay is None else weight_decay
     maximize = hyperparameters.pop("maximize", False)
-    source, named = _names_and_tree(model_or_params)
-    selection = _selection(decay, source, [n for n, _ in named], weight_decay)
+    source, named = names_and_tree(model_or_params)
+    selection = decay_selection(decay, source, [n for n, _ in named], weight_decay)
     mask: Selection | None = None if selection is None or all(selection.values()) else selection
     return build_transform(spec, lr, weight_decay, mask, penalty, form, maximize, **hyperparameters)

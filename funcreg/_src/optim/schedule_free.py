@@ -23,7 +23,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from funcreg._src.core.base import GradientTransformation, begin, find_one_state, init_count
+from funcreg._src.core.base import GradientTransformation, begin, find_one_state
+from funcreg._src.core.steps import init_count
 from funcreg._src.core.tree import flatten, unflatten
 from funcreg._src.core.typing import PyTree
 from funcreg._src.core.validation import check_int, check_number

@@ -22,17 +22,17 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union, cast
+from typing import Any, Literal, Union, cast
 
 import torch
 
-from funcreg._src.core.describe import call_text, compiling, fmt
+from funcreg._src.core.describe import call_text, fmt
 from funcreg._src.core.errors import SelectionError
-from funcreg._src.core.tree import TreeSpec, flatten, tree_names, unflatten
-from funcreg._src.core.typing import MaskLike, PyTree
+from funcreg._src.core.tree import TreeSpec, compiling, flatten, tree_names, unflatten
+from funcreg._src.core.typing import PyTree
 from funcreg._src.core.validation import check_number
 from funcreg._src.selection.mask_cache import CachedMask
-from funcreg._src.selection.resolve import resolve_mask
+from funcreg._src.selection.resolve import MaskLike, resolve_mask
 
 Coefficient = Union[float, torch.Tensor, PyTree]
 
@@ -213,6 +213,16 @@ class Penalty:
         """``None`` unless the penalty is ``sum curvature/2 * |w - center|^2`` over its leaves; then
         ``(curvature, center)`` per selected leaf (``None`` for the others; a ``None`` center is 0).
         A sum of penalties folds such a term into the prox of another on the same leaf."""
+        return None
+
+    def kernel_form(self) -> tuple[Literal["l1", "l2"], float] | None:
+        """``("l2", c)`` when the penalty is ``c/2 * |w|^2`` over its selection with one number ``c``,
+        ``("l1", c)`` when it is ``c * |w|_1``; else ``None``.
+
+        A donated step folds such a penalty into torch's optimizer kernel: L2 as the kernel's own
+        ``weight_decay``, L1 as a soft-threshold written after the step (no gradient buffer, no second
+        pass). A penalty that says ``None`` runs the generic path, which equals the pure one.
+        """
         return None
 
     def prox_flat(self, fp: FlatParams, step: Any) -> list[torch.Tensor | None]:

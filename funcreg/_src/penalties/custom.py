@@ -8,9 +8,10 @@ from typing import Any
 import torch
 
 from funcreg._src.core.tree import check_same_spec, flatten, unflatten
-from funcreg._src.core.typing import MaskLike, PyTree
+from funcreg._src.core.typing import PyTree
 from funcreg._src.penalties.base import FlatParams, Penalty, records_call, selection, zero_like_present
 from funcreg._src.selection.mask_cache import CachedMask
+from funcreg._src.selection.resolve import MaskLike
 
 
 class CustomPenalty(Penalty):

@@ -15,11 +15,12 @@ import torch
 from funcreg._src.core.dtensor import is_dtensor
 from funcreg._src.core.errors import LeafTypeError
 from funcreg._src.core.tree import flatten, tree_names, unflatten
-from funcreg._src.core.typing import MaskLike, PyTree
+from funcreg._src.core.typing import PyTree
 from funcreg._src.core.validation import check_number, is_traced
 from funcreg._src.penalties import proxes
 from funcreg._src.penalties.base import Coefficient, Penalty, check_coefficient, records_call
 from funcreg._src.penalties.leaf import LeafPenalty, LeafRule
+from funcreg._src.selection.resolve import MaskLike
 
 
 def abs2(w: torch.Tensor) -> torch.Tensor:
@@ -76,6 +77,7 @@ L2 = LeafRule(
     grad=lambda w, c: c * w,
     prox=proxes.shrink,
     quadratic=lambda c: (c, None),
+    kernel_kind="l2",
     value_many=lambda ws, c: 0.5 * c * _sum_of_norms(ws, 2),
     grad_many=lambda ws, c: list(torch._foreach_mul(ws, c)),
     prox_many=lambda vs, t: list(torch._foreach_div(vs, 1 + t)),
@@ -84,6 +86,7 @@ L1 = LeafRule(
     value=lambda w, c: c * torch.sum(torch.abs(w)),
     grad=lambda w, c: c * torch.sgn(w),
     prox=proxes.soft_threshold,
+    kernel_kind="l1",
     value_many=lambda ws, c: c * _sum_of_norms(ws, 1),
     grad_many=lambda ws, c: list(torch._foreach_mul(torch._foreach_sign(ws), c)),
     prox_many=_l1_prox_many,

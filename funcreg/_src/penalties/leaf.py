@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 
@@ -12,7 +12,7 @@ from funcreg._src.core.dtensor import check_same_kind, full_value, is_dtensor, u
 from funcreg._src.core.errors import LeafTypeError
 from funcreg._src.core.leafwise import can_foreach
 from funcreg._src.core.tree import broadcast_prefix
-from funcreg._src.core.typing import MaskLike, PyTree
+from funcreg._src.core.typing import PyTree
 from funcreg._src.penalties.base import (
     Coefficient,
     FlatParams,
@@ -22,6 +22,7 @@ from funcreg._src.penalties.base import (
     zero_like_present,
 )
 from funcreg._src.selection.mask_cache import CachedMask
+from funcreg._src.selection.resolve import MaskLike
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class LeafRule:
         default_select: which tensors are selected when no mask is given (``None``: all).
         differentiable: ``False`` for a constraint (an indicator: a projection, no gradient).
         complex_ok: whether the rule means something for complex tensors.
+        kernel_kind: ``"l2"`` for ``c/2 * |w|^2``, ``"l1"`` for ``c * |w|_1`` with one coefficient:
+            the rules a donated step folds into torch's kernel (:meth:`funcreg.Penalty.kernel_form`).
         quadratic: ``quadratic(*c, **aux) -> (curvature, center)`` where the rule is
             ``curvature/2 * |w - center|^2`` (``center`` ``None``: 0; ``curvature`` a number, a 0-d
             or an elementwise tensor), so that a sum of penalties folds it into the prox of the
@@ -58,6 +61,7 @@ class LeafRule:
     complex_ok: bool = True
     quadratic: Callable[..., tuple[Any, torch.Tensor | None]] | None = None
     prox_takes_step: bool = False
+    kernel_kind: Literal["l1", "l2"] | None = None
     value_many: Callable[..., torch.Tensor] | None = None
     grad_many: Callable[..., list[torch.Tensor]] | None = None
     prox_many: Callable[..., list[torch.Tensor]] | None = None
@@ -104,6 +108,15 @@ class LeafPenalty(Penalty):
         self._selection_mask = None if mask is None else CachedMask(mask, f"{name} mask")
         self.rule = rule
         self._aux = {k: v for k, v in (aux or {}).items() if v is not None}
+
+    def kernel_form(self) -> tuple[Literal["l1", "l2"], float] | None:
+        kind = self.rule.kernel_kind
+        if kind is None or self._aux or len(self.coefficients) != 1:
+            return None
+        c = self.coefficients[0]
+        if isinstance(c, bool) or not isinstance(c, (int, float)):
+            return None  # a tensor (vmapped, learned) or per-leaf coefficient: the generic path
+        return kind, float(c)
 
     @property
     def has_prox(self) -> bool:

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from funcreg._src.core.typing import MaskLike
 from funcreg._src.core.validation import check_number
 from funcreg._src.penalties.base import Coefficient, Penalty, check_coefficient, records_call
 from funcreg._src.penalties.leaf import LeafPenalty, LeafRule
 from funcreg._src.penalties.proxes import group_norms
 from funcreg._src.penalties.structural import _axis_check, _check_axis, _is_matrix
+from funcreg._src.selection.resolve import MaskLike
 
 
 def _best(

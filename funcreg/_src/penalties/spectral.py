@@ -21,10 +21,10 @@ from typing import Any, Literal
 
 import torch
 
-from funcreg._src.core.typing import MaskLike
 from funcreg._src.core.validation import check_number
 from funcreg._src.penalties.base import Coefficient, Penalty, check_coefficient, records_call
 from funcreg._src.penalties.leaf import LeafPenalty, LeafRule
+from funcreg._src.selection.resolve import MaskLike
 
 
 def _matrix(w: torch.Tensor) -> torch.Tensor:

@@ -10,11 +10,11 @@ from typing import Any
 import torch
 
 from funcreg._src.core.dtensor import replicate_like
-from funcreg._src.core.typing import MaskLike
 from funcreg._src.core.validation import check_number
 from funcreg._src.penalties import proxes
 from funcreg._src.penalties.base import Coefficient, Penalty, check_coefficient, records_call
 from funcreg._src.penalties.leaf import LeafPenalty, LeafRule
+from funcreg._src.selection.resolve import MaskLike
 
 
 def _check_axis(axis: Any) -> None:

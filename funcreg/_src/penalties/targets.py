@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from funcreg._src.core.typing import MaskLike
 from funcreg._src.core.validation import check_number
 from funcreg._src.penalties.base import FlatParams, Penalty, records_call, selection, zero_like_present
 from funcreg._src.penalties.leaf import LeafPenalty, LeafRule
+from funcreg._src.selection.resolve import MaskLike
 
 
 def keep_largest(v: torch.Tensor, k: int) -> torch.Tensor:

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 
 from funcreg._src.core.tree import compiling, flatten, spec_key
-from funcreg._src.core.typing import MaskLike, PyTree
-from funcreg._src.selection.resolve import Selection, resolve_mask
+from funcreg._src.core.typing import PyTree
+from funcreg._src.selection.resolve import MaskLike, resolve_mask
+from funcreg._src.selection.table import Selection
 
 _ENTRIES = 4  # structures remembered per mask: the parameters, and the updates when called without them
 

@@ -5,48 +5,29 @@ is visible. Rules that select nothing, and patterns that match no parameter, rai
 silently doing nothing (a hand-written grouping loop with one misplaced ``if`` decays nothing, and
 nothing says so).
 
-This module turns anything accepted as a mask into one bool per leaf (:func:`resolve_mask`) and is
-the import path for the rest, which lives in topic modules: :mod:`funcreg._src.selection.named_params`
-(``params_of``, name patterns), :mod:`funcreg._src.selection.table` (``Selection``),
-:mod:`funcreg._src.selection.decay_mask`, :mod:`funcreg._src.selection.selectors` (``Selector``, ``by_name``,
-``by_predicate``, ``by_module``) and :mod:`funcreg._src.selection.parametrizations`. Their names, public and
-private, are re-exported here (``x as x``), so imports written against this module keep working.
+This module names what a ``mask=`` argument accepts (``MaskLike``: a bool, a bool tree or prefix, a
+:class:`funcreg.Selection`, a :class:`funcreg.Selector`, or a callable ``params -> mask``) and turns it
+into one bool per leaf (:func:`resolve_mask`). The rest of the wing: ``named_params`` (``params_of``,
+name patterns), ``table`` (``Selection``), ``decay_mask``, ``selectors`` (``Selector``, ``by_name``,
+``by_predicate``, ``by_module``), ``parametrizations`` and ``mask_cache``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Union
 
 import torch
 from torch import nn
 
 from funcreg._src.core.tree import broadcast_prefix, tree_names
-from funcreg._src.core.typing import MaskLike, PyTree
-from funcreg._src.selection.decay_mask import _NORM_NAME as _NORM_NAME
-from funcreg._src.selection.decay_mask import _NORM_TYPES as _NORM_TYPES
-from funcreg._src.selection.decay_mask import LAYER_SCALE_NAMES as LAYER_SCALE_NAMES
-from funcreg._src.selection.decay_mask import RELATIVE_POSITION_MODULES as RELATIVE_POSITION_MODULES
-from funcreg._src.selection.decay_mask import RELATIVE_POSITION_NAMES as RELATIVE_POSITION_NAMES
-from funcreg._src.selection.decay_mask import TOKEN_NAMES as TOKEN_NAMES
-from funcreg._src.selection.decay_mask import _decide as _decide
-from funcreg._src.selection.decay_mask import _listed_by_model as _listed_by_model
-from funcreg._src.selection.decay_mask import _norm_reason as _norm_reason
-from funcreg._src.selection.decay_mask import decay_mask as decay_mask
-from funcreg._src.selection.named_params import _check_patterns as _check_patterns
-from funcreg._src.selection.named_params import _matches as _matches
-from funcreg._src.selection.named_params import _named_leaves as _named_leaves
-from funcreg._src.selection.named_params import _shape_text as _shape_text
-from funcreg._src.selection.named_params import _suggest as _suggest
-from funcreg._src.selection.named_params import buffers_of as buffers_of
-from funcreg._src.selection.named_params import params_of as params_of
-from funcreg._src.selection.parametrizations import _PARAMETRIZED as _PARAMETRIZED
-from funcreg._src.selection.parametrizations import _parametrization as _parametrization
-from funcreg._src.selection.parametrizations import _Parametrized as _Parametrized
-from funcreg._src.selection.selectors import Selector as Selector
-from funcreg._src.selection.selectors import by_module as by_module
-from funcreg._src.selection.selectors import by_name as by_name
-from funcreg._src.selection.selectors import by_predicate as by_predicate
-from funcreg._src.selection.table import Selection as Selection
+from funcreg._src.core.typing import PyTree
+from funcreg._src.selection.selectors import Selector
+from funcreg._src.selection.table import Selection
+
+__all__ = ["MaskLike", "resolve_mask"]
+
+MaskLike = Union[bool, PyTree, Selection, Selector, Callable[[PyTree], Any]]  # noqa: UP007
 
 
 def _as_bool(value: Any, name: str, what: str) -> bool:

@@ -7,35 +7,45 @@ protocol: parameter groups with their own options, ``add_param_group``, options 
 per parameter, ``state_dict()`` in torch's format, and torch's hooks. Each group runs its own
 transform, built from the group's options by a factory; together they are
 ``fr.partition({"0": tx_0, "1": tx_1, ...}, labels)`` with each parameter labelled by its group.
+
+The class is whole here, in four parts: construction and the torch.optim protocol; the groups' names
+and options (read from ``param_groups`` at every step); each group's transform and its state in
+``self.state``; loading a state_dict. Plain helpers live beside it (``groups``, ``build``,
+``state_dict``, ``torch_state``).
 """
 
 from __future__ import annotations
 
+import copy
+import math
+from collections import defaultdict
 from collections.abc import Callable
-from typing import Any, Union
+from itertools import chain
+from typing import Any, Union, cast
 
 import torch
 
 from funcreg._src.combinators.combine import PartitionState
-
-# the names imported `as` themselves were defined here before the torch_optimizer_* modules split
-# this one: they are re-exported, so that their old import path keeps working
 from funcreg._src.core.aliasing import OverlapCheck
 from funcreg._src.core.base import GradientTransformation
-from funcreg._src.core.describe import compiling
+from funcreg._src.core.tree import compiling
 from funcreg._src.core.validation import check_rate
 from funcreg._src.kernels.update import donated_step
-from funcreg._src.torch_optimizer.build import _Built as _Built
-from funcreg._src.torch_optimizer.build import _factory_signature
-from funcreg._src.torch_optimizer.build import _same as _same
-from funcreg._src.torch_optimizer.build import _snapshot as _snapshot
-from funcreg._src.torch_optimizer.groups import _BOOKKEEPING as _BOOKKEEPING
-from funcreg._src.torch_optimizer.groups import _FIXED_LR_MESSAGE as _FIXED_LR_MESSAGE
-from funcreg._src.torch_optimizer.groups import WATCHED as WATCHED
-from funcreg._src.torch_optimizer.groups import _as_groups, _short
-from funcreg._src.torch_optimizer.groups import _param_items as _param_items
-from funcreg._src.torch_optimizer.state_dict import _plain as _plain
-from funcreg._src.torch_optimizer.state_dict import _saved, _StateDictLoading
+from funcreg._src.optim.factory import group_defaults, group_transform
+from funcreg._src.optim.table import OptimizerSpec, optimizer_spec
+from funcreg._src.selection.named_params import check_initialized
+from funcreg._src.torch_optimizer import torch_state
+from funcreg._src.torch_optimizer.build import _Built, _factory_signature, _same, _snapshot
+from funcreg._src.torch_optimizer.groups import (
+    _BOOKKEEPING,
+    _FIXED_LR_MESSAGE,
+    WATCHED,
+    _as_groups,
+    _param_items,
+    _short,
+)
+from funcreg._src.torch_optimizer.state_dict import _saved
+from funcreg._src.training.checkpoint import load_state_dict as _load_funcreg_state
 
 TransformOrFactory = Union[GradientTransformation, Callable[..., GradientTransformation], str]
 
@@ -52,7 +62,7 @@ def _lr_as_learning_rate(
     return with_lr
 
 
-class TorchOptimizer(_StateDictLoading):
+class TorchOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that runs a funcreg transform per parameter group.
 
     Args:
@@ -117,6 +127,20 @@ class TorchOptimizer(_StateDictLoading):
         (0.005, ['count', 'exp_avg', 'exp_avg_sq', 'step'])
     """
 
+    # the transform built into every group (no options), or the factory of a group's options
+    _fr_fixed: GradientTransformation | None
+    _fr_factory: Callable[..., GradientTransformation] | None
+    # the keywords the factory accepts (None: any) and requires
+    _fr_accepted: frozenset[str] | None
+    _fr_required: frozenset[str]
+    _fr_option_keys: list[tuple[str, ...]]
+    # id -> name of the names_from= module's parameters, while the constructor adds its groups
+    _fr_model_names: dict[int, str] | None
+    # each group's transform, its state layout and what it was built from
+    _fr_built: list[_Built | None]
+    # what _write last wrote for each group, the fast path of _read: its _Built, state tree and tensors
+    _fr_written: dict[int, Any]
+
     def __init__(
         self,
         params: Any,
@@ -126,7 +150,6 @@ class TorchOptimizer(_StateDictLoading):
         names_from: torch.nn.Module | None = None,
         **options: Any,
     ) -> None:
-        # the types of the _fr_ attributes are declared on the bases (_GroupOptions, _GroupBuilds)
         if names_from is not None and not isinstance(names_from, torch.nn.Module):
             raise TypeError(f"names_from must be a torch.nn.Module, got a {type(names_from).__name__}")
         self._fr_model_names = (
@@ -134,16 +157,20 @@ class TorchOptimizer(_StateDictLoading):
         )
         self._fr_fixed = None
         self._fr_factory = None
+        self._fr_spec: OptimizerSpec | None = None
         self._fr_name: str | None = None
+        defaults: dict[str, Any]
         if isinstance(tx, str):
-            from funcreg._src.optim.factory import group_factory
-
+            # an entry of the optimizer table: each group's transform is group_transform(spec, **options)
+            self._fr_spec = optimizer_spec(tx)
             self._fr_name = tx
-            tx, table_defaults = group_factory(tx)
+            table_defaults = group_defaults(self._fr_spec)
             table_lr = table_defaults.pop("lr")
             lr = table_lr if lr is None else lr
-            options = {**table_defaults, **options}
-        if isinstance(tx, GradientTransformation):
+            check_rate("lr", lr)
+            defaults = {"lr": lr, **table_defaults, **options}
+            self._fr_accepted, self._fr_required = None, frozenset({"lr"})
+        elif isinstance(tx, GradientTransformation):
             if lr is not None:
                 raise ValueError(
                     "lr is for a factory of options -> transform; this transform has its learning rate built in"
@@ -155,7 +182,7 @@ class TorchOptimizer(_StateDictLoading):
                 )
             self._fr_fixed = tx
             # a fixed transform reports nan as its lr, so that a scheduler changing it is detected
-            defaults: dict[str, Any] = {"lr": float("nan")}
+            defaults = {"lr": float("nan")}
             self._fr_accepted = frozenset()
             self._fr_required = frozenset()
         elif callable(tx):
@@ -204,6 +231,379 @@ class TorchOptimizer(_StateDictLoading):
             if group["params"]:
                 built = self._prepare(g)
                 self._write(g, built, self._read(g, built))
+
+    # ------------------------------------------------------------------------------------------------
+    # the groups' names and options, read from param_groups at every step
+
+    def _group_names(self, g: int) -> list[str]:
+        group = self.param_groups[g]
+        names = group.get("param_names")
+        if names is None or len(names) != len(group["params"]):
+            # a group put into param_groups directly, without names: name its parameters by position
+            start = sum(len(x["params"]) for x in self.param_groups[:g])
+            names = [str(start + k) for k in range(len(group["params"]))]
+            group["param_names"] = names
+        return list(names)
+
+    def _all_names(self) -> tuple[str, ...]:
+        return tuple(chain.from_iterable(self._group_names(g) for g in range(len(self.param_groups))))
+
+    def _option_keys(self, g: int) -> tuple[str, ...]:
+        while len(self._fr_option_keys) <= g:  # groups assigned to param_groups directly
+            group = self.param_groups[len(self._fr_option_keys)]
+            keys = [*self.defaults, *(k for k in group if k not in _BOOKKEEPING)]
+            self._fr_option_keys.append(tuple(dict.fromkeys(keys)))
+        while len(self._fr_built) < len(self.param_groups):
+            self._fr_built.append(None)
+        return self._fr_option_keys[g]
+
+    def _passed_keys(self, g: int) -> tuple[str, ...]:
+        if self._fr_fixed is not None:
+            return ()
+        keys = self._option_keys(g)
+        return tuple(k for k in keys if self._fr_accepted is None or k in self._fr_accepted)
+
+    def _check_options(self, g: int) -> None:
+        group = self.param_groups[g]
+        keys = self._option_keys(g)
+        if self._fr_fixed is not None:
+            lr = group.get("lr", float("nan"))
+            if "initial_lr" in group or not (isinstance(lr, float) and math.isnan(lr)):
+                raise RuntimeError(f"{_FIXED_LR_MESSAGE} (param group {g})")
+            extra = [k for k in keys if k != "lr"] + [k for k in group if k in WATCHED and k != "lr"]
+            if extra:
+                raise ValueError(
+                    f"param group {g} sets {extra[0]!r}, but this TorchOptimizer wraps a transform with its "
+                    "hyperparameters built in, which takes no options; pass a factory of the group's options "
+                    f"(TorchOptimizer(params, lambda lr, {extra[0]}: ..., lr=...))"
+                )
+            return
+        missing = [k for k in sorted(self._fr_required) if k not in group]
+        if missing:
+            raise ValueError(
+                f"the factory needs {missing[0]!r}, which param group {g} does not have: pass "
+                f"{missing[0]}=... to TorchOptimizer (the default of every group) or put it in the group"
+            )
+        passed = self._passed_keys(g)
+        ignored = [k for k in group if k in WATCHED and k not in passed]
+        if ignored:
+            k = ignored[0]
+            if k in keys:
+                takes = (
+                    "any keyword"
+                    if self._fr_accepted is None
+                    else ", ".join(sorted(self._fr_accepted)) or "nothing"
+                )
+                raise TypeError(
+                    f"param group {g} sets {k!r}={_short(group[k])}, which the factory does not take (it takes: "
+                    f"{takes}), so it would be ignored; add {k!r} (or **options) to the factory's parameters"
+                )
+            raise RuntimeError(
+                f"param group {g} has {k!r}={_short(group[k])}, which is not an option of this TorchOptimizer: "
+                f"its factory never receives it, so setting it (a {k} schedule?) would do nothing. Pass "
+                f"{k}=... to TorchOptimizer(...) so that every group has it and the factory receives it"
+            )
+
+    def _named_params(self, group: dict[str, Any], g: int) -> list[tuple[str, torch.Tensor]]:
+        """The parameters of new group ``g`` with their names, each checked to be new to the optimizer."""
+        if "params" not in group:
+            raise ValueError(f"param group {g} has no 'params' entry")
+        items = _param_items(group["params"], g)
+        given_names = group.get("param_names")
+        if given_names is not None:
+            if any(n is not None for n, _ in items) or len(given_names) != len(items):
+                raise ValueError(
+                    f"param group {g}: 'param_names' must name each of its {len(items)} unnamed parameters"
+                )
+            items = [(str(n), p) for n, (_, p) in zip(given_names, items)]
+        by_model = self._fr_model_names
+        if by_model is not None and all(n is None for n, _ in items):
+            for k, (_, p) in enumerate(items):
+                if id(p) not in by_model:
+                    raise ValueError(
+                        f"param group {g}: parameter {k} (shape {tuple(getattr(p, 'shape', ()))}) is not a "
+                        "parameter of the module passed as names_from="
+                    )
+            items = [(by_model[id(p)], p) for _, p in items]
+        named = [n is not None for n, _ in items]
+        if any(named) and not all(named):
+            raise ValueError(f"param group {g}: give every parameter a name or none")
+        existing: dict[int, tuple[int, str]] = {}
+        taken: set[str] = set()
+        n: str | None  # a name here, then an item's (maybe None) in the loop below
+        for gi in range(g):
+            for n, p in zip(self._group_names(gi), self.param_groups[gi]["params"]):
+                existing[id(p)] = (gi, n)
+                taken.add(n)
+        start = len(existing)
+        names: list[str] = []
+        seen: dict[int, str] = {}
+        for k, (n, p) in enumerate(items):
+            name = n if n is not None else str(start + k)
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"param group {g}: parameter {name!r} is a {type(p).__name__}, not a tensor")
+            check_initialized(name, p)
+            if id(p) in seen:
+                raise ValueError(
+                    f"param group {g} lists parameter {name!r} twice (also as {seen[id(p)]!r}); each parameter "
+                    "may appear once (torch.optim would update it twice per step)"
+                )
+            if id(p) in existing:
+                gi, other = existing[id(p)]
+                raise ValueError(
+                    f"parameter {name!r} of param group {g} is already in param group {gi} (as {other!r})"
+                )
+            if name in taken or name in names:
+                raise ValueError(f"param group {g}: the parameter name {name!r} is used twice")
+            seen[id(p)] = name
+            names.append(name)
+        return [(n, p) for n, (_, p) in zip(names, items)]
+
+    # ------------------------------------------------------------------------------------------------
+    # each group's transform and its state in self.state, kept in step with the options
+
+    def _trees(
+        self, g: int, names: tuple[str, ...], grads: bool = False
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        group = self.param_groups[g]
+        params: dict[str, Any] = dict.fromkeys(names)
+        gs: dict[str, Any] = dict.fromkeys(names)
+        for n, p in zip(self._group_names(g), group["params"]):
+            params[n] = p.detach()
+            if grads:
+                gs[n] = None if p.grad is None else p.grad.detach()
+        return params, gs
+
+    def _make_tx(self, g: int, options: dict[str, Any]) -> GradientTransformation:
+        if self._fr_fixed is not None:
+            return self._fr_fixed
+        if "lr" in options:
+            try:
+                check_rate("lr", options["lr"])
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"param group {g}: {err}") from err
+        try:
+            if self._fr_spec is not None:
+                tx = group_transform(self._fr_spec, **options)
+            else:
+                assert self._fr_factory is not None
+                tx = self._fr_factory(**options)
+        except (TypeError, ValueError) as err:
+            shown = ", ".join(f"{k}={_short(v)}" for k, v in options.items())
+            try:
+                wrapped = type(err)(f"param group {g}: the factory failed with options ({shown}): {err}")
+            except Exception:  # noqa: BLE001 - an exception type with another constructor: keep it as it is
+                raise err from None
+            raise wrapped from err
+        if not isinstance(tx, GradientTransformation):
+            raise TypeError(
+                f"param group {g}: the factory returned a {type(tx).__name__}, not a GradientTransformation"
+            )
+        return tx
+
+    def _meta_template(self, tx: GradientTransformation, g: int, names: tuple[str, ...]) -> Any:
+        params, _ = self._trees(g, names)
+        try:
+            return tx.init({n: torch_state.meta_like(p) for n, p in params.items()})
+        except Exception:  # noqa: BLE001 - an init that reads values: run it on the real parameters
+            return tx.init(params)
+
+    def _prepare(self, g: int) -> _Built:
+        """The group's transform and state layout, rebuilt when its options or parameters changed."""
+        group = self.param_groups[g]
+        self._check_options(g)
+        names = self._all_names()
+        options = {k: group[k] for k in self._passed_keys(g) if k in group}
+        ids = tuple(id(p) for p in group["params"])
+        cached = self._fr_built[g]
+        same_params = cached is not None and cached.ids == ids and cached.names == names
+        same_options = (
+            cached is not None
+            and cached.options.keys() == options.keys()
+            and all(_same(cached.options[k], v) for k, v in options.items())
+        )
+        if cached is not None and same_params and same_options:
+            return cached
+        tx = cached.tx if cached is not None and same_options else self._make_tx(g, options)
+        layout = torch_state.build_layout(self._meta_template(tx, g, names), names, self._group_names(g))
+        if cached is not None and same_params and layout.signature != cached.layout.signature:
+            changed = [
+                k for k in options if k not in cached.options or not _same(cached.options[k], options[k])
+            ]
+            old_state = self._read(g, cached)
+            params, _ = self._trees(g, names)
+            new_state = torch_state.carry(
+                old_state, tx.init(params), f"param group {g}: changing {', '.join(changed)}"
+            )
+            torch_state.write(layout, new_state, self._dict_of(g), self._group_names(g), clear=True)
+        built = _Built(tx, layout, {k: _snapshot(v) for k, v in options.items()}, ids, names)
+        self._fr_built[g] = built
+        return built
+
+    def _dict_of(self, g: int) -> Callable[[str], dict[str, Any]]:
+        by_name = dict(zip(self._group_names(g), self.param_groups[g]["params"]))
+        return lambda n: self.state[by_name[n]]
+
+    def _read(self, g: int, built: _Built) -> Any:
+        last = self._fr_written.get(g)
+        if last is not None and self._holds(g, built, last[1]):
+            return last[1]  # optimizer.state holds what the last step wrote: its tree, unchanged
+        by_name = dict(zip(self._group_names(g), self.param_groups[g]["params"]))
+
+        def fresh() -> Any:
+            params, _ = self._trees(g, built.names)
+            return built.tx.init(params)
+
+        return torch_state.read(
+            built.layout, lambda n: self.state.get(by_name[n]), self._group_names(g), fresh
+        )
+
+    def _holds(self, g: int, built: _Built, state: Any) -> bool:
+        """Whether ``optimizer.state`` holds exactly what the last step of group ``g`` wrote, from
+        ``state`` (the same tree object) and ``built`` (the same transform)."""
+        last = self._fr_written.get(g)
+        return (
+            last is not None
+            and last[0] is built
+            and last[1] is state
+            and all(
+                self.state.get(p) is d and cast("dict[str, Any]", d).get(k) is t for p, d, k, t in last[2]
+            )
+        )
+
+    def _write(self, g: int, built: _Built, state: Any, clear: bool = False) -> None:
+        if not clear and self._holds(g, built, state):
+            return  # a donated step updated in place the very state the last step wrote: nothing moved
+        names = self._group_names(g)
+        leaves = torch_state.write(built.layout, state, self._dict_of(g), names, clear=clear)
+        # remember what was written, for the fast path of _read: (parameter, its dict, key, tensor)
+        by_name = dict(zip(names, self.param_groups[g]["params"]))
+        slots = []
+        for e, value in zip(built.layout.entries, leaves):
+            if e.kind == "param" and value is not None:
+                assert e.name is not None  # a "param" entry names its parameter
+                p = by_name[e.name]
+                slots.append((p, self.state[p], e.key, value))
+            elif e.kind == "group" and value is not None and names:
+                p = by_name[names[0]]
+                assert e.keys is not None  # a "group" entry has its keys
+                slots.append((p, self.state[p], e.keys[names[0]], value))
+        self._fr_written[g] = (built, state, slots)
+
+    # ------------------------------------------------------------------------------------------------
+    # loading a torch-format (or funcreg 0.1) state_dict
+
+    def _load(self, sd: dict[str, Any]) -> None:
+        if "state" not in sd or "param_groups" not in sd:
+            raise ValueError(
+                f"not an optimizer state_dict: expected the keys 'state' and 'param_groups', got {sorted(map(str, sd))}"
+            )
+        groups = self.param_groups
+        saved_groups = copy.deepcopy(sd["param_groups"])
+        if len(saved_groups) != len(groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups, this optimizer has {len(groups)}"
+            )
+        for g, (group, saved) in enumerate(zip(groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param group {g} has {len(saved['params'])} parameters in the state_dict, {len(group['params'])} here"
+                )
+            ours = self._group_names(g)
+            theirs = saved.get("param_names")
+            if theirs is not None and list(theirs) != ours:
+                k = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
+                raise ValueError(
+                    f"state_dict is for other parameters: param group {g}'s parameter {k} is {theirs[k]!r} there, "
+                    f"{ours[k]!r} here"
+                )
+        saved_state = sd["state"]
+        known = set(chain.from_iterable(saved["params"] for saved in saved_groups))
+        stray = [k for k in saved_state if k not in known]
+        if stray:
+            raise ValueError(
+                f"state_dict has state for parameter id {stray[0]!r}, which is in no param group"
+            )
+        new_groups = []
+        for group, saved in zip(groups, saved_groups):
+            merged = dict(group)
+            merged.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
+            merged["params"] = group["params"]
+            merged["param_names"] = group["param_names"]
+            new_groups.append(merged)
+        old = (self.param_groups, self.state, self._fr_built)
+        new_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        self.param_groups = new_groups
+        self._fr_built = [None] * len(new_groups)
+        self._fr_written = {}
+        try:
+            for g, (group, saved) in enumerate(zip(new_groups, saved_groups)):
+                if not group["params"]:
+                    continue
+                try:
+                    built = self._prepare(g)
+                except (RuntimeError, TypeError) as err:  # the loaded options do not fit this optimizer
+                    raise ValueError(f"the state_dict's options do not fit this optimizer: {err}") from err
+                names = self._group_names(g)
+                loaded: dict[str, dict[str, Any]] = {}
+                for n, pid, p in zip(names, saved["params"], group["params"]):
+                    entry = saved_state.get(pid, {})
+                    expected = torch_state.keys_of(built.layout, n)
+                    missing = [k for k in expected if k not in entry]
+                    if missing:
+                        raise ValueError(
+                            f"state_dict has no {missing[0]!r} for parameter {n!r} (param group {g}); it was saved "
+                            f"from another transform or with other options (it has: {sorted(map(str, entry))})"
+                        )
+                    extra = [k for k in entry if k not in expected]
+                    if extra:
+                        raise ValueError(
+                            f"state_dict has {extra[0]!r} for parameter {n!r} (param group {g}), which this "
+                            f"optimizer's transform does not keep (it keeps: {expected})"
+                        )
+                    loaded[n] = {
+                        k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in entry.items()
+                    }
+
+                def fresh() -> Any:  # pragma: no cover - every entry was checked to be present
+                    raise AssertionError("incomplete state_dict entry")
+
+                state = torch_state.read(built.layout, loaded.get, names, fresh, where="state_dict entry")
+                by_name = dict(zip(names, group["params"]))
+                # cast: mypy cannot infer a lambda with a default argument against Callable[[str], dict]
+                dict_of = cast("Callable[[str], dict]", lambda n, by_name=by_name: new_state[by_name[n]])
+                torch_state.write(built.layout, state, dict_of, names)
+            for group in new_groups:
+                for p in group["params"]:
+                    new_state[p]  # every parameter has a (possibly empty) entry, as after construction
+        except BaseException:
+            self.param_groups, self.state, self._fr_built = old
+            raise
+        self.state = new_state
+
+    def _load_legacy(self, sd: dict[str, Any]) -> None:
+        """A state_dict of funcreg 0.1 (``{"funcreg_state", "lr", "names"}``, one group)."""
+        groups = [g for g, group in enumerate(self.param_groups) if group["params"]]
+        if len(groups) != 1:
+            raise ValueError(
+                "a funcreg 0.1 TorchOptimizer state_dict has one param group; this optimizer has several"
+            )
+        g = groups[0]
+        names = self._group_names(g)
+        if list(sd.get("names", [])) != names:
+            raise ValueError(f"state_dict is for parameters {sd.get('names')}, this optimizer has {names}")
+        group = self.param_groups[g]
+        previous_lr = group.get("lr")
+        if self._fr_factory is not None or self._fr_spec is not None:
+            group["lr"] = sd["lr"]
+        try:
+            built = self._prepare(g)
+            params, _ = self._trees(g, built.names)
+            state = _load_funcreg_state(built.tx.init(params), sd["funcreg_state"])
+        except BaseException:
+            group["lr"] = previous_lr
+            raise
+        torch_state.write(built.layout, state, self._dict_of(g), names, clear=True)
 
     # ------------------------------------------------------------------------------------------------
     # adding a group

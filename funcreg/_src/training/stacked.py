@@ -24,9 +24,9 @@ from funcreg._src.core.base import GradientTransformation
 from funcreg._src.core.tree import compiling, flatten, unflatten
 from funcreg._src.core.typing import PyTree
 from funcreg._src.kernels.fused import AdamKernel, SgdKernel
-from funcreg._src.kernels.fused_forms import kernel_of
-from funcreg._src.kernels.update import records_autograd
-from funcreg._src.selection.resolve import Selection
+from funcreg._src.kernels.update import kernel_of, records_autograd
+from funcreg._src.selection.table import Selection
+from funcreg._src.training.members import num_members, vmap
 from funcreg._src.training.step import Step, TrainState, _copy_tree
 
 Kernel = AdamKernel | SgdKernel
@@ -53,8 +53,6 @@ def stacked_step(
     """One ensemble step with the optimizer on the stacked tensors, or ``None`` where it does not
     apply (the caller then vmaps the whole step). With ``step.donate`` the state's tensors are
     written into; otherwise they are copied first, and the caller's are left as they were."""
-    from funcreg._src.training.ensemble import num_members, vmap
-
     params, opt_state, buffers, hparams = train_state
     # the kernel runs under no_grad: a step that autograd would record (differentiated through) is vmapped
     if compiling() or records_autograd(params, opt_state, hparams):

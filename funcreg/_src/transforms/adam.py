@@ -11,8 +11,14 @@ from typing import NamedTuple
 import torch
 
 from funcreg._src.core import leafwise
-from funcreg._src.core.base import Flat, GradientTransformation, expect_state, flat, per_param_zeros
-from funcreg._src.core.describe import configured
+from funcreg._src.core.base import (
+    Flat,
+    GradientTransformation,
+    configured,
+    expect_state,
+    flat,
+    per_param_zeros,
+)
 from funcreg._src.core.steps import (
     StepCount,
     advance_steps,

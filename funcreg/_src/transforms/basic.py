@@ -10,19 +10,21 @@ from typing import Any, NamedTuple
 
 import torch
 
+from funcreg._src.combinators.wrappers import masked
 from funcreg._src.core import leafwise
 from funcreg._src.core.base import (
     EmptyState,
     GradientTransformation,
+    configured,
     expect_state,
     flat,
     identity,
     per_param_zeros,
 )
-from funcreg._src.core.describe import configured
 from funcreg._src.core.steps import advance_steps, init_count, next_count, per_param_counts
-from funcreg._src.core.typing import MaskLike, PyTree, ScalarOrSchedule
+from funcreg._src.core.typing import PyTree, ScalarOrSchedule
 from funcreg._src.core.validation import check_bool, check_number, check_rate, is_zero, schedule_value
+from funcreg._src.selection.resolve import MaskLike
 from funcreg._src.transforms.adam import ScaleByAdamState, adam_moments, scale_by_adam  # noqa: F401  (their home before the split)
 
 
@@ -378,6 +380,4 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 def _maybe_masked(tx: GradientTransformation, mask: MaskLike) -> GradientTransformation:
     if mask is None:
         return tx
-    from funcreg._src.combinators.wrappers import masked
-
     return masked(tx, mask)

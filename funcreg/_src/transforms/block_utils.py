@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from funcreg._src.core.base import configured
 from funcreg._src.core.errors import ContractError
 from funcreg._src.core.tree import check_same_spec, flatten, tree_names, unflatten
 from funcreg._src.core.typing import PyTree
@@ -59,10 +60,8 @@ def loose_state_leaves(f: Any, tree: PyTree, who: str, field: str) -> list[Any]:
 
 
 def with_config(tx: Any, name: str, args: tuple, given: dict, defaults: dict) -> Any:
-    """``tx`` with its ``repr`` set to ``name(args..., key=value)`` (see :mod:`funcreg._src.core.describe`),
+    """``tx`` with its ``repr`` set to ``name(args..., key=value)`` (see ``configured`` in :mod:`funcreg._src.core.base`),
     showing only the keyword arguments that differ from ``defaults``."""
-    from funcreg._src.core.describe import configured
-
     shown = {k: (None if k in defaults and _same_value(v, defaults[k]) else v) for k, v in given.items()}
     return configured(tx, name, *args, **shown)
 

@@ -14,7 +14,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from funcreg._src.core.base import GradientTransformation, begin, init_count, per_param_zeros
+from funcreg._src.core.base import GradientTransformation, begin, per_param_zeros
+from funcreg._src.core.steps import init_count
 from funcreg._src.core.tree import flatten, tree_names
 from funcreg._src.core.typing import PyTree
 from funcreg._src.core.validation import check_bool, check_int, check_number

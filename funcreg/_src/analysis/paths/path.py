@@ -24,18 +24,17 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from funcreg._src.analysis.paths.cv import Folds as Folds
-from funcreg._src.analysis.paths.cv import _check_data, _check_folds, _check_solution, _per_example
-from funcreg._src.analysis.paths.cv import kfold as kfold
-from funcreg._src.analysis.paths.result import RegularizationPath as RegularizationPath
+from funcreg._src.analysis.paths.cv import Folds, _check_data, _check_folds, _check_solution, _per_example
+from funcreg._src.analysis.paths.result import RegularizationPath
 from funcreg._src.core.tree import flatten
 from funcreg._src.core.typing import PyTree, ScalarOrSchedule
 from funcreg._src.core.validation import check_bool, check_int
-from funcreg._src.training.ensemble import ensemble_step, stack, unstack, vmap
+from funcreg._src.training.ensemble import ensemble_step
 from funcreg._src.training.hparams import float_dtype
+from funcreg._src.training.members import stack, unstack, vmap
 from funcreg._src.training.step import Form, PenaltyLike, TrainState, TransformLike, make_step
 
-__all__ = ["RegularizationPath", "kfold", "regularization_path"]
+__all__ = ["regularization_path"]
 
 
 def _zeros_fraction(stacked: PyTree) -> torch.Tensor:

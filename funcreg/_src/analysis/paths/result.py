@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from funcreg._src.core.typing import PyTree
-from funcreg._src.training.ensemble import unstack
+from funcreg._src.training.members import unstack
 
 
 class RegularizationPath:

@@ -34,7 +34,7 @@ unit's contribution is added in another order).
 
 This module rebuilds the pruned model; the checks on the chain are in :mod:`funcreg._src.analysis.prune.chain`,
 the rule for one pair of layers in :mod:`funcreg._src.analysis.prune.units` and the report in
-:mod:`funcreg._src.analysis.prune.report`, whose names stay importable from here (``x as x`` re-exports).
+:mod:`funcreg._src.analysis.prune.report`.
 """
 
 from __future__ import annotations
@@ -46,21 +46,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from funcreg._src.analysis.prune.chain import _ELEMENTWISE as _ELEMENTWISE
 from funcreg._src.analysis.prune.chain import _NORMS, _PRODUCERS, _SUPPORTED, _leaves, _state
-from funcreg._src.analysis.prune.chain import _OUTPUT_ONLY as _OUTPUT_ONLY
-from funcreg._src.analysis.prune.chain import _POOLS as _POOLS
-from funcreg._src.analysis.prune.report import LayerSize as LayerSize
-from funcreg._src.analysis.prune.report import PruneReport as PruneReport
-from funcreg._src.analysis.prune.report import _count_flops as _count_flops
-from funcreg._src.analysis.prune.report import _sizes as _sizes
-from funcreg._src.analysis.prune.report import _time as _time
-from funcreg._src.analysis.prune.report import prune_report as prune_report
-from funcreg._src.analysis.prune.units import _has_zero_padding as _has_zero_padding
 from funcreg._src.analysis.prune.units import _Layer, _prune_pair
-from funcreg._src.analysis.prune.units import _walk_between as _walk_between
 
-__all__ = ["LayerSize", "PruneReport", "prune", "prune_report"]
+__all__ = ["prune"]
 
 
 def _rebuild(layer: _Layer) -> nn.Module:

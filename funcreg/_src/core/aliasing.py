@@ -102,6 +102,8 @@ class OverlapCheck:
             self._check_grads(grads)
 
     def _rebuild(self, params: Any, state: Any, names: Sequence[str]) -> None:
+        """Records the address ranges of the parameters and the state (0-d counters aside) and the
+        storages they live in, refusing any two that overlap, naming both."""
         spans: list[tuple[int, int, bool, str]] = []
         self._storages = set()
         for tree, what, is_param in ((params, names[0], True), (state, names[1], False)):
@@ -138,6 +140,8 @@ class OverlapCheck:
                 self._members.append([(start, end, label)])
 
     def _check_grads(self, grads: Any) -> None:
+        """Refuses a gradient that shares memory with a parameter or a state tensor: the donated
+        step would read it after writing into it."""
         leaves, _ = flatten(grads)
         storages = self._storages
         for i, leaf in enumerate(leaves):

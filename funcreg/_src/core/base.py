@@ -104,6 +104,8 @@ def configured(
 
 
 def _checked_init(init: TransformInitFn) -> TransformInitFn:
+    """``init`` wrapped to refuse a parameter leaf that is neither a tensor nor ``None``, naming
+    its key (marked, so wrapping twice is once)."""
     if getattr(init, "_fr_checked", False):
         return init
 
@@ -249,6 +251,7 @@ class Flat(NamedTuple):
 
 
 def _check_update(u: Any, spec: TreeSpec, n: int, i: int, who: str) -> None:
+    """Refuses an update that is not a dense floating-point (or complex) tensor, naming its key."""
     if not isinstance(u, torch.Tensor):
         raise LeafTypeError(
             f"{who}: the update for {_name_at(spec, n, i)!r} is {_kind(u)}, expected a tensor or None"
@@ -267,6 +270,8 @@ def _check_update(u: Any, spec: TreeSpec, n: int, i: int, who: str) -> None:
 
 
 def _check_param(p: Any, u: torch.Tensor, spec: TreeSpec, n: int, i: int, who: str) -> None:
+    """Refuses a parameter that does not match its update: missing, not a tensor, not
+    floating-point, or of another shape, dtype or device, naming its key."""
     if p is None:
         raise ContractError(f"{who}: parameter {_name_at(spec, n, i)!r} is None but its update is not")
     if not isinstance(p, torch.Tensor):

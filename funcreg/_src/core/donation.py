@@ -91,6 +91,8 @@ class DonationTracker:
         self._last_produced: object = None
 
     def consume(self, state: object) -> None:
+        """Marks ``state`` as consumed by a donated step, refusing one consumed before (a stale
+        state whose tensors were written into since)."""
         mark = _mark(state)
         if mark is not None:
             stale = mark in self._consumed

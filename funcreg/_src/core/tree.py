@@ -162,6 +162,8 @@ def _describe(spec: TreeSpec) -> str:
 
 
 def _first_difference(a: TreeSpec, b: TreeSpec, path: list[Any]) -> tuple[list[Any], str] | None:
+    """The path to the first place two tree structures differ and a message template
+    (``{a}``/``{b}`` filled in by the caller), or ``None`` when they agree."""
     if a.is_leaf() and b.is_leaf():
         return None
     if a.is_leaf() != b.is_leaf() or a.type != b.type:
@@ -224,6 +226,8 @@ def broadcast_prefix(
     out: list[Any] = []
 
     def walk(node: Any, node_spec: TreeSpec, path: list[Any]) -> None:
+        """Expands the prefix ``node`` (at ``path``) over the leaves of ``node_spec``, refusing a
+        subtree where the full tree has a leaf or a container of another type."""
         if _is_value(node):
             out.extend([node] * node_spec.num_leaves)
             return

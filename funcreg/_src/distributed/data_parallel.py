@@ -58,6 +58,8 @@ def _check_group(group: Group, who: str) -> None:
 
 
 def _all_reduce_gradients(op: Literal["mean", "sum"], group: Group) -> GradientTransformation:
+    """The transform that all-reduces each gradient over ``group`` (``op``: their mean or sum),
+    refusing DTensor gradients (already reduced by their placement) with a named error."""
     who = f"{op}_gradients"
     _check_group(group, who)
 

@@ -27,6 +27,8 @@ def _check_int(name: str, value: Any, low: int) -> None:
 
 
 def _rank_and_size(rank: int | None, world_size: int | None, group: Any = None) -> tuple[int, int]:
+    """This process's rank and the world size: given (both or neither), else torch.distributed's
+    (0 and 1 without a process group, where one process trains every member)."""
     if (rank is None) != (world_size is None):
         raise ValueError("give both rank and world_size, or neither (then torch.distributed's are used)")
     if rank is None:
@@ -115,6 +117,8 @@ def _order(n: int, world: int) -> list[int]:
 
 
 def _merge_trees(parts: list[Any], order: list[int], n: int) -> PyTree:
+    """The ranks' stacked result trees joined along the member axis and put back in member
+    order (``order``: the member index of each gathered row), refusing trees of other structures."""
     present = [p for p in parts if p is not None]
     leaves0, spec = flatten(present[0])
     names = tree_names(present[0])
@@ -142,6 +146,8 @@ def _merge_trees(parts: list[Any], order: list[int], n: int) -> PyTree:
 
 
 def _merge_histories(parts: list[History | None], order: list[int], n: int) -> History:
+    """The ranks' metric histories joined member by member (as :func:`_merge_trees`), refusing
+    histories of other metrics or lengths."""
     present = [h for h in parts if h is not None and len(h)]
     merged = History()
     if not present:

@@ -58,9 +58,9 @@ class AdamKernel:
     _scratch: Scratch = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # resolved once per parameter structure, not at every step (see _src/selection/mask_cache.py)
+        # resolved once per parameter structure, not at every step (see selection/mask_cache.py)
         object.__setattr__(self, "_mask", None if self.mask is None else CachedMask(self.mask))
-        object.__setattr__(self, "_scratch", Scratch())  # kept temporaries (see _src/kernels/scratch.py)
+        object.__setattr__(self, "_scratch", Scratch())  # kept temporaries (see kernels/scratch.py)
 
     def __call__(
         self, grads: PyTree, state: Any, params: PyTree, extra: ExtraDecay | None = None
@@ -152,6 +152,8 @@ class AdamKernel:
         wd: float,
         decoupled: bool,
     ) -> None:
+        """torch's fused Adam/AdamW kernel (``torch._fused_adam_`` / ``_fused_adamw_``) over one group
+        of same-device, same-dtype tensors, the step counters advanced first as torch.optim does."""
         torch._foreach_add_(steps, 1)
         kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
         kernel(
@@ -269,7 +271,7 @@ class SgdKernel:
     _scratch: Scratch = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_scratch", Scratch())  # kept temporaries (see _src/kernels/scratch.py)
+        object.__setattr__(self, "_scratch", Scratch())  # kept temporaries (see kernels/scratch.py)
 
     def __call__(
         self, grads: PyTree, state: Any, params: PyTree, extra: ExtraDecay | None = None

@@ -100,6 +100,8 @@ def _into(
     many: Callable[[list[int]], tuple[torch.Tensor, ...]],
     bufs: list[torch.Tensor | None],
 ) -> list[torch.Tensor]:
+    """The results of an elementwise op, written by ``one`` into the kept buffers where a tensor
+    has one, and computed by ``many`` (one foreach call) for the small tensors without."""
     out: list[torch.Tensor | None] = list(bufs)
     small = []
     for i, b in enumerate(bufs):

@@ -75,6 +75,9 @@ def check_donatable(what: str, tree: PyTree, unique: bool = False) -> None:
 
 
 def _raise_undonatable(what: str, tree: PyTree, unique: bool) -> None:
+    """Raises the reason a tree may not be donated, naming the key: a tensor autograd needs (it
+    requires grad, or is traced by ``torch.func.grad``) or, with ``unique``, two leaves that are the
+    same tensor. Called once the caller's quick check found a reason."""
     leaves, _ = flatten(tree)
     names = tree_names(tree)
     grad_on = torch.is_grad_enabled()

@@ -19,6 +19,8 @@ the decay taken at ``y``. The scalars are computed in float64 0-d tensors, so th
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -124,6 +126,18 @@ def _check(
     check_number("weight_lr_power", weight_lr_power, low=0.0, allow_tensor=False)
 
 
+def _configured(
+    tx: GradientTransformation,
+    factory: Callable[..., GradientTransformation],
+    learning_rate: float,
+    **given: Any,
+) -> GradientTransformation:
+    """``tx`` printing as ``factory(learning_rate, ...)`` with the keywords that differ from the
+    factory's own defaults (read from its signature, so they are written once)."""
+    defaults = {k: p.default for k, p in inspect.signature(factory).parameters.items() if k in given}
+    return with_config(tx, factory.__name__, (learning_rate,), given, defaults)
+
+
 def schedule_free_sgd(
     learning_rate: float = 1.0,
     momentum: float = 0.9,
@@ -160,16 +174,15 @@ def schedule_free_sgd(
         r,
         weight_lr_power,
     )
-    given = dict(
+    return _configured(
+        GradientTransformation(init, update),
+        schedule_free_sgd,
+        learning_rate,
         momentum=momentum,
         weight_decay=weight_decay,
         warmup_steps=warmup_steps,
         r=r,
         weight_lr_power=weight_lr_power,
-    )
-    defaults = dict(momentum=0.9, weight_decay=0.0, warmup_steps=0, r=0.0, weight_lr_power=2.0)
-    return with_config(
-        GradientTransformation(init, update), "schedule_free_sgd", (learning_rate,), given, defaults
     )
 
 
@@ -208,19 +221,16 @@ def schedule_free_adamw(
         r,
         weight_lr_power,
     )
-    given = dict(
+    return _configured(
+        GradientTransformation(init, update),
+        schedule_free_adamw,
+        learning_rate,
         betas=betas,
         eps=eps,
         weight_decay=weight_decay,
         warmup_steps=warmup_steps,
         r=r,
         weight_lr_power=weight_lr_power,
-    )
-    defaults = dict(
-        betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=0, r=0.0, weight_lr_power=2.0
-    )
-    return with_config(
-        GradientTransformation(init, update), "schedule_free_adamw", (learning_rate,), given, defaults
     )
 
 

@@ -50,6 +50,8 @@ class CustomPenalty(Penalty):
         return unflatten([x if k else None for x, k in zip(leaves, keep)], fp.spec)
 
     def _unview(self, fp: FlatParams, tree: PyTree, keep: list[bool], what: str) -> list[torch.Tensor | None]:
+        """The leaf list of a tree the user's function returned for the selected parameters (a dict
+        of the selected names, or the structure of the view it was given), checked against that view."""
         if (
             self.mask is not None
             and isinstance(tree, dict)

@@ -155,6 +155,8 @@ class LeafPenalty(Penalty):
         return [tuple(col[i] for col in columns) for i in range(len(fp.leaves))]
 
     def _aux_leaves(self, fp: FlatParams, keep: list[bool]) -> list[dict[str, Any]]:
+        """The auxiliary tensors (an anchor's reference and precision) of each selected leaf,
+        matched by key and checked against the parameter's shape, dtype and device."""
         per_leaf: list[dict[str, Any]] = [{} for _ in fp.leaves]
         for aux_name, tree in self._aux.items():
             # matched to the params by key (dict order does not matter), like masks and coefficients

@@ -45,6 +45,21 @@ def _positive(x: Any) -> Any:
     return torch.clamp(x, min=1e-30) if isinstance(x, torch.Tensor) else x
 
 
+def _penalty(
+    name: str,
+    coeff: Coefficient,
+    mask: MaskLike | None,
+    axis: int | None,
+    value1: Callable[[torch.Tensor, Any], torch.Tensor],
+    slope1: Callable[[torch.Tensor, Any], torch.Tensor],
+    prox1: Callable[[torch.Tensor, Any, Any], torch.Tensor],
+) -> LeafPenalty:
+    """The penalty every factory of this module returns: ``coeff`` checked, the rule built from the
+    1-D pieces by :func:`_rule` (elementwise, or on the slices along ``axis``)."""
+    check_coefficient("coeff", coeff)
+    return LeafPenalty(name, (coeff,), mask, _rule(value1, slope1, prox1, axis))
+
+
 def _rule(
     value1: Callable[[torch.Tensor, Any], torch.Tensor],
     slope1: Callable[[torch.Tensor, Any], torch.Tensor],
@@ -141,15 +156,16 @@ def mcp(
         >>> P.prox({"w": torch.tensor([0.5, 1.5, 4.0])}, step=1.0)["w"]  # zeroed, shrunk, kept
         tensor([0.0000, 0.7500, 4.0000])
     """
-    check_coefficient("coeff", coeff)
     check_number("gamma", gamma, low=0.0, low_open=True, allow_tensor=False)
-    rule = _rule(
+    return _penalty(
+        name,
+        coeff,
+        mask,
+        axis,
         lambda a, c: _mcp(a, c, gamma),
         lambda a, c: torch.clamp(c - a / gamma, min=0.0),
         lambda v, step, c: mcp_prox(v, step, c, gamma),
-        axis,
     )
-    return LeafPenalty(name, (coeff,), mask, rule)
 
 
 # --- SCAD ---------------------------------------------------------------------------------------------
@@ -197,15 +213,16 @@ def scad(
         >>> P({"w": torch.tensor([0.5, 10.0])})  # 0.5 + (3.7 + 1)/2
         tensor(2.8500)
     """
-    check_coefficient("coeff", coeff)
     check_number("a", a, low=2.0, low_open=True, allow_tensor=False)
-    rule = _rule(
+    return _penalty(
+        name,
+        coeff,
+        mask,
+        axis,
         lambda x, c: _scad(x, c, a),
         lambda x, c: torch.where(x <= c, c + 0 * x, torch.clamp(a * c - x, min=0.0) / (a - 1)),
         lambda v, step, c: scad_prox(v, step, c, a),
-        axis,
     )
-    return LeafPenalty(name, (coeff,), mask, rule)
 
 
 # --- L0 and the log-sum -----------------------------------------------------------------------------
@@ -237,14 +254,15 @@ def l0(
         >>> P({"w": torch.tensor([0.0, 3.0, -1.0])}), P.prox({"w": torch.tensor([0.9, 1.1])}, step=1.0)["w"]
         (tensor(1.), tensor([0.0000, 1.1000]))
     """
-    check_coefficient("coeff", coeff)
-    rule = _rule(
+    return _penalty(
+        name,
+        coeff,
+        mask,
+        axis,
         lambda x, c: c * (x != 0).to(x.dtype),
         lambda x, c: torch.zeros_like(x),
         lambda v, step, c: hard_threshold(v, step * c),
-        axis,
     )
-    return LeafPenalty(name, (coeff,), mask, rule)
 
 
 def _log_sum(a: torch.Tensor, lam: Any, eps: float) -> torch.Tensor:
@@ -283,15 +301,16 @@ def log_sum(
         >>> P.grad({"w": torch.tensor([1.0, -3.0])})["w"]  # coeff * sign(w) / (eps + |w|)
         tensor([ 0.5000, -0.2500])
     """
-    check_coefficient("coeff", coeff)
     check_number("eps", eps, low=0.0, low_open=True, allow_tensor=False)
-    rule = _rule(
+    return _penalty(
+        name,
+        coeff,
+        mask,
+        axis,
         lambda x, c: _log_sum(x, c, eps),
         lambda x, c: c / (eps + x),
         lambda v, step, c: log_sum_prox(v, step, c, eps),
-        axis,
     )
-    return LeafPenalty(name, (coeff,), mask, rule)
 
 
 # --- the bridge penalty |w|^q, 0 < q < 1 (L1/2, L2/3) ----------------------------------------------
@@ -342,12 +361,13 @@ def bridge(
         >>> fr.bridge(1.0, q=0.5)({"w": torch.tensor([4.0, -9.0])})  # 2 + 3
         tensor(5.)
     """
-    check_coefficient("coeff", coeff)
     check_number("q", q, low=0.0, high=1.0, low_open=True, high_open=True, allow_tensor=False)
-    rule = _rule(
+    return _penalty(
+        name,
+        coeff,
+        mask,
+        axis,
         lambda x, c: c * x**q,
         lambda x, c: torch.where(x > 0, c * q * torch.clamp(x, min=1e-300) ** (q - 1), torch.zeros_like(x)),
         lambda v, step, c: bridge_prox(v, step, c, q),
-        axis,
     )
-    return LeafPenalty(name, (coeff,), mask, rule)

@@ -212,6 +212,11 @@ def decay_mask(
 def _decide(
     name: str, leaf: Any, patterns: Sequence[str], listed: Mapping[str, str], modules: Mapping[str, nn.Module]
 ) -> tuple[bool, str]:
+    """Whether ``decay_mask`` decays the parameter ``name`` and why, the first rule that applies
+    deciding: an excluding pattern, the model's ``no_weight_decay()`` list, norm layers, biases,
+    token/position embeddings, relative position biases, layer scales, parametrizations (a
+    weight-norm direction or a spectral-norm original: scale-free), tensors of ndim < 2; else
+    decayed."""
     module_path, _, attr = name.rpartition(".")
     ndim = leaf.ndim if isinstance(leaf, torch.Tensor) else 0
     param = _parametrization(name, modules) if modules else None

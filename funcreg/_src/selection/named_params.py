@@ -151,6 +151,8 @@ def _one(pattern: str, p: int, c: str) -> tuple[int, bool]:
 
 
 def _check_patterns(patterns: Iterable[str], names: Sequence[str], what: str) -> list[str]:
+    """The patterns as a list, each checked to match some name: a pattern that matches
+    nothing raises with close names (a typo would otherwise select nothing, silently)."""
     if isinstance(patterns, str):
         patterns = (patterns,)
     patterns = list(patterns)

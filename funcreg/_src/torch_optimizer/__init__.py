@@ -1,1 +1,2 @@
-"""torch_optimizer."""
+"""``TorchOptimizer``, a real ``torch.optim.Optimizer`` running funcreg transforms per param group,
+its torch-format state, and ``create_optimizer``."""

@@ -37,6 +37,8 @@ def _snapshot(value: Any) -> Any:
 
 
 def _same(a: Any, b: Any) -> bool:
+    """Whether two option values are equal for the build cache: tensors by value, shape and dtype,
+    sequences element by element, anything else by ``==`` (an unusual ``==`` counts as different)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return False

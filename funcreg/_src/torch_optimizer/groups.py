@@ -51,6 +51,8 @@ def _short(value: Any) -> str:
 
 
 def _as_groups(params: Any) -> list[dict[str, Any]]:
+    """``params`` as a list of group dicts: a module, a dict, tensors or ``(name, tensor)`` pairs
+    become one group; a list of dicts stays; a single tensor, a mix or nothing raises."""
     if isinstance(params, torch.Tensor):
         raise TypeError(
             "TorchOptimizer expects an iterable of tensors, (name, tensor) pairs or param-group dicts, or a "
@@ -80,6 +82,8 @@ def _as_groups(params: Any) -> list[dict[str, Any]]:
 
 
 def _param_items(params: Any, g: int) -> list[tuple[str | None, Any]]:
+    """A group's ``params`` as ``(name or None, tensor)`` pairs, refusing a set (its order
+    changes between runs) and entries that are neither."""
     if isinstance(params, nn.Module):
         return list(named_parameters(params))
     if isinstance(params, torch.Tensor):

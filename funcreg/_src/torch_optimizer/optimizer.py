@@ -16,7 +16,6 @@ and options (read from ``param_groups`` at every step); each group's transform a
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import defaultdict
 from collections.abc import Callable
@@ -44,7 +43,7 @@ from funcreg._src.torch_optimizer.groups import (
     _param_items,
     _short,
 )
-from funcreg._src.torch_optimizer.state_dict import _saved
+from funcreg._src.torch_optimizer.state_dict import _saved, checked_entries, checked_groups, merged_groups
 from funcreg._src.training.checkpoint import load_state_dict as _load_funcreg_state
 
 TransformOrFactory = Union[GradientTransformation, Callable[..., GradientTransformation], str]
@@ -236,6 +235,7 @@ class TorchOptimizer(torch.optim.Optimizer):
     # the groups' names and options, read from param_groups at every step
 
     def _group_names(self, g: int) -> list[str]:
+        """The parameter names of group ``g``, naming by position a group added without names."""
         group = self.param_groups[g]
         names = group.get("param_names")
         if names is None or len(names) != len(group["params"]):
@@ -249,6 +249,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         return tuple(chain.from_iterable(self._group_names(g) for g in range(len(self.param_groups))))
 
     def _option_keys(self, g: int) -> tuple[str, ...]:
+        """The option keys of group ``g``: the defaults and the group's own, also for groups put into
+        ``param_groups`` directly (torch allows it)."""
         while len(self._fr_option_keys) <= g:  # groups assigned to param_groups directly
             group = self.param_groups[len(self._fr_option_keys)]
             keys = [*self.defaults, *(k for k in group if k not in _BOOKKEEPING)]
@@ -258,12 +260,15 @@ class TorchOptimizer(torch.optim.Optimizer):
         return self._fr_option_keys[g]
 
     def _passed_keys(self, g: int) -> tuple[str, ...]:
+        """The option keys group ``g``'s factory receives (none for a fixed transform)."""
         if self._fr_fixed is not None:
             return ()
         keys = self._option_keys(g)
         return tuple(k for k in keys if self._fr_accepted is None or k in self._fr_accepted)
 
     def _check_options(self, g: int) -> None:
+        """Refuses options of group ``g`` that would be ignored: any option on a fixed transform (or a
+        changed lr), a missing required one, a watched option the factory never receives."""
         group = self.param_groups[g]
         keys = self._option_keys(g)
         if self._fr_fixed is not None:
@@ -365,6 +370,8 @@ class TorchOptimizer(torch.optim.Optimizer):
     def _trees(
         self, g: int, names: tuple[str, ...], grads: bool = False
     ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Group ``g``'s parameters (detached) and, with ``grads``, their gradients, as trees over
+        all the optimizer's ``names`` (``None`` for the other groups' parameters)."""
         group = self.param_groups[g]
         params: dict[str, Any] = dict.fromkeys(names)
         gs: dict[str, Any] = dict.fromkeys(names)
@@ -375,6 +382,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         return params, gs
 
     def _make_tx(self, g: int, options: dict[str, Any]) -> GradientTransformation:
+        """Group ``g``'s transform from its ``options``: the fixed one, the table's
+        ``group_transform(spec, ...)``, or the user's factory; a failure names the group and the options."""
         if self._fr_fixed is not None:
             return self._fr_fixed
         if "lr" in options:
@@ -402,6 +411,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         return tx
 
     def _meta_template(self, tx: GradientTransformation, g: int, names: tuple[str, ...]) -> Any:
+        """The transform's state on meta tensors (its layout without allocating), or on the real
+        parameters for an ``init`` that reads values."""
         params, _ = self._trees(g, names)
         try:
             return tx.init({n: torch_state.meta_like(p) for n, p in params.items()})
@@ -441,10 +452,13 @@ class TorchOptimizer(torch.optim.Optimizer):
         return built
 
     def _dict_of(self, g: int) -> Callable[[str], dict[str, Any]]:
+        """``name -> self.state[parameter]`` for group ``g``."""
         by_name = dict(zip(self._group_names(g), self.param_groups[g]["params"]))
         return lambda n: self.state[by_name[n]]
 
     def _read(self, g: int, built: _Built) -> Any:
+        """Group ``g``'s state tree, from what the last step wrote when ``self.state`` still holds it,
+        else read from ``self.state`` (fresh where a parameter has none yet)."""
         last = self._fr_written.get(g)
         if last is not None and self._holds(g, built, last[1]):
             return last[1]  # optimizer.state holds what the last step wrote: its tree, unchanged
@@ -472,6 +486,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         )
 
     def _write(self, g: int, built: _Built, state: Any, clear: bool = False) -> None:
+        """Writes group ``g``'s state tree into ``self.state`` under torch's keys, and remembers what
+        it wrote (the fast path of :meth:`_read`); nothing to do after a donated step wrote in place."""
         if not clear and self._holds(g, built, state):
             return  # a donated step updated in place the very state the last step wrote: nothing moved
         names = self._group_names(g)
@@ -494,43 +510,11 @@ class TorchOptimizer(torch.optim.Optimizer):
     # loading a torch-format (or funcreg 0.1) state_dict
 
     def _load(self, sd: dict[str, Any]) -> None:
-        if "state" not in sd or "param_groups" not in sd:
-            raise ValueError(
-                f"not an optimizer state_dict: expected the keys 'state' and 'param_groups', got {sorted(map(str, sd))}"
-            )
-        groups = self.param_groups
-        saved_groups = copy.deepcopy(sd["param_groups"])
-        if len(saved_groups) != len(groups):
-            raise ValueError(
-                f"state_dict has {len(saved_groups)} param groups, this optimizer has {len(groups)}"
-            )
-        for g, (group, saved) in enumerate(zip(groups, saved_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"param group {g} has {len(saved['params'])} parameters in the state_dict, {len(group['params'])} here"
-                )
-            ours = self._group_names(g)
-            theirs = saved.get("param_names")
-            if theirs is not None and list(theirs) != ours:
-                k = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
-                raise ValueError(
-                    f"state_dict is for other parameters: param group {g}'s parameter {k} is {theirs[k]!r} there, "
-                    f"{ours[k]!r} here"
-                )
-        saved_state = sd["state"]
-        known = set(chain.from_iterable(saved["params"] for saved in saved_groups))
-        stray = [k for k in saved_state if k not in known]
-        if stray:
-            raise ValueError(
-                f"state_dict has state for parameter id {stray[0]!r}, which is in no param group"
-            )
-        new_groups = []
-        for group, saved in zip(groups, saved_groups):
-            merged = dict(group)
-            merged.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
-            merged["params"] = group["params"]
-            merged["param_names"] = group["param_names"]
-            new_groups.append(merged)
+        """Replaces the groups' options and ``self.state`` with a torch-format state_dict's, after
+        checking all of it; on any error nothing is replaced."""
+        names = [self._group_names(g) for g in range(len(self.param_groups))]
+        saved_groups = checked_groups(sd, self.param_groups, names)
+        new_groups = merged_groups(self.param_groups, saved_groups)
         old = (self.param_groups, self.state, self._fr_built)
         new_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
         self.param_groups = new_groups
@@ -544,35 +528,18 @@ class TorchOptimizer(torch.optim.Optimizer):
                     built = self._prepare(g)
                 except (RuntimeError, TypeError) as err:  # the loaded options do not fit this optimizer
                     raise ValueError(f"the state_dict's options do not fit this optimizer: {err}") from err
-                names = self._group_names(g)
-                loaded: dict[str, dict[str, Any]] = {}
-                for n, pid, p in zip(names, saved["params"], group["params"]):
-                    entry = saved_state.get(pid, {})
-                    expected = torch_state.keys_of(built.layout, n)
-                    missing = [k for k in expected if k not in entry]
-                    if missing:
-                        raise ValueError(
-                            f"state_dict has no {missing[0]!r} for parameter {n!r} (param group {g}); it was saved "
-                            f"from another transform or with other options (it has: {sorted(map(str, entry))})"
-                        )
-                    extra = [k for k in entry if k not in expected]
-                    if extra:
-                        raise ValueError(
-                            f"state_dict has {extra[0]!r} for parameter {n!r} (param group {g}), which this "
-                            f"optimizer's transform does not keep (it keeps: {expected})"
-                        )
-                    loaded[n] = {
-                        k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in entry.items()
-                    }
+                loaded = checked_entries(
+                    built.layout, names[g], saved["params"], group["params"], sd["state"], g
+                )
 
                 def fresh() -> Any:  # pragma: no cover - every entry was checked to be present
                     raise AssertionError("incomplete state_dict entry")
 
-                state = torch_state.read(built.layout, loaded.get, names, fresh, where="state_dict entry")
-                by_name = dict(zip(names, group["params"]))
+                state = torch_state.read(built.layout, loaded.get, names[g], fresh, where="state_dict entry")
+                by_name = dict(zip(names[g], group["params"]))
                 # cast: mypy cannot infer a lambda with a default argument against Callable[[str], dict]
                 dict_of = cast("Callable[[str], dict]", lambda n, by_name=by_name: new_state[by_name[n]])
-                torch_state.write(built.layout, state, dict_of, names)
+                torch_state.write(built.layout, state, dict_of, names[g])
             for group in new_groups:
                 for p in group["params"]:
                     new_state[p]  # every parameter has a (possibly empty) entry, as after construction

@@ -23,6 +23,8 @@ def float_dtype(params: PyTree) -> torch.dtype:
 
 
 def as_hparams(hparams: Hyperparams | None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The hyperparameters as 0-d tensors keyed by name (Python numbers in ``dtype``, so that a
+    float64 run keeps its coefficients in float64), refusing non-string keys and non-numbers."""
     if hparams is None:
         return {}
     if not isinstance(hparams, Mapping):

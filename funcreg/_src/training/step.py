@@ -228,6 +228,8 @@ class Step:
     def _objective(
         self, params: PyTree, buffers: PyTree, hparams: Hyperparams, batch: tuple[Any, ...]
     ) -> tuple[torch.Tensor, Any]:
+        """The training objective at ``params`` and its aux: the data loss, plus the penalty where
+        the form is the loss term (then the penalty's gradient comes from autograd)."""
         penalty = _resolve(self.penalty, hparams)
         if penalty is not None and self.form == "loss":
             # the loss-term form is fr.penalized itself

@@ -84,17 +84,24 @@ class OverlapCheck:
         self._storages: set[int] = set()  # where the donated tensors' storages start
 
     def check(
-        self, params: Any, state: Any, grads: Any = None, names: Sequence[str] = ("params", "state")
+        self,
+        params: Any,
+        state: Any,
+        grads: Any = None,
+        names: Sequence[str] = ("params", "state"),
+        tensors: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
     ) -> None:
         """Raises where a parameter overlaps another parameter or a state tensor, or a gradient
-        overlaps either. ``names`` are how the error calls the two trees."""
+        overlaps either. ``names`` are how the error calls the two trees; ``tensors``:
+        ``(tensors_of(params), tensors_of(state))`` where the caller has them already."""
         # the state's 0-d tensors (step counts, reported values) are new at every step and hold no
         # parameter's memory: leaving them out keeps the key, and the spans, from changing each step
-        donated = tensors_of(params) + [x for x in tensors_of(state) if x.ndim]
+        param_tensors, state_tensors = (tensors_of(params), tensors_of(state)) if tensors is None else tensors
+        donated = param_tensors + [x for x in state_tensors if x.ndim]
         if donated and torch._C._functorch.is_functorch_wrapped_tensor(donated[0]):
             return  # inside vmap or grad: the step is pure there (see funcreg._src.kernels.update)
         # ids and addresses: a tensor freed and another allocated in its place has a new address or id
-        key = (tuple(map(id, donated)), tuple(_address(x) for x in donated))
+        key = (tuple(map(id, donated)), tuple(map(_address, donated)))
         if key != self._key:
             self._rebuild(params, state, names)
             self._key = key

@@ -266,16 +266,22 @@ def lerp(xs: Tensors, ys: Tensors, weight: Scalar) -> list[torch.Tensor]:
 
 
 def addcmul_(xs: list[torch.Tensor], ys: Tensors, zs: Tensors, value: Scalar = 1.0) -> None:
-    """``x += value * y * z`` per leaf, in place (or by replacing the list entries: ``addcmul_`` has
-    no vmap batching rule, so under vmap the out-of-place ``torch.addcmul`` result takes its slot)."""
-    if can_foreach(xs, ys, zs) and _number(value) and writable(xs, ys, zs):
-        torch._foreach_addcmul_(xs, ys, zs, value)
+    """``x += value * y * z`` per leaf, in place (or, where writing in place is not safe, by replacing
+    the list entries: ``addcmul_`` has no vmap batching rule, so under vmap the out-of-place result
+    takes its slot). Compiled, the write stays in place too: a donated step's second moments are then
+    updated in the state's own buffers, not in new ones returned by the graph."""
+    if not writable(xs, ys, zs, value):
+        for i, (x, y, z) in enumerate(zip(xs, ys, zs)):
+            xs[i] = torch.addcmul(x, y, z, value=value) if _number(value) else x + _like(value, x) * y * z
     elif _number(value):
-        for i, (x, y, z) in enumerate(zip(xs, ys, zs)):
-            xs[i] = torch.addcmul(x, y, z, value=value)
+        if can_foreach(xs, ys, zs):
+            torch._foreach_addcmul_(xs, ys, zs, value)
+        else:
+            for x, y, z in zip(xs, ys, zs):
+                x.addcmul_(y, z, value=value)
     else:
-        for i, (x, y, z) in enumerate(zip(xs, ys, zs)):
-            xs[i] = x + _like(value, x) * y * z
+        for x, y, z in zip(xs, ys, zs):
+            x.add_(_like(value, x) * y * z)
 
 
 def sqrt(xs: Tensors) -> list[torch.Tensor]:

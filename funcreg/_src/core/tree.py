@@ -79,10 +79,19 @@ def tensors_of(tree: PyTree) -> list[torch.Tensor]:
         kind = type(node)
         if isinstance(node, torch.Tensor):
             out.append(node)
-        elif kind is dict:
-            stack.extend(node.values())
-        elif kind is list or kind is tuple or (isinstance(node, tuple) and hasattr(kind, "_fields")):
-            stack.extend(node)
+        elif (
+            kind is dict
+            or kind is list
+            or kind is tuple
+            or (isinstance(node, tuple) and hasattr(kind, "_fields"))
+        ):
+            # the children's tensors taken here, not pushed and popped one by one: a state of thousands
+            # of small tensors is walked at every donated step
+            for child in node.values() if kind is dict else node:
+                if isinstance(child, torch.Tensor):
+                    out.append(child)
+                elif child is not None:
+                    stack.append(child)
         elif node is not None and not isinstance(node, (bool, int, float, str)):
             out.extend(x for x in pytree.tree_leaves(node, is_leaf=_is_none) if isinstance(x, torch.Tensor))
     return out

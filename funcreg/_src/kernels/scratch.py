@@ -58,6 +58,9 @@ class Scratch:
 
     def take(self, like: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """The buffers for ``like`` (kept ones, else new), ``None`` for its small tensors."""
+        large = self.large
+        if all(t.numel() < large for t in like):
+            return [None] * len(like)  # nothing to keep (many small tensors): no key to build
         kept = self._sets.pop(self._key(like), None)
         if kept is not None:
             return kept
@@ -66,6 +69,8 @@ class Scratch:
 
     def give(self, like: list[torch.Tensor], bufs: list[torch.Tensor | None]) -> None:
         """Keep ``bufs`` (from :meth:`take` for the same ``like``) for the next step."""
+        if all(b is None for b in bufs):
+            return
         self._sets[self._key(like)] = bufs
         while len(self._sets) > _SETS:
             try:

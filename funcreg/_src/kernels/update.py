@@ -56,16 +56,19 @@ def records_autograd(*trees: Any) -> bool:
     return False
 
 
-def check_donatable(what: str, tree: PyTree, unique: bool = False) -> None:
+def check_donatable(
+    what: str, tree: PyTree, unique: bool = False, tensors: list[torch.Tensor] | None = None
+) -> None:
     """Raises ``ValueError`` where writing into ``tree``'s tensors would be wrong: autograd needs their
     values (grad mode on and a tensor requires grad, or ``torch.func.grad`` is tracing them), or, with
-    ``unique``, one tensor appears twice (a parameter listed twice would be stepped twice)."""
+    ``unique``, one tensor appears twice (a parameter listed twice would be stepped twice).
+    ``tensors``: ``tensors_of(tree)``, where the caller has it already."""
     grad_on = torch.is_grad_enabled()
     functorch = torch._C._are_functorch_transforms_active()
     if not grad_on and not unique and not functorch:
         return
     # the common case in one cheap pass over the tensors; the named error from a second, full one
-    tensors = tensors_of(tree)
+    tensors = tensors_of(tree) if tensors is None else tensors
     if grad_on and any(x.requires_grad for x in tensors):
         _raise_undonatable(what, tree, unique)
     if functorch and any(torch._C._functorch.is_gradtrackingtensor(x) for x in tensors):
@@ -132,10 +135,13 @@ def donated_update(
     """
     if compiling():  # under torch.compile the checks ran when the caller was traced eagerly, or not at all
         return donated_step(tx, grads, state, params)
-    check_donatable("params", params, unique=True)
-    check_donatable("state", state)
+    # one walk over each tree, shared by the checks (on thousands of small tensors the walks are
+    # what the checks cost)
+    param_tensors, state_tensors = tensors_of(params), tensors_of(state)
+    check_donatable("params", params, unique=True, tensors=param_tensors)
+    check_donatable("state", state, tensors=state_tensors)
     checks = _CHECKS
-    checks.overlap.check(params, state, grads)
+    checks.overlap.check(params, state, grads, tensors=(param_tensors, state_tensors))
     checks.donations.consume(state)  # last: a step refused above consumed nothing
     params, state = donated_step(tx, grads, state, params)
     checks.donations.produce(state)
@@ -189,6 +195,8 @@ def kernel_of(tx: GradientTransformation) -> DonatedKernel | None:
     if record.kernel is not None or record.parts is None or record.folded:
         return record.kernel
     kernel = form_kernel(*record.parts)
-    # a memo of what the parts give: the record is otherwise never replaced on a built transform
-    tx.__dict__["_record"] = dataclasses.replace(record, kernel=kernel, folded=True)
+    if not compiling():
+        # a memo of what the parts give (the record is otherwise never replaced on a built transform);
+        # not while tracing, where the write would be a guard that fails at the next call: a recompile
+        tx.__dict__["_record"] = dataclasses.replace(record, kernel=kernel, folded=True)
     return kernel

@@ -152,6 +152,12 @@ from funcreg._src.selection.selectors import by_predicate
 from funcreg._src.selection.table import Selection
 from funcreg._src.selection.selectors import Selector
 
+# Layer-wise learning-rate decay
+from funcreg._src.selection.layer_decay import layer_decay
+from funcreg._src.selection.layer_decay import layer_decay_groups
+from funcreg._src.selection.layer_decay import LayerScales
+from funcreg._src.transforms.per_param import scale_by_layer
+
 # Schedules
 from funcreg._src.core.schedules import constant_schedule
 from funcreg._src.core.schedules import linear_schedule
@@ -295,6 +301,10 @@ __all__ = [
     "create_optimizer",
     "create_transform",
     "decay_mask",
+    "layer_decay",
+    "layer_decay_groups",
+    "LayerScales",
+    "scale_by_layer",
     "decoupled",
     "decoupled_weight_decay",
     "distributed",

@@ -40,9 +40,7 @@ def test_the_compiled_donated_chain_is_one_graph_in_place_and_equals_the_pure_st
     model = _model()
     rng = np.random.default_rng(seed)
     start = {n: torch.from_numpy(rng.normal(size=tuple(p.shape))) for n, p in fr.params_of(model).items()}
-    grads = [
-        {n: torch.from_numpy(rng.normal(size=tuple(p.shape))) for n, p in start.items()} for _ in lrs
-    ]
+    grads = [{n: torch.from_numpy(rng.normal(size=tuple(p.shape))) for n, p in start.items()} for _ in lrs]
     lr, c = torch.tensor(lrs[0], dtype=torch.float64), torch.tensor(cs[0], dtype=torch.float64)
     tx = _chain(model, lr, c)
     counter = CompileCounter()

@@ -222,6 +222,9 @@ def _build_table() -> dict[str, Callable[[], fr.GradientTransformation]]:
         fr.chain(fr.sgd(0.1, momentum=0.9), fr.decoupled(fr.l1(0.01), learning_rate=0.1)), every=3
     )
     t["cautious"] = lambda: fr.cautious(fr.adam(0.01))
+    t["scale_by_layer"] = lambda: fr.chain(
+        fr.adamw(0.01, weight_decay=0.1), fr.scale_by_layer({"w": 0.5, "b": 0.25})
+    )
     t["compress_state"] = lambda: fr.compress_state(fr.adam(0.01))
     t["inject_hyperparams"] = lambda: fr.inject_hyperparams(fr.adamw, learning_rate=0.01, weight_decay=0.1)
     t["average_weights"] = lambda: fr.average_weights(fr.adamw(0.01, weight_decay=0.1), decay=0.9)

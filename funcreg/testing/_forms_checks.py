@@ -85,6 +85,60 @@ def _forms_gradient(
     return unflatten(out, spec)
 
 
+def _other_forms(
+    penalty: Penalty, optimizer: GradientTransformation, learning_rate: float | None
+) -> dict[str, GradientTransformation]:
+    """The transforms stepped beside the loss-term form, fed the data gradient alone: the coupled
+    form, the optimizer without the penalty (what unselected parameters must follow), and the
+    decoupled form when ``learning_rate`` is given."""
+    others = {"coupled": chain(add_penalty_grad(penalty), optimizer), "no penalty": optimizer}
+    if learning_rate is not None:
+        others["decoupled"] = chain(optimizer, decoupled(penalty, learning_rate))
+    return others
+
+
+def _step_forms(
+    optimizer: GradientTransformation,
+    others: dict[str, GradientTransformation],
+    states: dict[str, Any],
+    p: PyTree,
+    data_grads: PyTree,
+    grads: PyTree,
+) -> tuple[PyTree, dict[str, PyTree]]:
+    """One step of every form from the common point ``p``, updating ``states`` in place: the
+    reference ``w_{t+1}`` (the optimizer fed ``grads``) and each other form's ``w_{t+1}``."""
+    u, states["loss term"] = optimizer.update(grads, states["loss term"], p)
+    reference = apply_updates(p, u)
+    stepped = {}
+    for form, tx in others.items():
+        u, states[form] = tx.update(data_grads, states[form], p)
+        stepped[form] = apply_updates(p, u)
+    return reference, stepped
+
+
+def _assert_forms_agree(
+    stepped: dict[str, PyTree],
+    reference: PyTree,
+    selected: dict[str, bool],
+    names: list[str],
+    atol: float,
+    rtol: float,
+    step: int,
+) -> None:
+    """The coupled (and decoupled) form's ``w_{t+1}`` is close to the reference, and the coupled
+    form leaves the parameters the penalty does not select exactly where the plain optimizer does."""
+    for form in ("coupled", "decoupled"):
+        if form in stepped:
+            _assert_trees_close(
+                stepped[form], reference, atol, rtol, f"step {step}: {form} form vs loss-term form"
+            )
+    plain, _ = flatten(stepped["no penalty"])
+    coupled_leaves, _ = flatten(stepped["coupled"])
+    for name, a, b in zip(names, coupled_leaves, plain):
+        if not selected[name] and a is not None and not torch.equal(a, b):
+            raise AssertionError(f"step {step}: unselected parameter {name!r} was changed by the penalty")
+
+
 def check_forms_agree(
     penalty: Penalty,
     optimizer: GradientTransformation,
@@ -168,10 +222,7 @@ def check_forms_agree(
     _check_seed(seed)
     strategy = _params_strategy(params, dtype)
     loss_term = penalized(_linear_loss, penalty)
-    others = {"coupled": chain(add_penalty_grad(penalty), optimizer), "no penalty": optimizer}
-    if learning_rate is not None:
-        others["decoupled"] = chain(optimizer, decoupled(penalty, learning_rate))
-    compared = [form for form in ("coupled", "decoupled") if form in others]
+    others = _other_forms(penalty, optimizer, learning_rate)
 
     @_settings(max_examples, shrink)
     @given(data=st.data())
@@ -185,23 +236,8 @@ def check_forms_agree(
             g = data.draw(like(p0, max_abs=1.0), label=f"data gradient {t}")
             grads, _ = torch.func.grad(loss_term, has_aux=True)(p, g)
             grads = _forms_gradient(penalty, p, g, grads, selected, atol, rtol, t + 1)
-            u, states["loss term"] = optimizer.update(grads, states["loss term"], p)
-            reference = apply_updates(p, u)
-            stepped = {}
-            for form, tx in others.items():
-                u, states[form] = tx.update(g, states[form], p)
-                stepped[form] = apply_updates(p, u)
-            for form in compared:
-                _assert_trees_close(
-                    stepped[form], reference, atol, rtol, f"step {t + 1}: {form} form vs loss-term form"
-                )
-            plain, _ = flatten(stepped["no penalty"])
-            coupled_leaves, _ = flatten(stepped["coupled"])
-            for name, a, b in zip(names, coupled_leaves, plain):
-                if not selected[name] and a is not None and not torch.equal(a, b):
-                    raise AssertionError(
-                        f"step {t + 1}: unselected parameter {name!r} was changed by the penalty"
-                    )
+            reference, stepped = _step_forms(optimizer, others, states, p, g, grads)
+            _assert_forms_agree(stepped, reference, selected, names, atol, rtol, t + 1)
             p = reference
 
     _run(run, seed, "check_forms_agree")

@@ -19,6 +19,8 @@ from funcreg.testing._search import _note
 
 
 def _assert_trees_close(actual: PyTree, expected: PyTree, atol: float, rtol: float, what: str) -> None:
+    """Leaf by leaf ``assert_close`` (dtypes may differ), failing with ``what`` and the leaf's name so
+    a counterexample says which parameter and which comparison went wrong."""
     a_leaves, _ = flatten(actual)
     e_leaves, _ = flatten(expected)
     names = tree_names(expected)

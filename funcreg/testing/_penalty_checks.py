@@ -43,6 +43,82 @@ def _prox_objective(penalty: Penalty, z: PyTree, v: PyTree, step: float) -> floa
     return value
 
 
+def _checked_value(penalty: Penalty, p: PyTree, generic: bool) -> torch.Tensor:
+    """``P(p)``, asserted to be a 0-d tensor. On a ``generic`` drawn tree (no ``params`` given) a
+    penalty that finds nothing to select is not a failure: Hypothesis rejects that example."""
+    try:
+        value = penalty(p)
+    except SelectionError:
+        if generic:
+            reject()  # a generic tree without a tensor this penalty applies to (e.g. no matrix)
+        raise
+    assert isinstance(value, torch.Tensor) and value.ndim == 0, f"P(params) is not a 0-d tensor: {value!r}"
+    return value
+
+
+def _check_terms_and_grad(penalty: Penalty, p: PyTree, value: torch.Tensor, atol: float, rtol: float) -> None:
+    """The properties of a penalty with a gradient: ``P(p)`` is finite, equals the sum of its terms,
+    and ``P.grad`` matches autograd (up to the kink rule of :func:`_assert_grad_matches`)."""
+    assert torch.isfinite(value), f"P(params) is not finite: {value}"
+    total = sum(float(v) for v in penalty.terms(p).values())
+    assert abs(total - float(value)) <= atol + rtol * abs(float(value)), "terms do not add up to P(params)"
+    _assert_grad_matches(penalty, p, atol, rtol)
+
+
+def _check_prox(penalty: Penalty, v: PyTree, data: Any) -> None:
+    """``z = P.prox(v, step)``, for a drawn step, is feasible and no perturbation of it lowers the
+    prox objective. A sum whose terms select the same parameters has no closed-form prox: skipped."""
+    step = data.draw(st.floats(1e-3, 2.0), label="step")
+    try:
+        z = penalty.prox(v, step)
+    except NotImplementedError:
+        if isinstance(penalty, SumPenalty):
+            return  # terms that select the same parameters: the sum has no closed-form prox
+        raise
+    best = _prox_objective(penalty, z, v, step)
+    assert best < float("inf"), "prox returned a point where the penalty is infinite (infeasible)"
+    _assert_no_better_point(penalty, z, v, step, best, _prox_directions(z, v, data))
+
+
+def _prox_directions(z: PyTree, v: PyTree, data: Any) -> list[list[Any]]:
+    """The leaves of the directions to perturb the prox output ``z`` along: toward ``v`` and toward
+    zero (the two ends a shrinking prox moves between), and three drawn ones."""
+    z_leaves, _ = flatten(z)
+    v_leaves, _ = flatten(v)
+    directions = [
+        [None if a is None else (b - a) for a, b in zip(z_leaves, v_leaves)],  # toward v
+        [None if a is None else -a for a in z_leaves],  # toward zero
+    ]
+    for _ in range(3):
+        drawn, _ = flatten(data.draw(like(z, max_abs=1.0), label="direction"))
+        directions.append(drawn)
+    return directions
+
+
+def _assert_no_better_point(
+    penalty: Penalty, z: PyTree, v: PyTree, step: float, best: float, directions: list[list[Any]]
+) -> None:
+    """No move of ``z`` by ``+-h`` (three scales ``h``) along any of ``directions`` lowers the prox
+    objective below ``best`` beyond rounding: ``z`` is then (locally) the prox's minimiser."""
+    z_leaves, spec = flatten(z)
+    tol = 1e-9 * (1 + abs(best))
+    for d in directions:
+        for h in (1e-1, 1e-2, 1e-3):
+            for sign in (1.0, -1.0):
+                moved = unflatten(
+                    [
+                        None if a is None or b is None else a.double() + sign * h * b.double()
+                        for a, b in zip(z_leaves, d)
+                    ],
+                    spec,
+                )
+                other = _objective(penalty, moved, v, step)
+                assert other >= best - tol, (
+                    f"P.prox is not the minimiser of 1/2||z - v||^2 + step * P(z): moving z by {sign * h:g} "
+                    f"along a direction lowers it from {best!r} to {other!r} (step={step!r})"
+                )
+
+
 def check_penalty(
     penalty: Penalty,
     params: ParamsLike = None,
@@ -113,56 +189,10 @@ def check_penalty(
     @given(data=st.data())
     def run(data: Any) -> None:
         p = data.draw(strategy, label="params")
-        try:
-            value = penalty(p)
-        except SelectionError:
-            if params is None:
-                reject()  # a generic tree without a tensor this penalty applies to (e.g. no matrix)
-            raise
-        assert isinstance(value, torch.Tensor) and value.ndim == 0, (
-            f"P(params) is not a 0-d tensor: {value!r}"
-        )
+        value = _checked_value(penalty, p, generic=params is None)
         if penalty.has_grad:
-            assert torch.isfinite(value), f"P(params) is not finite: {value}"
-            total = sum(float(v) for v in penalty.terms(p).values())
-            assert abs(total - float(value)) <= atol + rtol * abs(float(value)), (
-                "terms do not add up to P(params)"
-            )
-            _assert_grad_matches(penalty, p, atol, rtol)
+            _check_terms_and_grad(penalty, p, value, atol, rtol)
         if penalty.has_prox:
-            step = data.draw(st.floats(1e-3, 2.0), label="step")
-            try:
-                z = penalty.prox(p, step)
-            except NotImplementedError:
-                if isinstance(penalty, SumPenalty):
-                    return  # terms that select the same parameters: the sum has no closed-form prox
-                raise
-            best = _prox_objective(penalty, z, p, step)
-            assert best < float("inf"), "prox returned a point where the penalty is infinite (infeasible)"
-            z_leaves, spec = flatten(z)
-            v_leaves, _ = flatten(p)
-            directions = [
-                [None if a is None else (b - a) for a, b in zip(z_leaves, v_leaves)],  # toward v
-                [None if a is None else -a for a in z_leaves],  # toward zero
-            ]
-            for _ in range(3):
-                drawn, _ = flatten(data.draw(like(z, max_abs=1.0), label="direction"))
-                directions.append(drawn)
-            tol = 1e-9 * (1 + abs(best))
-            for d in directions:
-                for h in (1e-1, 1e-2, 1e-3):
-                    for sign in (1.0, -1.0):
-                        moved = unflatten(
-                            [
-                                None if a is None or b is None else a.double() + sign * h * b.double()
-                                for a, b in zip(z_leaves, d)
-                            ],
-                            spec,
-                        )
-                        other = _objective(penalty, moved, p, step)
-                        assert other >= best - tol, (
-                            f"P.prox is not the minimiser of 1/2||z - v||^2 + step * P(z): moving z by {sign * h:g} "
-                            f"along a direction lowers it from {best!r} to {other!r} (step={step!r})"
-                        )
+            _check_prox(penalty, p, data)
 
     _run(run, seed, "check_penalty")

@@ -70,6 +70,8 @@ def _check_max_abs(max_abs: float) -> None:
 
 
 def _elements(dtype: torch.dtype, max_abs: float) -> st.SearchStrategy[float]:
+    """Finite, non-subnormal floats within ``max_abs``; for float32 the bound is rounded down to a
+    float32, as ``st.floats(width=32)`` refuses bounds it cannot represent."""
     if dtype == torch.float32:  # the largest float32 that is <= max_abs
         bound = np.float32(max_abs)
         if float(bound) > max_abs:
@@ -222,6 +224,8 @@ def _param_trees(
     nested: bool,
     max_abs: float,
 ) -> PyTree:
+    """The strategy behind :func:`param_trees`, on arguments it has checked: one dtype per tree, then
+    the shapes, the tensors, and the names (flat) or the nesting (``nested``)."""
     leaf_dtype = draw(dtypes)
     n = draw(st.integers(min_leaves, max_leaves))
     shapes = draw(st.lists(_shapes(min_ndim, max_ndim, max_side, min_side), min_size=n, max_size=n))

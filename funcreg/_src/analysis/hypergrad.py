@@ -195,6 +195,79 @@ def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     return sum((x * y).sum() for x, y in zip(a, b))  # type: ignore[return-value]
 
 
+def _check_implicit_arguments(
+    objective: Any, val_loss: Any, cg_steps: int, tol: float, damping: float
+) -> None:
+    """Refuses the arguments of :func:`implicit_hypergradient` before any differentiation starts, so
+    a wrong one fails with its own message rather than deep inside ``torch.func``."""
+    if not callable(objective):
+        raise TypeError(
+            f"implicit_hypergradient expects a callable objective(params, coeff), got {objective!r}"
+        )
+    if not callable(val_loss):
+        raise TypeError(f"val_loss must be callable, got {val_loss!r}")
+    check_int("cg_steps", cg_steps, low=1)
+    check_number("tol", tol, low=0.0, allow_tensor=False)
+    check_number("damping", damping, low=0.0, allow_tensor=False)
+
+
+def _hessian_vector_product(
+    grad_fn: Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]],
+    w: list[torch.Tensor],
+    damping: float,
+) -> tuple[tuple[torch.Tensor, ...], Callable[[list[torch.Tensor]], list[torch.Tensor]]]:
+    """``grad_w F`` at ``w``, and ``v -> (H + damping I) v`` as the vjp of ``grad_w F`` (``H`` is
+    symmetric): the graph of ``grad_w F`` is built once and reused by every product."""
+    out = torch.func.vjp(grad_fn, tuple(w))
+    g_train, hvp_fn = out[0], out[1]
+
+    def hvp(v: list[torch.Tensor]) -> list[torch.Tensor]:
+        (out,) = hvp_fn(tuple(v))
+        return [o + damping * x for o, x in zip(out, v)]
+
+    return g_train, hvp
+
+
+def _conjugate_gradients(
+    hvp: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+    rhs: list[torch.Tensor],
+    like: list[torch.Tensor],
+    steps: int,
+    tol: float,
+) -> tuple[list[torch.Tensor], float]:
+    """Solves ``H q = rhs`` by conjugate gradients from ``q = 0`` (zeros like ``like``), using only
+    products ``hvp(v) = H v``; returns ``q`` and the relative residual ``||H q - rhs|| / ||rhs||``.
+
+    Stops after ``steps`` iterations or at a relative residual ``tol``; ``rhs = 0`` gives ``q = 0``
+    with residual 0. A direction with ``p^T H p <= 0`` raises: ``H`` is not positive definite.
+    """
+    q = [torch.zeros_like(x) for x in like]
+    r = [g.clone() for g in rhs]
+    p = [x.clone() for x in r]
+    rr = _dot(r, r)
+    norm_rhs = math.sqrt(float(rr))
+    if not norm_rhs > 0:  # also a nan norm: no solve, as for a zero right-hand side
+        return q, 0.0
+    for _ in range(steps):
+        if math.sqrt(float(rr)) <= tol * norm_rhs:
+            break
+        hp = hvp(p)
+        php = _dot(p, hp)
+        if float(php) <= 0:
+            raise ValueError(
+                "implicit_hypergradient: the Hessian of the objective is not positive definite at params "
+                f"(p^T H p = {float(php):.3g}); params must be a strict minimizer, or pass damping > 0"
+            )
+        alpha = rr / php
+        q = [a + alpha * b for a, b in zip(q, p)]
+        r = [a - alpha * b for a, b in zip(r, hp)]
+        rr_new = _dot(r, r)
+        p = [a + (rr_new / rr) * b for a, b in zip(r, p)]
+        rr = rr_new
+    residual_vec = [a - b for a, b in zip(hvp(q), rhs)]
+    return q, math.sqrt(float(_dot(residual_vec, residual_vec))) / norm_rhs
+
+
 def implicit_hypergradient(
     objective: Callable[[PyTree, torch.Tensor], torch.Tensor],
     params: PyTree,
@@ -249,15 +322,7 @@ def implicit_hypergradient(
         >>> bool(abs(hg.grad - numeric) < 1e-8), hg.stationarity < 1e-12
         (True, True)
     """
-    if not callable(objective):
-        raise TypeError(
-            f"implicit_hypergradient expects a callable objective(params, coeff), got {objective!r}"
-        )
-    if not callable(val_loss):
-        raise TypeError(f"val_loss must be callable, got {val_loss!r}")
-    check_int("cg_steps", cg_steps, low=1)
-    check_number("tol", tol, low=0.0, allow_tensor=False)
-    check_number("damping", damping, low=0.0, allow_tensor=False)
+    _check_implicit_arguments(objective, val_loss, cg_steps, tol, damping)
     leaves, spec = flatten(params)
     where = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
     w = [leaves[i].detach() for i in where]
@@ -272,48 +337,14 @@ def implicit_hypergradient(
     def grad_w(ws: tuple[torch.Tensor, ...], c_: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return torch.func.grad(lambda v: _scalar(objective(tree(v), c_), "objective"))(ws)
 
-    # H v as the vjp of grad_w F (H is symmetric): the graph of grad_w F is built once, reused per product
-    out = torch.func.vjp(lambda ws: grad_w(ws, c), tuple(w))
-    g_train, hvp_fn = out[0], out[1]
-    stationarity = float(torch.sqrt(sum((g * g).sum() for g in g_train)))
-
-    def hvp(v: list[torch.Tensor]) -> list[torch.Tensor]:
-        (out,) = hvp_fn(tuple(v))
-        return [o + damping * x for o, x in zip(out, v)]
+    g_train, hvp = _hessian_vector_product(lambda ws: grad_w(ws, c), w, damping)
+    stationarity = float(torch.sqrt(_dot(list(g_train), list(g_train))))
 
     def val_of(ws: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return _depends(_scalar(val_loss(tree(ws)), "val_loss"), "the parameters")
 
     g_val, value = torch.func.grad_and_value(val_of)(tuple(w))
-    g_val = list(g_val)
-
-    # conjugate gradients for H q = grad V
-    q = [torch.zeros_like(x) for x in w]
-    r = [g.clone() for g in g_val]
-    p = [x.clone() for x in r]
-    rr = _dot(r, r)
-    norm_b = math.sqrt(float(rr))
-    if norm_b > 0:
-        for _ in range(cg_steps):
-            if math.sqrt(float(rr)) <= tol * norm_b:
-                break
-            hp = hvp(p)
-            php = _dot(p, hp)
-            if float(php) <= 0:
-                raise ValueError(
-                    "implicit_hypergradient: the Hessian of the objective is not positive definite at params "
-                    f"(p^T H p = {float(php):.3g}); params must be a strict minimizer, or pass damping > 0"
-                )
-            alpha = rr / php
-            q = [a + alpha * b for a, b in zip(q, p)]
-            r = [a - alpha * b for a, b in zip(r, hp)]
-            rr_new = _dot(r, r)
-            p = [a + (rr_new / rr) * b for a, b in zip(r, p)]
-            rr = rr_new
-        residual_vec = [a - b for a, b in zip(hvp(q), g_val)]
-        residual = math.sqrt(float(_dot(residual_vec, residual_vec))) / norm_b
-    else:
-        residual = 0.0
+    q, residual = _conjugate_gradients(hvp, list(g_val), w, cg_steps, tol)
 
     def mixed(c_: torch.Tensor) -> torch.Tensor:
         return _dot(q, list(grad_w(tuple(w), c_)))

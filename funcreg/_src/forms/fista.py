@@ -16,7 +16,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from funcreg._src.core import leafwise
-from funcreg._src.core.base import GradientTransformation, begin, find_one_state
+from funcreg._src.core.base import Flat, GradientTransformation, begin, find_one_state
 from funcreg._src.core.steps import init_count
 from funcreg._src.core.tree import flatten, unflatten
 from funcreg._src.core.typing import PyTree, ScalarOrSchedule
@@ -55,6 +55,109 @@ def fista_iterate(state: Any) -> PyTree:
         tensor([0.5000, 0.0000])
     """
     return find_one_state(state, FistaState, "fista_iterate").iterate
+
+
+def _check_arguments(
+    learning_rate: ScalarOrSchedule,
+    penalty: Penalty,
+    restart: Restart,
+    objective: Callable[[PyTree], torch.Tensor] | None,
+) -> None:
+    """Refuses, at construction, what :func:`fista` cannot run: a penalty without a prox, an unknown
+    restart, or an ``objective`` that is missing for (or given without) ``restart="function"``."""
+    check_rate("learning_rate", learning_rate)
+    if not isinstance(penalty, Penalty):
+        raise TypeError(
+            f"fista expects a funcreg penalty (fr.l1, fr.elastic_net, ...), got {type(penalty).__name__}"
+        )
+    if not penalty.has_prox:
+        raise NotImplementedError(f"fista: penalty {penalty.name!r} has no closed-form proximal map")
+    if restart not in (None, "gradient", "function"):
+        raise ValueError(f"Invalid restart value: {restart!r} (expected 'gradient', 'function' or None)")
+    if restart == "function" and not callable(objective):
+        raise ValueError(
+            "Invalid objective value: restart='function' needs objective=f (params -> 0-d tensor)"
+        )
+    if restart != "function" and objective is not None:
+        raise ValueError(
+            f"Invalid objective value: it is only used with restart='function' (got restart={restart!r})"
+        )
+
+
+def _total_value(
+    objective: Callable[[PyTree], torch.Tensor], penalty: Penalty, params: PyTree
+) -> torch.Tensor:
+    """``F = f + P`` at ``params``, detached in float64: the value ``restart="function"`` compares from
+    one update to the next, kept out of any graph the caller may be building."""
+    with torch.no_grad():
+        return (objective(params) + penalty(params)).detach().to(torch.float64)
+
+
+def _proximal_step(penalty: Penalty, f: Flat, x_leaves: list[Any], s: Any) -> list[Any]:
+    """The leaves of ``x_{k+1} = prox_{s P}(y_k - s g)``; leaves without a gradient keep ``x_k``.
+
+    The prox sees the whole tree, as a penalty may select parameters by name, but its result is kept
+    only where there was a gradient, so a parameter without one does not move.
+    """
+    assert f.params is not None
+    stepped = list(f.params)
+    for i, v in zip(f.index, leafwise.add(f.present_params(), f.present_updates(), alpha=-s)):
+        stepped[i] = v
+    proxed, _ = flatten(penalty.prox(unflatten(stepped, f.spec), s))
+    new_x = list(x_leaves)
+    for i in f.index:
+        new_x[i] = proxed[i]
+    return new_x
+
+
+def _restart_test(
+    restart: Restart,
+    f: Flat,
+    x_leaves: list[Any],
+    new_x: list[Any],
+    state: FistaState,
+    total: Callable[[PyTree], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whether this update resets the momentum (a 0-d bool), and the ``value`` the next state keeps.
+
+    ``"gradient"`` restarts when ``<y_k - x_{k+1}, x_{k+1} - x_k> > 0``; ``"function"`` when
+    ``F(x_{k+1}) > F(x_k)``, the new value replacing the old; ``None`` never restarts.
+    """
+    assert f.params is not None
+    device = state.momentum.device
+    restarted = torch.zeros((), dtype=torch.bool, device=device)
+    value = state.value
+    if restart == "gradient":
+        inner = sum(
+            (((f.params[i] - new_x[i]) * (new_x[i] - x_leaves[i])).sum().to(torch.float64) for i in f.index),
+            torch.zeros((), dtype=torch.float64, device=device),
+        )
+        restarted = inner > 0
+    elif restart == "function":
+        value = total(unflatten(new_x, f.spec)).to(device)
+        restarted = value > state.value
+    return restarted, value
+
+
+def _next_momentum(t: torch.Tensor, restarted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The extrapolation weight ``beta = (t_k - 1) / t_{k+1}`` and ``t_{k+1}``; ``0`` and ``1`` on a
+    restart. Both come from ``torch.where``, so a restart costs no host synchronisation."""
+    t_next = (1 + torch.sqrt(1 + 4 * t * t)) / 2
+    beta = torch.where(restarted, torch.zeros_like(t), (t - 1) / t_next)
+    t_next = torch.where(restarted, torch.ones_like(t), t_next)
+    return beta, t_next
+
+
+def _extrapolated_updates(f: Flat, x_leaves: list[Any], new_x: list[Any], beta: torch.Tensor) -> list[Any]:
+    """The updates ``y_{k+1} - y_k``, with ``y_{k+1} = x_{k+1} + beta (x_{k+1} - x_k)``, at the
+    leaves with a gradient: applying them moves the params to the next extrapolated point."""
+    assert f.params is not None
+    out = []
+    for i in f.index:
+        b = beta.to(new_x[i].dtype)
+        y_next = new_x[i] + b * (new_x[i] - x_leaves[i])
+        out.append(y_next - f.params[i])
+    return out
 
 
 def fista(
@@ -100,28 +203,11 @@ def fista(
         >>> fr.fista_iterate(state)["w"]  # soft-threshold(a, 0.5): an exact zero
         tensor([ 2.5000,  0.0000, -0.5000])
     """
-    check_rate("learning_rate", learning_rate)
-    if not isinstance(penalty, Penalty):
-        raise TypeError(
-            f"fista expects a funcreg penalty (fr.l1, fr.elastic_net, ...), got {type(penalty).__name__}"
-        )
-    if not penalty.has_prox:
-        raise NotImplementedError(f"fista: penalty {penalty.name!r} has no closed-form proximal map")
-    if restart not in (None, "gradient", "function"):
-        raise ValueError(f"Invalid restart value: {restart!r} (expected 'gradient', 'function' or None)")
-    if restart == "function" and not callable(objective):
-        raise ValueError(
-            "Invalid objective value: restart='function' needs objective=f (params -> 0-d tensor)"
-        )
-    if restart != "function" and objective is not None:
-        raise ValueError(
-            f"Invalid objective value: it is only used with restart='function' (got restart={restart!r})"
-        )
+    _check_arguments(learning_rate, penalty, restart, objective)
 
     def total(params: PyTree) -> torch.Tensor:
         assert objective is not None
-        with torch.no_grad():
-            return (objective(params) + penalty(params)).detach().to(torch.float64)
+        return _total_value(objective, penalty, params)
 
     def init(params: PyTree) -> FistaState:
         leaves, spec = flatten(params)
@@ -136,36 +222,9 @@ def fista(
         assert f.params is not None
         s = schedule_value(learning_rate, leafwise.concrete(state.count))
         x_leaves, _ = flatten(state.iterate)
-        idx = f.index
-        # the gradient step from y_k, only where there is a gradient; the prox sees the whole tree
-        # (a penalty may select by name) and its result is kept only where there was a gradient
-        stepped = list(f.params)
-        for i, v in zip(idx, leafwise.add(f.present_params(), f.present_updates(), alpha=-s)):
-            stepped[i] = v
-        proxed, _ = flatten(penalty.prox(unflatten(stepped, f.spec), s))
-        new_x = list(x_leaves)
-        for i in idx:
-            new_x[i] = proxed[i]
-        t = state.momentum
-        t_next = (1 + torch.sqrt(1 + 4 * t * t)) / 2
-        restarted = torch.zeros((), dtype=torch.bool, device=t.device)
-        value = state.value
-        if restart == "gradient":
-            inner = sum(
-                (((f.params[i] - new_x[i]) * (new_x[i] - x_leaves[i])).sum().to(torch.float64) for i in idx),
-                torch.zeros((), dtype=torch.float64, device=t.device),
-            )
-            restarted = inner > 0
-        elif restart == "function":
-            value = total(unflatten(new_x, f.spec)).to(t.device)
-            restarted = value > state.value
-        beta = torch.where(restarted, torch.zeros_like(t), (t - 1) / t_next)
-        t_next = torch.where(restarted, torch.ones_like(t), t_next)
-        out = []
-        for i in idx:
-            b = beta.to(new_x[i].dtype)
-            y_next = new_x[i] + b * (new_x[i] - x_leaves[i])
-            out.append(y_next - f.params[i])
+        new_x = _proximal_step(penalty, f, x_leaves, s)
+        restarted, value = _restart_test(restart, f, x_leaves, new_x, state, total)
+        beta, t_next = _next_momentum(state.momentum, restarted)
         new_state = FistaState(
             state.count + 1,
             unflatten(new_x, f.spec),
@@ -173,7 +232,7 @@ def fista(
             state.restarts + restarted.to(state.restarts.dtype),
             value,
         )
-        return f.tree(out), new_state
+        return f.tree(_extrapolated_updates(f, x_leaves, new_x, beta)), new_state
 
     given = dict(restart=restart, objective=objective)
     return with_config(

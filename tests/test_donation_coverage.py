@@ -55,6 +55,14 @@ def _reference() -> dict[str, torch.Tensor]:
     return {"w": torch.full((2, 3), 0.25, dtype=F64), "b": torch.full((3,), -0.5, dtype=F64)}
 
 
+def _two_layers() -> torch.nn.Module:
+    """A module whose parameters are named like the problem's tree: "w" a layer below "b"."""
+    module = torch.nn.Module()
+    for name, x in _reference().items():
+        module.register_parameter(name, torch.nn.Parameter(x.clone()))
+    return module
+
+
 def _is_matrix(p: Any) -> dict[str, bool]:
     return {k: v.ndim >= 2 for k, v in p.items()}
 
@@ -225,6 +233,10 @@ def _build_table() -> dict[str, Callable[[], fr.GradientTransformation]]:
     t["scale_by_layer"] = lambda: fr.chain(
         fr.adamw(0.01, weight_decay=0.1), fr.scale_by_layer({"w": 0.5, "b": 0.25})
     )
+    t["scale_by_layer/layer_decay"] = lambda: fr.chain(
+        fr.sgd(0.1, momentum=0.9), fr.scale_by_layer(fr.layer_decay(_two_layers(), 0.5, matcher={"w": r"^w"}))
+    )
+    t["compress_state/float8"] = lambda: fr.compress_state(fr.adam(0.01), format="float8", block=4)
     t["compress_state"] = lambda: fr.compress_state(fr.adam(0.01))
     t["inject_hyperparams"] = lambda: fr.inject_hyperparams(fr.adamw, learning_rate=0.01, weight_decay=0.1)
     t["average_weights"] = lambda: fr.average_weights(fr.adamw(0.01, weight_decay=0.1), decay=0.9)
@@ -297,6 +309,7 @@ NOT_STEP_TRANSFORMS = {
     "ensemble_step": "vmaps a make_step step (test_donated_ensemble_step_...)",
     "vmap": "a vmap wrapper (test_vmapped_donated_update_...)",
     "create_optimizer": "a torch.optim.Optimizer (fr.TorchOptimizer), whose transforms create_transform builds",
+    "layer_decay_groups": "param groups for an Optimizer (tests/test_layer_decay.py steps them in fr.TorchOptimizer)",
     # schedules: learning-rate values, not transforms (several entries take SCHED, built at import)
     "constant_schedule": "a schedule",
     "cosine_decay_schedule": "a schedule",
@@ -356,6 +369,7 @@ COMPILE_BUGS: dict[tuple[str, torch.dtype], str] = {
 VMAP_REFUSED = {
     **{name: (TypeError, "wrapped by vmap or grad: a collective cannot run inside") for name in DISTRIBUTED},
     "compress_state": (TypeError, "compress_state runs eagerly only"),
+    "compress_state/float8": (TypeError, "compress_state runs eagerly only"),
 }
 # Crashes under vmap, of the pure path as much as of the donated one (nothing to do with donation),
 # undocumented: (name, dtype) -> reason. Minimal reproduction of each:

@@ -59,6 +59,9 @@ def _schedule_free(
     r: float,
     weight_lr_power: float,
 ) -> tuple[Any, Any]:
+    """The ``init`` and ``update`` shared by both schedule-free factories: ``beta2`` ``None`` is SGD
+    (no second moment, ``eps`` unused), a number is AdamW's denominator."""
+
     def init(params: PyTree) -> ScheduleFreeState:
         leaves, spec = flatten(params)
         copy = unflatten([None if p is None else p.detach().clone() for p in leaves], spec)

@@ -115,6 +115,8 @@ def layer_ids(names: Sequence[str], matcher: Matcher) -> dict[str, int]:
 
 
 def _matcher_of(model: nn.Module, matcher: Matcher | None) -> Matcher:
+    """The matcher given, else the model's ``group_matcher(coarse=False)``; neither raises, naming
+    the form ``matcher=`` takes (no silent single layer)."""
     if matcher is not None:
         if not (callable(matcher) or isinstance(matcher, Mapping)):
             raise TypeError(

@@ -14,8 +14,9 @@ glmnet's ``cv.glmnet`` do. Warm starts (``warm_start=True``) train the coefficie
 another from the largest down, each starting from the previous solution, as glmnet does; the seeds and
 folds of one coefficient are still one vmapped run.
 
-This module runs the path; the folds and the checks on its inputs are in :mod:`funcreg._src.analysis.paths.cv`
-and the result in :mod:`funcreg._src.analysis.paths.result`, whose names stay importable from here.
+This module runs the path; the folds and the checks on its inputs are in :mod:`funcreg._src.analysis.paths.cv`,
+the vmapped training of the members in :mod:`funcreg._src.analysis.paths.train` and the result in
+:mod:`funcreg._src.analysis.paths.result`, whose names stay importable from here.
 """
 
 from __future__ import annotations
@@ -24,30 +25,27 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from funcreg._src.analysis.paths.cv import Folds, _check_data, _check_folds, _check_solution, _per_example
+from funcreg._src.analysis.paths.cv import (
+    Folds,
+    _check_batch_size,
+    _check_coefficients,
+    _check_data,
+    _check_options,
+    _make_splits,
+    _per_example,
+    _shared_hparams,
+    _Splits,
+)
 from funcreg._src.analysis.paths.result import RegularizationPath
+from funcreg._src.analysis.paths.train import _train
 from funcreg._src.core.tree import flatten
 from funcreg._src.core.typing import PyTree, ScalarOrSchedule
-from funcreg._src.core.validation import check_bool, check_int
 from funcreg._src.training.ensemble import ensemble_step
 from funcreg._src.training.hparams import float_dtype
 from funcreg._src.training.members import stack, unstack, vmap
 from funcreg._src.training.step import Form, PenaltyLike, TrainState, TransformLike, make_step
 
 __all__ = ["regularization_path"]
-
-
-def _zeros_fraction(stacked: PyTree) -> torch.Tensor:
-    leaves, _ = flatten(stacked)
-    zeros, total = None, 0
-    for x in leaves:
-        if not isinstance(x, torch.Tensor):
-            continue
-        z = (x.reshape(x.shape[0], -1) == 0).sum(dim=1).double()
-        zeros = z if zeros is None else zeros + z
-        total += x[0].numel()
-    assert zeros is not None
-    return zeros / total
 
 
 def regularization_path(
@@ -131,73 +129,15 @@ def regularization_path(
         >>> path.best <= path.one_se
         True
     """
-    if not callable(loss):
-        raise TypeError(f"regularization_path expects a callable loss, got {loss!r}")
-    if eval_loss is not None and not callable(eval_loss):
-        raise TypeError(f"eval_loss must be callable, got {eval_loss!r}")
-    if not isinstance(name, str):
-        raise TypeError(f"Invalid name value: {name!r} (expected a string: the hyperparameter's name)")
-    check_int("steps", steps, low=1)
-    check_int("seed", seed, low=0)
-    if solution is not None and not callable(solution):
-        raise TypeError(f"solution must be callable (TrainState -> params), got {solution!r}")
-    for flag, value in (("warm_start", warm_start), ("refit", refit), ("progress", progress)):
-        check_bool(flag, value)
+    flags = {"warm_start": warm_start, "refit": refit, "progress": progress}
+    _check_options(loss, eval_loss, name, steps, seed, solution, flags)
     data = _check_data(data, "data")
-    n = data[0].shape[0]
-    inits = (
-        list(params)
-        if isinstance(params, list) and params and not isinstance(params[0], torch.Tensor)
-        else [params]
-    )
+    inits = _initial_params(params)
     dtype = float_dtype(inits[0])
-    coeffs = torch.as_tensor(coefficients, dtype=torch.float64).reshape(-1)
-    if coeffs.numel() == 0:
-        raise ValueError("coefficients is empty")
-    if not torch.isfinite(coeffs).all() or (coeffs < 0).any():
-        raise ValueError(f"Invalid coefficients value: {coeffs.tolist()} (must be finite and >= 0)")
-    if coeffs.unique().numel() != coeffs.numel():
-        raise ValueError(f"Invalid coefficients value: {coeffs.tolist()} (values repeat)")
-    coeffs = coeffs.sort().values
-    extra = dict(hparams or {})
-    if name in extra:
-        raise ValueError(f"hparams[{name!r}] is the coefficient of the path; do not give it in hparams")
-    if (folds is None) == (validation is None):
-        raise ValueError(
-            "give exactly one of folds (K or a list of (train, validation) indices) "
-            "and validation (x_val, y_val, ...)"
-        )
-
-    # replicates: seeds x splits; masks over all n examples (1 = a training example of that member)
-    if folds is not None:
-        splits = _check_folds(folds, n)
-        train_sets = [tr for tr, _ in splits] + ([torch.arange(n)] if refit else [])
-        val_masks = []
-        for _, val in splits:
-            m = torch.zeros(n, dtype=dtype)
-            m[val] = 1.0
-            val_masks.append(m)
-        split_labels = [f"fold {i}" for i in range(len(splits))]
-    else:
-        val_data = _check_data(validation, "validation")
-        if len(val_data) != len(data):
-            raise ValueError(f"validation has {len(val_data)} tensors, data has {len(data)}")
-        splits, train_sets, val_masks, split_labels = [], [torch.arange(n)], [], ["validation"]
-        refit = False
-    n_seeds, n_splits = len(inits), len(train_sets)
-    train_masks = []
-    for tr in train_sets:
-        m = torch.zeros(n, dtype=dtype)
-        m[tr] = 1.0
-        train_masks.append(m)
-    if batch_size is not None:
-        check_int("batch_size", batch_size, low=1)
-        smallest = min(int(t.numel()) for t in train_sets)
-        if batch_size > smallest:
-            raise ValueError(
-                f"Invalid batch_size value: {batch_size} (a member has only {smallest} training examples)"
-            )
-    per_coeff = n_seeds * n_splits  # members per coefficient: seed-major, then split
+    coeffs = _check_coefficients(coefficients)
+    extra = _shared_hparams(hparams, name)
+    splits = _make_splits(data, folds, validation, refit, dtype)
+    _check_batch_size(batch_size, splits.train_sets)
 
     def weighted(p: PyTree, w: torch.Tensor, *batch: torch.Tensor) -> torch.Tensor:
         return (w * loss(p, *batch)).sum() / w.sum()
@@ -205,76 +145,105 @@ def regularization_path(
     _per_example(loss, inits[0], data, "loss")  # fail early, outside vmap
     step = make_step(weighted, tx, penalty=penalty, form=form, learning_rate=learning_rate)
     ens = ensemble_step(step, batch="per_member")
-
-    # minibatch orders: each member (seed, split) its own permutations of its training examples
-    gen = torch.Generator().manual_seed(seed)
-    stage_coeffs = coeffs.flip(0) if warm_start else coeffs
-    stages = [stage_coeffs[i : i + 1] for i in range(len(coeffs))] if warm_start else [stage_coeffs]
-
-    def index_streams(count: int) -> list[torch.Tensor]:
-        streams = []
-        for _ in range(n_seeds):
-            for tr in train_sets:
-                need = steps * int(batch_size)  # type: ignore[arg-type]
-                reps = -(-need // tr.numel())
-                streams.append(
-                    torch.cat([tr[torch.randperm(tr.numel(), generator=gen)] for _ in range(reps)])[:need]
-                )
-        return streams * count
-
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=steps * len(stages), desc=f"path over {name}", leave=False)
-        except ImportError:  # pragma: no cover - depends on the environment
-            bar = None
-
-    trained: dict[int, PyTree] = {}  # index into coeffs -> stacked params of its per_coeff members
-    previous: PyTree | None = None
-    try:
-        for stage in stages:
-            count = len(stage)
-            start = (
-                previous
-                if previous is not None
-                else stack([inits[s] for s in range(n_seeds) for _ in range(n_splits)])
-            )
-            params0 = stack([m for _ in range(count) for m in unstack(start)]) if count > 1 else start
-            member_coeff = stage.repeat_interleave(per_coeff).to(dtype)
-            hp = {name: member_coeff, **extra}
-            state = ens.init(params0, hparams=hp)
-            members = count * per_coeff
-            if batch_size is None:
-                masks = torch.stack([m for _ in range(count) for _ in range(n_seeds) for m in train_masks])
-                full = (masks, *[d.expand(members, *d.shape) for d in data])
-            else:
-                streams = torch.stack(index_streams(count))
-            for t in range(steps):
-                if batch_size is None:
-                    batch = full
-                else:
-                    idx = streams[:, t * batch_size : (t + 1) * batch_size]
-                    batch = (torch.ones(idx.shape, dtype=dtype), *[d[idx] for d in data])
-                state, _ = ens(state, *batch)
-                if bar is not None:
-                    bar.update(1)
-            solved = state.params if solution is None else solution(state)
-            _check_solution(solved, state.params)
-            final = unstack(solved)
-            for j, c in enumerate(stage.tolist()):
-                i = int(torch.nonzero(coeffs == c))
-                trained[i] = stack(final[j * per_coeff : (j + 1) * per_coeff])
-            previous = solved if warm_start else None
-    finally:
-        if bar is not None:
-            bar.close()
-
-    # evaluation: every member on its own training and validation examples
+    trained = _train(
+        ens,
+        coeffs,
+        inits,
+        splits,
+        data,
+        dtype,
+        steps=steps,
+        batch_size=batch_size,
+        warm_start=warm_start,
+        name=name,
+        hparams=extra,
+        seed=seed,
+        progress=progress,
+        solution=solution,
+    )
     evaluate = eval_loss if eval_loss is not None else loss
-    held_out = data if folds is not None else val_data
-    n_val_splits = len(splits) if folds is not None else 1  # the refit member has no validation examples
+    return _evaluate(name, coeffs, trained, len(inits), splits, data, loss, evaluate)
+
+
+def _initial_params(params: PyTree | list[PyTree]) -> list[PyTree]:
+    """One initial tree per seed: a non-empty list of trees is several seeds, anything else is one."""
+    if isinstance(params, list) and params and not isinstance(params[0], torch.Tensor):
+        return list(params)
+    return [params]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation: every member on its own training and validation examples.
+
+
+def _zeros_fraction(stacked: PyTree) -> torch.Tensor:
+    """``(members,)``: the fraction of exact zeros among all tensor entries of each stacked member
+    (the sparsity a proximal step leaves; near-zeros do not count)."""
+    leaves, _ = flatten(stacked)
+    zeros, total = None, 0
+    for x in leaves:
+        if not isinstance(x, torch.Tensor):
+            continue
+        z = (x.reshape(x.shape[0], -1) == 0).sum(dim=1).double()
+        zeros = z if zeros is None else zeros + z
+        total += x[0].numel()
+    assert zeros is not None
+    return zeros / total
+
+
+def _masked_mean(weights: torch.Tensor, losses: torch.Tensor) -> float:
+    """The mean of ``losses`` over the examples a mask selects."""
+    return float((weights * losses).sum() / weights.sum())
+
+
+def _rows(
+    stacked: PyTree,
+    seeds: int,
+    splits: _Splits,
+    data: tuple[torch.Tensor, ...],
+    loss: Callable[..., torch.Tensor],
+    evaluate: Callable[..., torch.Tensor],
+) -> tuple[list[float], list[float], list[float], list[PyTree], list[PyTree]]:
+    """One coefficient's members: per validated replicate (seed-major) the mean training loss, the
+    mean held-out loss, the fraction of zeros and the trained tree; then the refit members' trees
+    (no row: they have no held-out examples)."""
+    per_seed = len(splits.train_sets)
+    trees = unstack(stacked)
+    train_losses = vmap(lambda p: _per_example(loss, p, data, "loss"))(stacked)  # (members, n)
+    val_losses = vmap(lambda p: _per_example(evaluate, p, splits.held_out, "eval_loss"))(stacked)
+    zeros = _zeros_fraction(stacked)
+    train_row: list[float] = []
+    val_row: list[float] = []
+    sparse_row: list[float] = []
+    kept: list[PyTree] = []
+    refits: list[PyTree] = []
+    for s in range(seeds):
+        for f in range(splits.validated):
+            j = s * per_seed + f
+            train_row.append(_masked_mean(splits.train_masks[f], train_losses[j]))
+            if splits.val_masks:
+                val_row.append(_masked_mean(splits.val_masks[f], val_losses[j]))
+            else:
+                val_row.append(float(val_losses[j].mean()))
+            sparse_row.append(float(zeros[j]))
+            kept.append(trees[j])
+        if splits.refit:
+            refits.append(trees[s * per_seed + per_seed - 1])
+    return train_row, val_row, sparse_row, kept, refits
+
+
+def _evaluate(
+    name: str,
+    coeffs: torch.Tensor,
+    trained: dict[int, PyTree],
+    seeds: int,
+    splits: _Splits,
+    data: tuple[torch.Tensor, ...],
+    loss: Callable[..., torch.Tensor],
+    evaluate: Callable[..., torch.Tensor],
+) -> RegularizationPath:
+    """The :class:`RegularizationPath` of the trained members: a row of losses and sparsities per
+    coefficient, the validated members' parameters and, with ``refit``, the refit ones'."""
     train_rows: list[list[float]] = []
     val_rows: list[list[float]] = []
     sparse_rows: list[list[float]] = []
@@ -282,38 +251,22 @@ def regularization_path(
     refits: list[PyTree] = []
     with torch.no_grad():
         for i in range(len(coeffs)):
-            stacked = trained[i]
-            trees = unstack(stacked)
-            train_losses = vmap(lambda p: _per_example(loss, p, data, "loss"))(stacked)  # (per_coeff, n)
-            val_losses = vmap(lambda p: _per_example(evaluate, p, held_out, "eval_loss"))(stacked)
-            zeros = _zeros_fraction(stacked)
-            tr_row, val_row, sp_row = [], [], []
-            for s in range(n_seeds):
-                for f in range(n_val_splits):
-                    j = s * n_splits + f
-                    w = train_masks[f]
-                    tr_row.append(float((w * train_losses[j]).sum() / w.sum()))
-                    if folds is not None:
-                        v = val_masks[f]
-                        val_row.append(float((v * val_losses[j]).sum() / v.sum()))
-                    else:
-                        val_row.append(float(val_losses[j].mean()))
-                    sp_row.append(float(zeros[j]))
-                    kept.append(trees[j])
-                if refit:
-                    refits.append(trees[s * n_splits + n_splits - 1])
-            train_rows.append(tr_row)
+            train_row, val_row, sparse_row, trees, refit_trees = _rows(
+                trained[i], seeds, splits, data, loss, evaluate
+            )
+            train_rows.append(train_row)
             val_rows.append(val_row)
-            sparse_rows.append(sp_row)
-    labels = [f"seed {s}, {lab}" for s in range(n_seeds) for lab in split_labels]
+            sparse_rows.append(sparse_row)
+            kept.extend(trees)
+            refits.extend(refit_trees)
     return RegularizationPath(
         name=name,
         coefficients=coeffs,
         train_loss=torch.tensor(train_rows, dtype=torch.float64),
         val_loss=torch.tensor(val_rows, dtype=torch.float64),
         sparsity=torch.tensor(sparse_rows, dtype=torch.float64),
-        replicates=labels,
-        seeds=n_seeds,
+        replicates=[f"seed {s}, {label}" for s in range(seeds) for label in splits.labels],
+        seeds=seeds,
         params=stack(kept),
-        refit_params=stack(refits) if refit else None,
+        refit_params=stack(refits) if splits.refit else None,
     )

@@ -35,6 +35,8 @@ class Runner:
         self.name = ""
 
     def _build(self, param: torch.Tensor, lr: float) -> torch.optim.Optimizer:
+        """A fresh optimizer over ``param`` with every group's lr overwritten by ``lr`` (as a tensor
+        where the optimizer holds one), checked to be an Optimizer that steps ``param``."""
         opt = self._make([param])
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(
@@ -303,5 +305,6 @@ class GradientRuns:
 def gradient_runs(
     runner: Runner, lrs: tuple[float, float], scales: tuple[float, float] = (1.0, 2.0)
 ) -> GradientRuns:
+    """One step with the common data gradient at each learning rate, from each scale of the weights."""
     grad = proportional_gradient(0.0, PROBE_GRADIENT)
     return GradientRuns({(lr, s): runner.run(lr, 1, grad, runner.w0 * s) for lr in lrs for s in scales})

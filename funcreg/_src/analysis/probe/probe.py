@@ -65,6 +65,8 @@ DEFAULT_WEIGHTS: tuple[float, ...] = (-3.0, -1.5, -0.5, 0.5, 1.0, 2.0, 4.0)
 
 
 def _check_weights(weights: Sequence[float]) -> tuple[float, ...]:
+    """The probe weights as floats, checked to tell the kinds apart: nonzero (a zero weight has no
+    sign), both signs (shift vs decay) and at least two magnitudes (L1 vs L2)."""
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
         raise TypeError(f"weights must be a sequence of floats, got {type(weights).__name__}")
     for i, w in enumerate(weights):
@@ -82,6 +84,8 @@ def _check_weights(weights: Sequence[float]) -> tuple[float, ...]:
 def _check_arguments(
     make_optimizer: object, steps: object, learning_rates: object, weights: Sequence[float]
 ) -> tuple[float, float, tuple[float, ...]]:
+    """The two learning rates and the weights of a probe, after checking every argument of
+    :func:`probe` (the rates must differ enough for lr scaling to be told from independence)."""
     if isinstance(make_optimizer, torch.optim.Optimizer):
         raise TypeError(
             "probe expects a function params -> Optimizer (e.g. lambda ps: torch.optim.AdamW(ps)), "
@@ -111,6 +115,8 @@ def _check_arguments(
 
 
 class _Verdict(NamedTuple):
+    """A classification: the fields of :class:`ProbeResult` it decides, and which tables it rests on."""
+
     kind: DecayKind
     coefficient: float | None
     lr_scaled: bool | None
@@ -216,6 +222,8 @@ def _weight_dependence(p: _Probe, k0: float) -> bool | None:
 
 
 def _by_shape(p: _Probe) -> _Verdict:
+    """The verdict from the shape of the zero-gradient steps, once coupled L2 is ruled out: sign,
+    shift, or proportional (decoupled, unless the gradient runs show it depends on the weights)."""
     lr_a, lr_b = p.lrs
     atol = p.tol.atol
     (shape_a, amounts_a), (shape_b, amounts_b) = (trajectory_shape(t, atol) for t in p.trajectories)
@@ -241,6 +249,8 @@ def _by_shape(p: _Probe) -> _Verdict:
 
 
 def _classify(p: _Probe) -> _Verdict:
+    """The verdict of a probe: gated if nothing moved at zero gradient, else coupled L2 if the
+    cancellation test passes, else by the shape of the steps."""
     movement = [float((t - t[0]).abs().max()) for t in p.trajectories]
     if max(movement) <= p.tol.atol:
         return _gated(p)
@@ -314,34 +324,51 @@ def probe(
         3.9000000025
     """
     lr_a, lr_b, values = _check_arguments(make_optimizer, steps, learning_rates, weights)
-    w0 = torch.tensor(values, dtype=torch.float64)
-    runner = Runner(make_optimizer, w0)
-    trajs = (runner.run(lr_a, steps, zeros), runner.run(lr_b, steps, zeros))
-    grads = gradient_runs(runner, (lr_a, lr_b))
-    precision = compute_precision(list(trajs) + list(grads.trajectories.values()))
-    run = _Probe(runner, (lr_a, lr_b), steps, trajs, grads, Tolerance.of(precision, w0))
+    run = _run(make_optimizer, (lr_a, lr_b), steps, values)
     verdict = _classify(run)
-
-    text = report.table(trajs, (lr_a, lr_b), values, "zero data gradient")
-    if verdict.shows_gradient_runs:
-        for scale in (1.0, 2.0):
-            rows = [grads.trajectories[(lr, scale)] for lr in (lr_a, lr_b)]
-            start = [scale * w for w in values]
-            text += "\n\n" + report.table(
-                rows, (lr_a, lr_b), start, f"data gradient 0.5 on every weight, from {scale:g} * weights"
-            )
+    precision = run.tol.dtype
     return ProbeResult(
         verdict.kind,
         verdict.coefficient,
         verdict.lr_scaled,
-        text,
+        _tables(run, values, verdict.shows_gradient_runs),
         verdict.explanation + report.precision_note(precision),
         verdict.equivalent,
-        runner.name,
-        (lr_a, lr_b),
+        run.runner.name,
+        run.lrs,
         values,
-        trajs,
+        run.trajectories,
         precision,
         verdict.needs_gradient,
-        dict(grads.trajectories),
+        dict(run.gradients.trajectories),
     )
+
+
+def _run(
+    make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+    lrs: tuple[float, float],
+    steps: int,
+    values: tuple[float, ...],
+) -> _Probe:
+    """Every run a verdict may need: ``steps`` zero-gradient steps at each learning rate and the
+    gradient runs, with the tolerances of the precision the optimizer turned out to compute in."""
+    w0 = torch.tensor(values, dtype=torch.float64)
+    runner = Runner(make_optimizer, w0)
+    trajs = (runner.run(lrs[0], steps, zeros), runner.run(lrs[1], steps, zeros))
+    grads = gradient_runs(runner, lrs)
+    precision = compute_precision(list(trajs) + list(grads.trajectories.values()))
+    return _Probe(runner, lrs, steps, trajs, grads, Tolerance.of(precision, w0))
+
+
+def _tables(p: _Probe, values: tuple[float, ...], with_gradient_runs: bool) -> str:
+    """The weight tables of the report: the zero-gradient runs, then the gradient runs from both
+    scales of the weights when the verdict rests on them."""
+    text = report.table(p.trajectories, p.lrs, values, "zero data gradient")
+    if with_gradient_runs:
+        for scale in (1.0, 2.0):
+            rows = [p.gradients.trajectories[(lr, scale)] for lr in p.lrs]
+            start = [scale * w for w in values]
+            text += "\n\n" + report.table(
+                rows, p.lrs, start, f"data gradient 0.5 on every weight, from {scale:g} * weights"
+            )
+    return text

@@ -110,6 +110,7 @@ def table(
 
 
 def precision_note(dtype: torch.dtype) -> str:
+    """The sentence appended to the explanation when the optimizer computes below float64 (else empty)."""
     if dtype == torch.float64:
         return ""
     name = str(dtype).replace("torch.", "")
@@ -120,6 +121,7 @@ def precision_note(dtype: torch.dtype) -> str:
 
 
 def none(gradient_checked: bool) -> str:
+    """The explanation when nothing decays (and, if ``gradient_checked``, not with a gradient either)."""
     text = (
         "With a zero data gradient no weight moved: no weight decay (or one below the optimizer's rounding)."
     )
@@ -133,6 +135,8 @@ def none(gradient_checked: bool) -> str:
 
 
 def coupled(lam: float, geometric: bool, proportional: bool) -> str:
+    """The explanation of coupled L2, with what its zero-gradient steps look like: geometric (plain
+    SGD), proportional with a changing factor (momentum), or not proportional (Adam-type)."""
     text = (
         f"Coupled L2: the decay acts exactly as an extra gradient {lam:.6g} * w (the gradient of "
         f"{lam:.6g}/2 * ||w||^2 in the loss): feeding the data gradient {-lam:.6g} * w cancels it at "
@@ -160,6 +164,8 @@ def coupled(lam: float, geometric: bool, proportional: bool) -> str:
 
 
 def decoupled(coef: float, scaled: bool, needs_gradient: bool) -> str:
+    """The explanation of a decoupled decay, multiplied by lr or not, and whether it acts only with a
+    gradient."""
     if scaled:
         text = (
             f"Decoupled weight decay multiplied by lr: w <- w * (1 - lr * {coef:.6g}) at every step, "
@@ -185,6 +191,8 @@ def decoupled(coef: float, scaled: bool, needs_gradient: bool) -> str:
 def norm_dependent(
     apparent: tuple[float, bool] | None, needs_gradient: bool, changes_with_scale: bool
 ) -> str:
+    """The explanation of a decay that depends on the weights: which run showed it, and the apparent
+    decoupled coefficient ``(coef, lr_scaled)`` of the zero-gradient steps, which is not the optimizer's."""
     text = (
         "The decay depends on the weights themselves, not only on a coefficient: with a data gradient the "
         "same for every weight, the part of the step proportional to w "
@@ -210,6 +218,7 @@ def norm_dependent(
 
 
 def sign(coef: float, scaled: bool | None) -> str:
+    """The explanation of an L1-like sign step."""
     scale_text = "lr * " if scaled else ""
     return (
         f"L1-like: every weight moves {scale_text}{coef:.6g} towards zero per step whatever its size, "
@@ -220,6 +229,7 @@ def sign(coef: float, scaled: bool | None) -> str:
 
 
 def shift(coef: float, scaled: bool | None) -> str:
+    """The explanation of a constant shift, and the bug that usually causes it."""
     scale_text = "lr * " if scaled else ""
     return (
         f"Constant shift: every weight moves by -{scale_text}{coef:.6g} per step whatever its sign, so "

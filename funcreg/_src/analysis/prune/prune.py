@@ -83,6 +83,7 @@ def _rebuild(layer: _Layer) -> nn.Module:
 
 
 def _set(root: nn.Module, qualname: str, module: nn.Module) -> None:
+    """Replaces the submodule at the dotted ``qualname`` of ``root`` (nested Sequentials included)."""
     *path, last = qualname.split(".")
     parent = root
     for part in path:

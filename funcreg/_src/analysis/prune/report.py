@@ -146,6 +146,7 @@ def _time(models: tuple[nn.Module, nn.Module], x: torch.Tensor, repeats: int) ->
 
 
 def _sizes(model: nn.Module) -> dict[str, tuple[str, int, int]]:
+    """Per Linear/Conv2d/BatchNorm layer by name: its kind, units and parameter count."""
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, _PRODUCERS + _NORMS):

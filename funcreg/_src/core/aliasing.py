@@ -17,8 +17,9 @@ step) are not compared.
 from __future__ import annotations
 
 import bisect
+from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -68,20 +69,32 @@ def _address(x: torch.Tensor) -> int:
         return 0
 
 
+class _Layout(NamedTuple):
+    """Where a (params, state) pair's donated tensors lie: the merged address intervals, the tensors
+    each covers, and the storages they live in."""
+
+    starts: list[int]
+    ends: list[int]
+    members: list[list[tuple[int, int, str]]]
+    storages: set[int]
+
+
+_LAYOUTS = 8  # (params, state) pairs whose layouts are kept: optimizers stepping in turn, each its own
+
+
 class OverlapCheck:
-    """Refuses donated tensors that share memory (``ValueError`` naming both), for one step function.
+    """Refuses donated tensors that share memory (``ValueError`` naming both), for the donated steps
+    of one thread.
 
     The spans of the donated tensors (parameters and state) are recomputed only when their tensors
-    or addresses change (a donated step keeps them); gradients are new at each step and are looked up
-    against them: one set lookup for a gradient in a storage of its own, a binary search otherwise.
+    or addresses change (a donated step keeps them); the layouts of the last few distinct pairs are
+    kept, so that optimizers stepping in turn (a GAN's two, a sweep's members) do not recompute each
+    other's. Gradients are new at each step and are looked up against them: one set lookup for a
+    gradient in a storage of its own, a binary search otherwise.
     """
 
     def __init__(self) -> None:
-        self._key: tuple[Any, ...] | None = None
-        self._starts: list[int] = []
-        self._ends: list[int] = []
-        self._members: list[list[tuple[int, int, str]]] = []
-        self._storages: set[int] = set()  # where the donated tensors' storages start
+        self._layouts: OrderedDict[tuple[Any, ...], _Layout] = OrderedDict()
 
     def check(
         self,
@@ -102,74 +115,82 @@ class OverlapCheck:
             return  # inside vmap or grad: the step is pure there (see funcreg._src.kernels.update)
         # ids and addresses: a tensor freed and another allocated in its place has a new address or id
         key = (tuple(map(id, donated)), tuple(map(_address, donated)))
-        if key != self._key:
-            self._rebuild(params, state, names)
-            self._key = key
-        if grads is not None and self._starts:
-            self._check_grads(grads)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = _rebuild(params, state, names)
+            self._layouts[key] = layout
+            while len(self._layouts) > _LAYOUTS:
+                self._layouts.popitem(last=False)
+        else:
+            self._layouts.move_to_end(key)
+        if grads is not None and layout.starts:
+            _check_grads(grads, layout)
 
-    def _rebuild(self, params: Any, state: Any, names: Sequence[str]) -> None:
-        """Records the address ranges of the parameters and the state (0-d counters aside) and the
-        storages they live in, refusing any two that overlap, naming both."""
-        spans: list[tuple[int, int, bool, str]] = []
-        self._storages = set()
-        for tree, what, is_param in ((params, names[0], True), (state, names[1], False)):
-            leaves, _ = flatten(tree)
-            for name, leaf in zip(tree_names(tree), leaves):
-                if not is_param and isinstance(leaf, torch.Tensor) and leaf.ndim == 0:
-                    continue  # as in check's key
-                span = memory_span(leaf)
-                if span is not None:
-                    spans.append((span[0], span[1], is_param, f"{what} {name!r}"))
-                    self._storages.add(leaf.untyped_storage().data_ptr())
-        spans.sort()
-        # sweep: every span still open when the next one starts overlaps it
-        open_spans: list[tuple[int, bool, str]] = []
-        for start, end, is_param, label in spans:
-            open_spans = [o for o in open_spans if o[0] > start]
-            for _, other_is_param, other in open_spans:
-                if is_param or other_is_param:
-                    raise ValueError(
-                        f"cannot donate: {other} and {label} share memory (views of one storage); a donated "
-                        "step would read what it has just written. Give each its own tensor (.clone()), or "
-                        "use the pure path"
-                    )
-            open_spans.append((end, is_param, label))
-        # merged, for the gradients: disjoint intervals, each with the tensors it covers
-        self._starts, self._ends, self._members = [], [], []
-        for start, end, _, label in spans:
-            if self._ends and start < self._ends[-1]:
-                self._ends[-1] = max(self._ends[-1], end)
-                self._members[-1].append((start, end, label))
-            else:
-                self._starts.append(start)
-                self._ends.append(end)
-                self._members.append([(start, end, label)])
 
-    def _check_grads(self, grads: Any) -> None:
-        """Refuses a gradient that shares memory with a parameter or a state tensor: the donated
-        step would read it after writing into it."""
-        leaves, _ = flatten(grads)
-        storages = self._storages
-        for i, leaf in enumerate(leaves):
-            # the common case in one lookup: a gradient in a storage of its own (autograd's)
-            if type(leaf) not in _PLAIN:
-                continue
-            try:
-                if leaf.untyped_storage().data_ptr() not in storages:
-                    continue
-            except RuntimeError:  # no storage of its own (vmapped, sparse)
-                continue
+def _rebuild(params: Any, state: Any, names: Sequence[str]) -> _Layout:
+    """The address ranges of the parameters and the state (0-d counters aside) and the storages they
+    live in, refusing any two that overlap, naming both."""
+    spans: list[tuple[int, int, bool, str]] = []
+    storages: set[int] = set()
+    for tree, what, is_param in ((params, names[0], True), (state, names[1], False)):
+        leaves, _ = flatten(tree)
+        for name, leaf in zip(tree_names(tree), leaves):
+            if not is_param and isinstance(leaf, torch.Tensor) and leaf.ndim == 0:
+                continue  # as in check's key
             span = memory_span(leaf)
-            if span is None:
-                continue
-            k = bisect.bisect_right(self._starts, span[0]) - 1
-            hit = k if k >= 0 and self._ends[k] > span[0] else None
-            if hit is None and k + 1 < len(self._starts) and self._starts[k + 1] < span[1]:
-                hit = k + 1
-            if hit is not None:
-                owner = next(m for a, b, m in self._members[hit] if a < span[1] and span[0] < b)
+            if span is not None:
+                spans.append((span[0], span[1], is_param, f"{what} {name!r}"))
+                storages.add(leaf.untyped_storage().data_ptr())
+    spans.sort()
+    # sweep: every span still open when the next one starts overlaps it
+    open_spans: list[tuple[int, bool, str]] = []
+    for start, end, is_param, label in spans:
+        open_spans = [o for o in open_spans if o[0] > start]
+        for _, other_is_param, other in open_spans:
+            if is_param or other_is_param:
                 raise ValueError(
-                    f"cannot donate: gradient {tree_names(grads)[i]!r} shares memory with {owner}, which "
-                    "the step writes; pass a gradient of its own (.clone())"
+                    f"cannot donate: {other} and {label} share memory (views of one storage); a donated "
+                    "step would read what it has just written. Give each its own tensor (.clone()), or "
+                    "use the pure path"
                 )
+        open_spans.append((end, is_param, label))
+    # merged, for the gradients: disjoint intervals, each with the tensors it covers
+    layout = _Layout([], [], [], storages)
+    for start, end, _, label in spans:
+        if layout.ends and start < layout.ends[-1]:
+            layout.ends[-1] = max(layout.ends[-1], end)
+            layout.members[-1].append((start, end, label))
+        else:
+            layout.starts.append(start)
+            layout.ends.append(end)
+            layout.members.append([(start, end, label)])
+    return layout
+
+
+def _check_grads(grads: Any, layout: _Layout) -> None:
+    """Refuses a gradient that shares memory with a parameter or a state tensor: the donated
+    step would read it after writing into it."""
+    leaves, _ = flatten(grads)
+    storages = layout.storages
+    for i, leaf in enumerate(leaves):
+        # the common case in one lookup: a gradient in a storage of its own (autograd's)
+        if type(leaf) not in _PLAIN:
+            continue
+        try:
+            if leaf.untyped_storage().data_ptr() not in storages:
+                continue
+        except RuntimeError:  # no storage of its own (vmapped, sparse)
+            continue
+        span = memory_span(leaf)
+        if span is None:
+            continue
+        k = bisect.bisect_right(layout.starts, span[0]) - 1
+        hit = k if k >= 0 and layout.ends[k] > span[0] else None
+        if hit is None and k + 1 < len(layout.starts) and layout.starts[k + 1] < span[1]:
+            hit = k + 1
+        if hit is not None:
+            owner = next(m for a, b, m in layout.members[hit] if a < span[1] and span[0] < b)
+            raise ValueError(
+                f"cannot donate: gradient {tree_names(grads)[i]!r} shares memory with {owner}, which "
+                "the step writes; pass a gradient of its own (.clone())"
+            )

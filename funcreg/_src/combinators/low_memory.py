@@ -7,6 +7,7 @@ import math
 from typing import Any, Literal, NamedTuple
 
 import torch
+import torch.utils._pytree as pytree
 
 from funcreg._src.core.base import GradientTransformation, configured, expect_state
 from funcreg._src.core.donation import donation
@@ -179,12 +180,8 @@ def compress_state(
 
 def _float8_decompressed(state: Any, block: int) -> Any:
     """``state`` with every :class:`Float8Blocks` decoded to its float32 tensor."""
-    if isinstance(state, Float8Blocks):
-        return dequantize_float8_blocks(state, block)
-    if isinstance(state, dict):
-        return {k: _float8_decompressed(v, block) for k, v in state.items()}
-    if isinstance(state, tuple) and hasattr(state, "_fields"):
-        return type(state)(*(_float8_decompressed(v, block) for v in state))
-    if isinstance(state, (list, tuple)):
-        return type(state)(_float8_decompressed(v, block) for v in state)
-    return state
+    return pytree.tree_map(
+        lambda x: dequantize_float8_blocks(x, block) if isinstance(x, Float8Blocks) else x,
+        state,
+        is_leaf=lambda x: isinstance(x, Float8Blocks),
+    )

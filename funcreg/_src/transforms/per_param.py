@@ -17,6 +17,7 @@ from funcreg._src.core.errors import SelectionError
 from funcreg._src.core.tree import tree_names
 from funcreg._src.core.typing import PyTree
 from funcreg._src.core.validation import check_number
+from funcreg._src.selection.mask_cache import PerStructure
 
 __all__ = ["scale_by_layer"]
 
@@ -47,14 +48,16 @@ def scale_by_layer(scales: Mapping[str, float]) -> GradientTransformation:
         del params
         return EmptyState()
 
+    # each leaf's factor, found by name once per tree structure
+    per_leaf = PerStructure(factors, _factors_of)
+
     def update(updates: PyTree, state: EmptyState, params: PyTree | None = None) -> tuple[PyTree, EmptyState]:
         f = flat(updates, params, "scale_by_layer")
-        names = tree_names(updates)
-        _check_names(names, factors)
+        leaf_factors = per_leaf(updates)
         # one foreach call per distinct factor (a few layers), not one multiplication per tensor
         by_factor: dict[float, list[int]] = {}
         for k, i in enumerate(f.index):
-            by_factor.setdefault(factors[names[i]], []).append(k)
+            by_factor.setdefault(leaf_factors[i], []).append(k)
         present = f.present_updates()
         out: list[Any] = [None] * len(present)
         for factor, positions in by_factor.items():
@@ -65,11 +68,14 @@ def scale_by_layer(scales: Mapping[str, float]) -> GradientTransformation:
     return configured(GradientTransformation(init, update), "scale_by_layer", f"<{len(factors)} factors>")
 
 
-def _check_names(names: list[str], factors: dict[str, float]) -> None:
-    """Refuses a tree whose names and the factors' differ, naming the first difference."""
+def _factors_of(factors: dict[str, float], tree: PyTree) -> list[float]:
+    """The factor of each leaf of ``tree``, by name; a tree whose names and the factors' differ is
+    refused, naming the first difference."""
+    names = tree_names(tree)
     missing = next((n for n in names if n not in factors), None)
     if missing is not None:
         raise SelectionError(f"scale_by_layer: no factor for parameter {missing!r}")
     if len(factors) != len(names):
         extra = next(n for n in factors if n not in set(names))
         raise SelectionError(f"scale_by_layer: {extra!r} has a factor but is not a parameter of the tree")
+    return [factors[n] for n in names]

@@ -57,6 +57,16 @@ def make_model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
 
 
+def _leave_group() -> None:
+    """Every rank leaves the gloo group together: a rank that tears its group down while a peer
+    still holds the connection can abort in gloo's destructor ("terminate called without an active
+    exception"), so all ranks meet at a barrier first."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main() -> None:
     def options(parser):  # noqa: ANN001, ANN202
         parser.add_argument("--epochs", type=int, default=150)
@@ -136,7 +146,7 @@ def main() -> None:
         results = fr.distributed.gather_members(results, n)
         history = fr.distributed.gather_members(history, n)
         if rank != 0:
-            dist.destroy_process_group()
+            _leave_group()
             return
     test_acc = results["test_acc"].view(len(wds), len(seeds))
     train_acc = results["train_acc"].view(len(wds), len(seeds))
@@ -166,7 +176,7 @@ def main() -> None:
     # Timing: the vmapped run against the same members stepped one by one (a few steps only).
     if args.distributed:
         print("(--distributed: the vmapped-vs-sequential timing is left to the single-process run)")
-        dist.destroy_process_group()
+        _leave_group()
     else:
         few = batches[:timing_steps]
         start = time.perf_counter()

@@ -217,6 +217,24 @@ def lockstep(
                 state = replace_field(state, cls, field, torch_state(opt, ps, key))
 
 
+class GroupWeightDecaySchedule:
+    """A torch "scheduler" of ``group["weight_decay"]``: ``schedule(t)`` before step ``t`` (0-based),
+    as torch's LR schedulers set ``group["lr"]``; the reference for funcreg's ``weight_decay=``
+    schedules (``lockstep(..., schedulers=lambda opt: [GroupWeightDecaySchedule(opt, schedule)])``)."""
+
+    def __init__(self, opt: torch.optim.Optimizer, schedule: Any) -> None:
+        self.opt, self.schedule, self.count = opt, schedule, 0
+        self._set()
+
+    def _set(self) -> None:
+        for group in self.opt.param_groups:
+            group["weight_decay"] = float(self.schedule(self.count))
+
+    def step(self) -> None:
+        self.count += 1
+        self._set()
+
+
 # Tolerances of the training tests: a vmapped or compiled run against separate eager runs.
 STEP_TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 

@@ -11,12 +11,14 @@ params and moments, so a rounding difference in one step cannot be amplified by 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.utils._pytree as pytree
 from helpers import (
     SLOW_OK,
+    GroupWeightDecaySchedule,
     assert_lists_close,
     assert_tensors_close,
     assert_trees_close,
@@ -355,6 +357,85 @@ def test_sgd_lambda_schedule_matches_lambda_lr(problem, hp, gamma):
         sgd_check(hp["momentum"]),
         schedulers=lambda opt: [torch.optim.lr_scheduler.LambdaLR(opt, lambda e: gamma**e)],
     )
+
+
+# --- weight-decay schedules: torch's group["weight_decay"] set before each step ------------------------
+
+
+def _decay_schedule(wd: float, gamma: float) -> Callable[[int], float]:
+    """``count -> wd * gamma**count / (1 + count)``: a different value at every step, 0 never."""
+    return lambda count: wd * gamma**count / (1 + count)
+
+
+@FOREACH
+@settings(deadline=None, max_examples=15, suppress_health_check=SLOW_OK)
+@given(
+    problem=problems(),
+    hp=sgd_hparams(),
+    wd=st.floats(1e-3, 1.0),
+    gamma=st.floats(0.3, 1.0),
+    lr_gamma=st.one_of(st.none(), st.floats(0.5, 1.0)),
+)
+def test_sgd_weight_decay_schedule_matches_torch_group_weight_decay(
+    foreach, problem, hp, wd, gamma, lr_gamma
+):
+    """``sgd(weight_decay=schedule)`` is torch's SGD whose group weight_decay a scheduler sets before
+    each step (with an lr schedule beside it, on its own count)."""
+    params, grads = problem
+    schedule = _decay_schedule(wd, gamma)
+    lr = hp["lr"] if lr_gamma is None else (lambda c: hp["lr"] * lr_gamma**c)
+
+    def schedulers(opt):
+        decay = [GroupWeightDecaySchedule(opt, schedule)]
+        return (
+            decay
+            if lr_gamma is None
+            else decay + [torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_gamma**e)]
+        )
+
+    lockstep(
+        fr_sgd(dict(hp, lr=lr, weight_decay=schedule)),
+        params,
+        grads,
+        lambda ps: torch.optim.SGD(ps, foreach=foreach, **hp),
+        sgd_check(hp["momentum"]),
+        schedulers=schedulers,
+    )
+
+
+@FOREACH
+@pytest.mark.parametrize("decoupled", [False, True], ids=["adam", "adamw"])
+@settings(deadline=None, max_examples=15, suppress_health_check=SLOW_OK)
+@given(problem=problems(), hp=adam_hparams(), wd=st.floats(1e-3, 1.0), gamma=st.floats(0.3, 1.0))
+def test_adam_weight_decay_schedule_matches_torch_group_weight_decay(
+    foreach, decoupled, problem, hp, wd, gamma
+):
+    """``adam``/``adamw(weight_decay=schedule)``: torch's Adam/AdamW with the group's weight_decay set
+    before each step; AdamW's decay stays ``lr * wd_t * w``."""
+    params, grads = problem
+    schedule = _decay_schedule(wd, gamma)
+    torch_cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    lockstep(
+        fr_adam(fr.adamw if decoupled else fr.adam, dict(hp, weight_decay=schedule)),
+        params,
+        grads,
+        lambda ps: torch_cls(ps, foreach=foreach, **hp),
+        adam_check(hp["amsgrad"]),
+        schedulers=lambda opt: [GroupWeightDecaySchedule(opt, schedule)],
+    )
+
+
+def test_weight_decay_schedule_values_are_checked_as_they_come_out():
+    """A schedule's value is checked at the step that reads it, naming weight_decay and the count."""
+    params = {"w": torch.ones(2)}
+    for tx in (
+        fr.sgd(0.1, weight_decay=lambda c: -0.1),
+        fr.adamw(0.1, weight_decay=lambda c: float("nan")),
+        fr.add_decayed_weights(lambda c: torch.ones(2)),
+        fr.decoupled_weight_decay(lambda c: -1.0, scale_by="none"),
+    ):
+        with pytest.raises(ValueError, match="weight_decay schedule"):
+            tx.update({"w": torch.ones(2)}, tx.init(params), params)
 
 
 # --- conventions (shared/conventions.md) that involve only the core -----------------------------------

@@ -21,6 +21,7 @@ import torch
 import torch.utils._pytree as pytree
 from helpers import (
     SLOW_OK,
+    GroupWeightDecaySchedule,
     assert_tensors_close,
     detached,
     find_state,
@@ -329,12 +330,20 @@ def test_alias_matches_torch_optim(name, foreach, data):
     lr = data.draw(lrs, label="lr")
     gamma = data.draw(st.one_of(st.none(), st.floats(0.5, 1.0)), label="schedule gamma")
     rate = lr if gamma is None else (lambda count: lr * gamma**count)
-    tx = spec.ours(rate, **hp)
+    # a weight-decay schedule where torch has the decay: its group["weight_decay"] set before each step
+    wd = hp.get("weight_decay", 0.0) if name != "rprop" else 0.0
+    wd_gamma = data.draw(st.one_of(st.none(), st.floats(0.3, 1.0)), label="decay gamma") if wd else None
+    decay = None if wd_gamma is None else (lambda count: wd * wd_gamma**count / (1 + count))
+    tx = spec.ours(rate, **(hp if decay is None else dict(hp, weight_decay=decay)))
     extra = {} if foreach is None else {"foreach": foreach}
     make = lambda ps: spec.theirs(ps, lr=lr, **hp, **extra)  # noqa: E731
-    schedulers = (
-        None if gamma is None else (lambda opt: [torch.optim.lr_scheduler.LambdaLR(opt, lambda e: gamma**e)])
-    )
+
+    def schedulers(opt: Any) -> list[Any]:
+        out: list[Any] = [] if decay is None else [GroupWeightDecaySchedule(opt, decay)]
+        if gamma is not None:
+            out.append(torch.optim.lr_scheduler.LambdaLR(opt, lambda e: gamma**e))
+        return out
+
     worst = run_lockstep(tx, params, grads, make, spec.syncs, spec.steps_cls, schedulers)
     key = (name, leaves(params)[0].dtype)
     DEVIATIONS[key] = max(DEVIATIONS.get(key, 0.0), worst)
@@ -402,7 +411,11 @@ def test_muon_matches_torch_muon_with_adamw_fallback(data):
     rate = lr if gamma is None else (lambda count: lr * gamma**count)
     adamw_lr, adamw_wd = 3e-3, 0.01
     adamw_rate = adamw_lr if gamma is None else (lambda count: adamw_lr * gamma**count)
-    tx = fr.muon(rate, **hp, maximize=maximize, fallback=fr.adamw(adamw_rate, weight_decay=adamw_wd))
+    wd = hp["weight_decay"]
+    wd_gamma = data.draw(st.one_of(st.none(), st.floats(0.3, 1.0)), label="decay gamma") if wd else None
+    decay = None if wd_gamma is None else (lambda count: wd * wd_gamma**count / (1 + count))
+    ours = hp if decay is None else dict(hp, weight_decay=decay)
+    tx = fr.muon(rate, **ours, maximize=maximize, fallback=fr.adamw(adamw_rate, weight_decay=adamw_wd))
 
     def make(ps):
         matrices = [p for p in ps if p.ndim == 2]
@@ -412,11 +425,13 @@ def test_muon_matches_torch_muon_with_adamw_fallback(data):
             opts.append(torch.optim.AdamW(others, lr=adamw_lr, weight_decay=adamw_wd))
         return Split(*opts)
 
-    schedulers = None
-    if gamma is not None:
-        schedulers = lambda split: [
-            torch.optim.lr_scheduler.LambdaLR(o, lambda e: gamma**e) for o in split.opts
-        ]  # noqa: E731
+    def schedulers(split: Any) -> list[Any]:
+        # the decay schedule drives Muon's group only (the AdamW fallback keeps its constant decay)
+        out: list[Any] = [] if decay is None else [GroupWeightDecaySchedule(split.opts[0], decay)]
+        if gamma is not None:
+            out += [torch.optim.lr_scheduler.LambdaLR(o, lambda e: gamma**e) for o in split.opts]
+        return out
+
     syncs = [
         Sync(fr.ScaleByMuonState, "trace", "momentum_buffer"),
         Sync(fr.ScaleByAdamState, "mu", "exp_avg"),
@@ -480,9 +495,12 @@ def test_lion_matches_the_papers_update_rule(data):
     b1 = data.draw(st.one_of(st.just(0.9), st.floats(0.0, 1.0)))
     b2 = data.draw(st.one_of(st.just(0.99), st.floats(0.0, 1.0)))
     wd, maximize = data.draw(coefficients), data.draw(st.booleans())
-    tx = fr.lion(lr, betas=(b1, b2), weight_decay=wd, maximize=maximize)
+    wd_gamma = data.draw(st.one_of(st.none(), st.floats(0.3, 1.0)), label="decay gamma") if wd else None
+    decay = None if wd_gamma is None else (lambda count: wd * wd_gamma**count / (1 + count))
+    tx = fr.lion(lr, betas=(b1, b2), weight_decay=wd if decay is None else decay, maximize=maximize)
     ps = [torch.nn.Parameter(p.detach().clone()) for p in leaves(params)]
     opt = PaperLion(ps, lr, (b1, b2), wd, maximize)
+    decay_schedule = None if decay is None else GroupWeightDecaySchedule(opt, decay)
     state, spec = tx.init(params), pytree.tree_structure(params, is_leaf=lambda x: x is None)
     for step, g in enumerate(grads, start=1):
         u, state = tx.update(g, state, params)
@@ -490,6 +508,8 @@ def test_lion_matches_the_papers_update_rule(data):
         for p, gi in zip(ps, leaves(g)):
             p.grad = None if gi is None else gi.clone()
         opt.step()
+        if decay_schedule is not None:
+            decay_schedule.step()
         for i, (mine, p) in enumerate(zip(leaves(new), ps)):
             st_ = opt.state.get(p, {})
             if "c" in st_:

@@ -47,6 +47,8 @@ W_ONLY = {"w": True, "b": False}
 B_ONLY = {"w": False, "b": True}
 # a warmup: the learning rate at count 0 is 0, so reading the schedule at the wrong count shows at once
 SCHED = fr.warmup_cosine_decay_schedule(0.05, warmup_steps=2, decay_steps=8)
+# a weight-decay schedule: a different value at each of the first steps (read at the wrong count, it shows)
+WD_SCHED = fr.linear_schedule(0.2, 0.02, 4)
 
 
 def _reference() -> dict[str, torch.Tensor]:
@@ -149,6 +151,15 @@ def _build_table() -> dict[str, Callable[[], fr.GradientTransformation]]:
     t["decoupled_weight_decay_none"] = lambda: fr.chain(
         fr.scale_by_learning_rate(0.1), fr.decoupled_weight_decay(0.01, scale_by="none")
     )
+    t["add_decayed_weights_schedule"] = lambda: fr.chain(
+        fr.add_decayed_weights(WD_SCHED, mask=W_ONLY), fr.sgd(0.1)
+    )
+    t["decoupled_weight_decay_wd_schedule"] = lambda: fr.chain(
+        fr.sgd(SCHED, momentum=0.9), fr.decoupled_weight_decay(WD_SCHED, SCHED, scale_by="learning_rate")
+    )
+    t["decoupled_weight_decay_none_wd_schedule"] = lambda: fr.chain(
+        fr.scale_by_learning_rate(0.1), fr.decoupled_weight_decay(WD_SCHED, scale_by="none")
+    )
     # --- aliases equal to torch.optim, with their notable options
     t["sgd"] = lambda: fr.sgd(0.1)
     t["sgd_momentum_dampening_wd"] = lambda: fr.sgd(0.1, momentum=0.9, dampening=0.2, weight_decay=0.01)
@@ -168,6 +179,18 @@ def _build_table() -> dict[str, Callable[[], fr.GradientTransformation]]:
     )
     t["adamw_fused_mask"] = lambda: fr.adamw(0.01, weight_decay=0.1, mask=W_ONLY, fused=True)
     t["adamw_schedule"] = lambda: fr.adamw(SCHED, weight_decay=0.1)
+    # weight_decay as a schedule: the fused kernels read it at the step's count
+    t["sgd_wd_schedule"] = lambda: fr.sgd(0.1, momentum=0.9, weight_decay=WD_SCHED)
+    t["sgd_wd_schedule_lr_schedule_maximize"] = lambda: fr.sgd(SCHED, weight_decay=WD_SCHED, maximize=True)
+    t["adam_wd_schedule"] = lambda: fr.adam(SCHED, weight_decay=WD_SCHED)
+    t["adam_fused_wd_schedule"] = lambda: fr.adam(0.01, weight_decay=WD_SCHED, fused=True)
+    t["adamw_wd_schedule_mask"] = lambda: fr.adamw(SCHED, weight_decay=WD_SCHED, mask=W_ONLY)
+    t["adamw_fused_wd_schedule"] = lambda: fr.adamw(0.01, weight_decay=WD_SCHED, fused=True)
+    t["nadam_decoupled_wd_schedule_both"] = lambda: fr.nadam(
+        SCHED, weight_decay=WD_SCHED, decoupled_weight_decay=True
+    )
+    t["rmsprop_wd_schedule"] = lambda: fr.rmsprop(0.01, weight_decay=WD_SCHED)
+    t["lion_wd_schedule"] = lambda: fr.lion(0.01, weight_decay=WD_SCHED)
     t["adamax"] = lambda: fr.adamax(0.01)
     t["adamax_wd_maximize_schedule"] = lambda: fr.adamax(SCHED, weight_decay=0.1, maximize=True)
     t["nadam"] = lambda: fr.nadam(0.01)
@@ -243,6 +266,7 @@ def _build_table() -> dict[str, Callable[[], fr.GradientTransformation]]:
     t["average_weights_swa"] = lambda: fr.average_weights(fr.sgd(0.1, momentum=0.9))
     t["schedule_free_sgd"] = lambda: fr.schedule_free_sgd(0.1, weight_decay=0.01, warmup_steps=2)
     t["schedule_free_adamw"] = lambda: fr.schedule_free_adamw(0.01, weight_decay=0.1, warmup_steps=2)
+    t["schedule_free_adamw_wd_schedule"] = lambda: fr.schedule_free_adamw(0.01, weight_decay=WD_SCHED)
     t["apply_if_finite"] = lambda: fr.apply_if_finite(fr.adam(0.01), max_consecutive_errors=2)
     t["apply_if_finite_chain"] = lambda: fr.apply_if_finite(
         fr.chain(fr.add_decayed_weights(0.1), fr.sgd(0.1, momentum=0.9)), max_consecutive_errors=0

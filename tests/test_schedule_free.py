@@ -39,11 +39,12 @@ def reference(kind, w0, grads_at, steps, lr, beta1, beta2, eps, wd, warmup, r, p
         weight = ((k + 1) ** r) * (lr_max**power)
         weight_sum += weight
         ckp1 = weight / weight_sum
+        wd_k = wd(k) if callable(wd) else wd  # a weight-decay schedule, read at the step's count
         if kind == "sgd":
-            g = g + wd * y
+            g = g + wd_k * y
             z = z - lr_k * g
         else:
-            z = z - lr_k * wd * y
+            z = z - lr_k * wd_k * y
             v = beta2 * v + (1 - beta2) * g * g
             z = z - lr_k * g / (v.sqrt() + eps)
         x = x * (1 - ckp1) + z * ckp1
@@ -56,12 +57,14 @@ def reference(kind, w0, grads_at, steps, lr, beta1, beta2, eps, wd, warmup, r, p
 @given(
     target=arrays(np.float64, (5,), elements=st.floats(-2, 2, width=64)),
     warmup=st.integers(0, 4),
-    wd=st.sampled_from([0.0, 0.05]),
+    wd=st.sampled_from([0.0, 0.05, "schedule"]),
     r=st.sampled_from([0.0, 1.0]),
     power=st.sampled_from([0.0, 2.0]),
 )
 def test_schedule_free_equals_the_reference_step(kind, target, warmup, wd, r, power):
     t = torch.from_numpy(target)
+    if wd == "schedule":
+        wd = lambda count: 0.2 / (1 + count)  # noqa: E731
     A = torch.diag(torch.linspace(0.5, 2.0, 5, dtype=torch.float64))
 
     def grads_at(w):

@@ -106,6 +106,11 @@ def is_zero(value: Any) -> bool:
     return not isinstance(value, torch.Tensor) and not callable(value) and value == 0
 
 
+def is_schedule(value: Any) -> bool:
+    """True for a schedule ``count -> value``: a callable that is not a tensor."""
+    return callable(value) and not isinstance(value, torch.Tensor)
+
+
 def schedule_value(
     learning_rate: float | torch.Tensor | Callable[[Any], Any], count: Any, name: str = "learning_rate"
 ) -> Any:

@@ -21,11 +21,16 @@ from funcreg._src.core import leafwise
 from funcreg._src.core.base import expect_state, flat
 from funcreg._src.core.tree import compiling
 from funcreg._src.core.typing import PyTree
-from funcreg._src.core.validation import schedule_value
+from funcreg._src.core.validation import is_schedule, schedule_value
 from funcreg._src.kernels.scratch import Scratch, add_into, unary_into
 from funcreg._src.selection.mask_cache import CachedMask
 from funcreg._src.selection.resolve import MaskLike
-from funcreg._src.transforms.basic import ScaleByAdamState, ScaleByScheduleState, TraceState
+from funcreg._src.transforms.basic import (
+    AddDecayedWeightsState,
+    ScaleByAdamState,
+    ScaleByScheduleState,
+    TraceState,
+)
 
 
 @dataclass(frozen=True)
@@ -85,10 +90,12 @@ class AdamKernel:
             return None
         if len({(p.device, p.dtype) for p in ps}) != 1:
             return None
-        lr = schedule_value(self.learning_rate, leafwise.concrete(state.count))
-        if isinstance(lr, torch.Tensor):
+        count = leafwise.concrete(state.count)
+        lr = schedule_value(self.learning_rate, count)
+        wd = schedule_value(self.weight_decay, count, "weight_decay")
+        if isinstance(lr, torch.Tensor) or isinstance(wd, torch.Tensor):
             return None
-        groups = self._groups(f, params, lr, extra)
+        groups = self._groups(f, params, lr, float(wd), extra)
         if groups is None:
             return None
         mu = f.present(f.state_leaves(state.mu, self.who, "mu"))
@@ -110,12 +117,12 @@ class AdamKernel:
         return params, state
 
     def _groups(
-        self, f: Any, params: PyTree, lr: float, extra: ExtraDecay | None
+        self, f: Any, params: PyTree, lr: float, wd: float, extra: ExtraDecay | None
     ) -> dict[tuple[float, bool], list[int]] | None:
         """The present leaves grouped by ``(weight_decay, decoupled)``, as torch's param groups would be
-        (``None`` where one leaf would need both a coupled and a decoupled decay: the kernels take one)."""
+        (``None`` where one leaf would need both a coupled and a decoupled decay: the kernels take one).
+        ``wd``: the alias's decay at this step (its schedule's value)."""
         n = len(f.index)
-        wd = float(self.weight_decay)
         if self.decoupled:
             keep = [True] * n if self._mask is None else f.present(self._mask(params))
             coupled, decoupled = [0.0] * n, [wd if k else 0.0 for k in keep]
@@ -295,10 +302,19 @@ class SgdKernel:
             return None
         schedule = state[-1] if isinstance(state[-1], ScaleByScheduleState) else None
         lr = schedule_value(self.learning_rate, 0 if schedule is None else leafwise.concrete(schedule.count))
-        if isinstance(lr, torch.Tensor):
+        # a decay schedule counts in add_decayed_weights' state, the link after the optional negation
+        decay_state = state[int(self.maximize)] if is_schedule(self.weight_decay) else None
+        if decay_state is not None and not isinstance(decay_state, AddDecayedWeightsState):
+            return None
+        wd = schedule_value(
+            self.weight_decay,
+            0 if decay_state is None else leafwise.concrete(decay_state.count),
+            "weight_decay",
+        )
+        if isinstance(lr, torch.Tensor) or isinstance(wd, torch.Tensor):
             return None
         n = len(ps)
-        coupled = [float(self.weight_decay)] * n
+        coupled = [float(wd)] * n
         if extra is not None and extra.coupled is not None:
             coupled = [c + x for c, x in zip(coupled, f.present(extra.coupled))]
         decay = [0.0] * n
@@ -323,6 +339,8 @@ class SgdKernel:
             trace.count.add_(1)
         if schedule is not None:
             schedule.count.add_(1)
+        if decay_state is not None:
+            decay_state.count.add_(1)
         return params, state
 
     def _step(

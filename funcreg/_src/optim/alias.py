@@ -40,7 +40,7 @@ def sgd(
     momentum: float = 0.0,
     dampening: float = 0.0,
     nesterov: bool = False,
-    weight_decay: float = 0.0,
+    weight_decay: ScalarOrSchedule = 0.0,
     maximize: bool = False,
 ) -> GradientTransformation:
     """``torch.optim.SGD`` as a chain: ``[negate] -> add_decayed_weights -> [trace] -> scale_by_learning_rate``.
@@ -59,7 +59,7 @@ def sgd(
     check_rate("learning_rate", learning_rate)
     check_number("momentum", momentum, low=0.0, allow_tensor=False)
     check_number("dampening", dampening, low=None, allow_tensor=False)
-    check_number("weight_decay", weight_decay, low=0.0)
+    check_rate("weight_decay", weight_decay)
     check_bool("nesterov", nesterov)
     check_bool("maximize", maximize)
     if nesterov and (momentum <= 0 or dampening != 0):
@@ -95,7 +95,7 @@ def adam(
     learning_rate: ScalarOrSchedule,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: ScalarOrSchedule = 0.0,
     amsgrad: bool = False,
     maximize: bool = False,
     fused: bool = False,
@@ -146,7 +146,7 @@ def adamw(
     learning_rate: ScalarOrSchedule,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    weight_decay: float = 1e-2,
+    weight_decay: ScalarOrSchedule = 1e-2,
     amsgrad: bool = False,
     maximize: bool = False,
     mask: MaskLike | None = None,
@@ -223,7 +223,7 @@ def _adam_family(
     b1, b2 = _betas(betas)
     check_rate("learning_rate", learning_rate)
     check_number("eps", eps, low=0.0, allow_tensor=False)
-    check_number("weight_decay", weight_decay, low=0.0)
+    check_rate("weight_decay", weight_decay)
     check_bool("amsgrad", amsgrad)
     check_bool("maximize", maximize)
     check_bool("fused", fused)
@@ -242,10 +242,12 @@ def _adam_family(
         grads = f.present_updates()
         if maximize:
             grads = leafwise.mul(grads, -1.0)
-        if has_decay and not decoupled:
-            grads = leafwise.add(grads, f.present_params(), alpha=weight_decay)
         # read at this step's count, before a donated adam_moments counts it in place
-        lr = schedule_value(learning_rate, leafwise.concrete(state.count))
+        count = leafwise.concrete(state.count)
+        lr = schedule_value(learning_rate, count)
+        wd = schedule_value(weight_decay, count, "weight_decay")
+        if has_decay and not decoupled:
+            grads = leafwise.add(grads, f.present_params(), alpha=wd)
         mu, denom, steps, new_state = adam_moments(f, state, grads, b1=b1, b2=b2, amsgrad=amsgrad, who=who)
         # m / (sqrt(v) / c + eps) == c * m / (sqrt(v) + eps * c) with c = sqrt(1 - b2^t): one pass
         # over the moments fewer than torch's sqrt-div-add, equal up to rounding
@@ -257,7 +259,7 @@ def _adam_family(
             params_present = f.present_params()
             decayed = [i for i, k in enumerate(present_keep) if k]
             out: list[Any] = [None] * len(f.index)
-            for i, u in zip(decayed, leafwise.mul([params_present[i] for i in decayed], -lr * weight_decay)):
+            for i, u in zip(decayed, leafwise.mul([params_present[i] for i in decayed], -lr * wd)):
                 out[i] = u
             for i, k in enumerate(present_keep):
                 if not k:

@@ -35,7 +35,7 @@ def _others(params: PyTree) -> PyTree:
 
 def muon(
     learning_rate: ScalarOrSchedule = 1e-3,
-    weight_decay: float = 0.1,
+    weight_decay: ScalarOrSchedule = 0.1,
     momentum: float = 0.95,
     nesterov: bool = True,
     ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
@@ -106,7 +106,7 @@ def muon(
 def lion(
     learning_rate: ScalarOrSchedule = 1e-4,
     betas: tuple[float, float] = (0.9, 0.99),
-    weight_decay: float = 0.0,
+    weight_decay: ScalarOrSchedule = 0.0,
     maximize: bool = False,
 ) -> GradientTransformation:
     """Lion (Chen et al., 2023): ``[negate] -> scale_by_lion -> scale_by_learning_rate -> decoupled decay``.

@@ -44,7 +44,7 @@ def betas_pair(betas: Any, high: float = 1.0, high_open: bool = True) -> tuple[f
 def head(maximize: bool, weight_decay: Any, coupled: bool = True) -> list[GradientTransformation]:
     """The links before the rule: ``[scale(-1)]`` for ``maximize``, then a coupled decay if any."""
     check_bool("maximize", maximize)
-    check_number("weight_decay", weight_decay, low=0.0)
+    check_rate("weight_decay", weight_decay)
     parts = [scale(-1.0)] if maximize else []
     if coupled and not is_zero(weight_decay):
         parts.append(add_decayed_weights(weight_decay))
@@ -62,7 +62,7 @@ def adamax(
     learning_rate: ScalarOrSchedule = 2e-3,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: ScalarOrSchedule = 0.0,
     maximize: bool = False,
 ) -> GradientTransformation:
     """``torch.optim.Adamax`` as a chain.
@@ -93,7 +93,7 @@ def nadam(
     learning_rate: ScalarOrSchedule = 2e-3,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: ScalarOrSchedule = 0.0,
     momentum_decay: float = 4e-3,
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
@@ -147,7 +147,7 @@ def radam(
     learning_rate: ScalarOrSchedule = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: ScalarOrSchedule = 0.0,
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
 ) -> GradientTransformation:
@@ -189,7 +189,7 @@ def rmsprop(
     learning_rate: ScalarOrSchedule = 1e-2,
     alpha: float = 0.99,
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: ScalarOrSchedule = 0.0,
     momentum: float = 0.0,
     centered: bool = False,
     maximize: bool = False,
@@ -232,7 +232,7 @@ def rmsprop(
 def adagrad(
     learning_rate: ScalarOrSchedule = 1e-2,
     lr_decay: float = 0.0,
-    weight_decay: float = 0.0,
+    weight_decay: ScalarOrSchedule = 0.0,
     initial_accumulator_value: float = 0.0,
     eps: float = 1e-10,
     maximize: bool = False,
@@ -274,7 +274,7 @@ def adadelta(
     learning_rate: ScalarOrSchedule = 1.0,
     rho: float = 0.9,
     eps: float = 1e-6,
-    weight_decay: float = 0.0,
+    weight_decay: ScalarOrSchedule = 0.0,
     maximize: bool = False,
 ) -> GradientTransformation:
     """``torch.optim.Adadelta`` as a chain.
@@ -306,7 +306,7 @@ def rprop(
     etas: tuple[float, float] = (0.5, 1.2),
     step_sizes: tuple[float, float] = (1e-6, 50.0),
     maximize: bool = False,
-    weight_decay: float = 0.0,
+    weight_decay: ScalarOrSchedule = 0.0,
 ) -> GradientTransformation:
     """``torch.optim.Rprop``: ``[negate] -> [add_decayed_weights] -> scale_by_rprop -> scale(-1)``.
 
@@ -338,7 +338,7 @@ def adafactor(
     beta2_decay: float = -0.8,
     eps: tuple[float | None, float] = (None, 1e-3),
     d: float = 1.0,
-    weight_decay: float = 0.0,
+    weight_decay: ScalarOrSchedule = 0.0,
     maximize: bool = False,
 ) -> GradientTransformation:
     """``torch.optim.Adafactor`` as a chain.

@@ -19,7 +19,7 @@ from funcreg._src.combinators.combine import chain
 from funcreg._src.core.base import GradientTransformation
 from funcreg._src.core.tree import tree_names
 from funcreg._src.core.typing import ScalarOrSchedule
-from funcreg._src.core.validation import check_number
+from funcreg._src.core.validation import check_rate, is_schedule
 from funcreg._src.forms.forms import add_penalty_grad, decoupled, proximal
 from funcreg._src.optim.table import FORMS, OptimizerSpec, _check_hyperparameters, optimizer_spec
 from funcreg._src.penalties import Penalty, l2
@@ -59,7 +59,12 @@ def build_transform(
         raise TypeError(
             f"penalty must be a funcreg penalty (fr.l1(...), fr.l2(...), ...), got {type(penalty).__name__}"
         )
-    check_number("weight_decay", weight_decay, low=0.0)
+    check_rate("weight_decay", weight_decay)
+    if form == "proximal" and is_schedule(weight_decay):
+        raise ValueError(
+            "Invalid weight_decay value: a schedule with form='proximal' (the decay becomes the coefficient of "
+            "an l2 penalty, a number): use form='coupled' or 'decoupled', or fr.inject_hyperparams to change it"
+        )
     hp = _check_hyperparameters(spec, hyperparameters)
     has_decay = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
     if (
@@ -168,7 +173,7 @@ def create_transform(
     model_or_params: Any,
     name: str = "adamw",
     lr: ScalarOrSchedule | None = None,
-    weight_decay: float | None = None,
+    weight_decay: ScalarOrSchedule | None = None,
     *,
     decay: Any = None,
     penalty: Penalty | None = None,

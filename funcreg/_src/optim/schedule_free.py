@@ -25,11 +25,12 @@ from typing import Any, NamedTuple
 
 import torch
 
+from funcreg._src.core import leafwise
 from funcreg._src.core.base import GradientTransformation, begin, find_one_state
 from funcreg._src.core.steps import init_count
 from funcreg._src.core.tree import flatten, unflatten
-from funcreg._src.core.typing import PyTree
-from funcreg._src.core.validation import check_int, check_number
+from funcreg._src.core.typing import PyTree, Schedule
+from funcreg._src.core.validation import check_int, check_number, is_schedule, is_zero, schedule_value
 from funcreg._src.optim.alias import _betas
 from funcreg._src.transforms.block_utils import with_config
 
@@ -54,7 +55,7 @@ def _schedule_free(
     beta1: float,
     beta2: float | None,
     eps: float,
-    weight_decay: float,
+    weight_decay: float | Schedule,
     warmup_steps: int,
     r: float,
     weight_lr_power: float,
@@ -89,6 +90,7 @@ def _schedule_free(
         weight = k**r * lr_max**weight_lr_power
         weight_sum = state.weight_sum + weight
         ckp1 = weight / weight_sum
+        wd = schedule_value(weight_decay, leafwise.concrete(state.count), "weight_decay")
         z_leaves, spec = flatten(state.z)
         x_leaves, _ = flatten(state.x)
         nu_leaves = flatten(state.nu)[0] if state.nu is not None else None
@@ -98,8 +100,9 @@ def _schedule_free(
         for i in f.index:
             g, y, z, x = f.updates[i], f.params[i], z_leaves[i], x_leaves[i]
             lr_i, c_i = lr.to(y.dtype), ckp1.to(y.dtype)
-            if weight_decay:
-                z = z - lr_i * weight_decay * y
+            if not is_zero(weight_decay):
+                wd_i = wd.to(y.dtype) if isinstance(wd, torch.Tensor) else wd
+                z = z - lr_i * wd_i * y
             if new_nu is not None:
                 assert beta2 is not None and nu_leaves is not None
                 nu = beta2 * nu_leaves[i] + (1 - beta2) * g * g
@@ -120,10 +123,11 @@ def _schedule_free(
 
 
 def _check(
-    learning_rate: float, weight_decay: float, warmup_steps: int, r: float, weight_lr_power: float
+    learning_rate: float, weight_decay: float | Schedule, warmup_steps: int, r: float, weight_lr_power: float
 ) -> None:
     check_number("learning_rate", learning_rate, low=0.0, low_open=True, allow_tensor=False)
-    check_number("weight_decay", weight_decay, low=0.0, allow_tensor=False)
+    if not is_schedule(weight_decay):
+        check_number("weight_decay", weight_decay, low=0.0, allow_tensor=False)
     check_int("warmup_steps", warmup_steps, low=0)
     check_number("r", r, low=0.0, allow_tensor=False)
     check_number("weight_lr_power", weight_lr_power, low=0.0, allow_tensor=False)
@@ -144,7 +148,7 @@ def _configured(
 def schedule_free_sgd(
     learning_rate: float = 1.0,
     momentum: float = 0.9,
-    weight_decay: float = 0.0,
+    weight_decay: float | Schedule = 0.0,
     warmup_steps: int = 0,
     r: float = 0.0,
     weight_lr_power: float = 2.0,
@@ -193,7 +197,7 @@ def schedule_free_adamw(
     learning_rate: float = 0.0025,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: float | Schedule = 0.0,
     warmup_steps: int = 0,
     r: float = 0.0,
     weight_lr_power: float = 2.0,

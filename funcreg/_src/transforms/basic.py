@@ -23,7 +23,14 @@ from funcreg._src.core.base import (
 )
 from funcreg._src.core.steps import advance_steps, init_count, next_count, per_param_counts
 from funcreg._src.core.typing import PyTree, ScalarOrSchedule
-from funcreg._src.core.validation import check_bool, check_number, check_rate, is_zero, schedule_value
+from funcreg._src.core.validation import (
+    check_bool,
+    check_number,
+    check_rate,
+    is_schedule,
+    is_zero,
+    schedule_value,
+)
 from funcreg._src.selection.resolve import MaskLike
 from funcreg._src.transforms.adam import ScaleByAdamState, adam_moments, scale_by_adam  # noqa: F401  (their home before the split)
 
@@ -206,15 +213,24 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
     )
 
 
-def add_decayed_weights(weight_decay: float | torch.Tensor, mask: MaskLike = None) -> GradientTransformation:
-    """Coupled L2: adds ``weight_decay * w`` to the updates, ``u <- u + wd * w``.
+class AddDecayedWeightsState(NamedTuple):
+    """State of :func:`add_decayed_weights` with a schedule: the number of updates done so far."""
+
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count, as in optax
+
+
+def add_decayed_weights(weight_decay: ScalarOrSchedule, mask: MaskLike = None) -> GradientTransformation:
+    """Coupled L2: adds ``weight_decay * w`` to the updates, ``u <- u + wd_t * w``.
 
     Placed first in a chain this is ``torch.optim``'s ``weight_decay=`` (SGD, Adam): the gradient of
     the loss term ``wd/2 * ||w||^2``, which then goes through momentum and Adam's scaling. Equal to
     ``add_penalty_grad(l2(weight_decay))``. ``weight_decay=0`` is an exact identity.
 
     Args:
-        weight_decay: finite, ``>= 0``.
+        weight_decay: finite, ``>= 0``; or a schedule ``count -> wd_t`` called with the number of
+            updates done before this one (0 at the first step), as a learning-rate schedule is: torch's
+            ``group["weight_decay"]`` set by a scheduler before each step. Its values are checked as
+            they come out (finite, ``>= 0``, a number or a 0-d tensor).
         mask: which parameters to decay (a bool tree, a prefix of one, a selection, or a callable
             ``params -> mask``); the others pass through bit-identical.
 
@@ -224,18 +240,28 @@ def add_decayed_weights(weight_decay: float | torch.Tensor, mask: MaskLike = Non
         >>> params = {"w": torch.tensor([2.0])}
         >>> tx.update({"w": torch.tensor([1.0])}, tx.init(params), params)[0]["w"]
         tensor([1.2000])
+        >>> tx = fr.add_decayed_weights(lambda count: 0.1 * 0.5**count)  # halved at every step
+        >>> state = tx.init(params)
+        >>> _, state = tx.update({"w": torch.tensor([1.0])}, state, params)
+        >>> tx.update({"w": torch.tensor([1.0])}, state, params)[0]["w"]  # 1 + 0.05 * 2
+        tensor([1.1000])
     """
-    check_number("weight_decay", weight_decay, low=0.0)
+    check_rate("weight_decay", weight_decay)
     if is_zero(weight_decay):
         return identity()
+    scheduled = is_schedule(weight_decay)
 
-    def init(params: PyTree) -> EmptyState:
-        del params
-        return EmptyState()
+    def init(params: PyTree) -> Any:
+        return AddDecayedWeightsState(count=init_count(params)) if scheduled else EmptyState()
 
-    def update(updates: PyTree, state: EmptyState, params: PyTree | None = None) -> tuple[PyTree, EmptyState]:
+    def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, Any]:
         f = flat(updates, params, "add_decayed_weights", needs_params=True)
-        return f.tree(leafwise.add(f.present_updates(), f.present_params(), alpha=weight_decay)), state
+        wd: Any = weight_decay
+        if scheduled:
+            expect_state(state, AddDecayedWeightsState, "add_decayed_weights")
+            wd = schedule_value(weight_decay, leafwise.concrete(state.count), "weight_decay")
+            state = AddDecayedWeightsState(count=next_count(state.count))
+        return f.tree(leafwise.add(f.present_updates(), f.present_params(), alpha=wd)), state
 
     return configured(
         _maybe_masked(GradientTransformation(init, update), mask),
@@ -246,13 +272,14 @@ def add_decayed_weights(weight_decay: float | torch.Tensor, mask: MaskLike = Non
 
 
 class DecoupledWeightDecayState(NamedTuple):
-    """State of :func:`decoupled_weight_decay` with a schedule: the number of updates done so far."""
+    """State of :func:`decoupled_weight_decay` with a schedule (of the decay or of the rate): the
+    number of updates done so far."""
 
     count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count, as in optax
 
 
 def decoupled_weight_decay(
-    weight_decay: float | torch.Tensor,
+    weight_decay: ScalarOrSchedule,
     learning_rate: ScalarOrSchedule | None = None,
     mask: MaskLike = None,
     *,
@@ -276,7 +303,9 @@ def decoupled_weight_decay(
     detects in third-party optimizers.
 
     Args:
-        weight_decay: finite, ``>= 0``.
+        weight_decay: finite, ``>= 0``; or a schedule ``count -> wd_t`` of the number of updates done
+            before this one, read at the same count as a learning-rate schedule (with
+            ``scale_by="none"`` this is lr-independent decay on a schedule of its own).
         learning_rate: the learning rate (a non-negative float or tensor, or a schedule) for
             ``scale_by="learning_rate"``; the multiplier schedule for ``"schedule"``; ``None`` for ``"none"``.
         mask: which parameters to decay; the others pass through bit-identical.
@@ -299,8 +328,9 @@ def decoupled_weight_decay(
             "with learning_rate=; 'schedule': eta_t * wd * w with a multiplier schedule as learning_rate=, as the "
             "AdamW paper; or 'none': wd * w per step, independent of the learning rate)"
         )
-    check_number("weight_decay", weight_decay, low=0.0)
-    scheduled = callable(learning_rate) and not isinstance(learning_rate, torch.Tensor)
+    check_rate("weight_decay", weight_decay)
+    scheduled = is_schedule(learning_rate)
+    counted = scheduled or is_schedule(weight_decay)  # a schedule of either reads the count
     if scale_by == "none":
         if learning_rate is not None:
             raise ValueError(
@@ -327,17 +357,21 @@ def decoupled_weight_decay(
         return identity()
 
     def init(params: PyTree) -> Any:
-        return DecoupledWeightDecayState(count=init_count(params)) if scheduled else EmptyState()
+        return DecoupledWeightDecayState(count=init_count(params)) if counted else EmptyState()
 
     def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, Any]:
         f = flat(updates, params, "decoupled_weight_decay", needs_params=True)
-        if scheduled:
-            assert learning_rate is not None  # scheduled: it is a schedule
-            s = schedule_value(learning_rate, leafwise.concrete(state.count))
-            state = DecoupledWeightDecayState(count=state.count + 1)
-        else:
-            s = 1.0 if learning_rate is None else learning_rate
-        new = leafwise.add(f.present_updates(), f.present_params(), alpha=-(s * weight_decay))
+        s: Any = 1.0 if learning_rate is None else learning_rate
+        wd: Any = weight_decay
+        if counted:
+            expect_state(state, DecoupledWeightDecayState, "decoupled_weight_decay")
+            count = leafwise.concrete(state.count)
+            if scheduled:
+                assert learning_rate is not None  # scheduled: it is a schedule
+                s = schedule_value(learning_rate, count)
+            wd = schedule_value(weight_decay, count, "weight_decay")
+            state = DecoupledWeightDecayState(count=next_count(state.count))
+        new = leafwise.add(f.present_updates(), f.present_params(), alpha=-(s * wd))
         return f.tree(new), state
 
     return _maybe_masked(GradientTransformation(init, update), mask)

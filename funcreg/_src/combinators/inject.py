@@ -29,7 +29,9 @@ def inject_hyperparams(
     from step to step: set a new value with :func:`set_hyperparams`, or map a schedule over them
     yourself. Under ``torch.compile`` the values are graph inputs: changing one recompiles nothing.
     Arguments that are not numbers (a mask, ``betas``) go to the factory as given, via
-    ``functools.partial``. As optax's ``inject_hyperparams``.
+    ``functools.partial``. As optax's ``inject_hyperparams``. In a :class:`funcreg.TorchOptimizer`
+    the values are options of every param group (``learning_rate`` as ``lr``), so torch's LR
+    schedulers and ``group["weight_decay"] = ...`` set them.
 
     Examples:
         >>> import torch, funcreg as fr

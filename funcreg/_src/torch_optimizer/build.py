@@ -3,7 +3,9 @@
 ``_Built`` is what a group's transform was built from (its options, parameter ids and names) and the
 layout of its state in ``optimizer.state``; ``_snapshot`` and ``_same`` keep and compare the options
 so that a transform is rebuilt exactly when a scheduler (or anyone) changed one; ``_factory_signature``
-reads which options a factory takes. ``TorchOptimizer._prepare`` uses them.
+reads which options a factory takes; ``injected_slots`` finds the hyperparameters that
+``fr.inject_hyperparams`` holds in a state (a group's options, written into the state before each
+step). ``TorchOptimizer._prepare`` uses them.
 """
 
 from __future__ import annotations
@@ -14,8 +16,22 @@ from typing import Any, NamedTuple
 
 import torch
 
+from funcreg._src.combinators.inject import InjectState
 from funcreg._src.core.base import GradientTransformation
 from funcreg._src.torch_optimizer import torch_state
+from funcreg._src.torch_optimizer.groups import option_name
+
+
+class InjectedSlot(NamedTuple):
+    """A hyperparameter held by an :class:`funcreg.InjectState` inside a group's state: the group
+    option ``key`` that sets it (``lr`` for ``learning_rate``), its ``name`` in the InjectState's
+    ``hyperparams``, and where that InjectState is (``path``: the indices and dict keys from the
+    state's root; ``where``: the same as text, for messages)."""
+
+    key: str
+    name: str
+    path: tuple[Any, ...]
+    where: str
 
 
 class _Built(NamedTuple):
@@ -26,6 +42,57 @@ class _Built(NamedTuple):
     options: dict[str, Any]
     ids: tuple[int, ...]
     names: tuple[str, ...]
+    # the hyperparameters fr.inject_hyperparams holds in the state: one group option each
+    injected: tuple[InjectedSlot, ...] = ()
+
+
+def _inject_paths(
+    node: Any, path: tuple[Any, ...], text: str, out: list[tuple[tuple[Any, ...], str]]
+) -> None:
+    if isinstance(node, InjectState):
+        out.append((path, text or "<root>"))
+        _inject_paths(node.inner_state, (*path, 1), f"{text}.inner_state" if text else "inner_state", out)
+        return
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+        for i, (field, value) in enumerate(zip(node._fields, node)):
+            _inject_paths(value, (*path, i), f"{text}.{field}" if text else field, out)
+    elif isinstance(node, (tuple, list)):
+        for i, value in enumerate(node):
+            _inject_paths(value, (*path, i), f"{text}[{i}]", out)
+    elif isinstance(node, dict):
+        for k, value in node.items():
+            _inject_paths(value, (*path, k), f"{text}[{k!r}]", out)
+
+
+def injected_slots(template: Any, g: int) -> tuple[InjectedSlot, ...]:
+    """The hyperparameters the :class:`funcreg.InjectState` s inside ``template`` (a state of group
+    ``g``'s transform) hold, each with its group option. Two of them under one option (``learning_rate``
+    injected twice in a chain, or both ``learning_rate`` and ``lr``) raise ``ValueError``: one group
+    value for both would be a silent choice."""
+    found: list[tuple[tuple[Any, ...], str]] = []
+    _inject_paths(template, (), "", found)
+    slots: dict[str, InjectedSlot] = {}
+    for path, where in found:
+        state = at(template, path)
+        for name in state.hyperparams:
+            key = option_name(name)
+            if key in slots:
+                first = slots[key]
+                raise ValueError(
+                    f"param group {g}: the transform injects {first.name!r} (at state {first.where}) and "
+                    f"{name!r} (at state {where}), both the group option {key!r}; a param group has one "
+                    f"{key!r}, so which one it sets would be ambiguous: inject it in one fr.inject_hyperparams "
+                    "only, and build the other with its value"
+                )
+            slots[key] = InjectedSlot(key, name, path, where)
+    return tuple(slots.values())
+
+
+def at(state: Any, path: tuple[Any, ...]) -> Any:
+    """The node of ``state`` at ``path`` (indices of tuples, keys of dicts), as ``injected_slots`` gives it."""
+    for k in path:
+        state = state[k]
+    return state
 
 
 def _snapshot(value: Any) -> Any:

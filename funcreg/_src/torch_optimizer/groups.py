@@ -3,12 +3,16 @@
 The forms ``params`` may take (a module, tensors, ``(name, tensor)``
 pairs, param-group dicts) turned into group dicts, the options a group may hold (``WATCHED``: an
 option that changes what the optimizer does, so a group holding one its factory never receives is an
-error), and the keys schedulers and torch put into groups. The checks themselves are methods of
-``TorchOptimizer`` (``_check_options``, ``_named_params``), which reads them at every step.
+error), the keys schedulers and torch put into groups, and the group option of a hyperparameter
+held by ``fr.inject_hyperparams`` (``option_name``: ``lr`` for ``learning_rate``) with the check of
+its value (``check_option_value``). The checks themselves are methods of ``TorchOptimizer``
+(``_check_options``, ``_named_params``), which reads them at every step.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import torch
@@ -38,9 +42,43 @@ _BOOKKEEPING = frozenset(
 )
 _FIXED_LR_MESSAGE = (
     "the param group's lr was changed (by a scheduler?), but this TorchOptimizer wraps a transform with "
-    "a fixed learning rate; pass a factory: TorchOptimizer(params, lambda lr: fr.adamw(lr, ...), lr=...), "
-    "or give the transform a funcreg schedule"
+    "a fixed learning rate; inject it (TorchOptimizer(params, fr.inject_hyperparams(fr.adamw, "
+    "learning_rate=...)): the groups' lr sets it), pass a factory (TorchOptimizer(params, lambda lr: "
+    "fr.adamw(lr, ...), lr=...)), or give the transform a funcreg schedule"
 )
+# torch.optim's names for the hyperparameters fr.inject_hyperparams holds, where torch has one (the
+# group option its schedulers drive); every other hyperparameter is the group option of its own name
+TORCH_OPTION_NAMES = {"learning_rate": "lr"}
+
+
+def option_name(hyperparameter: str) -> str:
+    """The group option of an injected hyperparameter: ``lr`` for ``learning_rate``, else its name."""
+    return TORCH_OPTION_NAMES.get(hyperparameter, hyperparameter)
+
+
+def check_option_value(value: Any, g: int, key: str) -> None:
+    """Refuses a group value for an injected hyperparameter that is not a real number or a 0-d real
+    tensor (``TypeError``, ``ValueError`` for another shape), or not finite (``ValueError``), naming
+    the group and key."""
+    where = f"param group {g}: {key!r}"
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 0:
+            raise ValueError(
+                f"{where} is a tensor of shape {tuple(value.shape)}; expected a number or a 0-d tensor"
+            )
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(
+                f"{where} is a tensor of dtype {value.dtype}; expected a real number or a 0-d real tensor"
+            )
+        if not bool(torch.isfinite(value)):
+            raise ValueError(f"{where} is {_short(value)}; expected a finite number")
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{where} is {_short(value)} (a {type(value).__name__}); expected a number or a 0-d tensor"
+        )
+    if not math.isfinite(value):
+        raise ValueError(f"{where} is {value!r}; expected a finite number")
 
 
 def _short(value: Any) -> str:

@@ -34,7 +34,14 @@ from funcreg._src.optim.factory import group_defaults, group_transform
 from funcreg._src.optim.table import OptimizerSpec, optimizer_spec
 from funcreg._src.selection.named_params import check_initialized
 from funcreg._src.torch_optimizer import torch_state
-from funcreg._src.torch_optimizer.build import _Built, _factory_signature, _same, _snapshot
+from funcreg._src.torch_optimizer.build import (
+    _Built,
+    _factory_signature,
+    _same,
+    _snapshot,
+    at,
+    injected_slots,
+)
 from funcreg._src.torch_optimizer.groups import (
     _BOOKKEEPING,
     _FIXED_LR_MESSAGE,
@@ -42,6 +49,7 @@ from funcreg._src.torch_optimizer.groups import (
     _as_groups,
     _param_items,
     _short,
+    check_option_value,
 )
 from funcreg._src.torch_optimizer.state_dict import _saved, checked_entries, checked_groups, merged_groups
 from funcreg._src.training.checkpoint import load_state_dict as _load_funcreg_state
@@ -61,6 +69,12 @@ def _lr_as_learning_rate(
     return with_lr
 
 
+def _unset(options: dict[str, Any], key: str) -> bool:
+    """Whether ``options`` lacks ``key``, or holds a fixed transform's placeholder ``lr`` (nan)."""
+    value = options.get(key)
+    return key not in options or (key == "lr" and isinstance(value, float) and math.isnan(value))
+
+
 class TorchOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that runs a funcreg transform per parameter group.
 
@@ -73,7 +87,9 @@ class TorchOptimizer(torch.optim.Optimizer):
             ``lambda lr, weight_decay=0.0, **rest: fr.adamw(lr, weight_decay=weight_decay)``, or a funcreg
             factory itself (``fr.adamw``: its ``learning_rate`` is the groups' ``lr``, the name torch's
             schedulers drive, and ``learning_rate=`` here is taken as ``lr=``); a transform
-            with its hyperparameters built in (no options, one transform per group); or the name of
+            with its hyperparameters built in (no options, one transform per group), whose
+            hyperparameters held by :func:`funcreg.inject_hyperparams` are options of every group
+            (see Injected hyperparameters); or the name of
             a :func:`funcreg.create_optimizer` optimizer (``"adamw"``), whose factory takes ``lr``,
             ``weight_decay``, ``betas``/``momentum``, ``eps``, ``penalty``, ``form`` and ``mask``. By
             name, decay follows torch's rule (every parameter of a group with ``weight_decay > 0``);
@@ -97,6 +113,17 @@ class TorchOptimizer(torch.optim.Optimizer):
     fresh, and one whose own structure changed (``amsgrad``) raises. Options that change what an
     optimizer does (``lr``, ``weight_decay``, ``momentum``, ``betas``, ``eps``, ``penalty``, ``form``,
     ``mask``, ...) raise rather than being ignored where the factory does not receive them.
+
+    Injected hyperparameters. A transform that is or holds ``fr.inject_hyperparams(...)`` (in a
+    chain too) shows each hyperparameter it injects as an option of every group, under torch's name
+    where torch has one (``learning_rate`` is ``lr``) and its own otherwise (``weight_decay``,
+    ``momentum``, ...); the defaults are the state's values, Python floats. Before each step every
+    group's values are checked (a finite number or a 0-d tensor, else an error naming the group
+    and key, before any parameter moves) and written into the state's tensors in place: a scheduler
+    changes the step without a new transform, and a compiled ``opt.step`` is not recompiled (they
+    are written by a small eager function, a graph break). Two injected hyperparameters under one
+    option (``weight_decay`` injected twice in a chain) raise ``ValueError``, as does a factory whose
+    transform injects (its injected values would stay at the first build's).
 
     Semantics. Each group's transform sees the whole parameter tree with ``None`` for the
     parameters of other groups (exactly ``fr.partition``), so a mask over the whole model works in
@@ -124,6 +151,14 @@ class TorchOptimizer(torch.optim.Optimizer):
         >>> opt.step(); sched.step()
         >>> opt.param_groups[0]["lr"], sorted(opt.state[model.weight])
         (0.005, ['count', 'exp_avg', 'exp_avg_sq', 'step'])
+
+        Hyperparameters injected into a transform are group options:
+
+        >>> tx = fr.inject_hyperparams(fr.adamw, learning_rate=0.01, weight_decay=0.1)
+        >>> opt = fr.TorchOptimizer([{"params": [model.weight]}, {"params": [model.bias], "weight_decay": 0.0}], tx)
+        >>> [(g["lr"], g["weight_decay"]) for g in opt.param_groups]
+        [(0.01, 0.1), (0.01, 0.0)]
+        >>> opt.param_groups[0]["lr"] = 0.005  # as a scheduler does: the next step uses it
     """
 
     # the transform built into every group (no options), or the factory of a group's options
@@ -172,15 +207,20 @@ class TorchOptimizer(torch.optim.Optimizer):
         elif isinstance(tx, GradientTransformation):
             if lr is not None:
                 raise ValueError(
-                    "lr is for a factory of options -> transform; this transform has its learning rate built in"
+                    "lr is for a factory of options -> transform; this transform has its learning rate built "
+                    "in (inject it, fr.inject_hyperparams(fr.adamw, learning_rate=...): the groups show it as "
+                    "their lr, its value their default, and a group may set its own)"
                 )
             if options:
                 raise ValueError(
                     f"options {sorted(options)} are for a factory of options -> transform; this transform has "
-                    "its hyperparameters built in (pass a factory to have them in the param groups)"
+                    "its hyperparameters built in (pass a factory to have them in the param groups, or inject "
+                    "them: fr.inject_hyperparams(fr.adamw, learning_rate=..., weight_decay=...) shows them "
+                    "as group options, its values their defaults)"
                 )
             self._fr_fixed = tx
-            # a fixed transform reports nan as its lr, so that a scheduler changing it is detected
+            # a fixed transform reports nan as its lr, so that a scheduler changing it is detected; the
+            # hyperparameters it injects (fr.inject_hyperparams) join the defaults once it is built
             defaults = {"lr": float("nan")}
             self._fr_accepted = frozenset()
             self._fr_required = frozenset()
@@ -212,6 +252,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 f"optimizer name such as 'adamw'; got {tx!r}"
             )
         self._fr_option_keys = []
+        self._fr_injected_keys: frozenset[str] = frozenset()  # the group options a fixed transform injects
         self._fr_built = []
         self._fr_written = {}
         # donated steps write into the parameters and the state: none may share memory with another
@@ -228,8 +269,10 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._fr_model_names = None  # ids go stale once the optimizer is copied: later groups come named
         for g, group in enumerate(self.param_groups):
             if group["params"]:
-                built = self._prepare(g)
-                self._write(g, built, self._read(g, built))
+                self._start(g)
+        for g, group in enumerate(self.param_groups):
+            if not group["params"]:
+                self._check_options(g)
 
     # ------------------------------------------------------------------------------------------------
     # the groups' names and options, read from param_groups at every step
@@ -272,14 +315,25 @@ class TorchOptimizer(torch.optim.Optimizer):
         group = self.param_groups[g]
         keys = self._option_keys(g)
         if self._fr_fixed is not None:
-            lr = group.get("lr", float("nan"))
-            if "initial_lr" in group or not (isinstance(lr, float) and math.isnan(lr)):
-                raise RuntimeError(f"{_FIXED_LR_MESSAGE} (param group {g})")
-            extra = [k for k in keys if k != "lr"] + [k for k in group if k in WATCHED and k != "lr"]
+            injected = self._fr_injected_keys
+            if "lr" not in injected:
+                lr = group.get("lr", float("nan"))
+                if "initial_lr" in group or not (isinstance(lr, float) and math.isnan(lr)):
+                    raise RuntimeError(f"{_FIXED_LR_MESSAGE} (param group {g})")
+            allowed = injected | {"lr"}
+            extra = [k for k in keys if k not in allowed] + [
+                k for k in group if k in WATCHED and k not in allowed
+            ]
             if extra:
+                takes = (
+                    f"only the hyperparameters it injects, {', '.join(sorted(injected))}"
+                    if injected
+                    else "no options"
+                )
                 raise ValueError(
                     f"param group {g} sets {extra[0]!r}, but this TorchOptimizer wraps a transform with its "
-                    "hyperparameters built in, which takes no options; pass a factory of the group's options "
+                    f"hyperparameters built in, which takes {takes}; inject it "
+                    f"(fr.inject_hyperparams(..., {extra[0]}=...)) or pass a factory of the group's options "
                     f"(TorchOptimizer(params, lambda lr, {extra[0]}: ..., lr=...))"
                 )
             return
@@ -419,10 +473,12 @@ class TorchOptimizer(torch.optim.Optimizer):
         except Exception:  # noqa: BLE001 - an init that reads values: run it on the real parameters
             return tx.init(params)
 
-    def _prepare(self, g: int) -> _Built:
-        """The group's transform and state layout, rebuilt when its options or parameters changed."""
+    def _prepare(self, g: int, check: bool = True) -> _Built:
+        """The group's transform and state layout, rebuilt when its options or parameters changed
+        (its options checked first, unless ``check`` is false: :meth:`_start` checks them itself)."""
         group = self.param_groups[g]
-        self._check_options(g)
+        if check:
+            self._check_options(g)
         names = self._all_names()
         options = {k: group[k] for k in self._passed_keys(g) if k in group}
         ids = tuple(id(p) for p in group["params"])
@@ -436,7 +492,18 @@ class TorchOptimizer(torch.optim.Optimizer):
         if cached is not None and same_params and same_options:
             return cached
         tx = cached.tx if cached is not None and same_options else self._make_tx(g, options)
-        layout = torch_state.build_layout(self._meta_template(tx, g, names), names, self._group_names(g))
+        template = self._meta_template(tx, g, names)
+        layout = torch_state.build_layout(template, names, self._group_names(g))
+        injected = injected_slots(template, g)
+        if injected and self._fr_fixed is None:
+            shown = ", ".join(f"{s.name} (as {s.key!r})" for s in injected)
+            raise ValueError(
+                f"param group {g}: the factory's transform injects hyperparameters with fr.inject_hyperparams "
+                f"({shown}); a factory is called again when a group option changes, but injected values live "
+                "in the state, which is kept, so they would not follow the group: pass the transform itself, "
+                "TorchOptimizer(params, fr.inject_hyperparams(...)), whose injected hyperparameters are the "
+                "groups' options"
+            )
         if cached is not None and same_params and layout.signature != cached.layout.signature:
             changed = [
                 k for k in options if k not in cached.options or not _same(cached.options[k], options[k])
@@ -447,9 +514,55 @@ class TorchOptimizer(torch.optim.Optimizer):
                 old_state, tx.init(params), f"param group {g}: changing {', '.join(changed)}"
             )
             torch_state.write(layout, new_state, self._dict_of(g), self._group_names(g), clear=True)
-        built = _Built(tx, layout, {k: _snapshot(v) for k, v in options.items()}, ids, names)
+        built = _Built(tx, layout, {k: _snapshot(v) for k, v in options.items()}, ids, names, injected)
         self._fr_built[g] = built
         return built
+
+    def _start(self, g: int) -> None:
+        """Builds new group ``g``'s transform and its state in ``self.state``. The hyperparameters a
+        fixed transform injects become options of every group (and defaults), the state's values where
+        a group has none, before its options are checked."""
+        fixed = self._fr_fixed is not None
+        built = self._prepare(g, check=not fixed)
+        state = self._read(g, built)
+        if built.injected:
+            self._fr_injected_keys = frozenset(s.key for s in built.injected)
+            group = self.param_groups[g]
+            for s in built.injected:
+                value = float(at(state, s.path).hyperparams[s.name])
+                if _unset(self.defaults, s.key):
+                    self.defaults[s.key] = value
+                if _unset(group, s.key):
+                    group[s.key] = value
+        if fixed:
+            self._check_options(g)
+            for s in built.injected:  # a group's own value, refused now rather than at the first step
+                check_option_value(self.param_groups[g][s.key], g, s.key)
+        self._write(g, built, state)
+
+    @torch.compiler.disable
+    def _sync(self, g: int, built: _Built, state: Any) -> None:
+        """Writes group ``g``'s values of the hyperparameters its transform injects into their tensors
+        in ``state``, in place, each checked first (a finite number or a 0-d tensor): a scheduler's
+        ``group["lr"]`` reaches the step without a new transform. Eager under ``torch.compile`` (call
+        it only where ``built.injected``: each call is a graph break): traced, a group's number would
+        be a constant guarded by its value, recompiling the step whenever it changes."""
+        group = self.param_groups[g]
+        with torch.no_grad():
+            for s in built.injected:
+                if s.key not in group:
+                    raise ValueError(
+                        f"param group {g} has no {s.key!r}, the value of the injected hyperparameter "
+                        f"{s.name!r} (a group put into param_groups directly? add_param_group fills in "
+                        "the defaults)"
+                    )
+                value = group[s.key]
+                check_option_value(value, g, s.key)
+                tensor = at(state, s.path).hyperparams[s.name]
+                if isinstance(value, torch.Tensor):
+                    tensor.copy_(value)
+                else:
+                    tensor.fill_(float(value))
 
     def _dict_of(self, g: int) -> Callable[[str], dict[str, Any]]:
         """``name -> self.state[parameter]`` for group ``g``."""
@@ -536,6 +649,12 @@ class TorchOptimizer(torch.optim.Optimizer):
                     raise AssertionError("incomplete state_dict entry")
 
                 state = torch_state.read(built.layout, loaded.get, names[g], fresh, where="state_dict entry")
+                for s in built.injected:
+                    # a state_dict without the option (or with a fixed transform's nan lr, from before
+                    # the groups showed it): the value its state holds
+                    if _unset(saved, s.key):
+                        group[s.key] = float(at(state, s.path).hyperparams[s.name])
+                    check_option_value(group[s.key], g, s.key)
                 by_name = dict(zip(names[g], group["params"]))
                 # cast: mypy cannot infer a lambda with a default argument against Callable[[str], dict]
                 dict_of = cast("Callable[[str], dict]", lambda n, by_name=by_name: new_state[by_name[n]])
@@ -571,6 +690,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             group["lr"] = previous_lr
             raise
         torch_state.write(built.layout, state, self._dict_of(g), names, clear=True)
+        for s in built.injected:  # the values the checkpoint's state holds
+            group[s.key] = float(at(state, s.path).hyperparams[s.name])
 
     # ------------------------------------------------------------------------------------------------
     # adding a group
@@ -595,9 +716,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._fr_built.append(None)
         try:
             if self.param_groups[g]["params"] and not self._fr_constructing:
-                built = self._prepare(g)
-                self._write(g, built, self._read(g, built))
-            else:
+                self._start(g)
+            elif not self._fr_constructing:
                 self._check_options(g)
         except BaseException:
             self.param_groups.pop()
@@ -620,11 +740,17 @@ class TorchOptimizer(torch.optim.Optimizer):
         )  # under torch.compile the memory checks ran when it traced eagerly, or not at all
         if eager:
             self._check_parameters_apart()
+        # every group's transform, state and injected values first: a group whose options are refused
+        # stops the step before any parameter moved
+        ready = []
         for g, group in enumerate(self.param_groups):
-            if not group["params"]:
-                continue
-            built = self._prepare(g)
-            state = self._read(g, built)
+            if group["params"]:
+                built = self._prepare(g)
+                state = self._read(g, built)
+                if built.injected:
+                    self._sync(g, built, state)
+                ready.append((g, group, built, state))
+        for g, group, built, state in ready:
             params, grads = self._trees(g, built.names, grads=True)
             if eager:
                 overlap = self._fr_overlaps.setdefault(g, OverlapCheck())
@@ -657,11 +783,13 @@ class TorchOptimizer(torch.optim.Optimizer):
     def funcreg_state(self) -> Any:
         """The transforms' current state: a group's state, or with several groups a
         :class:`funcreg.PartitionState` keyed by group index (the state of the equivalent ``fr.partition``)."""
-        states = {
-            str(g): self._read(g, self._prepare(g))
-            for g, group in enumerate(self.param_groups)
-            if group["params"]
-        }
+        states = {}
+        for g, group in enumerate(self.param_groups):
+            if group["params"]:
+                built = self._prepare(g)
+                states[str(g)] = state = self._read(g, built)
+                if built.injected:
+                    self._sync(g, built, state)
         if len(states) == 1:
             return next(iter(states.values()))
         return PartitionState(states)
@@ -683,7 +811,10 @@ class TorchOptimizer(torch.optim.Optimizer):
         for g, group in enumerate(self.param_groups):
             if group["params"]:  # a group changed or added since the last step: its state in place
                 built = self._prepare(g)
-                self._write(g, built, self._read(g, built))
+                state = self._read(g, built)
+                if built.injected:  # the values the next step would use
+                    self._sync(g, built, state)
+                self._write(g, built, state)
         return _saved(super().state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -723,6 +854,8 @@ class TorchOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         if self._fr_fixed is not None:
             kind = "a fixed transform"
+            if self._fr_injected_keys:
+                kind += f", its injected {', '.join(sorted(self._fr_injected_keys))} as group options"
         elif self._fr_name is not None:
             kind = f"{self._fr_name!r}"
         else:

@@ -28,8 +28,9 @@ def inject_hyperparams(
     Each ``update`` builds the inner transform from the state's current values, so they can change
     from step to step: set a new value with :func:`set_hyperparams`, or map a schedule over them
     yourself. Under ``torch.compile`` the values are graph inputs: changing one recompiles nothing.
-    Arguments that are not numbers (a mask, ``betas``) go to the factory as given, via
-    ``functools.partial``. As optax's ``inject_hyperparams``. In a :class:`funcreg.TorchOptimizer`
+    Only numbers are injected (anything else raises ``TypeError``); bind the others (a mask,
+    ``betas``) to the factory first, ``inject_hyperparams(functools.partial(fr.adamw, mask=m),
+    learning_rate=1e-3)``. As optax's ``inject_hyperparams``. In a :class:`funcreg.TorchOptimizer`
     the values are options of every param group (``learning_rate`` as ``lr``), so torch's LR
     schedulers and ``group["weight_decay"] = ...`` set them.
 

@@ -91,6 +91,10 @@ from funcreg._src.penalties import bridge
 from funcreg._src.penalties import sparsity_target
 from funcreg._src.penalties import n_m_sparsity
 from funcreg._src.penalties import group_lasso
+from funcreg._src.penalties.joint import joint_group_lasso
+from funcreg._src.penalties.heads import head_lasso
+from funcreg._src.penalties.heads import attention_heads
+from funcreg._src.penalties.heads import AttentionHeads
 from funcreg._src.penalties import max_norm
 from funcreg._src.penalties import non_negative
 from funcreg._src.penalties import orthogonal
@@ -198,6 +202,10 @@ from funcreg._src.analysis.hypergrad import TuneResult
 from funcreg._src.analysis.prune.prune import prune
 from funcreg._src.analysis.prune.report import prune_report
 from funcreg._src.analysis.prune.report import PruneReport
+from funcreg._src.analysis.prune.modules import PrunedMultiheadAttention
+from funcreg._src.analysis.prune.modules import SelectInputs
+from funcreg._src.analysis.prune.semi_structured import semi_structured
+from funcreg._src.analysis.prune.semi_structured import SemiStructured
 
 # torch.optim adapter and checkpoints
 from funcreg._src.torch_optimizer.optimizer import TorchOptimizer
@@ -226,6 +234,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccumulateState",
     "ApplyIfFiniteState",
+    "AttentionHeads",
     "AverageState",
     "CompressedState",
     "ContractError",
@@ -248,6 +257,7 @@ __all__ = [
     "PenaltyState",
     "ProbeResult",
     "PruneReport",
+    "PrunedMultiheadAttention",
     "RegularizationPath",
     "ScaleByAdadeltaState",
     "ScaleByAdafactorState",
@@ -263,9 +273,11 @@ __all__ = [
     "ScaleByRpropState",
     "ScaleByScheduleState",
     "ScheduleFreeState",
+    "SelectInputs",
     "Selection",
     "SelectionError",
     "Selector",
+    "SemiStructured",
     "SparsityReport",
     "Step",
     "StructureError",
@@ -285,6 +297,7 @@ __all__ = [
     "anchor",
     "apply_if_finite",
     "apply_updates",
+    "attention_heads",
     "average_weights",
     "averaged_params",
     "bridge",
@@ -315,10 +328,12 @@ __all__ = [
     "fista_iterate",
     "functional_model",
     "group_lasso",
+    "head_lasso",
     "hypergradient",
     "identity",
     "implicit_hypergradient",
     "init_members",
+    "joint_group_lasso",
     "inject_hyperparams",
     "join_schedules",
     "kfold",
@@ -378,6 +393,7 @@ __all__ = [
     "scale_by_relative_step",
     "scale_by_rms",
     "scale_by_rprop",
+    "semi_structured",
     "schedule_free_adamw",
     "schedule_free_eval_params",
     "schedule_free_sgd",

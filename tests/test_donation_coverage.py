@@ -108,6 +108,12 @@ PENALTIES: dict[str, Callable[[], fr.Penalty]] = {
     "sparsity_target": lambda: fr.sparsity_target(0.5),
     "sparsity_target_global": lambda: fr.sparsity_target(0.5, per="global"),
     "n_m_sparsity": lambda: fr.n_m_sparsity(1, 3, mask=W_ONLY),
+    # one group per column of "w" joined with one entry of "b": a group lasso across tensors
+    "joint_group_lasso": lambda: fr.joint_group_lasso(0.05, {"w": 1, "b": 0}, num_groups=3),
+    # three "heads" of one column of w (as output projection) and one entry of b each
+    "head_lasso": lambda: fr.head_lasso(
+        0.05, fr.AttentionHeads("", "projections", 3, 1, 1, (("w", 1, 1), ("b", 0, 1)))
+    ),
 }
 
 
@@ -326,6 +332,8 @@ SKIPS_NONFINITE = {"apply_if_finite", "apply_if_finite_chain"}
 # Public names that are not step transforms, so not in TABLE (every other public function must be
 # used by some entry: test_the_table_covers_every_public_factory).
 NOT_STEP_TRANSFORMS = {
+    "attention_heads": "a selection (head_lasso's groups), not a transform",
+    "semi_structured": "an export of N:M weights, not a transform",
     # the steps under test themselves, and the step builders (tested here under vmap with each entry)
     "apply_updates": "the pure path's second half: the oracle",
     "donated_update": "the function under test",

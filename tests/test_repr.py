@@ -66,6 +66,7 @@ PENALTIES = {
     "max_norm": lambda: fr.max_norm(1.5),
     "non_negative": lambda: fr.non_negative(),
     "sum": lambda: fr.l2(0.1) + 2.0 * fr.l1(0.05),
+    "joint_group_lasso": lambda: fr.joint_group_lasso(0.2, {"w": 1, "b": 0}, num_groups=3),
 }
 
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from funcreg._src.analysis.prune.modules import SelectInputs
 from funcreg._src.selection.named_params import _suggest
 
 _PRODUCERS = (nn.Linear, nn.Conv2d)
@@ -68,7 +69,7 @@ def _leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
                     f"Flatten(start_dim={child.start_dim}, end_dim={child.end_dim}); "
                     "only Flatten(1, -1) (one sample's channels, then positions) is supported"
                 )
-        elif not isinstance(child, _PRODUCERS + _ELEMENTWISE + _POOLS + _OUTPUT_ONLY):
+        elif not isinstance(child, _PRODUCERS + _ELEMENTWISE + _POOLS + _OUTPUT_ONLY + (SelectInputs,)):
             kind = type(child).__name__
             what = (
                 "a module with children that is not an nn.Sequential (a residual block, say: its output is "

@@ -17,13 +17,16 @@ import torch
 from torch import nn
 
 from funcreg._src.analysis.prune.chain import _NORMS, _PRODUCERS, _state
+from funcreg._src.analysis.prune.modules import PrunedMultiheadAttention
 from funcreg._src.core.validation import check_int
+
+_ATTENTION = (nn.MultiheadAttention, PrunedMultiheadAttention)
 
 
 @dataclass(frozen=True)
 class LayerSize:
     """One ``Linear``/``Conv2d``/BatchNorm layer before and after pruning: units (output features or
-    channels) and parameters."""
+    channels; heads for an attention layer, whose parameters are all of its own) and parameters."""
 
     name: str
     kind: str
@@ -38,7 +41,10 @@ class PruneReport:
     """Sizes, FLOPs and measured inference time of a model before and after :func:`prune`.
 
     ``flops_*`` count ``2 x`` the multiply-accumulates of the ``Linear`` and ``Conv2d`` layers per
-    example (bias additions, normalization, activations and pooling are not counted); ``seconds_*`` are
+    example, and of ``nn.MultiheadAttention``/``fr.PrunedMultiheadAttention`` layers (their projections
+    and their score and weighted-value products; a module with its own ``Linear`` projections has those
+    counted, not its products). Bias additions, normalization, activations and pooling are not
+    counted. ``seconds_*`` are
     the median wall time of one forward pass on the example input, measured here, in eval mode under
     ``torch.inference_mode``; ``max_abs_diff`` is the largest difference between the two models'
     outputs on that input. ``str(report)`` is a table; ``report.layers`` lists each layer's
@@ -107,8 +113,30 @@ class PruneReport:
     __str__ = table
 
 
+def _attention_flops(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """2 x the multiply-accumulates of one attention layer's call that its ``Linear`` hooks do not
+    see: all of an ``nn.MultiheadAttention`` (which reads its projections' weights directly), the
+    score and weighted-value products of a ``PrunedMultiheadAttention`` (whose projections are
+    ``Linear`` modules it calls)."""
+    given = list(args) + [kwargs.get(k) for k in ("query", "key", "value")[len(args) :]]
+    if len(given) < 3 or not all(isinstance(t, torch.Tensor) for t in given[:3]):
+        return 0
+    q, k, v = given[:3]
+    batch_first = bool(getattr(module, "batch_first", False))
+    n = (q.shape[0] if batch_first else q.shape[1]) if q.ndim == 3 else 1
+    nl, ns = q.numel() // q.shape[-1], k.numel() // k.shape[-1]
+    if isinstance(module, PrunedMultiheadAttention):
+        inner = module.num_heads * module.head_dim
+        return 4 * nl * (ns // max(n, 1)) * inner
+    assert isinstance(module, nn.MultiheadAttention)
+    e = inner = module.embed_dim
+    projections = nl * e * inner + ns * k.shape[-1] * inner + ns * v.shape[-1] * inner + nl * inner * e
+    return 2 * projections + 4 * nl * (ns // max(n, 1)) * inner
+
+
 def _count_flops(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The output on ``x`` and 2 x the multiply-accumulates of Linear/Conv2d layers per example."""
+    """The output on ``x`` and 2 x the multiply-accumulates of Linear/Conv2d layers (and of attention
+    layers, see :func:`_attention_flops`) per example."""
     total = [0]
 
     def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
@@ -118,7 +146,15 @@ def _count_flops(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
             k = module.kernel_size[0] * module.kernel_size[1] * (module.in_channels // module.groups)
             total[0] += 2 * k * output.numel()
 
+    def attention_hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        total[0] += _attention_flops(module, tuple(args), dict(kwargs))
+
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _PRODUCERS)]
+    handles += [
+        m.register_forward_hook(attention_hook, with_kwargs=True)
+        for m in model.modules()
+        if isinstance(m, _ATTENTION)
+    ]
     try:
         with torch.inference_mode():
             out = model(x)
@@ -146,10 +182,13 @@ def _time(models: tuple[nn.Module, nn.Module], x: torch.Tensor, repeats: int) ->
 
 
 def _sizes(model: nn.Module) -> dict[str, tuple[str, int, int]]:
-    """Per Linear/Conv2d/BatchNorm layer by name: its kind, units and parameter count."""
+    """Per Linear/Conv2d/BatchNorm layer by name: its kind, units and parameter count; per attention
+    layer its heads and all its parameters."""
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, _PRODUCERS + _NORMS):
+        if isinstance(m, _ATTENTION):
+            out[name] = (type(m).__name__, int(m.num_heads), sum(p.numel() for p in m.parameters()))
+        elif isinstance(m, _PRODUCERS + _NORMS):
             units = m.weight.shape[0] if isinstance(m, _PRODUCERS) else m.num_features
             out[name] = (type(m).__name__, units, sum(p.numel() for p in m.parameters()))
     return out

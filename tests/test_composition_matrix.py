@@ -31,6 +31,7 @@ reruns the compiled column through AOTAutograd or inductor.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -210,10 +211,12 @@ def reference(
     groups: list[tuple[list[str], float]],
     terms: list[Term],
     penalty_step: dict[str, float] | Callable[[str], float],
+    trajectory: list[dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``STEPS`` steps of ``torch.optim.SGD(momentum=0.9)`` / ``Adam`` over ``groups`` on the data
     loss, with each term in its form: ``loss``/``coupled`` added to the loss, ``decoupled``
-    ``w <- w - s grad P(w_old)`` after the step, ``proximal`` the prox of the sum after that."""
+    ``w <- w - s grad P(w_old)`` after the step, ``proximal`` the prox of the sum after that.
+    ``trajectory``, if given, receives the weights after every step."""
     ref = _reference_weights()
     p = {n: w.clone().requires_grad_(True) for n, w in init.items()}
     param_groups = [{"params": [p[n] for n in names], "lr": lr} for names, lr in groups]
@@ -244,6 +247,8 @@ def reference(
                     p[n].copy_(
                         _prox_of_sum(proxed, p[n], {i: step_of(n) for i in range(len(proxed))}, n, ref)
                     )
+        if trajectory is not None:
+            trajectory.append({n: w.detach().clone() for n, w in p.items()})
     return {n: w.detach() for n, w in p.items()}
 
 
@@ -539,3 +544,216 @@ def test_cells_that_do_not_exist_are_listed_in_the_guarantees(entry, mode):
 
     page = (pathlib.Path(__file__).parent.parent / "docs" / "guarantees.md").read_text()
     assert f"`{entry}` × `{mode}`" in page, NOT_APPLICABLE[(entry, mode)]
+
+
+# --- the training-loop transforms: a second matrix --------------------------------------------------
+#
+# The transforms of the training loop wrap the optimizer, so the penalty's form goes inside the wrapped
+# chain (``add_penalty_grad`` first, ``decoupled``/``proximal`` last; the loss form is added to the
+# loss). Each has an exact loss-term reference:
+#
+# * ``inject``: the optimizer built by ``fr.inject_hyperparams`` from numbers held in its state (in
+#   ``fr.TorchOptimizer`` they are the groups' options): the reference itself;
+# * ``accumulate``: ``fr.accumulate(chain, every=2)`` fed every batch twice: the mean of two equal
+#   micro-batch gradients, one real step per batch, so the reference's three steps;
+# * ``average``: ``fr.average_weights(chain, decay=0.5)``: the reference's weights, and its average
+#   the EMA of the reference's trajectory (checked where the state is at hand: the functional runs);
+# * ``decay_schedule``: the alias with ``weight_decay=fr.constant_schedule(wd)`` beside the penalty:
+#   the reference with a coupled ``wd/2 ||w||^2`` term on every parameter (the kernels read the
+#   schedule in donated steps).
+#
+# ``fr.create_optimizer`` builds a named optimizer from options: it takes no wrapped transform (the
+# cells are named refusals in docs/guarantees.md, ``LOOP_NOT_APPLICABLE``). ``fr.cautious``,
+# ``fr.compress_state``, ``fr.scale_by_layer`` and the schedule-free optimizers change the update, so
+# the loss-term reference does not describe them: they are tested against their own references
+# (tests/test_cautious.py, test_low_memory.py, test_layer_decay.py, test_schedule_free.py) and as
+# rows of tests/test_donation_coverage.py.
+
+LOOP_WRAPPERS = ("inject", "accumulate", "average", "decay_schedule")
+LOOP_KINDS = ("l2", "l1", "group_lasso")
+LOOP_RUNS = (
+    ("functional", "pure"),
+    ("functional", "donated"),
+    ("functional", "compiled"),
+    ("functional", "compiled_donated"),
+    ("functional", "vmapped"),
+    ("torch_optimizer", "eager"),
+    ("torch_optimizer", "compiled"),
+)
+LOOP_NOT_APPLICABLE = {
+    (
+        "create_optimizer",
+        "wrapped",
+    ): "create_optimizer builds a named optimizer; a wrapped one goes to fr.TorchOptimizer",
+}
+EMA_DECAY = 0.5
+
+
+def _loop_base(wrapper: str, optimizer: str) -> fr.GradientTransformation:
+    lr = LR[optimizer]
+    if wrapper == "inject":
+        if optimizer == "sgd":
+            return fr.inject_hyperparams(functools.partial(fr.sgd, momentum=0.9), learning_rate=lr)
+        return fr.inject_hyperparams(fr.adam, learning_rate=lr)
+    if wrapper == "decay_schedule":
+        decay = fr.constant_schedule(WEIGHT_DECAY)
+        if optimizer == "sgd":
+            return fr.sgd(lr, momentum=0.9, weight_decay=decay)
+        return fr.adam(lr, weight_decay=decay)
+    return _tx(optimizer, lr)
+
+
+def _loop_tx(wrapper: str, optimizer: str, form: str, penalty: fr.Penalty) -> fr.GradientTransformation:
+    """The wrapped chain with the penalty's form inside it (the loss form: the bare optimizer)."""
+    base = _loop_base(wrapper, optimizer)
+    if form == "coupled":
+        base = fr.chain(fr.add_penalty_grad(penalty), base)
+    elif form == "decoupled":
+        base = fr.chain(base, fr.decoupled(penalty, learning_rate=PENALTY_STEP))
+    elif form == "proximal":
+        base = fr.chain(base, fr.proximal(penalty, PENALTY_STEP))
+    if wrapper == "accumulate":
+        return fr.accumulate(base, every=2)
+    if wrapper == "average":
+        return fr.average_weights(base, decay=EMA_DECAY)
+    return base
+
+
+def _loop_batches(wrapper: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [b for b in _batches() for _ in range(2 if wrapper == "accumulate" else 1)]
+
+
+def run_loop_functional(
+    wrapper: str, kind: str, form: str, optimizer: str, mode: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """The final weights and, for ``average``, the averaged ones (stacked over members when vmapped)."""
+    loss_penalty = (lambda h: _penalty(kind, h["c"], "mask")) if form == "loss" else None
+    step = fr.make_step(
+        data_loss,
+        lambda h: _loop_tx(wrapper, optimizer, form, _penalty(kind, h["c"], "mask")),
+        penalty=loss_penalty,
+        form="loss",
+        donate=mode in ("donated", "compiled_donated"),
+    )
+    init = _init()
+    if mode == "vmapped":
+        run: Any = fr.ensemble_step(step)
+        start = {n: torch.stack([w, 0.5 * w]) for n, w in init.items()}
+        coeff = torch.tensor([COEFF[kind], 2 * COEFF[kind]], dtype=torch.float64)
+    else:
+        run, start, coeff = step, init, torch.tensor(COEFF[kind], dtype=torch.float64)
+    state = run.init(start, hparams={"c": coeff})
+    if mode.startswith("compiled"):
+        run = _compiled(run)
+    for x, y in _loop_batches(wrapper):
+        state, _ = run(state, x, y)
+    averaged = fr.averaged_params(state.opt_state) if wrapper == "average" else None
+    return {n: w.detach() for n, w in state.params.items()}, averaged
+
+
+def run_loop_torch_optimizer(
+    wrapper: str, kind: str, form: str, optimizer: str, mode: str
+) -> dict[str, torch.Tensor]:
+    model = _model()
+    penalty = _penalty(kind, COEFF[kind], "mask")
+    opt = fr.TorchOptimizer(model.named_parameters(), _loop_tx(wrapper, optimizer, form, penalty))
+    if wrapper == "inject":  # the injected values are the group's options, as torch's schedulers see them
+        assert opt.param_groups[0]["lr"] == LR[optimizer], opt.param_groups[0]
+    step = _compiled(opt.step) if mode == "compiled" else opt.step
+    for x, y in _loop_batches(wrapper):
+        opt.zero_grad()
+        loss = data_loss(dict(model.named_parameters()), x, y)
+        if form == "loss":
+            loss = loss + penalty(dict(model.named_parameters()))
+        loss.backward()
+        step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _loop_expected(
+    wrapper: str, kind: str, form: str, optimizer: str, coeff: float, init: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The reference's final weights and the EMA of its trajectory."""
+    names = list(init)
+    shapes = {n: tuple(w.shape) for n, w in init.items()}
+    terms = [Term(kind, coeff, _selected(kind, "mask", names, shapes), form)]
+    if wrapper == "decay_schedule":
+        terms.append(Term("weight_decay", WEIGHT_DECAY, frozenset(names), "coupled"))
+    trajectory: list[dict[str, torch.Tensor]] = []
+    final = reference(optimizer, init, [(names, LR[optimizer])], terms, lambda n: PENALTY_STEP, trajectory)
+    ema = dict(trajectory[0])  # the average starts at the first step's weights
+    for w in trajectory[1:]:
+        ema = {n: EMA_DECAY * ema[n] + (1 - EMA_DECAY) * w[n] for n in ema}
+    return final, ema
+
+
+def _loop_cell(run: tuple[str, str], wrapper: str, kind: str, form: str, optimizer: str) -> Any:
+    entry, mode = run
+    return pytest.param(
+        entry, mode, wrapper, kind, form, optimizer, id=f"{entry}-{mode}-{wrapper}-{kind}-{form}-{optimizer}"
+    )
+
+
+LOOP_COMPILED = tuple(run for run in LOOP_RUNS if "compiled" in run[1])
+LOOP_DIMS = [LOOP_WRAPPERS, LOOP_KINDS, FORMS, OPTIMIZERS]
+LOOP_CELLS = [
+    _loop_cell(run, *rest)
+    for run in LOOP_RUNS
+    if run not in LOOP_COMPILED
+    for rest in itertools.product(*LOOP_DIMS)
+] + [
+    _loop_cell(*c)
+    for c in (
+        itertools.product(LOOP_COMPILED, *LOOP_DIMS) if FULL else pairwise_cover([LOOP_COMPILED, *LOOP_DIMS])
+    )
+]
+
+
+@pytest.mark.parametrize(("entry", "mode", "wrapper", "kind", "form", "optimizer"), LOOP_CELLS)
+def test_loop_cell_equals_the_loss_term_reference(entry, mode, wrapper, kind, form, optimizer):
+    torch._dynamo.reset()
+    init = _init()
+    averaged = None
+    if entry == "functional":
+        got, averaged = run_loop_functional(wrapper, kind, form, optimizer, mode)
+    else:
+        got = run_loop_torch_optimizer(wrapper, kind, form, optimizer, mode)
+    members = [(init, COEFF[kind])]
+    if mode == "vmapped":
+        members.append(({n: 0.5 * w for n, w in init.items()}, 2 * COEFF[kind]))
+    for m, (start, coeff) in enumerate(members):
+        want, ema = _loop_expected(wrapper, kind, form, optimizer, coeff, start)
+        for n in want:
+            mine = got[n][m] if mode == "vmapped" else got[n]
+            torch.testing.assert_close(mine, want[n], atol=1e-10, rtol=1e-8, msg=lambda s, n=n: f"{n}: {s}")
+            if averaged is not None:
+                avg = averaged[n][m] if mode == "vmapped" else averaged[n]
+                torch.testing.assert_close(
+                    avg, ema[n], atol=1e-10, rtol=1e-8, msg=lambda s, n=n: f"EMA {n}: {s}"
+                )
+        assert any(not torch.allclose(want[n], start[n], atol=1e-6) for n in want), (
+            "the reference did not move"
+        )
+        if averaged is not None:
+            assert any(not torch.allclose(ema[n], want[n], atol=1e-6) for n in want), (
+                "the EMA equals the weights"
+            )
+
+
+def test_the_loop_compiled_cover_meets_every_pair():
+    dims = [LOOP_COMPILED, *LOOP_DIMS]
+    met = set().union(*map(_pairs, pairwise_cover(dims)))
+    for i, j in itertools.combinations(range(len(dims)), 2):
+        for a, b in itertools.product(dims[i], dims[j]):
+            assert (i, a, j, b) in met, (dims[i], a, dims[j], b)
+
+
+def test_create_optimizer_takes_no_wrapped_transform():
+    """The loop matrix's ``create_optimizer`` column is a named refusal: it takes an optimizer's name."""
+    with pytest.raises((TypeError, ValueError)):
+        fr.create_optimizer(_model(), fr.accumulate(fr.sgd(0.1), every=2))  # type: ignore[arg-type]
+    import pathlib
+
+    page = (pathlib.Path(__file__).parent.parent / "docs" / "guarantees.md").read_text()
+    for (entry, mode), why in LOOP_NOT_APPLICABLE.items():
+        assert f"`{entry}` × `{mode}`" in page, why

@@ -56,6 +56,17 @@ def inject_hyperparams(
     probe = factory(**hyperparams)  # refuses bad values now, naming the argument, not at the first step
     if not isinstance(probe, GradientTransformation):
         raise TypeError(f"the factory returned a {type(probe).__name__}, not a GradientTransformation")
+    # each update builds the transform from 0-d tensors: a factory that takes only a float for one of
+    # them (sgd's momentum, a bool-like option) is refused now, naming it, rather than at the first step
+    for name, value in hyperparams.items():
+        as_tensor = dict(hyperparams, **{name: torch.as_tensor(value, dtype=torch.float64)})
+        try:
+            factory(**as_tensor)
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"inject_hyperparams: {name} cannot be injected into this factory, which does not take it as "
+                f"a tensor ({err}); pass it to the factory itself, functools.partial(factory, {name}=...)"
+            ) from err
 
     def values(params: PyTree) -> dict[str, torch.Tensor]:
         leaves, _ = flatten(params)

@@ -135,6 +135,7 @@ from funcreg._src.combinators.accumulate import AccumulateState
 from funcreg._src.combinators.cautious import cautious
 from funcreg._src.combinators.averaging import average_weights
 from funcreg._src.combinators.averaging import averaged_params
+from funcreg._src.combinators.averaging import average_buffers
 from funcreg._src.combinators.averaging import AverageState
 from funcreg._src.combinators.low_memory import compress_state
 from funcreg._src.combinators.low_memory import CompressedState
@@ -298,6 +299,7 @@ __all__ = [
     "apply_if_finite",
     "apply_updates",
     "attention_heads",
+    "average_buffers",
     "average_weights",
     "averaged_params",
     "bridge",

@@ -104,3 +104,138 @@ def test_average_weights_validation():
         tx.update({"w": torch.ones(2)}, tx.init({"w": torch.ones(2)}))
     with pytest.raises(ValueError, match="found 0"):
         fr.averaged_params(fr.sgd(0.1).init({"w": torch.ones(2)}))
+
+
+# --- timm ModelEmaV3's decay warm-up, and the buffers ---------------------------------------------
+
+
+def timm_decay(
+    step: int, decay: float, warmup: bool, gamma: float, power: float, min_decay: float, after: int
+) -> float:
+    """``ModelEmaV3.get_decay(step)``, written out from its definition (``step``: updates so far)."""
+    s = max(0, step - after - 1)
+    if s <= 0:
+        return 0.0
+    if not warmup:
+        return decay
+    return max(min(1 - (1 + s / gamma) ** -power, decay), min_decay)
+
+
+@PROPERTY
+@given(
+    grads=st.lists(arrays(np.float64, (3,), elements=st.floats(-2, 2, width=64)), min_size=1, max_size=8),
+    decay=st.floats(0.5, 0.9999),
+    warmup=st.booleans(),
+    gamma=st.floats(0.5, 4.0),
+    power=st.floats(0.5, 1.0),
+    min_frac=st.floats(0.0, 1.0),
+    after=st.integers(0, 3),
+)
+def test_warmup_follows_timm_model_ema_v3(grads, decay, warmup, gamma, power, min_frac, after):
+    """The average is the EMA of the weights with timm's decay at each update: a copy for the first
+    ``update_after_step + 1`` updates, then ``decay`` or the warm-up ramp clipped to [min_decay, decay]."""
+    min_decay = min_frac * decay
+    tx = fr.average_weights(
+        fr.sgd(0.1, momentum=0.9),
+        decay=decay,
+        warmup=warmup,
+        warmup_gamma=gamma,
+        warmup_power=power,
+        min_decay=min_decay,
+        update_after_step=after,
+    )
+    params = {"w": torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64)}
+    state = tx.init(params)
+    ema = None
+    for step, g in enumerate(grads, start=1):
+        u, state = tx.update({"w": torch.from_numpy(g)}, state, params)
+        params = fr.apply_updates(params, u)
+        d = timm_decay(step, decay, warmup, gamma, power, min_decay, after)
+        ema = params["w"].clone() if ema is None else d * ema + (1 - d) * params["w"]
+        torch.testing.assert_close(fr.averaged_params(state)["w"], ema, **TOL)
+        assert abs(float(state.weight) - (1 - d)) <= 1e-12
+
+
+def test_warmup_traced_and_vmapped_equal_eager():
+    """The decay ramp computed from a tensor count (compile, vmap) equals the eager Python one."""
+    tx = fr.average_weights(fr.adam(0.1), decay=0.99, warmup=True, min_decay=0.1, update_after_step=1)
+    gs = [torch.tensor([0.5, -1.0], dtype=torch.float64) * (k + 1) for k in range(5)]
+
+    def run(update, params, state):
+        for g in gs:
+            u, state = update({"w": g}, state, params)
+            params = fr.apply_updates(params, u)
+        return fr.averaged_params(state)["w"]
+
+    p0 = {"w": torch.tensor([1.0, 2.0], dtype=torch.float64)}
+    eager = run(tx.update, p0, tx.init(p0))
+    compiled = run(torch.compile(tx.update, backend="eager", fullgraph=True), p0, tx.init(p0))
+    torch.testing.assert_close(compiled, eager, atol=1e-12, rtol=1e-10)
+    stacked = fr.stack([p0, p0])
+    state, params = fr.vmap(tx.init)(stacked), stacked
+    for g in gs:
+        u, state = fr.vmap(tx.update)({"w": torch.stack([g, g])}, state, params)
+        params = fr.apply_updates(params, u)
+    torch.testing.assert_close(fr.averaged_params(state)["w"][1], eager, atol=1e-12, rtol=1e-10)
+
+
+def _bn_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1)).double()
+
+
+@pytest.mark.parametrize("donate", [False, True])
+@settings(deadline=None, max_examples=8, database=None)
+@given(xs=st.lists(arrays(np.float64, (6, 3), elements=st.floats(-2, 2, width=64)), min_size=1, max_size=5))
+def test_average_buffers_equal_averaged_model_with_buffers(donate, xs):
+    """make_step(buffers=True) with average_weights + average_buffers: the averaged weights and
+    BatchNorm statistics equal AveragedModel(use_buffers=True) updated after each torch.optim.SGD
+    step; num_batches_tracked is copied (timm's rule; AveragedModel would average the integer)."""
+    decay = 0.7
+    model = _bn_model()
+    apply = fr.functional_model(model)
+
+    def loss(p, b, x):
+        out, new = apply(p, b, x)
+        return (out**2).mean(), new
+
+    step = fr.make_step(loss, fr.average_weights(fr.sgd(0.1), decay=decay), buffers=True, donate=donate)
+    state = step.init(fr.params_of(model), fr.buffers_of(model))
+    averaged_buffers = {k: v.clone() for k, v in state.buffers.items()}
+    reference = _bn_model()
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    avg = AveragedModel(reference, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    for x in xs:
+        x = torch.from_numpy(x)
+        state, _ = step(state, x)
+        averaged_buffers = fr.average_buffers(averaged_buffers, state.buffers, state.opt_state)
+        opt.zero_grad()
+        (reference(x) ** 2).mean().backward()
+        opt.step()
+        avg.update_parameters(reference)
+    for name, p in avg.module.named_parameters():
+        torch.testing.assert_close(fr.averaged_params(state.opt_state)[name], p.detach(), **TOL)
+    for name, b in avg.module.named_buffers():
+        if b.is_floating_point():
+            torch.testing.assert_close(averaged_buffers[name], b, **TOL)
+        else:
+            assert int(averaged_buffers[name]) == len(xs) == int(dict(reference.named_buffers())[name])
+
+
+def test_average_buffers_and_warmup_validation():
+    with pytest.raises(ValueError, match="give decay"):
+        fr.average_weights(fr.sgd(0.1), warmup=True)
+    with pytest.raises(ValueError, match="min_decay"):
+        fr.average_weights(fr.sgd(0.1), decay=0.5, min_decay=0.6)
+    with pytest.raises(ValueError, match="warmup_gamma"):
+        fr.average_weights(fr.sgd(0.1), decay=0.5, warmup=True, warmup_gamma=0.0)
+    with pytest.raises(TypeError, match="update_after_step"):
+        fr.average_weights(fr.sgd(0.1), decay=0.5, update_after_step=1.5)
+    tx = fr.average_weights(fr.sgd(0.1), decay=0.5)
+    state = tx.init({"w": torch.zeros(2)})
+    with pytest.raises(ValueError, match="running_mean"):
+        fr.average_buffers({"running_mean": torch.zeros(2)}, {"running_mean": torch.zeros(3)}, state)
+    with pytest.raises(ValueError):
+        fr.average_buffers({"a": torch.zeros(2)}, {"b": torch.zeros(2)}, state)
+    with pytest.raises(ValueError, match="found 0"):
+        fr.average_buffers({}, {}, fr.sgd(0.1).init({"w": torch.zeros(2)}))

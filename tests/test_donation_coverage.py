@@ -270,6 +270,9 @@ def _build_table() -> dict[str, Callable[[], fr.GradientTransformation]]:
     t["inject_hyperparams"] = lambda: fr.inject_hyperparams(fr.adamw, learning_rate=0.01, weight_decay=0.1)
     t["average_weights"] = lambda: fr.average_weights(fr.adamw(0.01, weight_decay=0.1), decay=0.9)
     t["average_weights_swa"] = lambda: fr.average_weights(fr.sgd(0.1, momentum=0.9))
+    t["average_weights_warmup"] = lambda: fr.average_weights(
+        fr.sgd(0.1, momentum=0.9), decay=0.99, warmup=True, min_decay=0.2, update_after_step=1
+    )
     t["schedule_free_sgd"] = lambda: fr.schedule_free_sgd(0.1, weight_decay=0.01, warmup_steps=2)
     t["schedule_free_adamw"] = lambda: fr.schedule_free_adamw(0.01, weight_decay=0.1, warmup_steps=2)
     t["schedule_free_adamw_wd_schedule"] = lambda: fr.schedule_free_adamw(0.01, weight_decay=WD_SCHED)
@@ -354,6 +357,7 @@ NOT_STEP_TRANSFORMS = {
     # state and tree utilities
     "fista_iterate": "reads a FistaState",
     "averaged_params": "reads an AverageState",
+    "average_buffers": "a pure function over buffers, after the step (tests/test_averaging.py)",
     "set_hyperparams": "edits an InjectState",
     "schedule_free_eval_params": "reads a ScheduleFreeState",
     "penalty_metrics": "reads penalty terms",

@@ -222,3 +222,28 @@ def test_compressed_states_train_the_digits_mlp_as_full_precision():
         compressed_loss, compressed_acc = results[name]
         assert abs(compressed_loss - full_loss) <= tolerance * full_loss, (name, results)
         assert compressed_acc >= full_acc - 0.02, (name, results)
+
+
+@pytest.mark.parametrize("format", ["bfloat16", "float8"])
+@pytest.mark.parametrize("inner", ["adam", "sgd_momentum"])
+def test_a_pure_update_never_writes_into_the_given_state(format, inner):
+    """The inner step runs donated on this step's own float32 copies (the memory peak), but the
+    tensors it did not decode (counts, per-parameter steps) are copied first unless the caller
+    donated the state: a pure update leaves the given state bit for bit as it was."""
+    base = fr.adam(1e-2) if inner == "adam" else fr.sgd(0.1, momentum=0.9)
+    tx = fr.compress_state(base, format=format, block=4)
+    params = {"w": torch.linspace(-1, 1, 8).reshape(2, 4), "b": torch.ones(3)}
+    grads = {"w": torch.full((2, 4), 0.5), "b": torch.full((3,), -0.25)}
+    state = tx.init(params)
+    for _ in range(2):  # a state with moments and counts that moved
+        _, state = tx.update(grads, state, params)
+    before = [x.clone() for x in torch.utils._pytree.tree_leaves(state) if isinstance(x, torch.Tensor)]
+    _, after = tx.update(grads, state, params)
+    now = [x for x in torch.utils._pytree.tree_leaves(state) if isinstance(x, torch.Tensor)]
+    assert all(torch.equal(a, b) for a, b in zip(before, now)), "the given state was written into"
+    assert int(after.count) == int(state.count) + 1
+    pure_updates, _ = tx.update(grads, state, params)
+    pure = fr.apply_updates(params, pure_updates)
+    donated, _ = fr.donated_update(tx, grads, state, {k: v.clone() for k, v in params.items()})
+    for k in pure:  # donated equals pure, bit for bit
+        assert torch.equal(donated[k], pure[k]), k

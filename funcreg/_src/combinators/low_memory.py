@@ -10,7 +10,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from funcreg._src.core.base import GradientTransformation, configured, expect_state
-from funcreg._src.core.donation import donation
+from funcreg._src.core.donation import donating, donation
 from funcreg._src.core.steps import init_count
 from funcreg._src.core.tree import compiling, flatten, unflatten
 from funcreg._src.core.typing import PyTree
@@ -137,27 +137,38 @@ def compress_state(
             return quantize_float8_blocks(x, block)
         return stochastic_round_to_bfloat16(x, generator) if generator is not None else x.to(torch.bfloat16)
 
-    def compress(state: Any, generator: torch.Generator | None) -> Any:
-        leaves, spec = flatten(state)
-        out = [
-            one(x, generator)
-            if isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.ndim > 0
-            else x
-            for x in leaves
-        ]
+    def compress(leaves: list[Any], spec: Any, generator: torch.Generator | None) -> Any:
+        """The state of ``leaves`` compressed; each float32 leaf is dropped from the list as soon as
+        its compressed form exists, so the float32 state is freed tensor by tensor (peak memory)."""
+        out = []
+        for i, x in enumerate(leaves):
+            leaves[i] = None
+            out.append(
+                one(x, generator)
+                if isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.ndim > 0
+                else x
+            )
+            del x
         return unflatten(out, spec)
 
-    def decompress(state: Any) -> Any:
+    def decompress(state: Any, donated: bool) -> Any:
+        """float32 copies of the compressed tensors; the others as they are when the caller donated
+        the state, else copied too (the inner step then writes only into tensors of its own)."""
+        given = {id(x) for x in flatten(state)[0] if isinstance(x, torch.Tensor)}
         if format == "float8":
-            return _float8_decompressed(state, block)
+            state = _float8_decompressed(state, block)
         leaves, spec = flatten(state)
-        return unflatten(
-            [x.float() if isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16 else x for x in leaves],
-            spec,
-        )
+        out = []
+        for x in leaves:
+            if isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16:
+                x = x.float()
+            elif isinstance(x, torch.Tensor) and not donated and id(x) in given:
+                x = x.clone()
+            out.append(x)
+        return unflatten(out, spec)
 
     def init(params: PyTree) -> CompressedState:
-        return CompressedState(init_count(params), compress(inner.init(params), None))
+        return CompressedState(init_count(params), compress(*flatten(inner.init(params)), None))
 
     def update(
         updates: PyTree, state: CompressedState, params: PyTree | None = None
@@ -168,11 +179,17 @@ def compress_state(
                 "compress_state runs eagerly only: its rounding generator is not traced (the state is "
                 "wrapped by vmap or grad, or torch.compile is tracing)"
             )
-        with donation(False):  # the float32 copies are temporaries: nothing to write in place
-            new_updates, inner_state = inner.update(updates, decompress(state.inner_state), params)
+        # the inner step runs donated on the float32 copies, which are this step's own: it updates the
+        # moments in place instead of allocating new ones beside the copies (the step's peak memory)
+        own = decompress(state.inner_state, donating())
+        with donation(True):
+            new_updates, inner_state = inner.update(updates, own, params)
+        del own
         device = state.count.device
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + int(state.count))
-        return new_updates, CompressedState(state.count + 1, compress(inner_state, generator))
+        leaves, spec = flatten(inner_state)
+        del inner_state  # the list holds the float32 state alone now: compress frees it as it goes
+        return new_updates, CompressedState(state.count + 1, compress(leaves, spec, generator))
 
     shown = {} if format == "bfloat16" else {"format": format, "block": block}
     return configured(GradientTransformation(init, update), "compress_state", inner, seed=seed, **shown)

@@ -207,6 +207,7 @@ from funcreg._src.analysis.prune.modules import PrunedMultiheadAttention
 from funcreg._src.analysis.prune.modules import SelectInputs
 from funcreg._src.analysis.prune.semi_structured import semi_structured
 from funcreg._src.analysis.prune.semi_structured import SemiStructured
+from funcreg._src.analysis.prune.low_rank import low_rank
 
 # torch.optim adapter and checkpoints
 from funcreg._src.torch_optimizer.optimizer import TorchOptimizer
@@ -347,6 +348,7 @@ __all__ = [
     "lion",
     "load_state_dict",
     "log_sum",
+    "low_rank",
     "lp",
     "make_step",
     "masked",

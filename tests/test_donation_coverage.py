@@ -383,6 +383,7 @@ NOT_STEP_TRANSFORMS = {
     "probe": "probes a torch.optim optimizer",
     "prune": "model surgery",
     "prune_report": "model surgery",
+    "low_rank": "model surgery",
     "regularization_path": "runs make_step steps",
     "kfold": "data splits",
     "hypergradient": "differentiates through pure steps (a donated step is not differentiable)",

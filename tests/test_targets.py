@@ -117,3 +117,55 @@ def test_n_of_m_validation():
         fr.n_m_sparsity(2, 4).prox({"w": torch.ones(2, 6)}, step=1.0)
     # vectors are left out by default (biases): only matrices are selected
     assert fr.n_m_sparsity().selection({"w": torch.ones(2, 4), "b": torch.ones(4)}) == {"w": True, "b": False}
+
+
+@pytest.mark.parametrize("mode", ["pure", "donated", "compiled", "vmapped"])
+@settings(deadline=None, max_examples=10, database=None)
+@given(
+    w=st.lists(st.floats(-2, 2, width=64), min_size=12, max_size=12),
+    sparsity=st.sampled_from([0.25, 0.5, 0.75]),
+)
+def test_report_sparsity_gives_the_zeros_reached_at_every_step(mode, w, sparsity):
+    """make_step(report_sparsity=True): metrics["sparsity"] is the fraction of exact zeros over the
+    penalty's selection after each step (counted here with numpy), "sparsity/<name>" per parameter;
+    a global target holds it at the target or above from the first proximal step."""
+    params = {"w": torch.from_numpy(np.array(w).reshape(3, 4)), "b": torch.ones(2, dtype=torch.float64)}
+
+    def loss(p, x):
+        return ((p["w"] @ x - 1.0) ** 2).sum() + (p["b"] ** 2).sum()
+
+    penalty = fr.sparsity_target(sparsity, per="global", mask=fr.by_name("w"))
+    step = fr.make_step(
+        loss,
+        fr.sgd(0.05),
+        penalty=penalty,
+        form="proximal",
+        learning_rate=0.05,
+        donate=mode == "donated",
+        report_sparsity=True,
+    )
+    x = torch.linspace(-1, 1, 4, dtype=torch.float64)
+    if mode == "vmapped":
+        run, state = fr.ensemble_step(step), None
+        state = run.init(fr.stack([params, params]))
+    else:
+        run = torch.compile(step, backend="eager") if mode == "compiled" else step
+        state = step.init(params)
+    for _ in range(3):
+        state, metrics = run(state, x)
+        ws = state.params["w"].numpy()
+        reached = (ws == 0).reshape(2, -1).mean(axis=1) if mode == "vmapped" else np.array([(ws == 0).mean()])
+        got = metrics["sparsity"].reshape(-1).numpy()
+        np.testing.assert_allclose(got, reached, atol=1e-12, rtol=0)
+        np.testing.assert_allclose(metrics["sparsity/w"].reshape(-1).numpy(), reached, atol=1e-12, rtol=0)
+        assert "sparsity/b" not in metrics  # not selected by the penalty
+        assert (got >= sparsity - 1e-12).all()
+
+
+def test_report_sparsity_without_a_penalty_counts_every_parameter():
+    step = fr.make_step(lambda p, x: (p["w"] * x).sum(), fr.sgd(0.0), report_sparsity=True)
+    state = step.init({"w": torch.tensor([0.0, 1.0, 0.0, 2.0]), "b": torch.zeros(4)})
+    _, metrics = step(state, torch.ones(4))
+    assert float(metrics["sparsity"]) == 6 / 8 and float(metrics["sparsity/w"]) == 0.5
+    with pytest.raises(TypeError, match="report_sparsity"):
+        fr.make_step(lambda p: p["w"].sum(), fr.sgd(0.1), report_sparsity=1)

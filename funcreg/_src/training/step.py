@@ -33,6 +33,7 @@ from funcreg._src.forms.forms import (
 )
 from funcreg._src.kernels.update import apply_updates, check_donatable, donated_step
 from funcreg._src.penalties import Penalty
+from funcreg._src.penalties.base import FlatParams
 from funcreg._src.training.hparams import Hyperparams, as_hparams, float_dtype
 
 Form = Literal["loss", "coupled", "decoupled", "proximal"]
@@ -138,6 +139,7 @@ class Step:
         has_aux: bool,
         buffers: bool,
         donate: bool = False,
+        report_sparsity: bool = False,
     ) -> None:
         self.loss_fn = loss_fn
         self.tx = tx
@@ -147,6 +149,7 @@ class Step:
         self.has_aux = has_aux
         self.buffers = buffers
         self.donate = donate
+        self.report_sparsity = report_sparsity
         self._donations = DonationTracker()
         self._overlap = OverlapCheck()
 
@@ -286,10 +289,33 @@ class Step:
             updates, new_opt_state = tx.update(grads, opt_state, params)
             new_params = apply_updates(params, updates)
         metrics = self.finish_metrics(metrics, new_opt_state, aux)
+        if self.report_sparsity:
+            metrics.update(sparsity_metrics(new_params, _resolve(self.penalty, hparams)))
         out = TrainState(new_params, new_opt_state, new_buffers, hparams)
         if tracked:
             self._donations.produce(out)
         return out, metrics
+
+
+def sparsity_metrics(params: PyTree, penalty: Penalty | None) -> dict[str, torch.Tensor]:
+    """The fraction of exact zeros reached, as 0-d float64 tensors: ``"sparsity"`` over the
+    parameters ``penalty`` selects (every parameter without one), weighted by size, and
+    ``"sparsity/<name>"`` per selected parameter. Tensor ops only: it runs under vmap and compile."""
+    fp = FlatParams.of(params)
+    chosen = penalty.selected_flat(fp) if penalty is not None else [True] * len(fp.names)
+    out: dict[str, torch.Tensor] = {}
+    zeros: list[torch.Tensor] = []
+    total = 0
+    for name, w, picked in zip(fp.names, fp.leaves, chosen):
+        if w is None or not picked or w.numel() == 0:
+            continue
+        z = (w == 0).sum(dtype=torch.float64)
+        out[f"sparsity/{name}"] = z / w.numel()
+        zeros.append(z)
+        total += w.numel()
+    if not zeros:
+        raise ValueError("report_sparsity: the penalty selects no parameter (nothing to report)")
+    return {"sparsity": torch.stack(zeros).sum() / total, **out}
 
 
 def _is_vmapped(params: PyTree) -> bool:
@@ -314,6 +340,7 @@ def make_step(
     has_aux: bool = False,
     buffers: bool = False,
     donate: bool = False,
+    report_sparsity: bool = False,
 ) -> Step:
     """Builds a pure training step ``step(train_state, *batch) -> (train_state, metrics)``.
 
@@ -339,6 +366,10 @@ def make_step(
             the pure step. ``init`` then copies the parameters (the state owns its tensors), and a
             state that a step consumed must not be stepped again (``ValueError``): use the returned
             one. Refused where autograd needs the old values (differentiating through the step).
+        report_sparsity: add the sparsity reached after each step to the metrics: ``"sparsity"``,
+            the fraction of exact zeros over the parameters the penalty selects (all of them without
+            a penalty), and ``"sparsity/<name>"`` per selected parameter (for a sparsity target:
+            what a proximal step reached, step by step). One pass over the selected parameters.
 
     ``metrics`` always holds ``"data_loss"`` and, with a penalty in any form, ``"penalty"``,
     ``"penalty/<term>"`` and ``"total"`` (for the gradient-edit forms computed without autograd, at the
@@ -370,4 +401,5 @@ def make_step(
     check_bool("has_aux", has_aux)
     check_bool("buffers", buffers)
     check_bool("donate", donate)
-    return Step(loss_fn, tx, penalty, form, learning_rate, has_aux, buffers, donate)
+    check_bool("report_sparsity", report_sparsity)
+    return Step(loss_fn, tx, penalty, form, learning_rate, has_aux, buffers, donate, report_sparsity)

@@ -181,12 +181,30 @@ def _time(models: tuple[nn.Module, nn.Module], x: torch.Tensor, repeats: int) ->
     return statistics.median(times[0]), statistics.median(times[1])
 
 
+def _is_factored(m: nn.Module) -> bool:
+    """Whether ``m`` is a layer :func:`funcreg.low_rank` factored: a Sequential of two layers of one
+    kind (Linear, or 1x1 Conv2d), the first without a bias."""
+    return (
+        type(m) is nn.Sequential
+        and len(m) == 2
+        and type(m[0]) is type(m[1])
+        and isinstance(m[0], _PRODUCERS)
+        and m[0].bias is None
+    )
+
+
 def _sizes(model: nn.Module) -> dict[str, tuple[str, int, int]]:
     """Per Linear/Conv2d/BatchNorm layer by name: its kind, units and parameter count; per attention
     layer its heads and all its parameters."""
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, _ATTENTION):
+        if _is_factored(m):  # a layer fr.low_rank replaced: its output units, both factors' parameters
+            out[name] = (
+                f"{type(m[1]).__name__} (rank {m[0].weight.shape[0]})",
+                m[1].weight.shape[0],
+                sum(p.numel() for p in m.parameters()),
+            )
+        elif isinstance(m, _ATTENTION):
             out[name] = (type(m).__name__, int(m.num_heads), sum(p.numel() for p in m.parameters()))
         elif isinstance(m, _PRODUCERS + _NORMS):
             units = m.weight.shape[0] if isinstance(m, _PRODUCERS) else m.num_features

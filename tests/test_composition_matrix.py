@@ -558,18 +558,23 @@ def test_cells_that_do_not_exist_are_listed_in_the_guarantees(entry, mode):
 #   micro-batch gradients, one real step per batch, so the reference's three steps;
 # * ``average``: ``fr.average_weights(chain, decay=0.5)``: the reference's weights, and its average
 #   the EMA of the reference's trajectory (checked where the state is at hand: the functional runs);
+# * ``layer_decay``: ``fr.scale_by_layer`` after the optimizer (layer-wise learning-rate decay): the
+#   reference with one param group per layer, its learning rate scaled;
 # * ``decay_schedule``: the alias with ``weight_decay=fr.constant_schedule(wd)`` beside the penalty:
 #   the reference with a coupled ``wd/2 ||w||^2`` term on every parameter (the kernels read the
 #   schedule in donated steps).
 #
 # ``fr.create_optimizer`` builds a named optimizer from options: it takes no wrapped transform (the
 # cells are named refusals in docs/guarantees.md, ``LOOP_NOT_APPLICABLE``). ``fr.cautious``,
-# ``fr.compress_state``, ``fr.scale_by_layer`` and the schedule-free optimizers change the update, so
+# ``fr.compress_state`` and the schedule-free optimizers change the update, so
 # the loss-term reference does not describe them: they are tested against their own references
-# (tests/test_cautious.py, test_low_memory.py, test_layer_decay.py, test_schedule_free.py) and as
+# (tests/test_cautious.py, test_low_memory.py, test_schedule_free.py) and as
 # rows of tests/test_donation_coverage.py.
 
-LOOP_WRAPPERS = ("inject", "accumulate", "average", "decay_schedule")
+LOOP_WRAPPERS = ("inject", "accumulate", "average", "decay_schedule", "layer_decay")
+# fr.scale_by_layer after the optimizer: SGD's and Adam's updates are proportional to the learning rate,
+# so the reference is one param group per layer with lr * scale (the penalty's own step unscaled)
+LAYER_SCALES = {"0.weight": 0.5, "0.bias": 0.5, "2.weight": 1.0, "2.bias": 1.0}
 LOOP_KINDS = ("l2", "l1", "group_lasso")
 LOOP_RUNS = (
     ("functional", "pure"),
@@ -606,6 +611,8 @@ def _loop_base(wrapper: str, optimizer: str) -> fr.GradientTransformation:
 def _loop_tx(wrapper: str, optimizer: str, form: str, penalty: fr.Penalty) -> fr.GradientTransformation:
     """The wrapped chain with the penalty's form inside it (the loss form: the bare optimizer)."""
     base = _loop_base(wrapper, optimizer)
+    if wrapper == "layer_decay":
+        base = fr.chain(base, fr.scale_by_layer(LAYER_SCALES))
     if form == "coupled":
         base = fr.chain(fr.add_penalty_grad(penalty), base)
     elif form == "decoupled":
@@ -679,8 +686,14 @@ def _loop_expected(
     terms = [Term(kind, coeff, _selected(kind, "mask", names, shapes), form)]
     if wrapper == "decay_schedule":
         terms.append(Term("weight_decay", WEIGHT_DECAY, frozenset(names), "coupled"))
+    groups = [(names, LR[optimizer])]
+    if wrapper == "layer_decay":
+        groups = [
+            ([n for n in names if LAYER_SCALES[n] == scale], LR[optimizer] * scale)
+            for scale in sorted(set(LAYER_SCALES.values()))
+        ]
     trajectory: list[dict[str, torch.Tensor]] = []
-    final = reference(optimizer, init, [(names, LR[optimizer])], terms, lambda n: PENALTY_STEP, trajectory)
+    final = reference(optimizer, init, groups, terms, lambda n: PENALTY_STEP, trajectory)
     ema = dict(trajectory[0])  # the average starts at the first step's weights
     for w in trajectory[1:]:
         ema = {n: EMA_DECAY * ema[n] + (1 - EMA_DECAY) * w[n] for n in ema}

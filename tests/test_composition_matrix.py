@@ -2,7 +2,8 @@
 
 One parametrized test crosses
 
-* the penalty kind: ``l2``, ``l1``, ``elastic_net``, ``group_lasso``, ``anchor`` (L2-SP);
+* the penalty kind: ``l2``, ``l1``, ``elastic_net``, ``group_lasso``, ``anchor`` (L2-SP), and the
+  non-convex ``mcp`` and ``scad`` (their proximal references: firm and Fan & Li thresholding);
 * the form: ``loss``, ``coupled``, ``decoupled``, ``proximal``;
 * the selection: ``all`` (the penalty's own default), ``mask`` (a mask by name), ``groups`` (two
   parameter groups with their own learning rates, the penalty's mask selecting parameters of one
@@ -23,7 +24,7 @@ reason (:data:`NOT_APPLICABLE`).
 
 The compiled cells run under ``torch.compile(backend="eager")`` (Dynamo's tracing and guards, no
 code generation: what differs between eager and compiled funcreg code is what Dynamo traces). Every
-eager cell runs in CI; of the 480 compiled cells CI runs a pairwise cover (22 cells in which every
+eager cell runs in CI; of the 672 compiled cells CI runs a pairwise cover (28 cells in which every
 pair of values of any two dimensions meets), since each costs seconds of tracing;
 ``FUNCREG_MATRIX_FULL=1`` runs them all. ``FUNCREG_MATRIX_BACKEND=aot_eager`` (or ``inductor``)
 reruns the compiled column through AOTAutograd or inductor.
@@ -46,7 +47,8 @@ from torch import nn
 
 import funcreg as fr
 
-KINDS = ("l2", "l1", "elastic_net", "group_lasso", "anchor")
+KINDS = ("l2", "l1", "elastic_net", "group_lasso", "anchor", "mcp", "scad")
+MCP_GAMMA, SCAD_A = 3.0, 3.7  # the non-convex penalties' shape parameters (their defaults)
 FORMS = ("loss", "coupled", "decoupled", "proximal")
 SELECTIONS = ("all", "mask", "groups")
 OPTIMIZERS = ("sgd", "adam")
@@ -78,7 +80,15 @@ PENALTY_STEP = 0.07  # s_t of the functional step's decoupled / proximal forms (
 WEIGHT_DECAY = 0.03  # create_optimizer's weight decay, beside the penalty
 MASKED = ("0.weight", "0.bias")  # the "mask" and "groups" selections: the first layer only
 GROUP_A = ("0.weight", "0.bias")
-COEFF = {"l2": 0.3, "l1": 0.02, "elastic_net": 0.02, "group_lasso": 0.05, "anchor": 0.4}
+COEFF = {
+    "l2": 0.3,
+    "l1": 0.02,
+    "elastic_net": 0.02,
+    "group_lasso": 0.05,
+    "anchor": 0.4,
+    "mcp": 0.1,  # gamma * coeff = 0.3: the small weights are in the concave part, the large ones past it
+    "scad": 0.1,
+}
 
 
 # --- the model and the data -------------------------------------------------------------------------
@@ -167,6 +177,16 @@ def _value(term: Term, w: torch.Tensor, n: str, ref: dict[str, torch.Tensor]) ->
         return c * math.sqrt(w[0].numel()) * torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1).sum()
     if term.kind == "anchor":
         return c / 2 * ((w - ref[n]) ** 2).sum()
+    a = w.abs()
+    if term.kind == "mcp":  # Zhang (2010): c|w| - w^2 / (2 gamma) up to gamma c, then gamma c^2 / 2
+        g = MCP_GAMMA
+        return torch.where(a <= g * c, c * a - a * a / (2 * g), torch.full_like(a, g * c * c / 2)).sum()
+    if term.kind == "scad":  # Fan & Li (2001)
+        k = SCAD_A
+        middle = (2 * k * c * a - a * a - c * c) / (2 * (k - 1))
+        return torch.where(
+            a <= c, c * a, torch.where(a <= k * c, middle, torch.full_like(a, c * c * (k + 1) / 2))
+        ).sum()
     raise AssertionError(term.kind)
 
 
@@ -189,12 +209,24 @@ def _prox_of_sum(terms: list[Term], v: torch.Tensor, t: dict[int, float], n: str
         if q is not None:
             num = num + t[i] * q[0] * q[1]
             den = den + t[i] * q[0]
-        if term.kind in ("l1", "elastic_net", "group_lasso"):
+        if term.kind in ("l1", "elastic_net", "group_lasso", "mcp", "scad"):
             rough.append((term, t[i]))
     v = num / den
     assert len(rough) <= 1, "at most one non-quadratic term per parameter in the matrix"
     for term, step in rough:
         thr = step / den * term.coeff
+        # prox of t f after the quadratic terms folded in: prox_{t/den f}(v / den), for any f
+        tt, c, a = step / den, term.coeff, v.abs()
+        if term.kind == "mcp":  # firm thresholding (tt < gamma: the objective is convex)
+            firm = torch.sign(v) * (a - tt * c) / (1 - tt / MCP_GAMMA)
+            v = torch.where(a <= tt * c, torch.zeros_like(v), torch.where(a <= MCP_GAMMA * c, firm, v))
+            continue
+        if term.kind == "scad":  # Fan & Li's thresholding with step tt (tt < a - 1)
+            k = SCAD_A
+            soft = torch.sign(v) * torch.clamp(a - tt * c, min=0)
+            middle = torch.sign(v) * ((k - 1) * a - tt * k * c) / (k - 1 - tt)
+            v = torch.where(a <= c * (1 + tt), soft, torch.where(a <= k * c, middle, v))
+            continue
         if term.kind == "group_lasso":
             rows = v.reshape(v.shape[0], -1)
             norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
@@ -267,6 +299,10 @@ def _penalty(kind: str, coeff: Any, selection: str) -> fr.Penalty:
         return fr.group_lasso(coeff, axis=0, mask=mask)
     if kind == "anchor":
         return fr.anchor(coeff, _reference_weights(), mask=mask)
+    if kind == "mcp":
+        return fr.mcp(coeff, gamma=MCP_GAMMA, mask=mask)
+    if kind == "scad":
+        return fr.scad(coeff, a=SCAD_A, mask=mask)
     raise AssertionError(kind)
 
 
@@ -422,7 +458,7 @@ def _pairs(cell: tuple[Any, ...]) -> set[tuple[Any, ...]]:
 
 def pairwise_cover(dims: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """A deterministic greedy set of cells in which every pair of values of any two dimensions meets
-    at least once (22 cells for the compiled column's 4 x 5 x 4 x 3 x 2 = 480)."""
+    at least once (28 cells for the compiled column's 4 x 7 x 4 x 3 x 2 = 672)."""
     cells = list(itertools.product(*dims))
     need = set().union(*map(_pairs, cells))
     chosen = []
@@ -454,7 +490,7 @@ EAGER_CELLS = [
 ]
 # A compiled cell costs seconds of tracing: CI runs a pairwise cover of the compiled column (each
 # compiled run with every kind, form, selection and optimizer, and every kind with every form, ...);
-# FUNCREG_MATRIX_FULL=1 runs all 480 (docs/guarantees.md records the last full run).
+# FUNCREG_MATRIX_FULL=1 runs all 672 (docs/guarantees.md records the last full run).
 COMPILED_CELLS = [
     _cell(*c)
     for c in (

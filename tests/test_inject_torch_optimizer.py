@@ -77,9 +77,11 @@ def test_the_groups_show_the_injected_hyperparameters_under_torchs_names():
     assert opt.defaults == {"lr": 0.1, "weight_decay": 0.05}
     assert "lr, weight_decay as group options" in repr(opt)
     # in a chain too, with the other transforms' hyperparameters built in
-    tx = fr.chain(fr.clip_by_global_norm(1e6), fr.inject_hyperparams(fr.sgd, learning_rate=0.2, momentum=0.9))
+    tx = fr.chain(
+        fr.clip_by_global_norm(1e6), fr.inject_hyperparams(fr.sgd, learning_rate=0.2, weight_decay=0.01)
+    )
     opt = fr.TorchOptimizer(list(ours.items()), tx)
-    assert {k: opt.param_groups[0][k] for k in ("lr", "momentum")} == {"lr": 0.2, "momentum": 0.9}
+    assert {k: opt.param_groups[0][k] for k in ("lr", "weight_decay")} == {"lr": 0.2, "weight_decay": 0.01}
 
 
 def test_a_group_value_sets_the_step_and_the_state_follows():

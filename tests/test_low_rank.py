@@ -242,5 +242,5 @@ def test_refusals() -> None:
         fr.low_rank(params)  # type: ignore[arg-type]
     before = copy.deepcopy(model.state_dict())
     fr.low_rank(model, params)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k])
+    for k, v in model.state_dict().items():  # bit for bit (skip_init's memory may hold NaN)
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True)

@@ -67,11 +67,22 @@ def test_average_weights_donated_and_in_make_step_equal_the_pure_path():
     torch.testing.assert_close(runs[1], runs[0], atol=1e-12, rtol=1e-10)
 
 
-@pytest.mark.parametrize("decay", [None, 0.8])
-def test_average_weights_traced_equals_eager(decay):
-    """Under torch.compile and vmap the first average is chosen by torch.where, not in Python."""
-    tx = fr.average_weights(fr.sgd(0.1, momentum=0.9), decay=decay)
-    gs = [torch.tensor([0.5, -1.0], dtype=torch.float64) * (k + 1) for k in range(4)]
+TRACED_CASES = {
+    "swa": lambda: fr.average_weights(fr.sgd(0.1, momentum=0.9)),
+    "ema": lambda: fr.average_weights(fr.sgd(0.1, momentum=0.9), decay=0.8),
+    # the decay ramp computed from a tensor count, with a copy for the first two updates
+    "ema_warmup": lambda: fr.average_weights(
+        fr.adam(0.1), decay=0.99, warmup=True, min_decay=0.1, update_after_step=1
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRACED_CASES))
+def test_average_weights_traced_equals_eager(case):
+    """Under torch.compile and vmap the first average (and the warm-up's decay) is chosen by
+    torch.where from a tensor count, not in Python: the same average as eagerly."""
+    tx = TRACED_CASES[case]()
+    gs = [torch.tensor([0.5, -1.0], dtype=torch.float64) * (k + 1) for k in range(5)]
 
     def run(update, params, state):
         for g in gs:
@@ -154,29 +165,6 @@ def test_warmup_follows_timm_model_ema_v3(grads, decay, warmup, gamma, power, mi
         ema = params["w"].clone() if ema is None else d * ema + (1 - d) * params["w"]
         torch.testing.assert_close(fr.averaged_params(state)["w"], ema, **TOL)
         assert abs(float(state.weight) - (1 - d)) <= 1e-12
-
-
-def test_warmup_traced_and_vmapped_equal_eager():
-    """The decay ramp computed from a tensor count (compile, vmap) equals the eager Python one."""
-    tx = fr.average_weights(fr.adam(0.1), decay=0.99, warmup=True, min_decay=0.1, update_after_step=1)
-    gs = [torch.tensor([0.5, -1.0], dtype=torch.float64) * (k + 1) for k in range(5)]
-
-    def run(update, params, state):
-        for g in gs:
-            u, state = update({"w": g}, state, params)
-            params = fr.apply_updates(params, u)
-        return fr.averaged_params(state)["w"]
-
-    p0 = {"w": torch.tensor([1.0, 2.0], dtype=torch.float64)}
-    eager = run(tx.update, p0, tx.init(p0))
-    compiled = run(torch.compile(tx.update, backend="eager", fullgraph=True), p0, tx.init(p0))
-    torch.testing.assert_close(compiled, eager, atol=1e-12, rtol=1e-10)
-    stacked = fr.stack([p0, p0])
-    state, params = fr.vmap(tx.init)(stacked), stacked
-    for g in gs:
-        u, state = fr.vmap(tx.update)({"w": torch.stack([g, g])}, state, params)
-        params = fr.apply_updates(params, u)
-    torch.testing.assert_close(fr.averaged_params(state)["w"][1], eager, atol=1e-12, rtol=1e-10)
 
 
 def _bn_model() -> torch.nn.Module:

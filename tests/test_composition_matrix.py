@@ -408,8 +408,15 @@ def run_imperative(
             form=None if form == "loss" else form,
             **opts,
         )
+    return _train_imperative(model, opt, penalty, form, mode, _batches())
+
+
+def _train_imperative(
+    model: nn.Module, opt: Any, penalty: fr.Penalty, form: str, mode: str, batches: list[Any]
+) -> dict[str, torch.Tensor]:
+    """The torch.optim loop over ``batches`` (the penalty added to the loss in the loss form)."""
     step = _compiled(opt.step) if mode == "compiled" else opt.step
-    for x, y in _batches():
+    for x, y in batches:
         opt.zero_grad()
         loss = data_loss(dict(model.named_parameters()), x, y)
         if form == "loss":
@@ -702,15 +709,7 @@ def run_loop_torch_optimizer(
     opt = fr.TorchOptimizer(model.named_parameters(), _loop_tx(wrapper, optimizer, form, penalty))
     if wrapper == "inject":  # the injected values are the group's options, as torch's schedulers see them
         assert opt.param_groups[0]["lr"] == LR[optimizer], opt.param_groups[0]
-    step = _compiled(opt.step) if mode == "compiled" else opt.step
-    for x, y in _loop_batches(wrapper):
-        opt.zero_grad()
-        loss = data_loss(dict(model.named_parameters()), x, y)
-        if form == "loss":
-            loss = loss + penalty(dict(model.named_parameters()))
-        loss.backward()
-        step()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return _train_imperative(model, opt, penalty, form, mode, _loop_batches(wrapper))
 
 
 def _loop_expected(

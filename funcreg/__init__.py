@@ -191,6 +191,9 @@ from funcreg._src.training.members import vmap
 from funcreg._src.analysis.paths.path import regularization_path
 from funcreg._src.analysis.paths.result import RegularizationPath
 from funcreg._src.analysis.paths.cv import kfold
+from funcreg._src.analysis.paths.lasso import lasso_path
+from funcreg._src.analysis.paths.lasso import lasso_cv
+from funcreg._src.analysis.paths.lasso import LassoPath
 
 # Hypergradients
 from funcreg._src.analysis.hypergrad import hypergradient
@@ -250,6 +253,7 @@ __all__ = [
     "History",
     "Hypergradient",
     "InjectState",
+    "LassoPath",
     "LeafRule",
     "LeafTypeError",
     "MaskedState",
@@ -343,6 +347,8 @@ __all__ = [
     "l0",
     "l1",
     "l2",
+    "lasso_cv",
+    "lasso_path",
     "linear_schedule",
     "linear_warmup",
     "lion",

@@ -384,6 +384,8 @@ NOT_STEP_TRANSFORMS = {
     "prune": "model surgery",
     "prune_report": "model surgery",
     "low_rank": "model surgery",
+    "lasso_path": "a linear model's exact path (tests/test_lasso_path.py), not a transform",
+    "lasso_cv": "a linear model's cross-validated path (tests/test_lasso_path.py), not a transform",
     "regularization_path": "runs make_step steps",
     "kfold": "data splits",
     "hypergradient": "differentiates through pure steps (a donated step is not differentiable)",

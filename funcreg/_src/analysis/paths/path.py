@@ -81,6 +81,11 @@ def regularization_path(
     ``batch_size`` drawn from them epoch by epoch (each seed and fold its own shuffled order, from ``seed``,
     the same for every coefficient).
 
+    For a linear least-squares lasso / elastic net, :func:`funcreg.lasso_path` (the exact path, with
+    strong-rule screening and warm starts) and :func:`funcreg.lasso_cv` (its cross-validation, returning
+    this same :class:`RegularizationPath`) solve the problem directly, as fast as scikit-learn's
+    coordinate descent, instead of training it.
+
     Args:
         loss: ``loss(params, *batch) -> (n,)``: one (data) loss per example, e.g.
             ``cross_entropy(functional_call(model, p, (x,)), y, reduction="none")``.

@@ -48,6 +48,7 @@ from funcreg._src.transforms.basic import TraceState
 from funcreg._src.transforms.basic import scale_by_adam
 from funcreg._src.transforms.basic import ScaleByAdamState
 from funcreg._src.transforms.basic import add_decayed_weights
+from funcreg._src.transforms.basic import AddDecayedWeightsState
 from funcreg._src.transforms.basic import decoupled_weight_decay
 from funcreg._src.transforms.basic import DecoupledWeightDecayState
 from funcreg._src.transforms.basic import clip_by_global_norm
@@ -238,6 +239,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccumulateState",
+    "AddDecayedWeightsState",
     "ApplyIfFiniteState",
     "AttentionHeads",
     "AverageState",

@@ -227,3 +227,82 @@ def test_average_buffers_and_warmup_validation():
         fr.average_buffers({"a": torch.zeros(2)}, {"b": torch.zeros(2)}, state)
     with pytest.raises(ValueError, match="found 0"):
         fr.average_buffers({}, {}, fr.sgd(0.1).init({"w": torch.zeros(2)}))
+
+
+def test_warmup_defaults_are_timms():
+    """Left at their defaults, warmup_gamma and warmup_power are ModelEmaV3's (1 and 2/3)."""
+    tx = fr.average_weights(fr.sgd(1.0), decay=0.9999, warmup=True)
+    params = {"w": torch.zeros(1, dtype=torch.float64)}
+    state = tx.init(params)
+    for step in range(1, 6):
+        u, state = tx.update({"w": torch.ones(1, dtype=torch.float64)}, state, params)
+        params = fr.apply_updates(params, u)
+        want = 1 - timm_decay(step, 0.9999, True, 1.0, 2 / 3, 0.0, 0)
+        assert abs(float(state.weight) - want) <= 1e-15
+
+
+@settings(deadline=None, max_examples=8, database=None)
+@given(xs=st.lists(arrays(np.float64, (6, 3), elements=st.floats(-2, 2, width=64)), min_size=1, max_size=5))
+def test_average_buffers_follow_the_running_mean_of_swa(xs):
+    """Without decay the buffers enter as the parameters do, with weight 1 / (n + 1): the mean of
+    AveragedModel(use_buffers=True)'s default averaging, on the floating buffers."""
+    model = _bn_model()
+    apply = fr.functional_model(model)
+
+    def loss(p, b, x):
+        out, new = apply(p, b, x)
+        return (out**2).mean(), new
+
+    step = fr.make_step(loss, fr.average_weights(fr.sgd(0.1)), buffers=True)
+    state = step.init(fr.params_of(model), fr.buffers_of(model))
+    averaged = {k: v.clone() for k, v in state.buffers.items()}
+    reference = _bn_model()
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    avg = AveragedModel(reference, use_buffers=True)
+    for x in xs:
+        x = torch.from_numpy(x)
+        state, _ = step(state, x)
+        averaged = fr.average_buffers(averaged, state.buffers, state.opt_state)
+        opt.zero_grad()
+        (reference(x) ** 2).mean().backward()
+        opt.step()
+        avg.update_parameters(reference)
+    for name, b in avg.module.named_buffers():
+        if b.is_floating_point():
+            torch.testing.assert_close(averaged[name], b, **TOL)
+    for name, p in avg.module.named_parameters():
+        torch.testing.assert_close(fr.averaged_params(state.opt_state)[name], p.detach(), **TOL)
+
+
+def test_average_buffers_keep_absent_buffers_absent():
+    """A ``None`` buffer stays ``None``; one present now but absent from the average is copied."""
+    tx = fr.average_weights(fr.sgd(0.1), decay=0.5)
+    params = {"w": torch.zeros(1)}
+    _, state = tx.update({"w": torch.zeros(1)}, tx.init(params), params)
+    _, state = tx.update({"w": torch.zeros(1)}, state, params)
+    out = fr.average_buffers({"a": None, "b": None}, {"a": None, "b": torch.tensor([3.0])}, state)
+    assert out["a"] is None and torch.equal(out["b"], torch.tensor([3.0]))
+
+
+def test_warmup_options_are_validated_and_shown():
+    sgd = fr.sgd(0.1)
+    for kwargs, err in (
+        (dict(decay=0.5, warmup=True, warmup_power=0.0), ValueError),
+        (dict(decay=0.5, warmup=True, warmup_power=torch.tensor(0.5)), TypeError),
+        (dict(decay=0.5, warmup=True, warmup_gamma=torch.tensor(1.0)), TypeError),
+        (dict(decay=0.5, min_decay=torch.tensor(0.1)), TypeError),
+        (dict(decay=0.5, min_decay=1.0), ValueError),
+        (dict(decay=0.5, warmup=1), TypeError),
+        (dict(min_decay=0.1), ValueError),
+        (dict(update_after_step=2), ValueError),
+        (dict(decay=0.5, update_after_step=-1), ValueError),
+    ):
+        with pytest.raises(err):
+            fr.average_weights(sgd, **kwargs)
+    shown = repr(
+        fr.average_weights(sgd, decay=0.9, warmup=True, warmup_gamma=2.0, min_decay=0.1, update_after_step=3)
+    )
+    for part in ("decay=0.9", "warmup=True", "warmup_gamma=2", "min_decay=0.1", "update_after_step=3"):
+        assert part in shown, shown
+    assert "warmup_power" not in shown and "warmup=" not in repr(fr.average_weights(sgd, decay=0.9))
+    assert "warmup_power=0.75" in repr(fr.average_weights(sgd, decay=0.9, warmup=True, warmup_power=0.75))

@@ -247,3 +247,69 @@ def test_a_pure_update_never_writes_into_the_given_state(format, inner):
     donated, _ = fr.donated_update(tx, grads, state, {k: v.clone() for k, v in params.items()})
     for k in pure:  # donated equals pure, bit for bit
         assert torch.equal(donated[k], pure[k]), k
+
+
+def test_float8_blocks_keep_zero_blocks_and_default_to_256():
+    """An all-zero block (fresh moments) decodes to exact zeros, with scale 1 rather than 0/448; the
+    default block is 256 entries (one scale each, the last block padded); block=1 is exact per entry."""
+    x = torch.cat([torch.zeros(300), torch.linspace(-3, 3, 100)])
+    q = quantize_float8_blocks(x)
+    assert q.scale.shape == (2,) and float(q.scale[0]) == 1.0
+    decoded = dequantize_float8_blocks(q)
+    assert torch.equal(decoded[:256], torch.zeros(256))
+    q1 = quantize_float8_blocks(x, block=1)  # every entry its own scale: it is its block's largest
+    torch.testing.assert_close(dequantize_float8_blocks(q1, block=1), x, atol=0, rtol=1e-6)
+    tx = fr.compress_state(fr.adam(1e-3), format="float8")
+    state = tx.init({"w": torch.zeros(600)})
+    assert [
+        s.shape
+        for s in torch.utils._pytree.tree_leaves(state)
+        if isinstance(s, torch.Tensor) and s.dtype == torch.float32
+    ] == [
+        (3,),
+        (3,),
+    ]
+
+
+def test_bfloat16_init_rounds_to_nearest_and_updates_round_stochastically():
+    """The initial state is cast (no random draw: torch's global generator is untouched); updates
+    draw from the seeded generator, so two seeds give different states and one seed the same."""
+    params = {"w": torch.full((64,), 1.0)}
+    grads = {"w": torch.linspace(1e-3, 2e-3, 64)}
+    before = torch.random.get_rng_state()
+    tx = fr.compress_state(fr.sgd(0.1, momentum=0.9), seed=1)
+    state = tx.init(params)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    runs = []
+    for seed in (1, 1, 2):
+        tx = fr.compress_state(fr.sgd(0.1, momentum=0.9), seed=seed)
+        _, s = tx.update(grads, tx.init(params), params)
+        _, s = tx.update(grads, s, params)
+        runs.append(
+            [
+                x.clone()
+                for x in torch.utils._pytree.tree_leaves(s)
+                if isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16
+            ]
+        )
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert any(not torch.equal(a, b) for a, b in zip(runs[0], runs[2]))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    del state
+
+
+def test_scalar_float32_state_is_kept_as_it_is():
+    """0-d float32 tensors in the inner state (a running scalar) are not compressed."""
+
+    def init(params):
+        return {"scalar": torch.zeros((), dtype=torch.float32), "m": torch.zeros_like(params["w"])}
+
+    def update(updates, state, params=None):
+        return updates, {"scalar": state["scalar"] + 0.1, "m": state["m"] + updates["w"]}
+
+    tx = fr.compress_state(fr.GradientTransformation(init, update))
+    params = {"w": torch.ones(4)}
+    _, state = tx.update({"w": torch.ones(4)}, tx.init(params), params)
+    inner = state.inner_state
+    assert inner["scalar"].dtype == torch.float32 and abs(float(inner["scalar"]) - 0.1) < 1e-7
+    assert inner["m"].dtype == torch.bfloat16

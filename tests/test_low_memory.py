@@ -251,24 +251,37 @@ def test_a_pure_update_never_writes_into_the_given_state(format, inner):
 
 def test_float8_blocks_keep_zero_blocks_and_default_to_256():
     """An all-zero block (fresh moments) decodes to exact zeros, with scale 1 rather than 0/448; the
-    default block is 256 entries (one scale each, the last block padded); block=1 is exact per entry."""
-    x = torch.cat([torch.zeros(300), torch.linspace(-3, 3, 100)])
+    default block is 256 entries (one scale each, the last block padded: 513 entries are 3 blocks);
+    block=1 is exact per entry; compress_state's defaults are seed 0 and that block."""
+    x = torch.cat([torch.zeros(300), torch.linspace(-3, 3, 213)])
     q = quantize_float8_blocks(x)
-    assert q.scale.shape == (2,) and float(q.scale[0]) == 1.0
+    assert q.scale.shape == (3,) and float(q.scale[0]) == 1.0
     decoded = dequantize_float8_blocks(q)
     assert torch.equal(decoded[:256], torch.zeros(256))
+    assert torch.equal(decoded, dequantize_float8_blocks(q, 256))  # the same default on both sides
     q1 = quantize_float8_blocks(x, block=1)  # every entry its own scale: it is its block's largest
     torch.testing.assert_close(dequantize_float8_blocks(q1, block=1), x, atol=0, rtol=1e-6)
     tx = fr.compress_state(fr.adam(1e-3), format="float8")
-    state = tx.init({"w": torch.zeros(600)})
-    assert [
-        s.shape
+    state = tx.init({"w": torch.zeros(513)})
+    scales = [
+        s
         for s in torch.utils._pytree.tree_leaves(state)
         if isinstance(s, torch.Tensor) and s.dtype == torch.float32
-    ] == [
-        (3,),
-        (3,),
     ]
+    assert [s.shape for s in scales] == [(3,), (3,)]
+    one = fr.compress_state(fr.adam(1e-3), format="float8", block=1)  # the smallest block is allowed
+    params = {"w": torch.linspace(-1, 1, 5)}
+    one.update({"w": torch.ones(5)}, one.init(params), params)
+    a, b = fr.compress_state(fr.sgd(0.1, momentum=0.9)), fr.compress_state(fr.sgd(0.1, momentum=0.9), seed=0)
+    grads = {"w": torch.linspace(1e-3, 2e-3, 5)}
+    sa, sb = a.init(params), b.init(params)
+    for _ in range(2):
+        _, sa = a.update(grads, sa, params)
+        _, sb = b.update(grads, sb, params)
+    assert all(
+        torch.equal(u, v)
+        for u, v in zip(torch.utils._pytree.tree_leaves(sa), torch.utils._pytree.tree_leaves(sb))
+    )
 
 
 def test_bfloat16_init_rounds_to_nearest_and_updates_round_stochastically():

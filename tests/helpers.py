@@ -217,6 +217,12 @@ def lockstep(
                 state = replace_field(state, cls, field, torch_state(opt, ps, key))
 
 
+def decay_schedule(wd: float, gamma: float) -> Any:
+    """``count -> wd * gamma**count / (1 + count)``: a weight-decay schedule with a different value at
+    every step and 0 never (read at a wrong count, it shows)."""
+    return lambda count: wd * gamma**count / (1 + count)
+
+
 class GroupWeightDecaySchedule:
     """A torch "scheduler" of ``group["weight_decay"]``: ``schedule(t)`` before step ``t`` (0-based),
     as torch's LR schedulers set ``group["lr"]``; the reference for funcreg's ``weight_decay=``

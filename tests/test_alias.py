@@ -11,7 +11,6 @@ params and moments, so a rounding difference in one step cannot be amplified by 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from helpers import (
     assert_tensors_close,
     assert_trees_close,
     assert_trees_equal,
+    decay_schedule,
     detached,
     find_state,
     find_states,
@@ -362,11 +362,6 @@ def test_sgd_lambda_schedule_matches_lambda_lr(problem, hp, gamma):
 # --- weight-decay schedules: torch's group["weight_decay"] set before each step ------------------------
 
 
-def _decay_schedule(wd: float, gamma: float) -> Callable[[int], float]:
-    """``count -> wd * gamma**count / (1 + count)``: a different value at every step, 0 never."""
-    return lambda count: wd * gamma**count / (1 + count)
-
-
 @FOREACH
 @settings(deadline=None, max_examples=15, suppress_health_check=SLOW_OK)
 @given(
@@ -382,7 +377,7 @@ def test_sgd_weight_decay_schedule_matches_torch_group_weight_decay(
     """``sgd(weight_decay=schedule)`` is torch's SGD whose group weight_decay a scheduler sets before
     each step (with an lr schedule beside it, on its own count)."""
     params, grads = problem
-    schedule = _decay_schedule(wd, gamma)
+    schedule = decay_schedule(wd, gamma)
     lr = hp["lr"] if lr_gamma is None else (lambda c: hp["lr"] * lr_gamma**c)
 
     def schedulers(opt):
@@ -413,7 +408,7 @@ def test_adam_weight_decay_schedule_matches_torch_group_weight_decay(
     """``adam``/``adamw(weight_decay=schedule)``: torch's Adam/AdamW with the group's weight_decay set
     before each step; AdamW's decay stays ``lr * wd_t * w``."""
     params, grads = problem
-    schedule = _decay_schedule(wd, gamma)
+    schedule = decay_schedule(wd, gamma)
     torch_cls = torch.optim.AdamW if decoupled else torch.optim.Adam
     lockstep(
         fr_adam(fr.adamw if decoupled else fr.adam, dict(hp, weight_decay=schedule)),

@@ -23,6 +23,7 @@ from helpers import (
     SLOW_OK,
     GroupWeightDecaySchedule,
     assert_tensors_close,
+    decay_schedule,
     detached,
     find_state,
     find_states,
@@ -333,7 +334,7 @@ def test_alias_matches_torch_optim(name, foreach, data):
     # a weight-decay schedule where torch has the decay: its group["weight_decay"] set before each step
     wd = hp.get("weight_decay", 0.0) if name != "rprop" else 0.0
     wd_gamma = data.draw(st.one_of(st.none(), st.floats(0.3, 1.0)), label="decay gamma") if wd else None
-    decay = None if wd_gamma is None else (lambda count: wd * wd_gamma**count / (1 + count))
+    decay = None if wd_gamma is None else decay_schedule(wd, wd_gamma)
     tx = spec.ours(rate, **(hp if decay is None else dict(hp, weight_decay=decay)))
     extra = {} if foreach is None else {"foreach": foreach}
     make = lambda ps: spec.theirs(ps, lr=lr, **hp, **extra)  # noqa: E731
@@ -413,7 +414,7 @@ def test_muon_matches_torch_muon_with_adamw_fallback(data):
     adamw_rate = adamw_lr if gamma is None else (lambda count: adamw_lr * gamma**count)
     wd = hp["weight_decay"]
     wd_gamma = data.draw(st.one_of(st.none(), st.floats(0.3, 1.0)), label="decay gamma") if wd else None
-    decay = None if wd_gamma is None else (lambda count: wd * wd_gamma**count / (1 + count))
+    decay = None if wd_gamma is None else decay_schedule(wd, wd_gamma)
     ours = hp if decay is None else dict(hp, weight_decay=decay)
     tx = fr.muon(rate, **ours, maximize=maximize, fallback=fr.adamw(adamw_rate, weight_decay=adamw_wd))
 
@@ -496,11 +497,11 @@ def test_lion_matches_the_papers_update_rule(data):
     b2 = data.draw(st.one_of(st.just(0.99), st.floats(0.0, 1.0)))
     wd, maximize = data.draw(coefficients), data.draw(st.booleans())
     wd_gamma = data.draw(st.one_of(st.none(), st.floats(0.3, 1.0)), label="decay gamma") if wd else None
-    decay = None if wd_gamma is None else (lambda count: wd * wd_gamma**count / (1 + count))
+    decay = None if wd_gamma is None else decay_schedule(wd, wd_gamma)
     tx = fr.lion(lr, betas=(b1, b2), weight_decay=wd if decay is None else decay, maximize=maximize)
     ps = [torch.nn.Parameter(p.detach().clone()) for p in leaves(params)]
     opt = PaperLion(ps, lr, (b1, b2), wd, maximize)
-    decay_schedule = None if decay is None else GroupWeightDecaySchedule(opt, decay)
+    decay_scheduler = None if decay is None else GroupWeightDecaySchedule(opt, decay)
     state, spec = tx.init(params), pytree.tree_structure(params, is_leaf=lambda x: x is None)
     for step, g in enumerate(grads, start=1):
         u, state = tx.update(g, state, params)
@@ -508,8 +509,8 @@ def test_lion_matches_the_papers_update_rule(data):
         for p, gi in zip(ps, leaves(g)):
             p.grad = None if gi is None else gi.clone()
         opt.step()
-        if decay_schedule is not None:
-            decay_schedule.step()
+        if decay_scheduler is not None:
+            decay_scheduler.step()
         for i, (mine, p) in enumerate(zip(leaves(new), ps)):
             st_ = opt.state.get(p, {})
             if "c" in st_:

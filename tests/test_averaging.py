@@ -172,14 +172,16 @@ def _bn_model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1)).double()
 
 
+@pytest.mark.parametrize("decay", [0.7, None], ids=["ema", "swa"])
 @pytest.mark.parametrize("donate", [False, True])
 @settings(deadline=None, max_examples=8, database=None)
 @given(xs=st.lists(arrays(np.float64, (6, 3), elements=st.floats(-2, 2, width=64)), min_size=1, max_size=5))
-def test_average_buffers_equal_averaged_model_with_buffers(donate, xs):
+def test_average_buffers_equal_averaged_model_with_buffers(decay, donate, xs):
     """make_step(buffers=True) with average_weights + average_buffers: the averaged weights and
     BatchNorm statistics equal AveragedModel(use_buffers=True) updated after each torch.optim.SGD
-    step; num_batches_tracked is copied (timm's rule; AveragedModel would average the integer)."""
-    decay = 0.7
+    step, with the EMA or (no decay) the running mean of SWA, where the buffers enter with the
+    parameters' weight 1 / (n + 1); num_batches_tracked is copied (timm's rule; AveragedModel would
+    average the integer)."""
     model = _bn_model()
     apply = fr.functional_model(model)
 
@@ -192,7 +194,8 @@ def test_average_buffers_equal_averaged_model_with_buffers(donate, xs):
     averaged_buffers = {k: v.clone() for k, v in state.buffers.items()}
     reference = _bn_model()
     opt = torch.optim.SGD(reference.parameters(), lr=0.1)
-    avg = AveragedModel(reference, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    ema = None if decay is None else get_ema_multi_avg_fn(decay)
+    avg = AveragedModel(reference, multi_avg_fn=ema, use_buffers=True)
     for x in xs:
         x = torch.from_numpy(x)
         state, _ = step(state, x)
@@ -239,39 +242,6 @@ def test_warmup_defaults_are_timms():
         params = fr.apply_updates(params, u)
         want = 1 - timm_decay(step, 0.9999, True, 1.0, 2 / 3, 0.0, 0)
         assert abs(float(state.weight) - want) <= 1e-15
-
-
-@settings(deadline=None, max_examples=8, database=None)
-@given(xs=st.lists(arrays(np.float64, (6, 3), elements=st.floats(-2, 2, width=64)), min_size=1, max_size=5))
-def test_average_buffers_follow_the_running_mean_of_swa(xs):
-    """Without decay the buffers enter as the parameters do, with weight 1 / (n + 1): the mean of
-    AveragedModel(use_buffers=True)'s default averaging, on the floating buffers."""
-    model = _bn_model()
-    apply = fr.functional_model(model)
-
-    def loss(p, b, x):
-        out, new = apply(p, b, x)
-        return (out**2).mean(), new
-
-    step = fr.make_step(loss, fr.average_weights(fr.sgd(0.1)), buffers=True)
-    state = step.init(fr.params_of(model), fr.buffers_of(model))
-    averaged = {k: v.clone() for k, v in state.buffers.items()}
-    reference = _bn_model()
-    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
-    avg = AveragedModel(reference, use_buffers=True)
-    for x in xs:
-        x = torch.from_numpy(x)
-        state, _ = step(state, x)
-        averaged = fr.average_buffers(averaged, state.buffers, state.opt_state)
-        opt.zero_grad()
-        (reference(x) ** 2).mean().backward()
-        opt.step()
-        avg.update_parameters(reference)
-    for name, b in avg.module.named_buffers():
-        if b.is_floating_point():
-            torch.testing.assert_close(averaged[name], b, **TOL)
-    for name, p in avg.module.named_parameters():
-        torch.testing.assert_close(fr.averaged_params(state.opt_state)[name], p.detach(), **TOL)
 
 
 def test_average_buffers_keep_absent_buffers_absent():

@@ -619,15 +619,7 @@ LOOP_WRAPPERS = ("inject", "accumulate", "average", "decay_schedule", "layer_dec
 # so the reference is one param group per layer with lr * scale (the penalty's own step unscaled)
 LAYER_SCALES = {"0.weight": 0.5, "0.bias": 0.5, "2.weight": 1.0, "2.bias": 1.0}
 LOOP_KINDS = ("l2", "l1", "group_lasso")
-LOOP_RUNS = (
-    ("functional", "pure"),
-    ("functional", "donated"),
-    ("functional", "compiled"),
-    ("functional", "compiled_donated"),
-    ("functional", "vmapped"),
-    ("torch_optimizer", "eager"),
-    ("torch_optimizer", "compiled"),
-)
+LOOP_RUNS = tuple(run for run in RUNS if run[0] != "create_optimizer")  # see LOOP_NOT_APPLICABLE
 LOOP_NOT_APPLICABLE = {
     (
         "create_optimizer",

@@ -35,8 +35,11 @@ def _decay_at(
     s = n - after
     if isinstance(s, torch.Tensor):
         s = s.to(torch.float64)
-        ramp = 1 - (1 + torch.clamp(s, min=0) / gamma) ** -power if warmup else torch.full_like(s, decay)
-        value = torch.clamp(torch.clamp(ramp, max=decay), min=min_decay) if warmup else ramp
+        if warmup:
+            ramp = 1 - (1 + torch.clamp(s, min=0) / gamma) ** -power
+            value = torch.clamp(torch.clamp(ramp, max=decay), min=min_decay)
+        else:
+            value = torch.full_like(s, decay)
         return torch.where(s <= 0, torch.zeros_like(value), value)
     if s <= 0:
         return 0.0

@@ -165,17 +165,17 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labels) 
     ) -> tuple[PyTree, PartitionState]:
         expect_state(state, PartitionState, "partition")
         f = flat(updates, params, "partition")
+        out = list(f.updates)
+        new_states = {}
         # a group whose gradients are all None at this step (frozen, unused) is fine here: the
         # "transform without parameters" check belongs to init
         values = cached(params if params is not None else updates)
-        out = list(f.updates)
-        new_states = {}
         for label, tx in transforms.items():
             keep = [v == label for v in values]
-            sub, new_states[label] = tx.update(
-                f.restrict(f.updates, keep), state.inner_states[label], f.restrict(f.params, keep)
+            merged, new_states[label] = f.update_where(
+                tx, state.inner_states[label], keep, f"partition transform {label!r}'s updates"
             )
-            for i, n in enumerate(f.merge(sub, keep, f"partition transform {label!r}'s updates")):
+            for i, n in enumerate(merged):
                 if keep[i]:
                     out[i] = n
         return unflatten(out, f.spec), PartitionState(new_states)

@@ -211,6 +211,15 @@ class Flat(NamedTuple):
         check_same_spec(self.spec, spec, "updates", who)
         return [n if k else u for n, u, k in zip(leaves, self.updates, keep)]
 
+    def update_where(
+        self, tx: GradientTransformation, state: Any, keep: list[bool], who: str
+    ) -> tuple[list[Any], Any]:
+        """``tx`` run on the leaves where ``keep`` only: the full update leaves (see ``merge``) and its new state."""
+        inner, new_state = tx.update(
+            self.restrict(self.updates, keep), state, self.restrict(self.params, keep)
+        )
+        return self.merge(inner, keep, who), new_state
+
     def state_leaves(self, tree: PyTree, who: str, field: str, per_element: bool = True) -> list[Any]:
         """Flattens a per-parameter state tree and checks it against the present updates.
 
@@ -237,17 +246,23 @@ class Flat(NamedTuple):
                     )
                 continue
             u = self.updates[i]
-            if s.shape != u.shape:
-                raise ContractError(
-                    f"{who} state {field!r} for {self.name(i)!r} has shape {tuple(s.shape)}, expected "
-                    f"{tuple(u.shape)} (the parameter's shape)"
-                )
-            if s.dtype != u.dtype or s.device != u.device:
-                raise LeafTypeError(
-                    f"{who} state {field!r} for {self.name(i)!r} is {s.dtype} on {s.device}, its update "
-                    f"{u.dtype} on {u.device}: state keeps its parameter's dtype and device"
+            # inline, not a helper call: this runs for every state tensor of every step
+            if s.shape != u.shape or s.dtype != u.dtype or s.device != u.device:
+                raise _unlike(
+                    s,
+                    u,
+                    f"{who} state {field!r} for {self.name(i)!r}",
+                    "expected {} (the parameter's shape)",
+                    "its update {} on {}: state keeps its parameter's dtype and device",
                 )
         return leaves
+
+
+def _unlike(x: torch.Tensor, ref: torch.Tensor, subject: str, shape_tail: str, dtype_tail: str) -> Exception:
+    """The error for ``x`` unlike ``ref`` (shape first): ``subject``, then a tail whose ``{}`` are ``ref``'s."""
+    if x.shape != ref.shape:
+        return ContractError(f"{subject} has shape {tuple(x.shape)}, " + shape_tail.format(tuple(ref.shape)))
+    return LeafTypeError(f"{subject} is {x.dtype} on {x.device}, " + dtype_tail.format(ref.dtype, ref.device))
 
 
 def _check_update(u: Any, spec: TreeSpec, n: int, i: int, who: str) -> None:
@@ -281,15 +296,13 @@ def _check_param(p: Any, u: torch.Tensor, spec: TreeSpec, n: int, i: int, who: s
             f"{who}: parameter {_name_at(spec, n, i)!r} has dtype {p.dtype}; only floating-point (or complex) "
             "parameters are optimized: pass None as its gradient to leave it alone"
         )
-    if u.shape != p.shape:
-        raise ContractError(
-            f"{who}: the update for {_name_at(spec, n, i)!r} has shape {tuple(u.shape)}, its parameter "
-            f"{tuple(p.shape)}: gradients and updates have exactly their parameter's shape"
-        )
-    if u.dtype != p.dtype or u.device != p.device:
-        raise LeafTypeError(
-            f"{who}: the update for {_name_at(spec, n, i)!r} is {u.dtype} on {u.device}, its parameter "
-            f"{p.dtype} on {p.device}: cast the gradient to the parameter's dtype and device first"
+    if u.shape != p.shape or u.dtype != p.dtype or u.device != p.device:
+        raise _unlike(
+            u,
+            p,
+            f"{who}: the update for {_name_at(spec, n, i)!r}",
+            "its parameter {}: gradients and updates have exactly their parameter's shape",
+            "its parameter {} on {}: cast the gradient to the parameter's dtype and device first",
         )
 
 

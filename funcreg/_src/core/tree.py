@@ -8,7 +8,7 @@ that frozen parameters keep their position), how a leaf is named (its key path j
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -143,6 +143,12 @@ def tree_names(tree: PyTree) -> list[str]:
     return [_path_name([_key_str(k) for k in path]) for path, _ in paths]
 
 
+def map_named(fn: Callable[[str, Any], Any], tree: PyTree) -> PyTree:
+    """``tree`` with each non-``None`` leaf replaced by ``fn(name, leaf)``, in flattening order."""
+    leaves, spec = flatten(tree)
+    return unflatten([None if x is None else fn(name, x) for name, x in zip(tree_names(tree), leaves)], spec)
+
+
 def _children(spec: TreeSpec) -> list[TreeSpec]:
     if hasattr(spec, "children"):
         return list(spec.children())
@@ -215,6 +221,11 @@ def check_same_spec(spec_ref: TreeSpec, spec_other: TreeSpec, reference_name: st
     )
 
 
+def key_differences(expected: Collection[Any], given: Collection[Any]) -> tuple[list[Any], list[Any]]:
+    """The keys of ``expected`` that ``given`` lacks and those of ``given`` not expected, each in order."""
+    return [k for k in expected if k not in given], [k for k in given if k not in expected]
+
+
 def _is_value(x: Any) -> bool:
     """A prefix-tree leaf: anything pytree does not flatten (bool, str, number, tensor, callable)."""
     return x is None or pytree.tree_is_leaf(x)
@@ -256,13 +267,12 @@ def broadcast_prefix(
         keys = _child_keys(node_spec)
         if node_spec.type in (dict, pytree.OrderedDict, pytree.defaultdict):
             lookup = dict(zip(node.keys(), children))
-            extra = [k for k in lookup if k not in keys]
+            missing, extra = key_differences(keys, lookup)
             if extra:
                 raise StructureError(
                     f"{what} has key {_path_name([str(k) for k in path + [extra[0]]])!r}, "
                     f"which {tree_name} does not have"
                 )
-            missing = [k for k in keys if k not in lookup]
             if missing:
                 raise StructureError(
                     f"{what} has no entry for {_path_name([str(k) for k in path + [missing[0]]])!r} "

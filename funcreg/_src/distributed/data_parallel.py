@@ -21,7 +21,7 @@ import torch
 from funcreg._src.core import leafwise
 from funcreg._src.core.base import EmptyState, GradientTransformation, configured, flat
 from funcreg._src.core.dtensor import is_dtensor, layout
-from funcreg._src.core.tree import compiling, flatten, is_functorch_tensor, tree_names, unflatten
+from funcreg._src.core.tree import compiling, is_functorch_tensor, map_named
 from funcreg._src.core.typing import PyTree
 
 Group = Any  # a torch.distributed ProcessGroup, or None for the default group
@@ -194,12 +194,9 @@ def broadcast(tree: PyTree, src: int = 0, group: Any | None = None) -> PyTree:
     _check_group(group, "broadcast")
     group_size(group, "broadcast")
     dist = _dist()
-    leaves, spec = flatten(tree)
-    out: list[Any] = []
-    for name, x in zip(tree_names(tree), leaves):
-        if x is None:
-            out.append(None)
-            continue
+
+    def received(name: str, x: Any) -> torch.Tensor:
+        """A copy of leaf ``x`` holding rank ``src``'s values."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"broadcast: leaf {name!r} is a {type(x).__name__}, expected a tensor or None")
         if is_dtensor(x):
@@ -208,5 +205,6 @@ def broadcast(tree: PyTree, src: int = 0, group: Any | None = None) -> PyTree:
             )
         y = x.detach().clone()
         dist.broadcast(y, src=src, group=group)
-        out.append(y)
-    return unflatten(out, spec)
+        return y
+
+    return map_named(received, tree)

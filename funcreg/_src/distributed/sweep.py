@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from funcreg._src.core.tree import flatten, tree_names, unflatten
+from funcreg._src.core.tree import flatten, map_named, tree_names, unflatten
 from funcreg._src.core.typing import PyTree
 from funcreg._src.distributed.data_parallel import _check_group, _dist, group_size
 from funcreg._src.training.history import History
@@ -92,12 +92,9 @@ def take_members(tree: PyTree, members: list[int]) -> PyTree:
         isinstance(m, int) and not isinstance(m, bool) for m in members
     ):
         raise TypeError(f"Invalid members value: {members!r} (expected a list of member indices)")
-    leaves, spec = flatten(tree)
-    out: list[Any] = []
-    for name, x in zip(tree_names(tree), leaves):
-        if x is None:
-            out.append(None)
-            continue
+
+    def taken(name: str, x: Any) -> torch.Tensor:
+        """Leaf ``x`` at the ``members`` entries of its leading axis."""
         if not isinstance(x, torch.Tensor) or x.ndim == 0:
             raise ValueError(
                 f"take_members: {name!r} has no leading member axis (a 0-d tensor or not a tensor)"
@@ -107,8 +104,9 @@ def take_members(tree: PyTree, members: list[int]) -> PyTree:
             raise ValueError(
                 f"take_members: member {bad[0]} is out of range for {name!r}, which has {x.shape[0]} members"
             )
-        out.append(x[torch.tensor(members, dtype=torch.long, device=x.device)] if members else x[:0].clone())
-    return unflatten(out, spec)
+        return x[torch.tensor(members, dtype=torch.long, device=x.device)] if members else x[:0].clone()
+
+    return map_named(taken, tree)
 
 
 def _order(n: int, world: int) -> list[int]:

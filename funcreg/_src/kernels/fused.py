@@ -13,7 +13,7 @@ falls back to the generic donated step, which equals the pure one bit for bit.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -42,6 +42,17 @@ class ExtraDecay:
     coupled: list[float] | None = None
     decoupled: list[float] | None = None
     rate: float = 1.0
+
+
+class _AdamGroup(NamedTuple):
+    """One group's tensor lists, in the order torch's fused and foreach Adam kernels take them."""
+
+    ps: list
+    gs: list
+    mu: list
+    nu: list
+    nu_max: list
+    steps: list
 
 
 @dataclass(frozen=True)
@@ -104,7 +115,7 @@ class AdamKernel:
         steps = f.present(f.state_leaves(state.steps, self.who, "steps", per_element=False))
         for (group_wd, decoupled), index in groups.items():
             pick = lambda xs, index=index: [xs[i] for i in index]  # noqa: E731
-            group = (
+            group = _AdamGroup(
                 pick(ps),
                 pick(gs),
                 pick(mu),
@@ -112,7 +123,7 @@ class AdamKernel:
                 pick(nu_max) if nu_max is not None else [],
                 pick(steps),
             )
-            (self._fused if self.fused else self._foreach)(*group, lr, group_wd, decoupled)
+            (self._fused if self.fused else self._foreach)(group, lr, group_wd, decoupled)
         state.count.add_(1)
         return params, state
 
@@ -147,29 +158,13 @@ class AdamKernel:
             groups.setdefault(key, []).append(i)
         return groups
 
-    def _fused(
-        self,
-        ps: list,
-        gs: list,
-        mu: list,
-        nu: list,
-        nu_max: list,
-        steps: list,
-        lr: float,
-        wd: float,
-        decoupled: bool,
-    ) -> None:
+    def _fused(self, group: _AdamGroup, lr: float, wd: float, decoupled: bool) -> None:
         """torch's fused Adam/AdamW kernel (``torch._fused_adam_`` / ``_fused_adamw_``) over one group
         of same-device, same-dtype tensors, the step counters advanced first as torch.optim does."""
-        torch._foreach_add_(steps, 1)
+        torch._foreach_add_(group.steps, 1)
         kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
         kernel(
-            ps,
-            gs,
-            mu,
-            nu,
-            nu_max,
-            steps,
+            *group,
             lr=lr,
             beta1=self.b1,
             beta2=self.b2,
@@ -181,21 +176,11 @@ class AdamKernel:
             found_inf=None,
         )
 
-    def _foreach(
-        self,
-        ps: list,
-        gs: list,
-        mu: list,
-        nu: list,
-        nu_max: list,
-        steps: list,
-        lr: float,
-        wd: float,
-        decoupled: bool,
-    ) -> None:
+    def _foreach(self, group: _AdamGroup, lr: float, wd: float, decoupled: bool) -> None:
         """``torch.optim.adam._multi_tensor_adam``'s operations, in its order (eager, not capturable),
         with its temporaries (a negated or decayed gradient, the denominator) written into kept
         buffers instead of fresh ones (see :mod:`funcreg._src.kernels.scratch`)."""
+        ps, gs, mu, nu, nu_max, steps = group
         traced = compiling()  # traced: no kept buffers, and the counts stay tensors
         scratch: list[torch.Tensor | None] = [None] * len(ps) if traced else self._scratch.take(ps)
         owned = False  # whether gs holds this step's temporaries (then it may be written into)

@@ -117,28 +117,8 @@ def adam(
         >>> u["w"]  # the first step is lr * sign(-g)
         tensor([0.1000])
     """
-    tx = _adam_family(
-        "adam",
-        learning_rate=learning_rate,
-        betas=betas,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled=False,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        mask=None,
-        fused=fused,
-    )
-    return configured(
-        tx,
-        "adam",
-        learning_rate,
-        betas=betas,
-        eps=eps,
-        weight_decay=weight_decay,
-        amsgrad=amsgrad or None,
-        maximize=maximize or None,
-        fused=fused or None,
+    return _adam_family(
+        "adam", learning_rate, betas, eps, weight_decay, amsgrad, maximize, fused, decoupled=False, mask=None
     )
 
 
@@ -173,44 +153,23 @@ def adamw(
         >>> u["w"]  # zero gradient: only the decay, -0.1 * 0.5 * 1
         tensor([-0.0500])
     """
-    tx = _adam_family(
-        "adamw",
-        learning_rate=learning_rate,
-        betas=betas,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled=True,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        mask=mask,
-        fused=fused,
-    )
-    return configured(
-        tx,
-        "adamw",
-        learning_rate,
-        betas=betas,
-        eps=eps,
-        weight_decay=weight_decay,
-        amsgrad=amsgrad or None,
-        maximize=maximize or None,
-        mask=mask,
-        fused=fused or None,
+    return _adam_family(
+        "adamw", learning_rate, betas, eps, weight_decay, amsgrad, maximize, fused, decoupled=True, mask=mask
     )
 
 
 def _adam_family(
     who: str,
-    *,
     learning_rate: ScalarOrSchedule,
     betas: Any,
     eps: float,
     weight_decay: Any,
-    decoupled: bool,
     amsgrad: bool,
     maximize: bool,
-    mask: MaskLike | None,
     fused: bool,
+    *,
+    decoupled: bool,
+    mask: MaskLike | None,
 ) -> GradientTransformation:
     """Adam/AdamW in one transform, equal to the chain in the docstrings but with fewer passes.
 
@@ -276,4 +235,15 @@ def _adam_family(
     kernel = AdamKernel(
         who, learning_rate, b1, b2, eps, weight_decay, decoupled, amsgrad, maximize, mask, fused
     )
-    return tx.with_record(kernel=kernel)
+    return configured(
+        tx.with_record(kernel=kernel),
+        who,
+        learning_rate,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        amsgrad=amsgrad or None,
+        maximize=maximize or None,
+        mask=mask,
+        fused=fused or None,
+    )

@@ -51,46 +51,6 @@ def _register(spec: OptimizerSpec) -> None:
     OPTIMIZERS[spec.name.lower()] = spec
 
 
-_register(
-    OptimizerSpec(
-        name="sgd",
-        base=lambda lr, momentum, dampening, nesterov: alias.sgd(lr, momentum, dampening, nesterov),
-        hyperparameters={"momentum": 0.0, "dampening": 0.0, "nesterov": False},
-        form="coupled",
-        fused=lambda lr, weight_decay, maximize, momentum, dampening, nesterov: alias.sgd(
-            lr, momentum, dampening, nesterov, weight_decay=weight_decay, maximize=maximize
-        ),
-        description="torch.optim.SGD: weight_decay is coupled L2",
-    )
-)
-_register(
-    OptimizerSpec(
-        name="adam",
-        base=lambda lr, betas, eps, amsgrad: alias.adam(lr, betas, eps, amsgrad=amsgrad),
-        hyperparameters={"betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False},
-        form="coupled",
-        fused=lambda lr, weight_decay, maximize, betas, eps, amsgrad: alias.adam(
-            lr, betas, eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize
-        ),
-        description="torch.optim.Adam: weight_decay is coupled L2 (divided by sqrt(v) with the gradient)",
-    )
-)
-_register(
-    OptimizerSpec(
-        name="adamw",
-        base=lambda lr, betas, eps, amsgrad: alias.adam(lr, betas, eps, amsgrad=amsgrad),
-        hyperparameters={"betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False},
-        form="decoupled",
-        weight_decay=1e-2,
-        fused=lambda lr, weight_decay, maximize, betas, eps, amsgrad, mask=None: alias.adamw(
-            lr, betas, eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, mask=mask
-        ),
-        description="torch.optim.AdamW: weight_decay is decoupled, w <- w - lr * wd * w",
-        extra={"fused_takes_mask": True},
-    )
-)
-
-
 def _torch_like(
     name: str,
     build: Callable[..., GradientTransformation],
@@ -113,6 +73,36 @@ def _torch_like(
             description=description or f"torch.optim.{name}: weight_decay is {form} L2",
         )
     )
+
+
+_torch_like(
+    "sgd",
+    alias.sgd,
+    {"momentum": 0.0, "dampening": 0.0, "nesterov": False},
+    1e-3,
+    description="torch.optim.SGD: weight_decay is coupled L2",
+)
+_torch_like(
+    "adam",
+    alias.adam,
+    {"betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False},
+    1e-3,
+    description="torch.optim.Adam: weight_decay is coupled L2 (divided by sqrt(v) with the gradient)",
+)
+_register(
+    OptimizerSpec(
+        name="adamw",
+        base=lambda lr, betas, eps, amsgrad: alias.adam(lr, betas, eps, amsgrad=amsgrad),
+        hyperparameters={"betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False},
+        form="decoupled",
+        weight_decay=1e-2,
+        fused=lambda lr, weight_decay, maximize, betas, eps, amsgrad, mask=None: alias.adamw(
+            lr, betas, eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, mask=mask
+        ),
+        description="torch.optim.AdamW: weight_decay is decoupled, w <- w - lr * wd * w",
+        extra={"fused_takes_mask": True},
+    )
+)
 
 
 _torch_like("adamax", alias_torch.adamax, {"betas": (0.9, 0.999), "eps": 1e-8}, 2e-3)

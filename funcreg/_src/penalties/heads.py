@@ -219,21 +219,20 @@ def _projections(
 
 def find_attention(
     model: nn.Module,
-    *,
     num_heads: int | None = None,
-    q: str | Sequence[str] = QUERY_NAMES,
-    k: str | Sequence[str] = KEY_NAMES,
-    v: str | Sequence[str] = VALUE_NAMES,
-    o: str | Sequence[str] = OUTPUT_NAMES,
+    names: tuple[str | Sequence[str], ...] = (QUERY_NAMES, KEY_NAMES, VALUE_NAMES, OUTPUT_NAMES),
 ) -> tuple[AttentionHeads, ...]:
-    """:func:`attention_heads` without the error when nothing matches (an empty tuple then)."""
+    """:func:`attention_heads` without the error when nothing matches (an empty tuple then).
+
+    ``names``: its ``(q, k, v, o)``.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"attention_heads: model must be a torch.nn.Module, got {type(model).__name__}")
     if num_heads is not None and (
         isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1
     ):
         raise ValueError(f"Invalid num_heads value: {num_heads!r} (expected an int >= 1)")
-    cands = tuple(_names(x, what) for x, what in ((q, "q"), (k, "k"), (v, "v"), (o, "o")))
+    cands = tuple(_names(x, what) for x, what in zip(names, ("q", "k", "v", "o")))
     found: list[AttentionHeads] = []
     covered: list[str] = []
     for name, m in model.named_modules():
@@ -313,7 +312,7 @@ def attention_heads(
         ...     print(str(err)[:92])
         attention_heads: no attention layer in Linear: expected an nn.MultiheadAttention or a module
     """
-    found = find_attention(model, num_heads=num_heads, q=q, k=k, v=v, o=o)
+    found = find_attention(model, num_heads, (q, k, v, o))
     if not found:
         cands = tuple(_names(x, what) for x, what in ((q, "q"), (k, "k"), (v, "v"), (o, "o")))
         raise ValueError(

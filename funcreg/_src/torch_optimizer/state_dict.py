@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from funcreg._src.core.tree import key_differences
 from funcreg._src.torch_optimizer import torch_state
 
 
@@ -107,13 +108,12 @@ def checked_entries(
     for n, pid, p in zip(names, saved_ids, params):
         entry = saved_state.get(pid, {})
         expected = torch_state.keys_of(layout, n)
-        missing = [k for k in expected if k not in entry]
+        missing, extra = key_differences(expected, entry)
         if missing:
             raise ValueError(
                 f"state_dict has no {missing[0]!r} for parameter {n!r} (param group {g}); it was saved "
                 f"from another transform or with other options (it has: {sorted(map(str, entry))})"
             )
-        extra = [k for k in entry if k not in expected]
         if extra:
             raise ValueError(
                 f"state_dict has {extra[0]!r} for parameter {n!r} (param group {g}), which this "

@@ -8,6 +8,7 @@ just trained does.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,6 +17,8 @@ from funcreg._src.core.typing import PyTree
 from funcreg._src.training.members import unstack
 
 
+# eq=False keeps identity equality and hashing (== on the tensors would be elementwise)
+@dataclass(eq=False, repr=False)
 class RegularizationPath:
     """The result of :func:`regularization_path`: per coefficient and replicate, and the choice.
 
@@ -44,27 +47,15 @@ class RegularizationPath:
         (0.1, 1.0)
     """
 
-    def __init__(
-        self,
-        name: str,
-        coefficients: torch.Tensor,
-        train_loss: torch.Tensor,
-        val_loss: torch.Tensor,
-        sparsity: torch.Tensor,
-        replicates: list[str],
-        seeds: int,
-        params: PyTree,
-        refit_params: PyTree | None,
-    ) -> None:
-        self.name = name
-        self.coefficients = coefficients
-        self.train_loss = train_loss
-        self.val_loss = val_loss
-        self.sparsity = sparsity
-        self.replicates = replicates
-        self.seeds = seeds
-        self.params = params
-        self.refit_params = refit_params
+    name: str
+    coefficients: torch.Tensor
+    train_loss: torch.Tensor
+    val_loss: torch.Tensor
+    sparsity: torch.Tensor
+    replicates: list[str]
+    seeds: int
+    params: PyTree
+    refit_params: PyTree | None
 
     # -- statistics over replicates -------------------------------------------------------------
     @property

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import SLOW_OK, TRANSFORMS, assert_trees_close, keep_buffers
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import funcreg as fr
@@ -99,6 +99,53 @@ def test_apply_if_finite_keeps_its_inner_state_under_donation():
     params, state = fr.donated_update(tx, {"w": torch.tensor([float("nan"), 1.0])}, state, params)
     assert torch.equal(state.inner_state.mu["w"], mu) and torch.equal(params["w"], w)  # the step was skipped
     assert int(state.total_notfinite) == 1
+
+
+def _state_tensors(state):
+    return [x for x in torch.utils._pytree.tree_leaves(state) if isinstance(x, torch.Tensor)]
+
+
+@settings(deadline=None, max_examples=30)
+@given(
+    kinds=st.lists(st.sampled_from(["finite", "nan", "huge"]), min_size=1, max_size=6),
+    values=st.lists(st.floats(-2.0, 2.0, width=32), min_size=3, max_size=3),
+    adam=st.booleans(),
+)
+@example(kinds=["huge", "huge", "finite"], values=[0.5, -1.0, 2.0], adam=False)
+def test_donated_apply_if_finite_equals_the_pure_one_and_restores_a_skipped_inner_step(kinds, values, adam):
+    # "huge" gradients are finite, but twice in a row they overflow SGD's momentum (float32): the inner
+    # step has already written its state when its update turns out non-finite, and must be undone
+    inner = (lambda: fr.adam(0.1)) if adam else (lambda: fr.sgd(1.0, momentum=1.0))
+    grads = []
+    for k in kinds:
+        g = torch.tensor(values, dtype=torch.float32)
+        if k == "nan":
+            g[1] = float("nan")
+        elif k == "huge":
+            g = torch.full((3,), 2e38)
+        grads.append({"w": g, "b": torch.tensor(values[:1], dtype=torch.float32)})
+    runs = []
+    for donate in (False, True):
+        tx = fr.apply_if_finite(inner(), max_consecutive_errors=2)
+        params = {"w": torch.zeros(3), "b": torch.ones(1)}
+        state = tx.init(params)
+        held = [x.data_ptr() for x in _state_tensors(state.inner_state) if x.ndim]
+        for g in grads:
+            if donate:
+                params, state = fr.donated_update(tx, g, state, params)
+                # written into the storages it was given, whether the step was applied or undone
+                assert [x.data_ptr() for x in _state_tensors(state.inner_state) if x.ndim] == held
+            else:
+                updates, state = tx.update(g, state, params)
+                params = fr.apply_updates(params, updates)
+        runs.append((params, state))
+    (p0, s0), (p1, s1) = runs
+    for a, b in zip([*p0.values(), *_state_tensors(s0)], [*p1.values(), *_state_tensors(s1)]):
+        assert (
+            torch.equal(a, b)
+            or torch.equal(a.isnan(), b.isnan())
+            and torch.equal(a.nan_to_num(), b.nan_to_num())
+        )
 
 
 def _problem(dtype=F64):

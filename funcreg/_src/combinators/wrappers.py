@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any, NamedTuple
 
 import torch
@@ -9,7 +10,7 @@ import torch
 from funcreg._src.core import leafwise
 from funcreg._src.core.base import GradientTransformation, configured, expect_state, flat
 from funcreg._src.core.donation import donating, donation
-from funcreg._src.core.tree import flatten, unflatten
+from funcreg._src.core.tree import compiling, flatten, tensors_of, unflatten
 from funcreg._src.core.typing import PyTree
 from funcreg._src.core.validation import check_int
 from funcreg._src.selection.mask_cache import CachedMask
@@ -58,13 +59,42 @@ def masked(inner: GradientTransformation, mask: MaskLike) -> GradientTransformat
         expect_state(state, MaskedState, "masked")
         f = flat(updates, params, "masked")
         keep = resolve(params if params is not None else updates)
-        new_inner, inner_state = inner.update(
-            f.restrict(f.updates, keep), state.inner_state, f.restrict(f.params, keep)
-        )
-        out = f.merge(new_inner, keep, "masked inner transform's updates")
+        out, inner_state = f.update_where(inner, state.inner_state, keep, "masked inner transform's updates")
         return unflatten(out, f.spec), MaskedState(inner_state=inner_state)
 
     return configured(GradientTransformation(init, update), "masked", inner, mask)
+
+
+class _Saved(threading.local):
+    """The copies a donated ``apply_if_finite`` step keeps of its inner state, per thread: reused
+    while the state holds the same tensor objects (a donated state keeps them from step to step),
+    so saving is one copy into kept buffers, not an allocation per tensor."""
+
+    tensors: list[torch.Tensor] | None = None
+    copies: list[torch.Tensor] = []
+
+    def save(self, tensors: list[torch.Tensor]) -> None:
+        """Copies the values of ``tensors`` into the kept buffers (allocated afresh for new tensors)."""
+        kept = self.tensors
+        # ids compare identities: the kept tensors are alive, so no other object has their ids
+        if kept is None or list(map(id, kept)) != list(map(id, tensors)):
+            self.tensors = tensors
+            self.copies = [torch.empty_like(x) for x in tensors]
+        _copy_(self.copies, tensors)
+
+    def restore(self) -> None:
+        """Writes the saved values back into the tensors they were saved from."""
+        assert self.tensors is not None
+        _copy_(self.tensors, self.copies)
+
+
+def _copy_(into: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    """``a.copy_(b)`` pairwise: one foreach launch where torch has it for these tensors."""
+    if into and all(type(x) is torch.Tensor for x in into):  # not a DTensor, nor wrapped
+        torch._foreach_copy_(into, values)
+    else:
+        for a, b in zip(into, values):
+            a.copy_(b)
 
 
 class ApplyIfFiniteState(NamedTuple):
@@ -90,6 +120,11 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
     After more than ``max_consecutive_errors`` non-finite updates in a row, updates are passed to the
     inner transform whatever they hold (as in optax), so a run that has truly diverged shows it.
 
+    A donated step (:func:`funcreg.donated_update`) runs the inner transform in place too: before
+    it, the inner state's values are copied into buffers the wrapper keeps (one copy of the inner
+    state, reused from step to step, per thread), and written back when the step is skipped.
+    Compiled or vmapped, both outcomes are computed and one selected, so the inner step runs pure.
+
     Examples:
         >>> import torch, funcreg as fr
         >>> tx = fr.apply_if_finite(fr.sgd(0.1), max_consecutive_errors=3)
@@ -101,6 +136,7 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
     if not isinstance(inner, GradientTransformation):
         raise TypeError(f"apply_if_finite expects a GradientTransformation, got {type(inner).__name__}")
     check_int("max_consecutive_errors", max_consecutive_errors, low=0)
+    saved = _Saved()
 
     def init(params: PyTree) -> ApplyIfFiniteState:
         leaves, _ = flatten(params)
@@ -114,8 +150,9 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
         updates: PyTree, state: ApplyIfFiniteState, params: PyTree | None = None
     ) -> tuple[PyTree, ApplyIfFiniteState]:
         expect_state(state, ApplyIfFiniteState, "apply_if_finite")
-        if donating():
-            # the inner state must survive a skipped step: the inner transform runs pure
+        if donating() and (compiling() or torch._C._are_functorch_transforms_active()):
+            # traced, both outcomes are computed and one is selected: the inner state must survive a
+            # skipped step, so the inner transform runs pure
             with donation(False):
                 return update(updates, state, params)
         f = flat(updates, params, "apply_if_finite")
@@ -125,12 +162,15 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
         if isinstance(decided, bool):  # eager: run the inner transform only when its result can be used
             tried = None
             finite = finite_in
+            saving = False
             if decided:
+                saving = donating()  # the inner step writes into its state: keep what a skip restores
+                if saving:
+                    saved.save(tensors_of(state.inner_state))
                 tried = inner.update(updates, state.inner_state, params)
                 # what the inner transform produced counts too (a schedule or state gone non-finite)
-                finite = leafwise.all_finite(
-                    flat(tried[0], None, "apply_if_finite inner").present_updates()
-                ).to(device)
+                # (its updates' tree was checked by the inner transform: only the values are read)
+                finite = leafwise.all_finite(tensors_of(tried[0])).to(device)
             notfinite_count = torch.where(finite, 0, state.notfinite_count + 1)
             apply: bool | torch.Tensor = bool(finite) or int(notfinite_count) > max_consecutive_errors
             if apply:
@@ -140,6 +180,8 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
             else:
                 new_updates = f.tree([torch.zeros_like(u) for u in f.present_updates()])
                 inner_state = state.inner_state
+                if saving:
+                    saved.restore()
         else:  # traced (vmap, compile): compute both and select without a host sync
             tried, tried_state = inner.update(updates, state.inner_state, params)
             t = flat(tried, None, "apply_if_finite inner")

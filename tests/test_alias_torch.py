@@ -13,6 +13,7 @@ written out below as a torch.optim.Optimizer.
 from __future__ import annotations
 
 import collections
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -619,3 +620,49 @@ def test_nadam_mu_product_is_kept_in_torchs_scalar_dtype():
     p.grad = torch.ones(2, dtype=torch.float64)
     opt.step()
     assert state.mu_product["w"].dtype == opt.state[p]["mu_product"].dtype == torch.float32
+
+
+# --- defaults -------------------------------------------------------------------------------------------
+
+DEFAULTS = {  # funcreg alias: (torch.optim class, whether funcreg needs the learning rate given)
+    "sgd": ("SGD", True),
+    "adam": ("Adam", True),
+    "adamw": ("AdamW", True),
+    "adamax": ("Adamax", False),
+    "nadam": ("NAdam", False),
+    "radam": ("RAdam", False),
+    "rmsprop": ("RMSprop", False),
+    "adagrad": ("Adagrad", False),
+    "adadelta": ("Adadelta", False),
+    "rprop": ("Rprop", False),
+    "adafactor": ("Adafactor", False),
+    "muon": ("Muon", False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULTS))
+def test_every_default_is_torch_optims(name):
+    # built with no arguments (the learning rate only where funcreg has no default: torch's then),
+    # each alias follows its torch.optim namesake built with no arguments, so every default
+    # (momentum, betas, eps, weight decay, maximize, centered, ...) is torch's
+    cls_name, needs_lr = DEFAULTS[name]
+    cls = getattr(torch.optim, cls_name)
+    g = torch.Generator().manual_seed(7)
+    shapes = {"w": (3, 4)} if name == "muon" else {"w": (3, 4), "b": (4,)}
+    params = {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in shapes.items()}
+    grads = [
+        {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in shapes.items()} for _ in range(6)
+    ]
+    lr = inspect.signature(cls).parameters["lr"].default
+    tx = getattr(fr, name)(lr) if needs_lr else getattr(fr, name)()
+    state, mine = tx.init(params), params
+    theirs = {k: v.clone().requires_grad_() for k, v in params.items()}
+    opt = cls(list(theirs.values()))
+    for grad in grads:
+        updates, state = tx.update(grad, state, mine)
+        mine = fr.apply_updates(mine, updates)
+        for k, p in theirs.items():
+            p.grad = grad[k].clone()
+        opt.step()
+        for k in shapes:
+            assert_tensors_close(mine[k], theirs[k].detach(), f"{name} {k!r}")  # float64: 1e-12

@@ -49,3 +49,13 @@ def test_create_optimizer_by_name_equals_torch_optim_with_two_groups(name):
             o.step()
     for (n, a), b in zip(ours.named_parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10, msg=f"{name}: {n}")
+
+
+def test_an_unknown_hyperparameter_is_named_with_the_nearest_known_one():
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(
+        TypeError, match=r"optimizer 'adamw' takes no argument 'betaz' \(did you mean 'betas'\?\)"
+    ):
+        fr.create_optimizer(model, "adamw", lr=0.1, betaz=(0.9, 0.99))
+    with pytest.raises(TypeError, match=r"optimizer 'sgd' takes no argument 'zzz'; it takes: .*momentum"):
+        fr.create_transform(model, "sgd", lr=0.1, zzz=1, momentun=0.9)  # the first unknown one is named

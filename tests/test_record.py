@@ -134,3 +134,20 @@ def test_a_penalty_that_declares_a_kernel_form_is_folded_and_equals_the_pure_ste
 def test_transform_record_defaults_are_empty():
     assert TransformRecord() == NO_RECORD
     assert NO_RECORD.kernel is None and NO_RECORD.parts is None and not NO_RECORD.folded
+
+
+def test_records_and_table_entries_cannot_be_changed_in_place():
+    # a record is shared by every copy of a transform, a table entry by every optimizer built from
+    # its name: a write would change them all, so both are frozen (with_record makes a new record)
+    import dataclasses
+
+    from funcreg._src.optim.table import optimizer_spec
+
+    tx = fr.chain(fr.sgd(0.1), fr.proximal(fr.l1(0.01), learning_rate=0.1))
+    form = fr.decoupled(fr.l2(0.1), learning_rate=0.1).record.form
+    assert form is not None and form.report  # the form reports its value unless told otherwise
+    assert PenaltyForm("coupled", fr.l2(0.1), None).report
+    for frozen, field in [(tx.record, "kernel"), (form, "report"), (optimizer_spec("adamw"), "name")]:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(frozen, field, None)
+    assert tx.with_record(kernel=None).record is not tx.record

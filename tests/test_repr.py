@@ -36,6 +36,41 @@ def test_penalties_print_coefficients_and_selection():
     assert repr(3.0 * fr.group_lasso(0.1, axis=1)) == "3.0 * group_lasso(0.1, axis=1)"
 
 
+def test_masks_and_arguments_print_by_their_size_and_kind():
+    # the rules of the printed configuration: up to 4 entries of a tuple, list or dict are shown,
+    # a 1-tuple keeps its comma, a 0-d tensor its value, a larger one its shape, a long or multi-line
+    # text its type only
+    four = {"a": True, "b": False, "c": True, "d": False}
+    assert repr(fr.masked(fr.scale(0.5), four)) == f"masked(scale(0.5), {four!r})"
+    five = {**four, "e": True}
+    assert repr(fr.masked(fr.scale(0.5), five)) == "masked(scale(0.5), <dict of 5 entries>)"
+    assert repr(fr.adam(0.1, betas=(0.5, 0.6))) == "adam(0.1, betas=(0.5, 0.6), eps=1e-08, weight_decay=0.0)"
+    tx = fr.chain(fr.scale(1.0), fr.scale(2.0), fr.scale(3.0), fr.scale(4.0), fr.scale(5.0))
+    assert repr(tx) == "chain(scale(1.0), scale(2.0), scale(3.0), scale(4.0), scale(5.0))"
+    assert repr(fr.scale(torch.tensor(0.25))) == "scale(tensor(0.25))"
+    assert repr(fr.scale(torch.tensor(0.25, device="meta"))) == "scale(tensor(shape=()))"
+    assert repr(fr.l1(0.1, mask=lambda params: params)) == "l1(0.1, mask=<lambda>)"
+    from funcreg._src.core.describe import call_text, fmt
+
+    assert fmt((1,)) == "(1,)" and fmt((1, 2)) == "(1, 2)" and fmt([1]) == "[1]"
+    # up to 4 entries are rendered one by one (a function by its name); more take the plain repr,
+    # if it is short (<= 120 characters, one line)
+    assert fmt((len,) * 4) == "(len, len, len, len)" and fmt((len,) * 5) == "<tuple>"
+    assert fmt((1, 2, 3, 4, 5)) == "(1, 2, 3, 4, 5)"
+    assert fmt("x" * 200) == repr("x" * 200) and fmt(None) == "None" and fmt(True) == "True"
+
+    class Long:
+        def __init__(self, text):
+            self.text = text
+
+        def __repr__(self):
+            return self.text
+
+    assert fmt(Long("y" * 120)) == "y" * 120 and fmt(Long("y" * 121)) == "<Long>"
+    assert fmt(Long("a\nb")) == "<Long>" and fmt(object()) == "<object>"
+    assert call_text("f", 1, k=None, j=2) == "f(1, j=2)"
+
+
 @settings(deadline=None, max_examples=25)
 @given(
     lr=st.floats(1e-5, 1.0),

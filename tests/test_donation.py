@@ -330,3 +330,23 @@ def test_compiled_donated_adam_traces_torchs_sequence_in_one_graph(make):
         torch.testing.assert_close(comp_p[k], eager_p[k], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(comp_s.nu["w"], eager_s.nu["w"], atol=1e-7, rtol=1e-5)
     assert torch.equal(comp_s.steps["w"], eager_s.steps["w"]) and torch.equal(comp_s.count, eager_s.count)
+
+
+def test_a_compiled_pure_step_writes_into_none_of_its_inputs():
+    # under torch.compile the donation flag is a plain object the graph reads while tracing: it
+    # starts off, so a compiled pure step stays pure (its inputs keep their values)
+    tx = fr.sgd(0.1, momentum=0.9)
+    params = {"w": torch.ones(3)}
+    state = tx.init(params)
+    _, state = tx.update({"w": torch.ones(3)}, state, params)  # a momentum buffer to write into
+
+    @torch.compile(backend="eager", fullgraph=False)
+    def step(grads, state, params):
+        updates, state = tx.update(grads, state, params)
+        return fr.apply_updates(params, updates), state
+
+    before = [x.clone() for x in (*params.values(), *torch.utils._pytree.tree_leaves(state))]
+    new_params, new_state = step({"w": torch.full((3,), 2.0)}, state, params)
+    after = [*params.values(), *torch.utils._pytree.tree_leaves(state)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert not torch.equal(new_params["w"], params["w"])

@@ -487,3 +487,61 @@ def test_a_zero_batchnorm_weight_makes_a_channel_constant_and_removable() -> Non
     torch.testing.assert_close(pruned[3].bias, expected, atol=1e-15, rtol=0)
     x = torch.from_numpy(np.random.default_rng(15).normal(size=(3, 1, 6, 6)))
     close(pruned(x), torch.func.functional_call(model, params, (x,)))
+
+
+class _CrossAttention(nn.Module):
+    """Attention from a sequence to a memory of another width (kdim = vdim != embed_dim)."""
+
+    def __init__(self, e: int, m: int, heads: int, batch_first: bool) -> None:
+        super().__init__()
+        self.memory = nn.Linear(e, m)
+        self.attn = nn.MultiheadAttention(e, heads, kdim=m, vdim=m, batch_first=batch_first)
+        self.batch_first = batch_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = x if self.batch_first else x.transpose(0, 1)
+        mem = self.memory(seq)
+        return self.attn(seq, mem, mem, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_report_counts_attention_flops_by_hand(batch_first: bool) -> None:
+    # per example, sequence L, width E, memory width M: the memory Linear L*E*M multiply-adds; the
+    # attention's projections q (L*E*E), k and v (L*M*E each), out (L*E*E); scores and weighted
+    # values L*L*E each. FLOPs are 2x the multiply-adds
+    b, seq, e, m = 3, 5, 8, 6
+    torch.manual_seed(0)
+    model = _CrossAttention(e, m, heads=2, batch_first=batch_first).eval()
+    x = torch.from_numpy(np.random.default_rng(3).normal(size=(b, seq, e)).astype(np.float32))
+    report = fr.prune_report(model, copy.deepcopy(model), x, repeats=2)
+    mac = seq * e * m + (seq * e * e + 2 * seq * m * e + seq * e * e) + 2 * seq * seq * e
+    assert report.flops_before == report.flops_after == 2 * mac
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "zeros"])
+def test_a_constant_filter_is_folded_where_its_padding_repeats_the_constant(padding_mode: str) -> None:
+    # a filter with zero weights outputs relu(bias) everywhere, the border included, when the next
+    # convolution pads by reflection (the padded border repeats the constant): it folds into that
+    # convolution's bias exactly. With zero padding the border sees zeros instead, so it stays. An
+    # unpadded average pool (count_include_pad does not matter without padding) keeps it constant
+    model = fill(
+        nn.Sequential(
+            make(nn.Conv2d, 1, 3, 3),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            make(nn.Conv2d, 3, 2, 3, padding=1, padding_mode=padding_mode),
+            nn.Flatten(),
+            make(nn.Linear, 2 * 4 * 4, 2),
+        ),
+        np.random.default_rng(4),
+        torch.float64,
+    )  # 10x10 -> 8x8 -> 4x4 -> 4x4 (padded)
+    params = {k: v.clone() for k, v in fr.params_of(model).items()}
+    params["0.weight"][1] = 0.0
+    params["0.bias"][1] = 0.7
+    pruned = fr.prune(model, params)
+    x = torch.from_numpy(np.random.default_rng(5).normal(size=(3, 1, 10, 10)))
+    report = fr.prune_report(model, pruned, x, params, repeats=2)
+    units = {s.name: s.units_after for s in report.layers}
+    assert units["0"] == (2 if padding_mode == "reflect" else 3)
+    assert report.max_abs_diff < 1e-10

@@ -360,3 +360,19 @@ def test_regularization_path_refuses_non_finite_data_naming_the_array(where):
             penalty=lambda h: fr.l2(h["coeff"]),
             validation=(t(xv), t(yv)),
         )
+
+
+def test_regularization_path_names_data_whose_arrays_disagree_on_the_number_of_examples():
+    gen = np.random.default_rng(1)
+    x, y = torch.from_numpy(gen.normal(size=(10, 3))), torch.from_numpy(gen.normal(size=9))
+    with pytest.raises(ValueError, match=r"data\[1\] has 9 examples, data\[0\] has 10"):
+        fr.regularization_path(
+            lambda p, x, y: (x @ p["w"] - y) ** 2,
+            fr.sgd(0.1),
+            {"w": torch.zeros(3, dtype=torch.float64)},
+            (x, y),
+            [0.1, 0.2],
+            steps=2,
+            penalty=lambda h: fr.l2(h["coeff"]),
+            folds=2,
+        )

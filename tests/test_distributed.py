@@ -211,6 +211,12 @@ def test_take_members_slices_the_member_axis() -> None:
     assert torch.equal(got["w"], tree["w"][[1, 3]]) and got["frozen"] is None
     with pytest.raises(ValueError, match="member 4 is out of range for 'w', which has 4 members"):
         fr.distributed.take_members(tree, [4])
+    for members in ([True], [1.0], (1, "2"), 1, "13"):  # indices are ints (not bools), in a list
+        with pytest.raises(
+            TypeError, match=r"Invalid members value: .* \(expected a list of member indices\)"
+        ):
+            fr.distributed.take_members(tree, members)
+    assert torch.equal(fr.distributed.take_members(tree, (0,))["w"], tree["w"][[0]])  # a tuple is a list
 
 
 def test_invalid_arguments_name_themselves() -> None:

@@ -588,6 +588,10 @@ def test_a_pruned_attention_prunes_again() -> None:
     m3[..., 0] = False
     kwargs = {"attn_mask": m3, "need_weights": False}
     close(smaller(x, x, x, **kwargs)[0], functional_call(small, again, (x, x, x), kwargs)[0])
+    # a per-head mask must hold one (L, S) plane per example and original head
+    for wrong in (m3[:-1], m3[None]):
+        with pytest.raises(RuntimeError, match=r"expected \(L, S\) or \(2 \* 4 original heads, L, S\)"):
+            smaller(x, x, x, attn_mask=wrong, need_weights=False)
 
 
 @pytest.mark.parametrize("pattern", ["all", "value", "output"])

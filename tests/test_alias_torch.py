@@ -624,19 +624,19 @@ def test_nadam_mu_product_is_kept_in_torchs_scalar_dtype():
 
 # --- defaults -------------------------------------------------------------------------------------------
 
-DEFAULTS = {  # funcreg alias: (torch.optim class, whether funcreg needs the learning rate given)
-    "sgd": ("SGD", True),
-    "adam": ("Adam", True),
-    "adamw": ("AdamW", True),
-    "adamax": ("Adamax", False),
-    "nadam": ("NAdam", False),
-    "radam": ("RAdam", False),
-    "rmsprop": ("RMSprop", False),
-    "adagrad": ("Adagrad", False),
-    "adadelta": ("Adadelta", False),
-    "rprop": ("Rprop", False),
-    "adafactor": ("Adafactor", False),
-    "muon": ("Muon", False),
+DEFAULTS = {  # funcreg alias: its torch.optim namesake
+    "sgd": "SGD",
+    "adam": "Adam",
+    "adamw": "AdamW",
+    "adamax": "Adamax",
+    "nadam": "NAdam",
+    "radam": "RAdam",
+    "rmsprop": "RMSprop",
+    "adagrad": "Adagrad",
+    "adadelta": "Adadelta",
+    "rprop": "Rprop",
+    "adafactor": "Adafactor",
+    "muon": "Muon",
 }
 
 
@@ -645,8 +645,10 @@ def test_every_default_is_torch_optims(name):
     # built with no arguments (the learning rate only where funcreg has no default: torch's then),
     # each alias follows its torch.optim namesake built with no arguments, so every default
     # (momentum, betas, eps, weight decay, maximize, centered, ...) is torch's
-    cls_name, needs_lr = DEFAULTS[name]
-    cls = getattr(torch.optim, cls_name)
+    cls = getattr(torch.optim, DEFAULTS[name])
+    needs_lr = (
+        inspect.signature(getattr(fr, name)).parameters["learning_rate"].default is inspect.Parameter.empty
+    )
     g = torch.Generator().manual_seed(7)
     shapes = {"w": (3, 4)} if name == "muon" else {"w": (3, 4), "b": (4,)}
     params = {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in shapes.items()}

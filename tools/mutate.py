@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import functools
 import json
 import os
 import pathlib
@@ -177,8 +178,9 @@ def mutated_source(module: str, index: int, root: pathlib.Path = ROOT) -> str:
     return ast.unparse(ast.fix_missing_locations(copy.deepcopy(tree)))
 
 
+@functools.cache
 def _config() -> dict:
-    """``[tool.funcreg.mutation]`` of pyproject.toml."""
+    """``[tool.funcreg.mutation]`` of pyproject.toml (read once: it is asked for every mutant)."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     return config.get("tool", {}).get("funcreg", {}).get("mutation", {})
 

@@ -51,3 +51,37 @@ def test_each_mutant_changes_exactly_its_own_place(tmp_path):
         assert len(changed) == 1, (m, changed)  # one line changed, and it is this mutant's
         made.add((m.edit, changed[0][1]))
     assert made == {(edit, text) for edit, _, text in EXPECTED}
+
+
+def test_an_earlier_report_selects_by_module_index_line_and_edit(tmp_path):
+    (tmp_path / "m.py").write_text(SOURCE)
+    mutants = mutate.mutants_of("m.py", root=tmp_path)
+    first, second, third = mutants[0], mutants[1], mutants[2]
+    earlier = [
+        {
+            "module": first.module,
+            "index": first.index,
+            "line": first.line,
+            "edit": first.edit,
+            "outcome": "killed",
+        },
+        {
+            "module": second.module,
+            "index": second.index,
+            "line": second.line,
+            "edit": second.edit,
+            "outcome": "survived",
+        },
+        # the same index after an edit of the module moved it: not the same mutant
+        {
+            "module": third.module,
+            "index": third.index,
+            "line": third.line + 1,
+            "edit": third.edit,
+            "outcome": "killed",
+        },
+    ]
+    resumed = mutate.by_earlier_outcome(mutants, earlier, "killed", keep=False)
+    assert [m.index for m in resumed] == [m.index for m in mutants if m is not first]
+    again = mutate.by_earlier_outcome(mutants, earlier, "survived", keep=True)
+    assert [m.index for m in again] == [second.index]

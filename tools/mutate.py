@@ -361,6 +361,21 @@ def sample(mutants: list[Mutant], per_module: int, seed: int) -> list[Mutant]:
     return out
 
 
+def _read(report: str) -> list[dict]:
+    return json.loads(pathlib.Path(report).read_text())
+
+
+def by_earlier_outcome(
+    mutants: list[Mutant], earlier: list[dict], outcome: str, *, keep: bool
+) -> list[Mutant]:
+    """The mutants that had ``outcome`` in an earlier report (``keep``), or those that did not.
+
+    A mutant is the same one when its module, index, line and edit all match, so a module edited since
+    the earlier run (its mutants renumbered or moved) is run afresh rather than matched by index."""
+    found = {(m["module"], m["index"], m["line"], m["edit"]) for m in earlier if m["outcome"] == outcome}
+    return [m for m in mutants if ((m.module, m.index, m.line, m.edit) in found) == keep]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*", help="modules to mutate (paths under funcreg/)")
@@ -376,6 +391,7 @@ def main() -> None:
     parser.add_argument("--per-module", type=int, default=0, help="draw this many mutants per module")
     parser.add_argument("--seed", type=int, default=0, help="the draw's seed")
     parser.add_argument("--survivors", help="a report: run only the mutants that survived in it")
+    parser.add_argument("--skip-killed", help="a report: skip the mutants it killed (same line and edit)")
     args = parser.parse_args()
     if args.build_map:
         pathlib.Path(args.map).write_text(json.dumps(build_map(*args.build_map)))
@@ -398,9 +414,9 @@ def main() -> None:
         if args.per_module:
             everything = sample(everything, args.per_module, args.seed)
         if args.survivors:  # again, only what survived in an earlier report (e.g. with more tests)
-            earlier = json.loads(pathlib.Path(args.survivors).read_text())
-            keep = {(m["module"], m["index"]) for m in earlier if m["outcome"] == "survived"}
-            everything = [m for m in everything if (m.module, m.index) in keep]
+            everything = by_earlier_outcome(everything, _read(args.survivors), "survived", keep=True)
+        if args.skip_killed:  # resume a run: what was killed stays killed while tests only grow
+            everything = by_earlier_outcome(everything, _read(args.skip_killed), "killed", keep=False)
         mutants = [m for k, m in enumerate(everything) if k % n == i - 1]
         for m in mutants:
             if time.perf_counter() > deadline:

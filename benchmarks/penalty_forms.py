@@ -14,6 +14,9 @@ are to its bare step:
 * ``fused``: the same with ``fr.adam(lr, fused=True)`` (torch's fused kernel, which takes the
   coupled and the decoupled decay inside its one pass), beside torch's fused Adam and AdamW;
 * ``sgd``: ``fr.sgd(lr)`` and the same three forms, beside torch's SGD without and with
+  ``weight_decay``; in the same table (ratios to the same bare step, side by side) ``fr.sgd(lr,
+  fused=True)`` (torch's fused SGD kernel, which takes the coupled decay inside its one pass, and a
+  decoupled one without momentum) with its forms, beside torch's fused SGD without and with
   ``weight_decay``.
 
     python benchmarks/penalty_forms.py            # 100 rounds
@@ -147,6 +150,27 @@ def main() -> None:
         "torch SGD foreach": Torch(params, grads, lambda p: torch.optim.SGD(p, lr=LR, foreach=True)),
         "torch SGD foreach, weight_decay": Torch(
             params, grads, lambda p: torch.optim.SGD(p, lr=LR, weight_decay=WD, foreach=True)
+        ),
+        "fr.sgd fused bare": Funcreg(params, grads, fr.sgd(LR, fused=True)),
+        "fr.sgd fused + coupled l2": Funcreg(
+            params, grads, fr.chain(fr.add_penalty_grad(fr.l2(WD)), fr.sgd(LR, fused=True))
+        ),
+        "fr.sgd fused + coupled l2, report=False": Funcreg(
+            params, grads, fr.chain(fr.add_penalty_grad(fr.l2(WD), report=False), fr.sgd(LR, fused=True))
+        ),
+        "fr.sgd fused + decoupled l2, report=False": Funcreg(
+            params,
+            grads,
+            fr.chain(fr.sgd(LR, fused=True), fr.decoupled(fr.l2(WD), learning_rate=LR, report=False)),
+        ),
+        "fr.sgd fused + proximal l1, report=False": Funcreg(
+            params,
+            grads,
+            fr.chain(fr.sgd(LR, fused=True), fr.proximal(fr.l1(L1), learning_rate=LR, report=False)),
+        ),
+        "torch SGD fused": Torch(params, grads, lambda p: torch.optim.SGD(p, lr=LR, fused=True)),
+        "torch SGD fused, weight_decay": Torch(
+            params, grads, lambda p: torch.optim.SGD(p, lr=LR, weight_decay=WD, fused=True)
         ),
     }
     report("SGD and its penalty forms", run(sgd, args.rounds, args.warmup), "fr.sgd bare", width=44)

@@ -158,9 +158,10 @@ def test_torch_optimizer_starts_a_replaced_parameter_afresh_as_torch_does():
     [
         lambda: fr.adamw(0.1, weight_decay=0.1),  # torch's fused/foreach kernel
         lambda: fr.sgd(0.1, momentum=0.9),
+        lambda: fr.sgd(0.1, momentum=0.9, fused=True),  # torch._fused_sgd_
         lambda: fr.chain(fr.clip_by_global_norm(10.0), fr.adam(0.1)),  # the generic donated path
     ],
-    ids=["adamw", "sgd_momentum", "clip_adam"],
+    ids=["adamw", "sgd_momentum", "sgd_momentum_fused", "clip_adam"],
 )
 def test_a_donated_step_writes_into_the_donated_storages(make):
     tx = make()

@@ -8,7 +8,8 @@ One parametrized test crosses
 * the selection: ``all`` (the penalty's own default), ``mask`` (a mask by name), ``groups`` (two
   parameter groups with their own learning rates, the penalty's mask selecting parameters of one
   group only);
-* the base optimizer: SGD with momentum, Adam;
+* the base optimizer: SGD with momentum, Adam; and a column of ``fr.sgd(momentum=0.9, fused=True)``
+  (torch's fused SGD kernel in the donated steps) on the donated entry points (see ``FUSED_CELLS``);
 * the entry point and how it runs: the functional step (``fr.make_step``) ``pure``, ``donated``,
   ``compiled`` (pure and donated) and ``vmapped`` (``fr.ensemble_step``, one coefficient per member);
   ``fr.TorchOptimizer`` and ``fr.create_optimizer`` (with weight decay beside the penalty), eager and
@@ -74,8 +75,8 @@ NOT_APPLICABLE = {
 
 BACKEND = os.environ.get("FUNCREG_MATRIX_BACKEND", "eager")
 STEPS = 3
-LR = {"sgd": 0.1, "adam": 0.02}
-LR_B = {"sgd": 0.05, "adam": 0.01}  # the second group's learning rate
+LR = {"sgd": 0.1, "sgd_fused": 0.1, "adam": 0.02}
+LR_B = {"sgd": 0.05, "sgd_fused": 0.05, "adam": 0.01}  # the second group's learning rate
 PENALTY_STEP = 0.07  # s_t of the functional step's decoupled / proximal forms (make_step's learning_rate)
 WEIGHT_DECAY = 0.03  # create_optimizer's weight decay, beside the penalty
 MASKED = ("0.weight", "0.bias")  # the "mask" and "groups" selections: the first layer only
@@ -307,6 +308,8 @@ def _penalty(kind: str, coeff: Any, selection: str) -> fr.Penalty:
 
 
 def _tx(optimizer: str, lr: float) -> fr.GradientTransformation:
+    if optimizer == "sgd_fused":  # the fused column: the reference is the "sgd" one
+        return fr.sgd(lr, momentum=0.9, fused=True)
     return fr.sgd(lr, momentum=0.9) if optimizer == "sgd" else fr.adam(lr)
 
 
@@ -587,6 +590,81 @@ def test_cells_that_do_not_exist_are_listed_in_the_guarantees(entry, mode):
 
     page = (pathlib.Path(__file__).parent.parent / "docs" / "guarantees.md").read_text()
     assert f"`{entry}` × `{mode}`" in page, NOT_APPLICABLE[(entry, mode)]
+
+
+# --- fr.sgd(fused=True): torch's fused kernel in the donated cells -----------------------------------
+#
+# The column of fr.sgd(momentum=0.9, fused=True) on the entry points whose steps are donated: the
+# functional step with donate=True, the ensemble step (vmapped, or the stacked kernel where the penalty
+# is in the loss) and fr.TorchOptimizer on the same chain, each against the reference of the "sgd"
+# cells. Where the form folds into the kernel (an L2 coupled or decoupled, an L1 proximal) or the
+# penalty is in the loss, the step is torch._fused_sgd_'s (counted below); elsewhere the generic
+# donated path. (The pure step is that of fr.sgd, tested in tests/test_fused_forms.py; create_optimizer
+# builds named optimizers, whose fused variants are not options of its table.)
+
+FUSED_RUNS = (("functional", "donated"), ("functional", "vmapped"), ("torch_optimizer", "eager"))
+FUSED_CELLS = [
+    _cell(run, *rest, "sgd_fused")
+    for run in FUSED_RUNS
+    for rest in itertools.product(KINDS, FORMS, SELECTIONS)
+]
+
+
+def _with_form(tx: fr.GradientTransformation, penalty: fr.Penalty, form: str) -> fr.GradientTransformation:
+    """``tx`` with the penalty in ``form`` as make_step places it (the loss form: ``tx`` itself)."""
+    if form == "coupled":
+        return fr.named_chain(("penalty", fr.add_penalty_grad(penalty)), ("optimizer", tx))
+    if form == "decoupled":
+        return fr.named_chain(
+            ("optimizer", tx), ("penalty", fr.decoupled(penalty, learning_rate=PENALTY_STEP))
+        )
+    if form == "proximal":
+        return fr.named_chain(("optimizer", tx), ("penalty", fr.proximal(penalty, PENALTY_STEP)))
+    return tx
+
+
+def _folds(kind: str, form: str) -> bool:
+    """Whether the donated step of the cell runs torch's kernel: the bare alias (the loss form) or a form
+    the kernel takes (see funcreg/_src/kernels/fused_forms.py)."""
+    return (
+        form == "loss"
+        or (kind == "l2" and form in ("coupled", "decoupled"))
+        or (kind == "l1" and form == "proximal")
+    )
+
+
+@pytest.mark.parametrize(("entry", "mode", "kind", "form", "selection", "optimizer"), FUSED_CELLS)
+def test_fused_sgd_cell_equals_the_loss_term_reference(entry, mode, kind, form, selection, optimizer):
+    init = _init()
+    calls: list[bool] = []
+    kernel = torch._fused_sgd_
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs["is_first_step"])
+        return kernel(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "_fused_sgd_", counting)
+        if entry == "functional":
+            got = run_functional(kind, form, selection, optimizer, "donated" if mode == "donated" else mode)
+        else:
+            model = _model()
+            penalty = _penalty(kind, COEFF[kind], selection)
+            tx = _with_form(_functional_tx(optimizer, selection), penalty, form)
+            opt = fr.TorchOptimizer(model.named_parameters(), tx)
+            got = _train_imperative(model, opt, penalty, form, "eager", _batches())
+    if selection != "groups" and _folds(kind, form) and (mode != "vmapped" or form == "loss"):
+        assert calls, "torch's fused SGD kernel ran"
+    members = [(init, COEFF[kind])]
+    if mode == "vmapped":
+        members.append(({n: 0.5 * w for n, w in init.items()}, 2 * COEFF[kind]))
+    for m, (start, coeff) in enumerate(members):
+        want = _expected("functional", kind, form, selection, "sgd", coeff, start)
+        for n in want:
+            mine = got[n][m] if mode == "vmapped" else got[n]
+            torch.testing.assert_close(
+                mine, want[n], atol=1e-10, rtol=1e-8, msg=lambda s, n=n, m=m: f"member {m} {n}: {s}"
+            )
 
 
 # --- the training-loop transforms: a second matrix --------------------------------------------------

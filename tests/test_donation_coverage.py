@@ -171,6 +171,12 @@ def _build_table() -> dict[str, Callable[[], fr.GradientTransformation]]:
     t["sgd_momentum_dampening_wd"] = lambda: fr.sgd(0.1, momentum=0.9, dampening=0.2, weight_decay=0.01)
     t["sgd_nesterov_maximize"] = lambda: fr.sgd(0.1, momentum=0.9, nesterov=True, maximize=True)
     t["sgd_schedule"] = lambda: fr.sgd(SCHED, momentum=0.5)
+    t["sgd_fused_momentum_dampening_wd"] = lambda: fr.sgd(
+        0.1, momentum=0.9, dampening=0.2, weight_decay=0.01, fused=True
+    )
+    t["sgd_fused_nesterov_maximize_schedules"] = lambda: fr.sgd(
+        SCHED, momentum=0.9, nesterov=True, weight_decay=WD_SCHED, maximize=True, fused=True
+    )
     t["adam"] = lambda: fr.adam(0.01)
     t["adam_wd_amsgrad_maximize"] = lambda: fr.adam(0.01, weight_decay=0.1, amsgrad=True, maximize=True)
     t["adam_fused"] = lambda: fr.adam(0.01, weight_decay=0.1, fused=True)
@@ -431,6 +437,7 @@ VMAP_BUGS: dict[tuple[str, torch.dtype], str] = {
 COMPILE_SWEEP = {  # name -> dtype (both dtypes are compiled)
     "sgd_nesterov_maximize": F64,  # trace: the momentum buffer in place
     "adamw_fused_amsgrad_maximize": F32,  # compiled, torch's kernels are skipped: the generic adam path
+    "sgd_fused_nesterov_maximize_schedules": F32,  # likewise for torch._fused_sgd_: the generic sgd chain
     "adamax_wd_maximize_schedule": F32,  # per-parameter step counts and a schedule's count
     "partition_nested_callable": F32,  # partition, chain, clip, masked, adamw, lion; a None gradient
     "apply_if_finite": F64,  # donation switched off for the inner transform inside the graph

@@ -28,6 +28,7 @@ ALIASES = {
     "adamw_masked_fused": lambda: fr.adamw(0.05, weight_decay=0.1, mask={"w": True, "b": False}, fused=True),
     "adam_amsgrad_wd": lambda: fr.adam(0.05, weight_decay=0.01, amsgrad=True),
     "sgd_nesterov": lambda: fr.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "sgd_fused_momentum": lambda: fr.sgd(0.1, momentum=0.9, dampening=0.1, weight_decay=0.01, fused=True),
     "sgd_schedule": lambda: fr.sgd(fr.linear_schedule(0.1, 0.01, 3)),
 }
 

@@ -1,21 +1,26 @@
-"""torch.optim's own kernels behind a donated ``fr.adam``/``fr.adamw`` step.
+"""torch.optim's own kernels behind a donated ``fr.adam``/``fr.adamw``/``fr.sgd`` step.
 
 A donated step may write into the parameters, so it can run exactly what ``torch.optim`` runs: with
 ``fused=True`` torch's fused kernels (``torch._fused_adam_`` / ``torch._fused_adamw_``: parameters,
-moments and step counts in one pass), otherwise the sequence of ``torch._foreach_*`` calls of
-``torch.optim.Adam(foreach=True)``, which updates the parameters in place instead of materialising
-an update and adding it. Both equal their torch.optim namesake bit for bit, and the pure update to
-rounding; the decay mask becomes two groups, as torch's param groups would be. Anything they do not
-cover (complex parameters, mixed devices or dtypes, a tensor learning rate or weight decay, tracing)
-falls back to the generic donated step, which equals the pure one bit for bit.
+moments and step counts in one pass; ``torch._fused_sgd_``: parameters and momentum buffers),
+otherwise the sequence of ``torch._foreach_*`` calls of ``torch.optim.Adam(foreach=True)`` /
+``SGD(foreach=True)``, which updates the parameters in place instead of materialising an update and
+adding it. Both equal their torch.optim namesake bit for bit, and the pure update to rounding; the
+decay mask becomes two groups, as torch's param groups would be. Anything they do not cover (complex
+parameters, mixed devices or dtypes, a tensor learning rate (but in fused SGD, which takes one as
+torch does) or weight decay, tracing; for fused SGD a device or dtype torch has no fused kernel for)
+falls back to the generic donated step, which equals the pure one bit for bit; fused SGD runs the
+foreach sequence for a leaf whose gradient or buffer is laid out in memory unlike the parameter.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from funcreg._src.core import leafwise
 from funcreg._src.core.base import expect_state, flat
@@ -113,17 +118,27 @@ class AdamKernel:
         nu = f.present(f.state_leaves(state.nu, self.who, "nu"))
         nu_max = f.present(f.state_leaves(state.nu_max, self.who, "nu_max")) if self.amsgrad else None
         steps = f.present(f.state_leaves(state.steps, self.who, "steps", per_element=False))
-        for (group_wd, decoupled), index in groups.items():
-            pick = lambda xs, index=index: [xs[i] for i in index]  # noqa: E731
-            group = _AdamGroup(
-                pick(ps),
-                pick(gs),
-                pick(mu),
-                pick(nu),
-                pick(nu_max) if nu_max is not None else [],
-                pick(steps),
-            )
-            (self._fused if self.fused else self._foreach)(group, lr, group_wd, decoupled)
+        # torch's fused kernel walks each tensor's memory in order: a leaf whose gradient or moments lie
+        # in memory unlike its parameter (a transposed gradient from torch.func.grad) runs the foreach one
+        layout = [
+            not self.fused or _same_dense_layout(p, g, m, v, *([nu_max[i]] if nu_max is not None else []))
+            for i, (p, g, m, v) in enumerate(zip(ps, gs, mu, nu))
+        ]
+        for (group_wd, decoupled), members in groups.items():
+            for same in (True, False):
+                index = [i for i in members if layout[i] == same]
+                if not index:
+                    continue
+                pick = lambda xs, index=index: [xs[i] for i in index]  # noqa: E731
+                group = _AdamGroup(
+                    pick(ps),
+                    pick(gs),
+                    pick(mu),
+                    pick(nu),
+                    pick(nu_max) if nu_max is not None else [],
+                    pick(steps),
+                )
+                (self._fused if self.fused and same else self._foreach)(group, lr, group_wd, decoupled)
         state.count.add_(1)
         return params, state
 
@@ -246,7 +261,8 @@ class AdamKernel:
 
 @dataclass(frozen=True)
 class SgdKernel:
-    """The hyperparameters of an ``sgd`` alias, for ``torch.optim.sgd._multi_tensor_sgd``'s sequence.
+    """The hyperparameters of an ``sgd`` alias, for ``torch.optim.sgd._multi_tensor_sgd``'s sequence,
+    or with ``fused=True`` for ``torch.optim.sgd._fused_sgd``'s call of ``torch._fused_sgd_``.
 
     The alias is the chain ``[scale(-1)] -> [add_decayed_weights] -> [trace] -> scale_by_learning_rate``;
     its state is the tuple of their states, updated here in place (the trace's buffers, counters and
@@ -260,6 +276,7 @@ class SgdKernel:
     weight_decay: Any
     maximize: bool
     parts: int  # the number of transforms in the alias's chain (the length of its state)
+    fused: bool = False
     _scratch: Scratch = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -285,6 +302,8 @@ class SgdKernel:
         ps, gs = f.present_params(), f.present_updates()
         if not ps or any(p.is_complex() for p in ps) or len({(p.device, p.dtype) for p in ps}) != 1:
             return None
+        if self.fused and not _fused_sgd_applies(ps[0]):
+            return None
         schedule = state[-1] if isinstance(state[-1], ScaleByScheduleState) else None
         lr = schedule_value(self.learning_rate, 0 if schedule is None else leafwise.concrete(schedule.count))
         # a decay schedule counts in add_decayed_weights' state, the link after the optional negation
@@ -296,30 +315,51 @@ class SgdKernel:
             0 if decay_state is None else leafwise.concrete(decay_state.count),
             "weight_decay",
         )
-        if isinstance(lr, torch.Tensor) or isinstance(wd, torch.Tensor):
+        if isinstance(wd, torch.Tensor):
+            return None
+        # a tensor learning rate is torch's fused kernel's (its tensor_lr overload), not the foreach one's
+        if isinstance(lr, torch.Tensor) and not (self.fused and _fused_lr_applies(lr, ps[0])):
             return None
         n = len(ps)
         coupled = [float(wd)] * n
         if extra is not None and extra.coupled is not None:
             coupled = [c + x for c, x in zip(coupled, f.present(extra.coupled))]
         decay = [0.0] * n
+        # the decoupled decay as a coupled one where there is no momentum (fused): s * c / lr (c when s == lr)
+        folded = [0.0] * n
         if extra is not None and extra.decoupled is not None:
             decay = [extra.rate * x for x in f.present(extra.decoupled)]
+            if self.fused and trace is None:
+                lr_value = float(lr)  # a tensor learning rate: read once
+                folded = [
+                    x if extra.rate == lr_value else extra.rate * x / lr_value if lr_value != 0 else math.inf
+                    for x in f.present(extra.decoupled)
+                ]
         bufs = steps = None
         if trace is not None:
             bufs = f.present(f.state_leaves(trace.trace, "trace", "trace"))
             steps = f.present(f.state_leaves(trace.steps, "trace", "steps", per_element=False))
-        for index in _groups_by(list(zip(coupled, decay))):
+        # torch's fused kernel walks the parameter's, gradient's and buffer's memory in one order: where
+        # their layouts differ (a transposed gradient from torch.func.grad, say), the foreach sequence
+        layout = [True] * n
+        if self.fused:
+            layout = [
+                _same_dense_layout(p, g) if bufs is None else _same_dense_layout(p, g, bufs[i])
+                for i, (p, g) in enumerate(zip(ps, gs))
+            ]
+        for index in _groups_by(list(zip(coupled, decay, folded, layout))):
             pick = lambda xs, index=index: [xs[i] for i in index]  # noqa: E731
-            self._step(
+            group = (
                 pick(ps),
                 pick(gs),
                 pick(bufs) if bufs is not None else None,
                 pick(steps) if steps is not None else None,
-                lr,
-                coupled[index[0]],
-                decay[index[0]],
             )
+            i = index[0]
+            fused = self.fused and layout[i]
+            if not (fused and self._fused_step(*group, lr, coupled[i], decay[i], folded[i])):
+                # the foreach sequence (fused: the group the kernel cannot take, at torch's lr.item())
+                self._step(*group, float(lr), coupled[i], decay[i])
         if trace is not None:
             trace.count.add_(1)
         if schedule is not None:
@@ -327,6 +367,73 @@ class SgdKernel:
         if decay_state is not None:
             decay_state.count.add_(1)
         return params, state
+
+    def _fused_step(
+        self,
+        ps: list,
+        gs: list,
+        bufs: list | None,
+        steps: list | None,
+        lr: float | torch.Tensor,
+        wd: float,
+        decay: float,
+        folded: float,
+    ) -> bool:
+        """``torch.optim.sgd._fused_sgd``'s call of ``torch._fused_sgd_`` over one group of same-device,
+        same-dtype tensors (``False``, having written nothing, where the group needs the foreach
+        sequence: a decoupled decay beside a coupled one with momentum, which the kernel would apply
+        to the decayed weights).
+
+        A decoupled decay ``w <- w - decay * w`` is, without momentum, the coupled decay ``folded =
+        decay / lr`` inside the kernel (one pass; ``w - lr * (g + c * w)`` with ``c`` itself where the
+        form's rate is the learning rate, torch's ``weight_decay`` to the bit); with momentum the weights
+        are scaled by ``1 - decay`` first, as the foreach sequence scales them before its step. torch's
+        kernel starts the momentum buffers as the gradients where ``is_first_step``, asked once per
+        call: the parameters at their first step (per parameter, as ``trace`` counts) go in one call,
+        the others in a second one.
+        """
+        if bufs is None or steps is None:  # no momentum: one call, no buffers
+            if decay != 0:
+                if math.isfinite(folded) and abs(wd + folded) < _FOLD_LIMIT:
+                    wd = wd + folded
+                else:  # a zero (or tiny) learning rate: the decay cannot go through it
+                    torch._foreach_mul_(ps, 1 - decay)
+            self._fused_call(ps, gs, [], lr, wd, is_first_step=False)
+            return True
+        if decay != 0:
+            if wd != 0:
+                return False
+            torch._foreach_mul_(ps, 1 - decay)
+        first = [int(s) == 0 for s in steps]
+        torch._foreach_add_(steps, 1)
+        for is_first in (True, False):
+            index = [i for i, f in enumerate(first) if f == is_first]
+            if len(index) == len(ps):
+                self._fused_call(ps, gs, bufs, lr, wd, is_first_step=is_first)
+            elif index:
+                pick = lambda xs, index=index: [xs[i] for i in index]  # noqa: E731
+                self._fused_call(pick(ps), pick(gs), pick(bufs), lr, wd, is_first_step=is_first)
+        return True
+
+    def _fused_call(
+        self, ps: list, gs: list, bufs: list, lr: float | torch.Tensor, wd: float, *, is_first_step: bool
+    ) -> None:
+        """``torch._fused_sgd_`` as ``_fused_sgd`` calls it, without a gradient scaler (the gradients
+        are only read)."""
+        torch._fused_sgd_(
+            ps,
+            gs,
+            bufs,
+            weight_decay=wd,
+            momentum=self.momentum,
+            lr=lr,
+            dampening=self.dampening,
+            nesterov=self.nesterov,
+            maximize=self.maximize,
+            is_first_step=is_first_step,
+            grad_scale=None,
+            found_inf=None,
+        )
 
     def _step(
         self,
@@ -375,6 +482,48 @@ class SgdKernel:
         torch._foreach_add_(ps, gs, alpha=-lr)
         if keeps:
             self._scratch.give(ps, scratch)
+
+
+# the largest folded decay taken into torch's kernel as a coupled one (the kernel computes it in
+# float32 for float32/16 parameters): beyond, the learning rate is too small for ``decay / lr``
+_FOLD_LIMIT = 1e30
+_FUSED_SGD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fused_sgd_applies(p: torch.Tensor) -> bool:
+    """Whether torch has a fused SGD kernel for ``p``'s device and dtype (the check of
+    ``torch.optim.SGD(fused=True)``, which raises where this returns ``False``)."""
+    return (
+        hasattr(torch, "_fused_sgd_")
+        and p.dtype in _FUSED_SGD_DTYPES
+        and p.device.type in _get_fused_kernels_supported_devices()
+    )
+
+
+def _same_dense_layout(p: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether ``others`` lie in memory as ``p`` does and ``p`` fills its memory exactly (no gaps, no
+    overlaps), so that a kernel walking their memory in order meets the same elements in each."""
+    if p.is_contiguous() and all(o.is_contiguous() for o in others):
+        return True
+    if any(o.shape != p.shape or o.stride() != p.stride() for o in others):
+        return False
+    expected = 1  # dense: sorted by stride, each stride is the product of the sizes below it
+    for size, stride in sorted(((n, s) for n, s in zip(p.shape, p.stride()) if n != 1), key=lambda x: x[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _fused_lr_applies(lr: torch.Tensor, p: torch.Tensor) -> bool:
+    """Whether a tensor learning rate goes into ``torch._fused_sgd_`` as ``torch.optim.SGD`` passes it:
+    one real element, not differentiated through, on the parameters' device or the CPU."""
+    return (
+        lr.numel() == 1
+        and lr.is_floating_point()
+        and not lr.requires_grad
+        and (lr.device == p.device or lr.device.type == "cpu")
+    )
 
 
 def _hoisted(x: torch.Tensor) -> torch.Tensor:

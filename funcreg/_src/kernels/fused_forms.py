@@ -8,7 +8,8 @@ chain                                           donated step
 ==============================================  =============================================
 ``add_penalty_grad(l2(c)), adam(lr)``           Adam's kernel with coupled ``weight_decay=c``
 ``adam(lr), decoupled(l2(c), learning_rate=s)`` AdamW's kernel, decaying by ``s * c`` (SGD: the
-                                                weights scaled by ``1 - s * c`` before the step)
+                                                weights scaled by ``1 - s * c`` before the step;
+                                                fused without momentum: ``weight_decay=s * c / lr``)
 ``adamw(lr), proximal(l1(c), learning_rate=s)`` the kernel, then ``softshrink(w, s * c)`` in place
 ==============================================  =============================================
 

@@ -42,11 +42,20 @@ def sgd(
     nesterov: bool = False,
     weight_decay: ScalarOrSchedule = 0.0,
     maximize: bool = False,
+    fused: bool = False,
 ) -> GradientTransformation:
     """``torch.optim.SGD`` as a chain: ``[negate] -> add_decayed_weights -> [trace] -> scale_by_learning_rate``.
 
     ``weight_decay`` is coupled L2 (the gradient of ``wd/2 * ||w||^2``) applied to every parameter, as
     torch does; use :func:`add_decayed_weights` with a mask, or a penalty, to be selective.
+
+    A donated step (:func:`funcreg.donated_update`, ``make_step(donate=True)``,
+    :class:`funcreg.TorchOptimizer`) runs torch.optim's own arithmetic in place: with ``fused=True``
+    torch's fused kernel (``torch._fused_sgd_``), as ``torch.optim.SGD(fused=True)``, otherwise the
+    foreach sequence of ``torch.optim.SGD(foreach=True)``; each equals its namesake bit for bit and the
+    pure update to rounding. Where torch has no fused kernel (complex parameters, a device or dtype it
+    does not cover, tracing, vmap) the step falls back to the generic donated path, equal to the pure
+    one bit for bit. Pure updates are the same with or without ``fused``.
 
     Examples:
         >>> import torch, funcreg as fr
@@ -55,6 +64,10 @@ def sgd(
         >>> u, state = tx.update({"w": torch.ones(2)}, tx.init(params), params)
         >>> fr.apply_updates(params, u)["w"]  # 1 - 0.1 * (1 + 0.01)
         tensor([0.8990, 0.8990])
+        >>> tx = fr.sgd(0.1, momentum=0.9, weight_decay=1e-2, fused=True)  # donated: torch._fused_sgd_
+        >>> p, state = fr.donated_update(tx, {"w": torch.ones(2)}, tx.init(params), {"w": torch.ones(2)})
+        >>> p["w"]
+        tensor([0.8990, 0.8990])
     """
     check_rate("learning_rate", learning_rate)
     check_number("momentum", momentum, low=0.0, allow_tensor=False)
@@ -62,6 +75,7 @@ def sgd(
     check_rate("weight_decay", weight_decay)
     check_bool("nesterov", nesterov)
     check_bool("maximize", maximize)
+    check_bool("fused", fused)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError(
             f"Invalid nesterov value: True needs momentum > 0 and dampening == 0 "
@@ -76,8 +90,10 @@ def sgd(
         parts.append(trace(momentum, dampening, nesterov))
     parts.append(scale_by_learning_rate(learning_rate))
     tx = chain(*parts)
-    # a donated step runs torch.optim's foreach SGD sequence (see _src/kernels/fused.py)
-    kernel = SgdKernel(learning_rate, momentum, dampening, nesterov, weight_decay, maximize, len(parts))
+    # a donated step runs torch.optim's fused kernel or its foreach SGD sequence (see _src/kernels/fused.py)
+    kernel = SgdKernel(
+        learning_rate, momentum, dampening, nesterov, weight_decay, maximize, len(parts), fused
+    )
     tx = tx.with_record(kernel=kernel)
     return configured(
         tx,
@@ -88,6 +104,7 @@ def sgd(
         nesterov=nesterov or None,
         weight_decay=weight_decay if not is_zero(weight_decay) else None,
         maximize=maximize or None,
+        fused=fused or None,
     )
 
 

@@ -672,6 +672,72 @@ def check_tensor_parallel_functional(rank: int, world: int, out: str) -> dict[st
     return cases
 
 
+def check_rank_dependent_values(rank: int, world: int, out: str) -> dict[str, list[float]]:
+    """Where the ranks hold different values, what each one ends with: broadcast's default source is
+    rank 0; replicate_like communicates nothing (each rank keeps its own tensor); an update of another
+    layout than its parameter is redistributed to the parameter's placements, and a DTensor beside a
+    plain tensor (either way round) raises; a sweep with fewer members than ranks gathers them."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    import funcreg as fr
+    from funcreg._src.core.dtensor import replicate_like
+
+    mesh = _mesh(world)
+    cases: dict[str, Any] = {}
+
+    def broadcast_default() -> list[float]:
+        mine = {"w": torch.full((3,), rank + 1.0, dtype=D), "frozen": None}
+        return deviation(fr.distributed.broadcast(mine), {"w": torch.ones(3, dtype=D), "frozen": None})
+
+    def replicate_local() -> list[float]:
+        t = torch.full((2, 2), float(rank), dtype=D)
+        ref = distribute_tensor(torch.zeros(2 * world, 2, dtype=D), mesh, [Shard(0)])
+        got = replicate_like(t, ref)
+        assert isinstance(got, DTensor) and tuple(got.placements) == (Replicate(),), got
+        own = torch.full((2, 2), float(rank), dtype=D)
+        return deviation([got.to_local(), t], [own, own])
+
+    g = torch.Generator().manual_seed(3)
+    w, grad = (torch.randn(2 * world + 1, 3, generator=g, dtype=D) for _ in range(2))
+    sw = distribute_tensor(w, mesh, [Shard(0)])
+
+    def redistributed() -> list[float]:
+        tx = fr.sgd(0.5)
+        u, _ = tx.update({"w": distribute_tensor(grad, mesh, [Replicate()])}, tx.init({"w": sw}), {"w": sw})
+        assert tuple(u["w"].placements) == (Shard(0),), u["w"].placements
+        return deviation(u, {"w": -0.5 * grad})
+
+    def mixed_kinds() -> list[float]:
+        tx = fr.sgd(0.5)
+        for u, p in ((distribute_tensor(grad, mesh, [Shard(0)]), w), (grad, sw)):
+            try:
+                tx.update({"w": u}, tx.init({"w": p}), {"w": p})
+            except fr.LeafTypeError as err:
+                text = str(err)
+                assert "'w'" in text and "a plain tensor" in text and "a DTensor" in text, text
+            else:
+                raise AssertionError(f"no error for a {type(u).__name__} update of a {type(p).__name__}")
+        return [0.0, 0.0]
+
+    def fewer_members_than_ranks() -> list[float]:
+        n = world - 1  # the last rank trains no member
+        mine = fr.distributed.sweep_members(n)
+        everyone = {"w": torch.arange(3.0 * n, dtype=D).reshape(n, 3)}
+        local = {"w": everyone["w"][mine]} if mine else None  # a rank without members passes None
+        got = fr.distributed.gather_members(local, n)
+        if rank != 0:
+            assert got is None
+            return [0.0, 0.0]
+        return deviation(got, everyone)
+
+    case(cases, "broadcast_default_source", broadcast_default)
+    case(cases, "replicate_like_keeps_local_values", replicate_local)
+    case(cases, "update_redistributed_to_parameter_placements", redistributed)
+    case(cases, "dtensor_beside_plain_raises", mixed_kinds)
+    case(cases, "gather_with_a_rank_without_members", fewer_members_than_ranks)
+    return cases
+
+
 # ----------------------------------------------------------------------------------------------------
 # 3. distributed checkpoints
 
@@ -852,6 +918,7 @@ CHECKS: dict[str, Callable[[int, int, str], dict[str, list[float]]]] = {
     "ddp_torch_optimizer": check_ddp_torch_optimizer,
     "fsdp_torch_optimizer": check_fsdp_torch_optimizer,
     "tensor_parallel_functional": check_tensor_parallel_functional,
+    "rank_dependent_values": check_rank_dependent_values,
     "checkpoint_save": check_checkpoint_save,
     "sharded_sweep": check_sharded_sweep,
     "checkpoint_reshard": check_checkpoint_reshard,  # last: it ends the process group

@@ -213,6 +213,53 @@ def test_average_buffers_equal_averaged_model_with_buffers(decay, donate, xs):
             assert int(averaged_buffers[name]) == len(xs) == int(dict(reference.named_buffers())[name])
 
 
+@pytest.mark.parametrize("mode", ["compile", "vmap"])
+@settings(deadline=None, max_examples=6, database=None)
+@given(
+    grads=st.lists(arrays(np.float64, (2,), elements=st.floats(-2, 2, width=64)), min_size=2, max_size=5),
+    means=st.lists(arrays(np.float64, (2,), elements=st.floats(-3, 3, width=64)), min_size=5, max_size=5),
+)
+def test_traced_swa_average_buffers_equal_averaged_model_running_mean(mode, grads, means):
+    """Under torch.compile and vmap the SWA weight comes from a tensor count: the buffers passed to
+    average_buffers after each traced step still form AveragedModel(use_buffers=True)'s running mean
+    (the first copied, the (n + 1)-th entering with weight 1 / (n + 1)), beside the weights'."""
+    w0 = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(w0.clone())
+    model.register_buffer("running_mean", torch.zeros(2, dtype=torch.float64))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    avg = AveragedModel(model, use_buffers=True)
+    tx = fr.average_weights(fr.sgd(0.1))
+
+    def step(g, b, state, params, averaged):
+        u, state = tx.update({"w": g}, state, params)
+        return fr.apply_updates(params, u), state, fr.average_buffers(averaged, {"running_mean": b}, state)
+
+    params = {"w": w0.clone()}
+    if mode == "compile":
+        traced, state, lead = (
+            torch.compile(step, backend="eager", fullgraph=True),
+            tx.init(params),
+            (lambda t: t),
+        )
+    else:
+        params = fr.stack([params, params])
+        traced, state, lead = fr.vmap(step), fr.vmap(tx.init)(params), (lambda t: torch.stack([t, t]))
+    averaged = {"running_mean": lead(torch.zeros(2, dtype=torch.float64))}
+    for g, b in zip(grads, means):
+        g, b = torch.from_numpy(g), torch.from_numpy(b)
+        params, state, averaged = traced(lead(g), lead(b), state, params, averaged)
+        model.w.grad = g.clone()
+        opt.step()
+        model.running_mean.copy_(b)
+        avg.update_parameters(model)
+    got_w, got_b = fr.averaged_params(state)["w"], averaged["running_mean"]
+    if mode == "vmap":
+        got_w, got_b = got_w[1], got_b[1]
+    torch.testing.assert_close(got_w, avg.module.w.detach(), **TOL)
+    torch.testing.assert_close(got_b, avg.module.running_mean, **TOL)
+
+
 def test_average_buffers_and_warmup_validation():
     with pytest.raises(ValueError, match="give decay"):
         fr.average_weights(fr.sgd(0.1), warmup=True)

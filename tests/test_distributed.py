@@ -40,6 +40,7 @@ TWO_RANKS = [
     "ddp_torch_optimizer",
     "fsdp_torch_optimizer",
     "tensor_parallel_functional",
+    "rank_dependent_values",
     "checkpoint_save",
     "sharded_sweep",
 ]
@@ -161,6 +162,16 @@ def test_functional_path_with_dtensor_parameters_equals_unsharded(runs: dict[str
     _assert_close(_cases(runs, "tensor_parallel_functional"))
 
 
+def test_values_that_differ_by_rank_end_where_documented(runs: dict[str, Any]) -> None:
+    """broadcast defaults to rank 0's values; replicate_like keeps each rank's own tensor (no
+    communication); an update in another layout takes its parameter's placements, a DTensor beside a
+    plain tensor raises; gather_members merges when a rank trains no member."""
+    for rank in (0, 1):
+        cases = _cases(runs, "rank_dependent_values", rank=rank)
+        assert len(cases) == 5
+        _assert_close(cases)
+
+
 # ----------------------------------------------------------------------------------------------------
 # 3. distributed checkpoints
 
@@ -217,6 +228,14 @@ def test_take_members_slices_the_member_axis() -> None:
         ):
             fr.distributed.take_members(tree, members)
     assert torch.equal(fr.distributed.take_members(tree, (0,))["w"], tree["w"][[0]])  # a tuple is a list
+
+
+def test_take_members_of_no_members_is_an_empty_member_axis() -> None:
+    """A rank without members (sweep_members gives []) takes nothing: 0 rows, the other axes kept."""
+    tree = {"w": torch.arange(12.0).reshape(4, 3), "h": torch.tensor([0.1, 0.2, 0.3, 0.4])}
+    got = fr.distributed.take_members(tree, [])
+    assert got["w"].shape == (0, 3) and got["h"].shape == (0,)
+    assert got["w"].dtype == tree["w"].dtype
 
 
 def test_invalid_arguments_name_themselves() -> None:

@@ -326,3 +326,25 @@ def test_scalar_float32_state_is_kept_as_it_is():
     inner = state.inner_state
     assert inner["scalar"].dtype == torch.float32 and abs(float(inner["scalar"]) - 0.1) < 1e-7
     assert inner["m"].dtype == torch.bfloat16
+
+
+@settings(deadline=None, max_examples=10, database=None)
+@given(
+    x=st.floats(-(2.0**100), 2.0**100, width=32, allow_subnormal=False).filter(lambda v: abs(v) > 2.0**-100),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_a_value_one_float32_ulp_below_a_bfloat16_step_rounds_down_at_rate_two_to_minus_16(x, seed):
+    """Unbiased at the top of a bfloat16 interval: ``y``, the largest float32 whose top half is the
+    bfloat16 ``lo`` (low 16 bits all ones, one float32 ulp below the next bfloat16 ``hi``), sits
+    ``(2**16 - 1) / 2**16`` of the way from ``lo`` to ``hi``, so ``E[round(y)] = y`` needs it rounded
+    down with probability exactly ``2**-16``. Over ``2**21`` draws that is Binomial(2**21, 2**-16):
+    mean 32, sd about 5.7; the bounds 1 and 32 + 10 sd fail with probability below 1e-13."""
+    lo_bits = np.array([x], dtype=np.float32).view(np.int32) & np.int32(-65536)
+    y = float((lo_bits | np.int32(0xFFFF)).view(np.float32)[0])
+    lo = float(lo_bits.view(np.float32)[0])
+    n = 2**21
+    r = stochastic_round_to_bfloat16(torch.full((n,), y), torch.Generator().manual_seed(seed)).double()
+    down = int((r == lo).sum())
+    assert set(r.unique().tolist()) <= {lo, float(np.nextafter(np.float32(y), np.float32(2 * y)))}
+    mean, sd = n * 2.0**-16, math.sqrt(n * 2.0**-16 * (1 - 2.0**-16))
+    assert 1 <= down <= mean + 10 * sd, (y, down)

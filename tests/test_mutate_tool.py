@@ -85,3 +85,15 @@ def test_an_earlier_report_selects_by_module_index_line_and_edit(tmp_path):
     assert [m.index for m in resumed] == [m.index for m in mutants if m is not first]
     again = mutate.by_earlier_outcome(mutants, earlier, "survived", keep=True)
     assert [m.index for m in again] == [second.index]
+
+
+def test_a_mapped_test_file_the_coverage_map_has_not_seen_runs_whole(monkeypatch, tmp_path):
+    (tmp_path / "m.py").write_text(SOURCE)
+    mutant = mutate.mutants_of("m.py", root=tmp_path)[0]
+    monkeypatch.setattr(mutate, "tests_for", lambda module: ["tests/test_old.py", "tests/test_new.py"])
+    monkeypatch.setattr(mutate, "_function_lines", lambda module: set())
+    cmap = {
+        "seconds": {"tests/test_old.py::t": 1.0},
+        "lines": {"m.py": {str(mutant.line): ["tests/test_old.py::t"]}},
+    }
+    assert mutate.tests_by_coverage(mutant, cmap, 20.0) == ["tests/test_old.py::t", "tests/test_new.py"]

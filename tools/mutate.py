@@ -249,7 +249,7 @@ def tests_by_coverage(mutant: Mutant, cmap: dict, test_seconds: float) -> list[s
     chosen = lines.get(str(mutant.statement)) or lines.get(str(mutant.line))
     if not chosen:
         if mutant.statement in _function_lines(mutant.module):
-            return []  # inside a function no test calls
+            return _unmeasured(mutant.module, seconds)  # inside a function no measured test calls
         if tests_for(mutant.module):  # the module's own test files, whole
             return tests_for(mutant.module)
         chosen = sorted(focus, key=lambda t: -focus[t])[:50]
@@ -262,7 +262,14 @@ def tests_by_coverage(mutant: Mutant, cmap: dict, test_seconds: float) -> list[s
             continue  # a shorter one further down may still fit
         picked.append(test)
         spent += cost
-    return picked
+    return picked + _unmeasured(mutant.module, seconds)
+
+
+def _unmeasured(module: str, seconds: dict[str, float]) -> list[str]:
+    """The module's mapped test files that the map has not seen (written after it was measured): run
+    whole, as the map cannot say which of their tests reach the line."""
+    measured = {t.split("::")[0] for t in seconds}
+    return [f for f in tests_for(module) if f not in measured]
 
 
 _FOCUS: dict[str, dict[str, int]] = {}

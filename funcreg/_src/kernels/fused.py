@@ -305,6 +305,8 @@ class SgdKernel:
         if self.fused and not _fused_sgd_applies(ps[0]):
             return None
         schedule = state[-1] if isinstance(state[-1], ScaleByScheduleState) else None
+        if schedule is None and is_schedule(self.learning_rate):
+            return None  # another alias's state: the generic path refuses it as the pure step does
         lr = schedule_value(self.learning_rate, 0 if schedule is None else leafwise.concrete(schedule.count))
         # a decay schedule counts in add_decayed_weights' state, the link after the optional negation
         decay_state = state[int(self.maximize)] if is_schedule(self.weight_decay) else None

@@ -786,3 +786,91 @@ def test_property_weight_dependent_decays(wd, which):
     r = fr.probe(lambda ps: make(ps, weight_decay=wd))
     assert r.kind is K.NORM_DEPENDENT, str(r)
     assert r.needs_gradient is (which == "lars")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report's header lines, the gated verdicts' wording and tables, and a cancellation that fails later.
+
+
+class LateShiftL2(torch.optim.Optimizer):
+    """Plain SGD with coupled L2 ``wd``, plus a constant shift ``lr * shift`` of every weight from the
+    second step on: the first step is exactly coupled L2, so ``-wd * w`` cancels it, but not the later
+    steps (every weight still moves by ``lr * shift`` per step)."""
+
+    def __init__(self, params, lr=0.1, weight_decay=0.1, shift=2e-4):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "shift": shift})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr = group["lr"]
+            for p in group["params"]:
+                state = self.state[p]
+                state["t"] = state.get("t", 0) + 1
+                p.add_(p.grad + group["weight_decay"] * p, alpha=-lr)
+                if state["t"] >= 2:
+                    p.sub_(lr * group["shift"])
+
+
+def test_a_cancellation_that_fails_after_the_first_step_is_not_coupled_l2():
+    """With ``-wd * w`` fed as the data gradient the weights still move by ``lr * shift * (steps - 1)``
+    (1.4e-4 at lr 0.1: 4.5e-4 of the zero-gradient movement 0.31, above the 1e-4 the cancellation
+    allows), so the decay is not cancelled at every step: not coupled L2."""
+    r = fr.probe(lambda ps: LateShiftL2(ps, weight_decay=0.1, shift=2e-4))
+    assert r.kind is not K.COUPLED_L2 and r.kind is K.UNKNOWN, str(r)
+    # the zero-gradient run, written out: w <- w (1 - lr wd), then minus lr * shift from step 2
+    for lr, traj in zip(LRS, r.trajectories):
+        w = W0.copy()
+        rows = [w.copy()]
+        for t in range(1, STEPS + 1):
+            w = w - lr * 0.1 * w - (lr * 2e-4 if t >= 2 else 0.0)
+            rows.append(w.copy())
+        np.testing.assert_allclose(traj.numpy(), np.array(rows), atol=1e-13, rtol=0)
+    # exactly coupled L2 (no shift) is still found
+    r = fr.probe(lambda ps: LateShiftL2(ps, weight_decay=0.1, shift=0.0))
+    assert r.kind is K.COUPLED_L2 and r.coefficient == pytest.approx(0.1, rel=1e-9)
+
+
+def test_report_header_names_the_optimizer_class():
+    r = fr.probe(lambda ps: torch.optim.AdamW(ps, weight_decay=0.1))
+    assert str(r).splitlines()[0] == "weight decay probe of AdamW"
+    assert str(r).splitlines()[1] == "kind:        decoupled, multiplied by lr"
+
+
+def test_a_result_built_by_hand_defaults_to_no_gradient_needed_and_a_generic_name():
+    r = fr.ProbeResult(K.NONE, 0.0, None, "the table", "the explanation")
+    assert r.needs_gradient is False and r.optimizer == ""
+    lines = str(r).splitlines()
+    assert lines[:4] == [
+        "weight decay probe of optimizer",
+        "kind:        none",
+        "coefficient: 0",
+        "lr_scaled:   None",
+    ]
+    assert "needs a nonzero gradient" not in str(r)
+    assert lines[-3:] == ["the explanation", "", "the table"]
+
+
+def test_gated_norm_dependent_decay_says_it_changes_with_scale_and_needs_a_gradient():
+    """LARS skips a zero gradient; with a gradient its trust ratio makes the decay part change when
+    the weights are doubled: the explanation says both."""
+    r = fr.probe(lambda ps: Lars(ps, weight_decay=1e-2))
+    assert r.kind is K.NORM_DEPENDENT and r.needs_gradient is True
+    assert "changes when the weights are scaled by 2" in r.explanation
+    assert "differs from the zero-gradient one" not in r.explanation
+    assert "the decay acts only with a nonzero data gradient" in r.explanation
+
+
+def test_gated_decoupled_decay_shows_the_gradient_runs_in_its_table():
+    """The verdict rests on the gradient runs, so the table shows them, from both scales of the
+    weights: one step w <- w (1 - lr wd) - lr * 0.5."""
+    r = fr.probe(lambda ps: GatedSGDW(ps, weight_decay=0.05))
+    assert r.kind is K.DECOUPLED_LR and r.needs_gradient is True
+    for scale in (1, 2):
+        for lr in LRS:
+            assert f"lr = {lr:g}, data gradient 0.5 on every weight, from {scale} * weights" in r.table
+            after = scale * W0 * (1 - lr * 0.05) - lr * 0.5
+            np.testing.assert_allclose(
+                r.gradient_trajectories[(lr, float(scale))][1].numpy(), after, atol=1e-14, rtol=0
+            )
+    assert f"{4 * (1 - 0.1 * 0.05) - 0.05:.8g}" in r.table  # w = 4 after the step at lr 0.1

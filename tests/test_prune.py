@@ -545,3 +545,88 @@ def test_a_constant_filter_is_folded_where_its_padding_repeats_the_constant(padd
     units = {s.name: s.units_after for s in report.layers}
     assert units["0"] == (2 if padding_mode == "reflect" else 3)
     assert report.max_abs_diff < 1e-10
+
+
+# ----------------------------------------------------------------------------------------------------
+# Padding modes, the heads argument, and what the report counts for unusual layouts and inputs
+
+
+def test_same_padding_with_zeros_is_pruned_and_same_with_another_padding_mode_is_refused() -> None:
+    model = fill(
+        nn.Sequential(
+            make(nn.Conv2d, 1, 3, 3, padding="same"),
+            nn.ReLU(),
+            make(nn.Conv2d, 3, 2, 3, padding="same"),
+        ),
+        np.random.default_rng(21),
+        torch.float64,
+    )
+    params = {k: v.clone() for k, v in fr.params_of(model).items()}
+    params["0.weight"][1] = 0.0
+    params["0.bias"][1] = -0.5  # relu(-0.5) = 0: the filter adds nothing, even at the zero-padded border
+    pruned = fr.prune(model, params)
+    assert pruned[0].out_channels == 2 and pruned[2].in_channels == 2
+    x = torch.from_numpy(np.random.default_rng(22).normal(size=(2, 1, 5, 5)))
+    reference = copy.deepcopy(model)
+    reference.load_state_dict(params)
+    close(pruned(x), reference(x))
+    reflect = nn.Sequential(nn.Conv2d(1, 3, 3, padding="same", padding_mode="reflect"), nn.ReLU())
+    with pytest.raises(ValueError, match=r"layer '0' combines padding='same' with padding_mode='reflect'"):
+        fr.prune(reflect)
+
+
+@pytest.mark.parametrize("heads", [[1], ("attn",), [object()]])
+def test_heads_that_are_not_attention_heads_are_refused(heads) -> None:  # noqa: ANN001
+    with pytest.raises(TypeError, match=r"prune: heads must be None .* got "):
+        fr.prune(small_mlp(), heads=heads)
+
+
+def test_report_param_ratio_is_after_over_before() -> None:
+    model = small_mlp()
+    params = {k: v.clone() for k, v in fr.params_of(model).items()}
+    params["2.weight"][:, 0] = 0.0  # the last layer ignores one hidden unit
+    pruned = fr.prune(model, params)
+    report = fr.prune_report(model, pruned, torch.zeros(2, 3, dtype=torch.float64), params, repeats=1)
+    before = sum(p.numel() for p in model.parameters())
+    after = sum(p.numel() for p in pruned.parameters())
+    assert after < before
+    assert report.param_ratio == pytest.approx(after / before, rel=1e-15)
+    assert f"{before} -> {after} ({after / before:.1%})" in str(report)
+
+
+class _ScalarIn(nn.Module):
+    """A model whose example input is a 0-d tensor: one example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = make(nn.Linear, 1, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.reshape(1, 1))
+
+
+def test_report_counts_a_0d_input_as_one_example() -> None:
+    model = fill(_ScalarIn(), np.random.default_rng(23), torch.float64)
+    report = fr.prune_report(model, copy.deepcopy(model), torch.tensor(0.5, dtype=torch.float64), repeats=1)
+    assert (report.flops_before, report.flops_after) == (2 * 1 * 3, 2 * 1 * 3)
+    assert (report.params_before, report.params_after) == (6, 6) and report.max_abs_diff == 0.0
+
+
+def test_report_counts_a_two_layer_sequential_of_different_kinds_as_its_layers() -> None:
+    """Sequential(Linear without bias, ReLU) is not a low-rank factorisation (that is two layers of
+    one kind): the report lists its Linear, not the Sequential."""
+    model = fill(
+        nn.Sequential(nn.Sequential(make(nn.Linear, 3, 4, bias=False), nn.ReLU()), make(nn.Linear, 4, 2)),
+        np.random.default_rng(24),
+        torch.float64,
+    )
+    params = {k: v.clone() for k, v in fr.params_of(model).items()}
+    params["1.weight"][:, 2] = 0.0  # hidden unit 2 is ignored
+    pruned = fr.prune(model, params)
+    x = torch.from_numpy(np.random.default_rng(25).normal(size=(3, 3)))
+    report = fr.prune_report(model, pruned, x, params, repeats=1)
+    sizes = [
+        (s.name, s.kind, s.units_before, s.units_after, s.params_before, s.params_after)
+        for s in report.layers
+    ]
+    assert sizes == [("0.0", "Linear", 4, 3, 12, 9), ("1", "Linear", 2, 2, 10, 8)]

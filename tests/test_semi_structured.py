@@ -102,3 +102,47 @@ def test_an_n_m_sparsity_prox_exports() -> None:
     z = fr.n_m_sparsity(2, 4).prox({"w": w}, step=0.1)["w"]
     s = fr.semi_structured(z)
     assert torch.equal(s.to_dense(), z) and s.values.shape == (4, 4)
+
+
+def test_every_2_4_block_pattern_keeps_the_positions_torch_cutlass_encodes() -> None:
+    """All 11 patterns of at most two nonzeros in a block of four, against torch's own converter: its
+    metadata, read back by filling the packed tensor with distinct markers and decoding, puts each
+    kept value (padded zeros included) where ``indices`` says."""
+    from torch.sparse._semi_structured_conversions import (
+        sparse_semi_structured_from_dense_cutlass,
+        sparse_semi_structured_to_dense_cutlass,
+    )
+
+    patterns = [bits for bits in range(16) if bin(bits).count("1") <= 2]
+    assert len(patterns) == 11
+    rng = np.random.default_rng(7)
+    rows, blocks = 32, 16
+    w = torch.zeros(rows, blocks * 4, dtype=torch.float16)
+    for r in range(rows):
+        for b in range(blocks):
+            bits = patterns[(r * blocks + b + r) % len(patterns)]
+            for i in range(4):
+                if bits >> i & 1:
+                    w[r, 4 * b + i] = float(rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 2.0))
+    s = fr.semi_structured(w)
+    packed, meta = sparse_semi_structured_from_dense_cutlass(w)
+    assert torch.equal(s.values, packed)
+    markers = torch.arange(1, packed.numel() + 1, dtype=torch.float16).reshape(packed.shape)
+    where_torch_puts_them = sparse_semi_structured_to_dense_cutlass(markers, meta)
+    ours = fr.SemiStructured(markers, s.indices, s.shape, 2, 4)
+    assert torch.equal(ours.to_dense(), where_torch_puts_them)
+    assert torch.equal(s.mask(), where_torch_puts_them != 0)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "n", "m"),
+    [(torch.float16, 2, 4), (torch.bfloat16, 2, 4), (torch.int8, 2, 4), (torch.float32, 1, 2)],
+)
+def test_torch_patterns_are_accepted_for_their_dtype_and_others_refused(dtype, n, m) -> None:  # noqa: ANN001
+    w = torch.zeros(32, 64, dtype=dtype)
+    w[:, ::m] = 3  # one nonzero per block of m
+    packed, _ = fr.semi_structured(w, n, m).cutlass()
+    assert torch.equal(packed, fr.semi_structured(w, n, m).values)
+    other = (1, 2) if (n, m) == (2, 4) else (2, 4)
+    with pytest.raises(ValueError, match=rf"this is {other[0]}:{other[1]} in {dtype}"):
+        fr.semi_structured(w, *other).cutlass()

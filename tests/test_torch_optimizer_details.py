@@ -119,30 +119,36 @@ def test_an_option_changed_from_a_number_to_a_tuple_rebuilds_the_transform():
 
 @settings(max_examples=15, deadline=None)
 @given(w=_grads, grads=st.lists(_grads, min_size=4, max_size=4))
-def test_unchanged_tuple_options_build_the_transform_once(w, grads):
-    """``betas`` read back unchanged at every step is no change: the factory is called once, and
-    again only when a scheduler sets new betas, as torch.optim.Adam reads them at each step."""
+def test_unchanged_options_build_the_transform_once(w, grads):
+    """Options read back unchanged at every step are no change: ``betas`` as they were, an ``lr``
+    that a constant scheduler sets anew (an equal float, another object) each step. The factory is
+    called once, and again only when new betas are set, as torch.optim.Adam reads them at each step."""
     p, q = _pair(w)
     calls = []
 
     def factory(lr, betas):
-        calls.append(betas)
+        calls.append((lr, betas))
         return fr.adam(lr, betas=betas)
 
     opt = fr.TorchOptimizer([("w", p)], factory, lr=0.01, betas=(0.9, 0.999))
     ref = torch.optim.Adam([q], lr=0.01, betas=(0.9, 0.999))
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda epoch: 1.0) for o in (opt, ref)]
     for g in grads[:2]:
         _set_grad(g, p, q)
         opt.step()
         ref.step()
+        for s in schedulers:
+            s.step()
     assert opt.transform(0) is opt.transform(0)
-    assert calls == [(0.9, 0.999)]
+    assert calls == [(0.01, (0.9, 0.999))]
     opt.param_groups[0]["betas"] = ref.param_groups[0]["betas"] = (0.8, 0.99)
     for g in grads[2:]:
         _set_grad(g, p, q)
         opt.step()
         ref.step()
-    assert calls == [(0.9, 0.999), (0.8, 0.99)]
+        for s in schedulers:
+            s.step()
+    assert calls == [(0.01, (0.9, 0.999)), (0.01, (0.8, 0.99))]
     _close(p, q)
     _close(opt.state[p]["exp_avg"], ref.state[q]["exp_avg"])
     _close(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"])

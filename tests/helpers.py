@@ -149,6 +149,23 @@ def detached(ps: list[torch.nn.Parameter]) -> list[torch.Tensor]:
 
 
 # torch.optim's state keys for the fields of funcreg's per-parameter states
+# each funcreg alias named after a torch.optim class: that class's name
+TORCH_NAMESAKES = {
+    "sgd": "SGD",
+    "adam": "Adam",
+    "adamw": "AdamW",
+    "adamax": "Adamax",
+    "nadam": "NAdam",
+    "radam": "RAdam",
+    "rmsprop": "RMSprop",
+    "adagrad": "Adagrad",
+    "adadelta": "Adadelta",
+    "rprop": "Rprop",
+    "adafactor": "Adafactor",
+    "muon": "Muon",
+}
+
+
 TORCH_KEYS = {
     fr.TraceState: {"trace": "momentum_buffer"},
     fr.ScaleByAdamState: {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},

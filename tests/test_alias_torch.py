@@ -22,6 +22,7 @@ import torch
 import torch.utils._pytree as pytree
 from helpers import (
     SLOW_OK,
+    TORCH_NAMESAKES,
     GroupWeightDecaySchedule,
     assert_tensors_close,
     decay_schedule,
@@ -624,28 +625,13 @@ def test_nadam_mu_product_is_kept_in_torchs_scalar_dtype():
 
 # --- defaults -------------------------------------------------------------------------------------------
 
-DEFAULTS = {  # funcreg alias: its torch.optim namesake
-    "sgd": "SGD",
-    "adam": "Adam",
-    "adamw": "AdamW",
-    "adamax": "Adamax",
-    "nadam": "NAdam",
-    "radam": "RAdam",
-    "rmsprop": "RMSprop",
-    "adagrad": "Adagrad",
-    "adadelta": "Adadelta",
-    "rprop": "Rprop",
-    "adafactor": "Adafactor",
-    "muon": "Muon",
-}
 
-
-@pytest.mark.parametrize("name", sorted(DEFAULTS))
+@pytest.mark.parametrize("name", sorted(TORCH_NAMESAKES))
 def test_every_default_is_torch_optims(name):
     # built with no arguments (the learning rate only where funcreg has no default: torch's then),
     # each alias follows its torch.optim namesake built with no arguments, so every default
     # (momentum, betas, eps, weight decay, maximize, centered, ...) is torch's
-    cls = getattr(torch.optim, DEFAULTS[name])
+    cls = getattr(torch.optim, TORCH_NAMESAKES[name])
     needs_lr = (
         inspect.signature(getattr(fr, name)).parameters["learning_rate"].default is inspect.Parameter.empty
     )

@@ -249,6 +249,15 @@ def _layout(x, how):
     return x
 
 
+def _in_drawn_layouts(data, dtype):
+    """A tree of SHAPES, each leaf in a drawn memory layout (see ``_layout``)."""
+    layouts = ("contiguous", "transposed", "strided")
+    return {
+        k: _layout(data.draw(tensors(s, dtype=dtype, max_abs=2.0)), data.draw(st.sampled_from(layouts)))
+        for k, s in SHAPES.items()
+    }
+
+
 @pytest.mark.parametrize("dtype", [F32, F64])
 @settings(deadline=None, max_examples=10, suppress_health_check=SLOW_OK)
 @given(data=st.data())
@@ -257,11 +266,7 @@ def test_fused_sgd_runs_the_foreach_sequence_where_the_layouts_differ(dtype, dat
     so their layouts must agree (as autograd's ``.grad`` does; a gradient from ``torch.func.grad`` or a
     slice need not): those leaves take the foreach sequence, the others the kernel, and the step equals
     the pure path to rounding (the values of ``torch.optim.SGD(fused=True)`` on contiguous copies)."""
-    layouts = ("contiguous", "transposed", "strided")
-    params = {
-        k: _layout(data.draw(tensors(s, dtype=dtype, max_abs=2.0)), data.draw(st.sampled_from(layouts)))
-        for k, s in SHAPES.items()
-    }
+    params = _in_drawn_layouts(data, dtype)
     opts = _sgd_options(data)
     tx = fr.sgd(0.1, fused=True, **opts)
     pure_p, pure_s = params, tx.init(params)
@@ -270,10 +275,7 @@ def test_fused_sgd_runs_the_foreach_sequence_where_the_layouts_differ(dtype, dat
     leaves = {k: torch.nn.Parameter(contiguous(v)) for k, v in params.items()}
     opt = torch.optim.SGD(leaves.values(), lr=0.1, fused=True, **opts)
     for t in range(data.draw(st.integers(1, 3))):
-        grads = {
-            k: _layout(data.draw(tensors(s, dtype=dtype, max_abs=2.0)), data.draw(st.sampled_from(layouts)))
-            for k, s in SHAPES.items()
-        }
+        grads = _in_drawn_layouts(data, dtype)
         for k, p in leaves.items():
             p.grad = contiguous(grads[k])
         opt.step()
@@ -298,11 +300,7 @@ def test_fused_adam_runs_the_foreach_sequence_where_the_layouts_differ(dtype, da
     parameter and moments (transposed, or with gaps) takes the foreach sequence, so the donated step
     equals the pure path to rounding and, after every step, ``torch.optim`` fed contiguous copies
     (the kernel used to walk a transposed gradient in the parameter's order: wrong values)."""
-    layouts = ("contiguous", "transposed", "strided")
-    params = {
-        k: _layout(data.draw(tensors(s, dtype=dtype, max_abs=2.0)), data.draw(st.sampled_from(layouts)))
-        for k, s in SHAPES.items()
-    }
+    params = _in_drawn_layouts(data, dtype)
     decoupled, amsgrad = data.draw(st.booleans()), data.draw(st.booleans())
     wd = data.draw(st.sampled_from([0.0, 0.1]))
     tx = (fr.adamw if decoupled else fr.adam)(0.1, weight_decay=wd, amsgrad=amsgrad, fused=True)
@@ -313,10 +311,7 @@ def test_fused_adam_runs_the_foreach_sequence_where_the_layouts_differ(dtype, da
     torch_opt = torch.optim.AdamW if decoupled else torch.optim.Adam
     opt = torch_opt(leaves.values(), lr=0.1, weight_decay=wd, amsgrad=amsgrad, foreach=True)
     for t in range(data.draw(st.integers(1, 3))):
-        grads = {
-            k: _layout(data.draw(tensors(s, dtype=dtype, max_abs=2.0)), data.draw(st.sampled_from(layouts)))
-            for k, s in SHAPES.items()
-        }
+        grads = _in_drawn_layouts(data, dtype)
         for k, p in leaves.items():
             p.grad = contiguous(grads[k])
         opt.step()

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import TORCH_NAMESAKES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -18,21 +19,6 @@ from hypothesis.extra import numpy as hnp
 import funcreg as fr
 from funcreg._src.optim.table import OPTIMIZERS, optimizer_spec
 
-# funcreg alias -> its torch.optim namesake
-TORCH_ALIASES = {
-    "sgd": "SGD",
-    "adam": "Adam",
-    "adamw": "AdamW",
-    "adamax": "Adamax",
-    "nadam": "NAdam",
-    "radam": "RAdam",
-    "rmsprop": "RMSprop",
-    "adagrad": "Adagrad",
-    "adadelta": "Adadelta",
-    "rprop": "Rprop",
-    "adafactor": "Adafactor",
-    "muon": "Muon",
-}
 # the aliases whose printed call lists every argument
 PRINTS_ALL = {"sgd", "adam", "adamw"}
 # torch's implementation switches, which funcreg has no use for
@@ -64,10 +50,10 @@ def _torch_defaults(cls: type) -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize("name", sorted(TORCH_ALIASES))
+@pytest.mark.parametrize("name", sorted(TORCH_NAMESAKES))
 def test_alias_defaults_are_torch_defaults_and_print_as_the_bare_call(name: str) -> None:
     alias = getattr(fr, name)
-    torch_defaults = _torch_defaults(getattr(torch.optim, TORCH_ALIASES[name]))
+    torch_defaults = _torch_defaults(getattr(torch.optim, TORCH_NAMESAKES[name]))
     ours = {k: p.default for k, p in inspect.signature(alias).parameters.items()}
     lr = torch_defaults.pop("lr")
     torch_defaults = {
@@ -159,10 +145,10 @@ def test_lion_refuses_betas_outside_zero_one(betas: tuple[float, float]) -> None
 # ---------------------------------------------------------------- the optimizer table
 
 
-@pytest.mark.parametrize("name", sorted(set(OPTIMIZERS) & set(TORCH_ALIASES)))
+@pytest.mark.parametrize("name", sorted(set(OPTIMIZERS) & set(TORCH_NAMESAKES)))
 def test_table_entries_hold_torch_defaults(name: str) -> None:
     spec = optimizer_spec(name)
-    torch_defaults = _torch_defaults(getattr(torch.optim, TORCH_ALIASES[name]))
+    torch_defaults = _torch_defaults(getattr(torch.optim, TORCH_NAMESAKES[name]))
     assert spec.lr == torch_defaults["lr"]
     assert spec.weight_decay == torch_defaults["weight_decay"]
     for key, value in spec.hyperparameters.items():

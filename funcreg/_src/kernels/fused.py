@@ -160,10 +160,8 @@ class AdamKernel:
             if extra.decoupled is not None:
                 if lr == 0:
                     return None
-                # the kernel decays by lr * wd: a form decaying by s * c is wd = s * c / lr (c when s == lr)
                 decoupled = [
-                    d + (x if extra.rate == lr else extra.rate * x / lr)
-                    for d, x in zip(decoupled, f.present(extra.decoupled))
+                    d + _per_lr(extra.rate, x, lr) for d, x in zip(decoupled, f.present(extra.decoupled))
                 ]
         groups: dict[tuple[float, bool], list[int]] = {}
         for i, (c, d) in enumerate(zip(coupled, decoupled)):
@@ -327,14 +325,14 @@ class SgdKernel:
         if extra is not None and extra.coupled is not None:
             coupled = [c + x for c, x in zip(coupled, f.present(extra.coupled))]
         decay = [0.0] * n
-        # the decoupled decay as a coupled one where there is no momentum (fused): s * c / lr (c when s == lr)
+        # the decoupled decay as a coupled one where there is no momentum (fused; inf: lr is 0)
         folded = [0.0] * n
         if extra is not None and extra.decoupled is not None:
             decay = [extra.rate * x for x in f.present(extra.decoupled)]
             if self.fused and trace is None:
                 lr_value = float(lr)  # a tensor learning rate: read once
                 folded = [
-                    x if extra.rate == lr_value else extra.rate * x / lr_value if lr_value != 0 else math.inf
+                    _per_lr(extra.rate, x, lr_value) if lr_value != 0 else math.inf
                     for x in f.present(extra.decoupled)
                 ]
         bufs = steps = None
@@ -410,9 +408,7 @@ class SgdKernel:
         torch._foreach_add_(steps, 1)
         for is_first in (True, False):
             index = [i for i, f in enumerate(first) if f == is_first]
-            if len(index) == len(ps):
-                self._fused_call(ps, gs, bufs, lr, wd, is_first_step=is_first)
-            elif index:
+            if index:
                 pick = lambda xs, index=index: [xs[i] for i in index]  # noqa: E731
                 self._fused_call(pick(ps), pick(gs), pick(bufs), lr, wd, is_first_step=is_first)
         return True
@@ -484,6 +480,12 @@ class SgdKernel:
         torch._foreach_add_(ps, gs, alpha=-lr)
         if keeps:
             self._scratch.give(ps, scratch)
+
+
+def _per_lr(rate: float, c: float, lr: float) -> float:
+    """A decoupled decay ``w <- w - rate * c * w`` as the coefficient a kernel multiplies by ``lr``:
+    ``rate * c / lr``, and ``c`` itself where ``rate == lr`` (then bit for bit torch's own decay)."""
+    return c if rate == lr else rate * c / lr
 
 
 # the largest folded decay taken into torch's kernel as a coupled one (the kernel computes it in

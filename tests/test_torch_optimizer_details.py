@@ -37,6 +37,15 @@ def _set_grad(g: np.ndarray, *params: torch.Tensor) -> None:
         p.grad = torch.from_numpy(g.copy()).to(F64)
 
 
+def _step_both(
+    g: np.ndarray, optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer], *params: torch.Tensor
+) -> None:
+    """Give every parameter the gradient ``g``, then step both optimizers (funcreg's, then torch's)."""
+    _set_grad(g, *params)
+    for opt in optimizers:
+        opt.step()
+
+
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a.detach(), b.detach(), atol=ATOL, rtol=RTOL)
 
@@ -58,15 +67,11 @@ def test_a_tensor_option_changed_in_value_rebuilds_the_transform(w, g1, g2, s1, 
         scale=torch.tensor(s1, dtype=F64),
     )
     ref = torch.optim.SGD([q], lr=lr * s1)
-    _set_grad(g1, p, q)
-    opt.step()
-    ref.step()
+    _step_both(g1, (opt, ref), p, q)
     # same shape and dtype, another value: the next step uses it
     opt.param_groups[0]["scale"] = torch.tensor(s2, dtype=F64)
     ref.param_groups[0]["lr"] = lr * s2
-    _set_grad(g2, p, q)
-    opt.step()
-    ref.step()
+    _step_both(g2, (opt, ref), p, q)
     _close(p, q)
 
 
@@ -83,14 +88,10 @@ def test_a_tuple_option_changed_in_length_rebuilds_the_transform(w, g1, g2, s1, 
         scales=(s1,),
     )
     ref = torch.optim.SGD([q], lr=lr * s1)
-    _set_grad(g1, p, q)
-    opt.step()
-    ref.step()
+    _step_both(g1, (opt, ref), p, q)
     opt.param_groups[0]["scales"] = (s1, s2)  # the first element unchanged, one more
     ref.param_groups[0]["lr"] = lr * s1 * s2
-    _set_grad(g2, p, q)
-    opt.step()
-    ref.step()
+    _step_both(g2, (opt, ref), p, q)
     _close(p, q)
 
 
@@ -106,14 +107,10 @@ def test_an_option_changed_from_a_number_to_a_tuple_rebuilds_the_transform():
         scales=2.0,
     )
     ref = torch.optim.SGD([q], lr=0.2)
-    _set_grad(w, p, q)
-    opt.step()
-    ref.step()
+    _step_both(w, (opt, ref), p, q)
     opt.param_groups[0]["scales"] = (2.0, 3.0)
     ref.param_groups[0]["lr"] = 0.6
-    _set_grad(w, p, q)
-    opt.step()
-    ref.step()
+    _step_both(w, (opt, ref), p, q)
     _close(p, q)
 
 
@@ -134,18 +131,14 @@ def test_unchanged_options_build_the_transform_once(w, grads):
     ref = torch.optim.Adam([q], lr=0.01, betas=(0.9, 0.999))
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda epoch: 1.0) for o in (opt, ref)]
     for g in grads[:2]:
-        _set_grad(g, p, q)
-        opt.step()
-        ref.step()
+        _step_both(g, (opt, ref), p, q)
         for s in schedulers:
             s.step()
     assert opt.transform(0) is opt.transform(0)
     assert calls == [(0.01, (0.9, 0.999))]
     opt.param_groups[0]["betas"] = ref.param_groups[0]["betas"] = (0.8, 0.99)
     for g in grads[2:]:
-        _set_grad(g, p, q)
-        opt.step()
-        ref.step()
+        _step_both(g, (opt, ref), p, q)
         for s in schedulers:
             s.step()
     assert calls == [(0.01, (0.9, 0.999)), (0.01, (0.8, 0.99))]
@@ -169,9 +162,7 @@ def test_weight_decay_and_lr_schedules_follow_torch_adamw(w, grads):
     for g, (lr, wd) in zip(grads, schedule):
         for group in (opt.param_groups[0], ref.param_groups[0]):
             group["lr"], group["weight_decay"] = lr, wd
-        _set_grad(g, p, q)
-        opt.step()
-        ref.step()
+        _step_both(g, (opt, ref), p, q)
         _close(p, q)
 
 
@@ -192,9 +183,7 @@ def test_a_factory_with_var_keyword_receives_every_group_option():
     ref = torch.optim.SGD([q], lr=0.1, momentum=0.9, weight_decay=0.01)
     assert seen[-1] == {"momentum": 0.9, "weight_decay": 0.01}
     for g in (w, -w, 2 * w):
-        _set_grad(g, p, q)
-        opt.step()
-        ref.step()
+        _step_both(g, (opt, ref), p, q)
     _close(p, q)
     _close(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])
 
@@ -209,9 +198,7 @@ def test_a_factory_with_var_positional_is_called_with_keywords():
 
     opt = fr.TorchOptimizer([("w", p)], factory, lr=0.1, weight_decay=0.01)
     ref = torch.optim.SGD([q], lr=0.1, weight_decay=0.01)
-    _set_grad(w, p, q)
-    opt.step()
-    ref.step()
+    _step_both(w, (opt, ref), p, q)
     _close(p, q)
 
 
@@ -304,9 +291,7 @@ def test_a_state_dict_post_hook_may_drop_the_param_groups_as_in_torch():
     ref = torch.optim.SGD([q], lr=0.1, momentum=0.9)
     for o in (opt, ref):
         o.register_state_dict_post_hook(drop_groups)
-    _set_grad(w, p, q)
-    opt.step()
-    ref.step()
+    _step_both(w, (opt, ref), p, q)
     ours, theirs = opt.state_dict(), ref.state_dict()
     assert sorted(ours) == sorted(theirs) == ["state"]
     _close(ours["state"][0]["momentum_buffer"], theirs["state"][0]["momentum_buffer"])
@@ -333,9 +318,7 @@ def test_loading_a_funcreg_0_1_state_dict_replaces_the_whole_state_as_torch_does
 
     opt = fr.TorchOptimizer([("w", p)], tx, lr=0.5)
     ref = torch.optim.AdamW([q], lr=0.5, weight_decay=0.1)
-    _set_grad(w, p, q)
-    opt.step()
-    ref.step()
+    _step_both(w, (opt, ref), p, q)
     saved = torch.optim.AdamW([q.detach().clone()], lr=0.01, weight_decay=0.1).state_dict()
     for o, x in ((opt, p), (ref, q)):
         o.state[x]["note"] = torch.zeros(())  # something else kept in optimizer.state

@@ -15,6 +15,7 @@ import torch.utils._pytree as pytree
 from helpers import (
     SLOW_OK,
     assert_lists_close,
+    assert_tensors_close,
     assert_trees_close,
     assert_trees_equal,
     leaves,
@@ -332,12 +333,21 @@ def test_chain_equals_the_same_steps_by_hand(problem, wd, m, lr):
         fr.decoupled_weight_decay(wd, scale_by="none"),
     )
     new_params, state = run_funcreg(tx, params, grads)
-    ws, bufs = [p.clone() for p in leaves(params)], None
+    # the reference in float64: float32 rounds each step at the scale of the terms it adds (up to
+    # lr * |buffer|), which cancellation can leave far above the final weight's own size
+    ws, bufs = [p.double() for p in leaves(params)], None
+    scale = [w.abs() for w in ws]
     for g in grads:
-        d = [x + wd * w for x, w in zip(leaves(g), ws)]
+        d = [x.double() + wd * w for x, w in zip(leaves(g), ws)]
         bufs = [x.clone() for x in d] if bufs is None else [m * b + x for b, x in zip(bufs, d)]
         ws = [w + (-lr * b - wd * w) for w, b in zip(ws, bufs)]
-    assert_lists_close(leaves(new_params), ws, "params")
+        scale = [torch.maximum(s, (lr * b).abs() + w.abs()) for s, b, w in zip(scale, bufs, ws)]
+    for got, want, s in zip(leaves(new_params), ws, scale):
+        if got.dtype == torch.float64:
+            assert_tensors_close(got, want, "params")
+        else:  # float32: a few roundings at the scale of the largest term of the trajectory
+            err = (got.double() - want).abs()
+            assert torch.all(err <= 1e-6 + 4 * torch.finfo(got.dtype).eps * s * len(grads)), (got, want)
     assert isinstance(state, tuple) and len(state) == 4
 
 
